@@ -1,0 +1,35 @@
+# retool-modal: every target is a thin wrapper around a script or a Python module.
+# Knobs: override on the command line, e.g. `make sandbox PORT=9000`.
+.DEFAULT_GOAL := help
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+VENV   ?= .venv
+PY     ?= $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: setup
+setup: ## Create .venv and install everything (idempotent; CPU torch only)
+	@scripts/setup.sh
+
+$(PY):
+	@scripts/setup.sh
+
+.PHONY: test
+test: $(PY) ## Run the test suite (CPU; GPU tests are marked and skipped without a GPU)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: $(PY) ## Check formatting, lint and static file checks (what CI runs)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m pre_commit run --all-files --show-diff-on-failure
+
+.PHONY: fmt
+fmt: $(PY) ## Format and auto-fix
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
