@@ -1,0 +1,345 @@
+"""Build and validate the SFT / DAPO command lines. Knows verl and Hydra, nothing about Modal.
+
+Every stage is ``config/<stage>.yaml`` (verl overrides as data) + paths and topology filled in
+here + the user's overrides, last wins. Before anything expensive starts, :func:`validate`
+composes the full list against the installed verl's own Hydra config, so a misspelt key or a
+wrongly typed value fails in about a second with the close matches named, and checks that the
+parallel layout fits the GPU count.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from recipe.retool.paths import Layout, Stage
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+RETOOL_DIR = Path(__file__).resolve().parent
+REWARD_FILE = RETOOL_DIR / "reward.py"
+TOOL_CONFIG_FILE = RETOOL_DIR / "sandbox_fusion_modal_config.yaml"
+
+# Price used for the cost line printed before launch. Source: a third-party listing of Modal's
+# H100 price, May 2026 (about $3.95 per GPU-hour). Check modal.com/pricing before budgeting.
+GPU_PRICE_PER_HOUR = {"H100": 3.95}
+
+Device = Literal["cuda", "cpu"]
+
+
+class LaunchError(ValueError):
+    """A user mistake in the launch configuration; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    verl_config: str
+    estimate_hours: float
+    overrides: dict[str, Any]
+
+
+@functools.cache
+def load_stage_config(stage: Stage) -> StageConfig:
+    raw = yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text())
+    return StageConfig(raw["verl_config"], float(raw["estimate_hours"]), dict(raw["overrides"]))
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where a stage runs. ``device="cpu"`` is the laptop smoke path (see cpu_compat.py)."""
+
+    gpus_per_node: int = 8
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    device: Device = "cuda"
+    gpu_type: str = "H100"
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nnodes
+
+
+@dataclass(frozen=True)
+class LaunchArgs:
+    """Options a user passes before the Hydra overrides (``--experiment-name=x``, ``--gpus 2``)."""
+
+    experiment: str | None = None
+    sft_checkpoint: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+_OPTION_NAMES = {"experiment-name": "experiment", "sft-checkpoint": "sft_checkpoint"}
+
+
+def parse_launch_args(args: Sequence[str]) -> LaunchArgs:
+    """Split ``--name=value`` / ``--name value`` options from ``key=value`` Hydra overrides."""
+    values: dict[str, Any] = {}
+    overrides: list[str] = []
+    items = list(args)
+    while items:
+        item = items.pop(0)
+        if item == "--":
+            continue
+        if item.startswith("--"):
+            name, _, value = item[2:].partition("=")
+            if name not in _OPTION_NAMES:
+                known = ", ".join(f"--{n}" for n in _OPTION_NAMES)
+                raise LaunchError(f"unknown option --{name} (known: {known}; Hydra keys: key=value)")
+            if not value:
+                if not items or items[0].startswith("--"):
+                    raise LaunchError(f"option --{name} needs a value")
+                value = items.pop(0)
+            values[_OPTION_NAMES[name]] = value
+        elif "=" in item or item.startswith("~"):
+            overrides.append(item)
+        else:
+            raise LaunchError(f"cannot read argument {item!r}: expected key=value or --option=value")
+    return LaunchArgs(overrides=overrides, **values)
+
+
+def format_value(value: Any) -> str:
+    """Render a Python value in Hydra's override grammar."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z0-9_./:\-+@~]+", text) and text not in {"true", "false", "null"}:
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def to_overrides(mapping: dict[str, Any]) -> list[str]:
+    return [f"{key}={format_value(value)}" for key, value in mapping.items()]
+
+
+def sft_overrides(
+    layout: Layout,
+    experiment: str,
+    model_path: Path,
+    topo: Topology,
+    user_overrides: Iterable[str] = (),
+    *,
+    train_file: Path | None = None,
+) -> list[str]:
+    """The full SFT override list: YAML base, then paths and topology, then device, then user."""
+    from recipe.retool.cpu_compat import CPU_SFT_OVERRIDES
+
+    stage = load_stage_config("sft")
+    filled = {
+        "data.train_files": str(train_file or layout.sft_train_file()),
+        "model.path": str(model_path),
+        "trainer.experiment_name": experiment,
+        "trainer.default_local_dir": str(layout.experiment_dir("sft", experiment)),
+        "trainer.n_gpus_per_node": topo.gpus_per_node,
+        "trainer.nnodes": topo.nnodes,
+    }
+    device = list(CPU_SFT_OVERRIDES) if topo.device == "cpu" else []
+    return [*to_overrides(stage.overrides), *to_overrides(filled), *device, *user_overrides]
+
+
+def sft_command(overrides: Sequence[str], topo: Topology) -> list[str]:
+    """``torchrun`` for one node of the SFT job (multi-node: static rendezvous on node 0)."""
+    module = "recipe.retool.cpu_compat" if topo.device == "cpu" else "verl.trainer.sft_trainer"
+    if topo.nnodes == 1:
+        rdzv = ["--standalone"]
+    else:
+        rdzv = [
+            f"--nnodes={topo.nnodes}",
+            f"--node_rank={topo.node_rank}",
+            f"--master_addr={topo.master_addr}",
+            f"--master_port={topo.master_port}",
+        ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    return [*torchrun, *rdzv, f"--nproc_per_node={topo.gpus_per_node}", "-m", module, *overrides]
+
+
+def dapo_overrides(
+    layout: Layout,
+    experiment: str,
+    model_path: Path,
+    topo: Topology,
+    user_overrides: Iterable[str] = (),
+) -> list[str]:
+    """The full DAPO override list. The sandbox URL comes from SANDBOX_FUSION_ENDPOINT at run time."""
+    stage = load_stage_config("dapo")
+    filled = {
+        "data.train_files": str(layout.rl_file("train")),
+        "data.val_files": [str(layout.rl_file("aime_2024")), str(layout.rl_file("aime_2025"))],
+        "actor_rollout_ref.model.path": str(model_path),
+        "actor_rollout_ref.rollout.multi_turn.tool_config_path": str(TOOL_CONFIG_FILE),
+        "reward.custom_reward_function.path": str(REWARD_FILE),
+        "trainer.experiment_name": experiment,
+        "trainer.default_local_dir": str(layout.experiment_dir("dapo", experiment)),
+        "trainer.n_gpus_per_node": topo.gpus_per_node,
+        "trainer.nnodes": topo.nnodes,
+    }
+    return [*to_overrides(stage.overrides), *to_overrides(filled), *user_overrides]
+
+
+def dapo_command(overrides: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "verl.trainer.main_ppo", *overrides]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation against verl's own Hydra config
+# ---------------------------------------------------------------------------------------------
+
+
+def _verl_config_dir() -> str:
+    import verl.trainer
+
+    return str(Path(verl.trainer.__file__).parent / "config")
+
+
+def _leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every dotted key in a composed config, read without resolving interpolations."""
+    from omegaconf import DictConfig
+
+    keys: list[str] = []
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig):
+            keys.extend(_leaf_keys(child, path + "."))
+    return keys
+
+
+@functools.cache
+def _base_config(verl_config: str):
+    return _compose(verl_config, ())
+
+
+def _compose(verl_config: str, overrides: Sequence[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=_verl_config_dir(), version_base=None):
+        return compose(config_name=verl_config, overrides=list(overrides))
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _type_errors(base, composed, overrides: Sequence[str]) -> list[str]:
+    """Values whose type contradicts verl's default (e.g. ``trainer.total_epochs=two``)."""
+    from omegaconf import OmegaConf
+
+    errors = []
+    last_value_of = {_override_key(o): o for o in overrides if not o.startswith(("+", "~"))}
+    for key in last_value_of:
+        default = OmegaConf.select(base, key, throw_on_missing=False)
+        value = OmegaConf.select(composed, key, throw_on_missing=False)
+        if default is None or value is None:
+            continue
+        numeric = isinstance(default, int | float) and not isinstance(default, bool)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            errors.append(f"{key}={value!r}: expected true or false")
+        elif numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
+            errors.append(f"{key}={value!r}: expected a number")
+        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+            if not value.is_integer():
+                errors.append(f"{key}={value!r}: expected an integer")
+    return errors
+
+
+def validate(stage: Stage, overrides: Sequence[str], topo: Topology):
+    """Compose ``overrides`` against verl's config; raise :class:`LaunchError` on any mistake."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    verl_config = load_stage_config(stage).verl_config
+    try:
+        composed = _compose(verl_config, overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise LaunchError(_explain_compose_error(str(exc), verl_config)) from None
+    errors = _type_errors(_base_config(verl_config), composed, overrides)
+    errors += check_parallelism(stage, composed, topo)
+    if errors:
+        raise LaunchError(f"invalid {stage} configuration: " + "; ".join(errors))
+    return composed
+
+
+def _explain_compose_error(message: str, verl_config: str) -> str:
+    first = message.strip().splitlines()[0]
+    match = re.search(r"override '([^']+)'|Key '([^']+)'", message)
+    if not match:
+        return f"invalid override: {first}"
+    key = next(g for g in match.groups() if g)
+    if not key:
+        return f"invalid override: {first}"
+    known = _leaf_keys(_base_config(verl_config))
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown key '{key}' in verl's {verl_config} config{hint} (prefix '+' to add a new key)"
+
+
+def check_parallelism(stage: Stage, cfg: Any, topo: Topology) -> list[str]:
+    """Parallel sizes must divide the GPU count and batches must split evenly."""
+    world = topo.world_size
+    errors: list[str] = []
+    if stage == "sft":
+        sp = int(cfg.engine.ulysses_sequence_parallel_size)
+        if world % sp:
+            errors.append(f"Ulysses SP {sp} does not divide {world} GPUs")
+        else:
+            dp = world // sp
+            if int(cfg.data.train_batch_size) % dp:
+                errors.append(
+                    f"data.train_batch_size={cfg.data.train_batch_size} is not divisible by the "
+                    f"data-parallel size {dp} ({world} GPUs / SP {sp})"
+                )
+        return errors
+    rollout = cfg.actor_rollout_ref.rollout
+    actor = cfg.actor_rollout_ref.actor
+    tp = int(rollout.tensor_model_parallel_size)
+    sp = int(actor.ulysses_sequence_parallel_size)
+    if topo.gpus_per_node % tp:
+        errors.append(f"rollout TP {tp} does not divide {topo.gpus_per_node} GPUs per node")
+    if world % sp:
+        errors.append(f"actor Ulysses SP {sp} does not divide {world} GPUs")
+    n = int(rollout.n)
+    mini = int(actor.ppo_mini_batch_size)
+    batch = int(cfg.data.train_batch_size)
+    if batch % mini:
+        errors.append(f"data.train_batch_size={batch} is not divisible by ppo_mini_batch_size={mini}")
+    if not errors and (mini * n) % (world // sp):
+        errors.append(
+            f"ppo_mini_batch_size×n = {mini * n} is not divisible by the actor's data-parallel "
+            f"size {world // sp}"
+        )
+    return errors
+
+
+def estimate_cost(stage: Stage, topo: Topology) -> str:
+    """One line: GPU-hours × price, from the stage's ``estimate_hours`` (scaled by GPU count)."""
+    hours = load_stage_config(stage).estimate_hours * 8 / max(topo.world_size, 1)
+    gpu_hours = hours * topo.world_size
+    price = GPU_PRICE_PER_HOUR.get(topo.gpu_type)
+    cost = f"≈ ${gpu_hours * price:,.0f}" if price else "(no price on file for this GPU)"
+    return (
+        f"{stage}: ~{hours:.1f} h on {topo.world_size}×{topo.gpu_type} = {gpu_hours:.0f} GPU-h {cost}"
+        f" at ${price}/GPU-h (third-party listing, May 2026)"
+    )
+
+
+def render(command: Sequence[str]) -> str:
+    """A copy-pasteable shell line (for logs and dry runs)."""
+    return shlex.join(command)

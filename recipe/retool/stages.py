@@ -1,0 +1,213 @@
+"""The pipeline's stages as plain functions: what Modal, docker compose and the CPU smoke all run.
+
+Each function takes a :class:`~recipe.retool.paths.Layout` (where things live) and a
+:class:`~recipe.retool.launch.Topology` (where it runs), so the Modal app is a thin shell and the
+same code is tested on temporary directories. Training stays a subprocess (torchrun / main_ppo)
+so verl's own entry points run unmodified.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from recipe.retool import launch
+from recipe.retool.paths import (
+    BASE_MODEL_ID,
+    BASE_MODEL_REVISION,
+    Checkpoint,
+    CheckpointInfo,
+    CheckpointNotFound,
+    Layout,
+    Stage,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint_info,
+    write_checkpoint_info,
+)
+
+Runner = Callable[[Sequence[str], dict[str, str]], int]
+
+# Environment for every training subprocess. expandable_segments breaks CUDA IPC weight sync
+# (pidfd_getfd: Operation not permitted) on Modal; NVLink multicast is unsupported there.
+TRAINING_ENV = {
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False",
+    "NCCL_NVLS_ENABLE": "0",
+    "TOKENIZERS_PARALLELISM": "true",
+    "HYDRA_FULL_ERROR": "1",
+}
+COMPLETE_MARKER = ".download-complete"
+
+
+def default_experiment(stage: Stage) -> str:
+    return f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_subprocess(command: Sequence[str], env: dict[str, str]) -> int:
+    """Run a training command with the project importable, streaming its output."""
+    repo_root = str(Path(__file__).resolve().parents[2])
+    merged = {**os.environ, **env}
+    merged["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, merged.get("PYTHONPATH")]))
+    return subprocess.run(list(command), env=merged, check=False).returncode
+
+
+def check_credentials(env: dict[str, str] | os._Environ = os.environ) -> list[str]:
+    """Warnings about missing secrets, by name only (values are never printed)."""
+    notes = []
+    if not env.get("HF_TOKEN"):
+        notes.append("HF_TOKEN is not set: public models and datasets still download, rate-limited")
+    if env.get("WANDB_MODE", "online") != "offline" and not env.get("WANDB_API_KEY"):
+        notes.append("WANDB_API_KEY is not set: add it to .env, or set WANDB_MODE=offline")
+    return notes
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: Stage
+    experiment: str
+    returncode: int
+    checkpoint: Checkpoint | None
+    seconds: float
+
+
+def _record(layout: Layout, stage: Stage, experiment: str, base_model: str) -> Checkpoint | None:
+    try:
+        ckpt = latest_checkpoint(layout, stage, experiment)
+    except CheckpointNotFound:
+        return None
+    write_checkpoint_info(
+        layout,
+        CheckpointInfo(experiment, stage, ckpt.step, str(ckpt.hf_dir), base_model),
+    )
+    return ckpt
+
+
+def run_sft(
+    layout: Layout,
+    topo: launch.Topology,
+    args: Sequence[str] = (),
+    *,
+    model_path: Path | None = None,
+    runner: Runner = run_subprocess,
+) -> StageResult:
+    """Validate, then run verl's SFT trainer; record the final checkpoint in checkpoint_info.json."""
+    parsed = launch.parse_launch_args(args)
+    experiment = parsed.experiment or default_experiment("sft")
+    model = model_path or layout.model_dir()
+    overrides = launch.sft_overrides(layout, experiment, model, topo, parsed.overrides)
+    launch.validate("sft", overrides, topo)
+    if not layout.sft_train_file().exists() and not any("data.train_files" in o for o in args):
+        raise launch.LaunchError(
+            f"no SFT data at {layout.sft_train_file()}: run prep_dataset first"
+        )
+    if not (Path(model) / "config.json").exists():
+        raise launch.LaunchError(f"no model at {model}: run download_model first")
+    if topo.device == "cuda":
+        print(launch.estimate_cost("sft", topo), flush=True)
+    command = launch.sft_command(overrides, topo)
+    env = dict(TRAINING_ENV) if topo.device == "cuda" else {}
+    start = time.time()
+    code = runner(command, env)
+    ckpt = _record(layout, "sft", experiment, str(model))
+    return StageResult("sft", experiment, code, ckpt, time.time() - start)
+
+
+def resolve_sft_checkpoint(layout: Layout, requested: str | None) -> Path:
+    """``--sft-checkpoint`` (a path or an experiment name), else the latest complete SFT step."""
+    if requested:
+        as_path = Path(requested)
+        if as_path.is_dir():
+            hf = as_path / "huggingface"
+            return hf if hf.is_dir() else as_path
+        return latest_checkpoint(layout, "sft", requested).hf_dir
+    return latest_checkpoint(layout, "sft").hf_dir
+
+
+def run_dapo(
+    layout: Layout,
+    topo: launch.Topology,
+    args: Sequence[str] = (),
+    *,
+    sandbox_url: str,
+    runner: Runner = run_subprocess,
+) -> StageResult:
+    """DAPO from the latest SFT checkpoint, with the tool pointed at ``sandbox_url``."""
+    parsed = launch.parse_launch_args(args)
+    experiment = parsed.experiment or default_experiment("dapo")
+    start_from = resolve_sft_checkpoint(layout, parsed.sft_checkpoint)
+    overrides = launch.dapo_overrides(layout, experiment, start_from, topo, parsed.overrides)
+    launch.validate("dapo", overrides, topo)
+    print(f"DAPO starts from {start_from}", flush=True)
+    print(launch.estimate_cost("dapo", topo), flush=True)
+    env = {**TRAINING_ENV, "SANDBOX_FUSION_ENDPOINT": sandbox_url}
+    start = time.time()
+    code = runner(launch.dapo_command(overrides), env)
+    ckpt = _record(layout, "dapo", experiment, str(start_from))
+    return StageResult("dapo", experiment, code, ckpt, time.time() - start)
+
+
+def download_model(
+    layout: Layout,
+    model_id: str = BASE_MODEL_ID,
+    revision: str = BASE_MODEL_REVISION,
+    *,
+    force: bool = False,
+    downloader: Callable[..., str] | None = None,
+) -> Path:
+    """Snapshot a model into the models volume; resumable, and skipped once complete."""
+    target = layout.model_dir(model_id)
+    marker = target / COMPLETE_MARKER
+    if marker.exists() and marker.read_text().strip() == revision and not force:
+        print(f"{model_id}@{revision[:12]} already complete at {target}")
+        return target
+    if downloader is None:
+        from huggingface_hub import snapshot_download as downloader
+    target.mkdir(parents=True, exist_ok=True)
+    downloader(
+        repo_id=model_id,
+        revision=revision,
+        local_dir=str(target),
+        token=os.environ.get("HF_TOKEN") or None,
+        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+    )
+    if not (target / "config.json").exists():
+        raise RuntimeError(f"download of {model_id} finished without config.json in {target}")
+    marker.write_text(revision + "\n")
+    return target
+
+
+def describe_checkpoints(layout: Layout) -> str:
+    """A table of every checkpoint per stage and experiment, marking partial saves."""
+    lines = [f"{'stage':<5} {'experiment':<32} {'step':>6}  {'status':<8} path"]
+    for stage in ("sft", "dapo"):
+        ckpts = list_checkpoints(layout, stage)
+        for ckpt in sorted(ckpts, key=lambda c: (c.experiment, c.step)):
+            status = "complete" if ckpt.complete else "partial"
+            lines.append(f"{stage:<5} {ckpt.experiment:<32} {ckpt.step:>6}  {status:<8} {ckpt.path}")
+        for exp in sorted({c.experiment for c in ckpts}):
+            if read_checkpoint_info(layout, stage, exp) is None:
+                lines.append(f"{stage:<5} {exp:<32} {'':>6}  note     checkpoint_info.json missing")
+    if len(lines) == 1:
+        lines.append("(no checkpoints yet: run `make sft`)")
+    return "\n".join(lines)
+
+
+def merge_checkpoint(layout: Layout, stage: Stage, experiment: str, step: int) -> Path:
+    """FSDP shards → HF safetensors with verl's model merger (for steps saved without HF weights)."""
+    step_dir = layout.experiment_dir(stage, experiment) / f"global_step_{step}"
+    shards = step_dir if stage == "sft" else step_dir / "actor"
+    if not (shards / "fsdp_config.json").exists():
+        raise CheckpointNotFound(f"no FSDP checkpoint at {shards} (missing fsdp_config.json)")
+    target = shards / "huggingface"
+    command = [
+        sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
+        "--local_dir", str(shards), "--target_dir", str(target),
+    ]  # fmt: skip
+    if run_subprocess(command, {}) != 0:
+        raise RuntimeError(f"model merger failed for {shards}")
+    return target
