@@ -33,3 +33,20 @@ lint: $(PY) ## Check formatting, lint and static file checks (what CI runs)
 fmt: $(PY) ## Format and auto-fix
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# ---- Modal (needs `modal token new` and a .env; see README) ------------------------------------
+GPUS ?= 8
+ARGS ?=
+MODAL_APP := recipe/retool/retool_modal_sft.py
+
+.PHONY: sft
+sft: $(PY) ## SFT on Modal: make sft GPUS=8 ARGS="--experiment-name=x trainer.total_epochs=2"
+	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::train -- $(ARGS)
+
+.PHONY: dapo
+dapo: $(PY) ## DAPO on Modal from the latest SFT checkpoint: make dapo ARGS="..."
+	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::train_dapo -- $(ARGS)
+
+.PHONY: checkpoints
+checkpoints: $(PY) ## List checkpoints on the Modal volume
+	$(VENV)/bin/modal run $(MODAL_APP)::list_checkpoints

@@ -94,7 +94,9 @@ def parse_launch_args(args: Sequence[str]) -> LaunchArgs:
             name, _, value = item[2:].partition("=")
             if name not in _OPTION_NAMES:
                 known = ", ".join(f"--{n}" for n in _OPTION_NAMES)
-                raise LaunchError(f"unknown option --{name} (known: {known}; Hydra keys: key=value)")
+                raise LaunchError(
+                    f"unknown option --{name} (known: {known}; Hydra keys: key=value)"
+                )
             if not value:
                 if not items or items[0].startswith("--"):
                     raise LaunchError(f"option --{name} needs a value")
@@ -103,7 +105,9 @@ def parse_launch_args(args: Sequence[str]) -> LaunchArgs:
         elif "=" in item or item.startswith("~"):
             overrides.append(item)
         else:
-            raise LaunchError(f"cannot read argument {item!r}: expected key=value or --option=value")
+            raise LaunchError(
+                f"cannot read argument {item!r}: expected key=value or --option=value"
+            )
     return LaunchArgs(overrides=overrides, **values)
 
 
@@ -175,7 +179,7 @@ def dapo_overrides(
     topo: Topology,
     user_overrides: Iterable[str] = (),
 ) -> list[str]:
-    """The full DAPO override list. The sandbox URL comes from SANDBOX_FUSION_ENDPOINT at run time."""
+    """The full DAPO override list. The tool reads the sandbox URL from SANDBOX_FUSION_ENDPOINT."""
     stage = load_stage_config("dapo")
     filled = {
         "data.train_files": str(layout.rl_file("train")),
@@ -211,7 +215,7 @@ def _leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
     from omegaconf import DictConfig
 
     keys: list[str] = []
-    for key in cfg.keys():
+    for key in cfg:
         path = f"{prefix}{key}"
         keys.append(path)
         child = cfg._get_node(key)
@@ -254,9 +258,8 @@ def _type_errors(base, composed, overrides: Sequence[str]) -> list[str]:
             errors.append(f"{key}={value!r}: expected true or false")
         elif numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
             errors.append(f"{key}={value!r}: expected a number")
-        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-            if not value.is_integer():
-                errors.append(f"{key}={value!r}: expected an integer")
+        elif numeric and isinstance(default, int) and isinstance(value, float):
+            errors += [] if value.is_integer() else [f"{key}={value!r}: expected an integer"]
     return errors
 
 
@@ -319,7 +322,9 @@ def check_parallelism(stage: Stage, cfg: Any, topo: Topology) -> list[str]:
     mini = int(actor.ppo_mini_batch_size)
     batch = int(cfg.data.train_batch_size)
     if batch % mini:
-        errors.append(f"data.train_batch_size={batch} is not divisible by ppo_mini_batch_size={mini}")
+        errors.append(
+            f"data.train_batch_size={batch} is not divisible by ppo_mini_batch_size={mini}"
+        )
     if not errors and (mini * n) % (world // sp):
         errors.append(
             f"ppo_mini_batch_size×n = {mini * n} is not divisible by the actor's data-parallel "
@@ -335,7 +340,8 @@ def estimate_cost(stage: Stage, topo: Topology) -> str:
     price = GPU_PRICE_PER_HOUR.get(topo.gpu_type)
     cost = f"≈ ${gpu_hours * price:,.0f}" if price else "(no price on file for this GPU)"
     return (
-        f"{stage}: ~{hours:.1f} h on {topo.world_size}×{topo.gpu_type} = {gpu_hours:.0f} GPU-h {cost}"
+        f"{stage}: ~{hours:.1f} h on {topo.world_size}×{topo.gpu_type} = "
+        f"{gpu_hours:.0f} GPU-h {cost}"
         f" at ${price}/GPU-h (third-party listing, May 2026)"
     )
 

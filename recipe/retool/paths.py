@@ -36,6 +36,10 @@ DATA_VOLUME = "retool-sft-data"
 MODELS_VOLUME = "retool-sft-models"
 CHECKPOINTS_VOLUME = "retool-sft-checkpoints"
 
+# The deployed sandbox (recipe/retool/modal_fusion_sandbox.py): DAPO looks its URL up by name.
+SANDBOX_APP_NAME = "retool-sandbox"
+SANDBOX_FUNCTION_NAME = "serve"
+
 DATA_MOUNT = Path("/data")
 MODELS_MOUNT = Path("/models")
 CHECKPOINTS_MOUNT = Path("/checkpoints")
@@ -110,7 +114,9 @@ def _has_hf_weights(hf_dir: Path) -> bool:
     return (hf_dir / "config.json").is_file() and any(hf_dir.glob("*.safetensors"))
 
 
-def list_checkpoints(layout: Layout, stage: Stage, experiment: str | None = None) -> list[Checkpoint]:
+def list_checkpoints(
+    layout: Layout, stage: Stage, experiment: str | None = None
+) -> list[Checkpoint]:
     """All step directories of a stage (one experiment or all), oldest first."""
     root = layout.stage_root(stage)
     if not root.is_dir():

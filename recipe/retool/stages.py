@@ -95,7 +95,7 @@ def run_sft(
     model_path: Path | None = None,
     runner: Runner = run_subprocess,
 ) -> StageResult:
-    """Validate, then run verl's SFT trainer; record the final checkpoint in checkpoint_info.json."""
+    """Validate, run verl's SFT trainer, record the final checkpoint in checkpoint_info.json."""
     parsed = launch.parse_launch_args(args)
     experiment = parsed.experiment or default_experiment("sft")
     model = model_path or layout.model_dir()
@@ -188,7 +188,9 @@ def describe_checkpoints(layout: Layout) -> str:
         ckpts = list_checkpoints(layout, stage)
         for ckpt in sorted(ckpts, key=lambda c: (c.experiment, c.step)):
             status = "complete" if ckpt.complete else "partial"
-            lines.append(f"{stage:<5} {ckpt.experiment:<32} {ckpt.step:>6}  {status:<8} {ckpt.path}")
+            lines.append(
+                f"{stage:<5} {ckpt.experiment:<32} {ckpt.step:>6}  {status:<8} {ckpt.path}"
+            )
         for exp in sorted({c.experiment for c in ckpts}):
             if read_checkpoint_info(layout, stage, exp) is None:
                 lines.append(f"{stage:<5} {exp:<32} {'':>6}  note     checkpoint_info.json missing")
@@ -198,7 +200,7 @@ def describe_checkpoints(layout: Layout) -> str:
 
 
 def merge_checkpoint(layout: Layout, stage: Stage, experiment: str, step: int) -> Path:
-    """FSDP shards → HF safetensors with verl's model merger (for steps saved without HF weights)."""
+    """FSDP shards → HF safetensors with verl's model merger (for steps saved without them)."""
     step_dir = layout.experiment_dir(stage, experiment) / f"global_step_{step}"
     shards = step_dir if stage == "sft" else step_dir / "actor"
     if not (shards / "fsdp_config.json").exists():

@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1
+# Trainer image: CUDA, vLLM 0.24.0 (the version verl 0.9.1's [vllm] extra pins), verl 0.9.1,
+# flash-attn, and this project's Python dependencies. Built by docker compose (compose.yaml) and by
+# Modal (modal.Image.from_dockerfile in recipe/retool/retool_modal_sft.py), which adds the
+# project's code on top, last, so code edits never rebuild these layers.
+# verl publishes no image tagged for 0.9.x, so we start from NVIDIA's CUDA devel image as verl's
+# own vLLM images do since 0.7.
+ARG CUDA_IMAGE=nvidia/cuda:12.9.1-cudnn-devel-ubuntu24.04
+FROM ${CUDA_IMAGE}
+
+ARG VERL_VERSION=0.9.1
+ARG VLLM_VERSION=0.24.0
+ARG TORCH_VERSION=2.11.0
+ARG FLASH_ATTN_VERSION=2.8.3
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False \
+    NCCL_NVLS_ENABLE=0
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        python3.12 python3.12-venv python3.12-dev git build-essential ninja-build bubblewrap \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3.12 -m venv /opt/venv
+
+# vLLM brings its CUDA torch; verl[vllm] pins the same torch and transformers.
+RUN pip install "torch==${TORCH_VERSION}" "vllm==${VLLM_VERSION}" "verl[vllm]==${VERL_VERSION}" \
+    && MAX_JOBS=8 pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"
+
+WORKDIR /root/retool-modal
+# Dependencies first (cached layer), then the code; the trainer installs the project without
+# touching the CUDA torch above.
+COPY pyproject.toml constraints.txt README.md ./
+COPY recipe ./recipe
+COPY sandbox ./sandbox
+COPY scripts ./scripts
+RUN pip install -c constraints.txt --no-deps -e . \
+    && pip install "math-verify==0.9.0" "python-dotenv>=1.0" "httpx==0.28.1" \
+    && python -c "import verl, vllm, flash_attn, recipe.retool.launch"
+
+ENV PYTHONPATH=/root/retool-modal
+CMD ["bash"]

@@ -1,0 +1,257 @@
+# # ReTool on Modal: cold-start SFT, then DAPO with a code interpreter
+#
+# This app trains Qwen2.5-7B-Instruct to reason with a Python interpreter, following the ReTool
+# recipe, with verl as the trainer. Every function here is a thin shell: the work is done by
+# plain Python in `recipe/retool/` (`prep.py`, `stages.py`, `launch.py`, `paths.py`), which the
+# test suite and `make local-smoke` run on a CPU without Modal.
+#
+# The stages, in order:
+#
+#     modal run recipe/retool/retool_modal_sft.py::prep_dataset
+#     modal run recipe/retool/retool_modal_sft.py::download_model
+#     modal run recipe/retool/retool_modal_sft.py::train
+#     modal deploy recipe/retool/modal_fusion_sandbox.py
+#     modal run recipe/retool/retool_modal_sft.py::train_dapo
+#
+# Any verl Hydra override passes through after `--`:
+#
+#     modal run recipe/retool/retool_modal_sft.py::train -- \
+#         --experiment-name=my-exp trainer.total_epochs=5
+#
+# The GPU count is read when the app is imported: `RETOOL_GPUS=2 modal run ...::train` (default 8).
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import modal
+
+from recipe.retool import paths
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REMOTE_ROOT = Path("/root/retool-modal")
+
+APP_NAME = "retool-sft"
+GPU_TYPE = os.environ.get("RETOOL_GPU_TYPE", "H100")
+N_GPUS = int(os.environ.get("RETOOL_GPUS", "8"))
+MINUTES = 60
+HOURS = 60 * MINUTES
+
+app = modal.App(APP_NAME)
+
+# ## Images
+#
+# The trainer image is built from the same Dockerfile that docker compose builds, so "works in
+# compose" means "builds on Modal". Project code is added last, so editing it never rebuilds the
+# CUDA layers.
+
+
+def _with_project_code(image: modal.Image) -> modal.Image:
+    ignore = ["**/__pycache__", "**/.pytest_cache", ".venv", "runs", ".cache", ".git"]
+    image = image.env({"PYTHONPATH": str(REMOTE_ROOT), "PYTHONUNBUFFERED": "1"})
+    for package in ("recipe", "sandbox"):
+        image = image.add_local_dir(REPO_ROOT / package, str(REMOTE_ROOT / package), ignore=ignore)
+    return image
+
+
+trainer_image = _with_project_code(
+    modal.Image.from_dockerfile(REPO_ROOT / "images" / "trainer.Dockerfile", context_dir=REPO_ROOT)
+)
+
+# ## Volumes and secrets
+#
+# Three volumes hold data, base models and checkpoints; `recipe/retool/paths.py` owns their names
+# and layout. Secrets come from `.env` (see `.env.example`); a missing key is reported by name,
+# never by value.
+
+data_volume = modal.Volume.from_name(paths.DATA_VOLUME, create_if_missing=True)
+models_volume = modal.Volume.from_name(paths.MODELS_VOLUME, create_if_missing=True)
+checkpoints_volume = modal.Volume.from_name(paths.CHECKPOINTS_VOLUME, create_if_missing=True)
+VOLUMES = {
+    str(paths.DATA_MOUNT): data_volume,
+    str(paths.MODELS_MOUNT): models_volume,
+    str(paths.CHECKPOINTS_MOUNT): checkpoints_volume,
+}
+secrets = [modal.Secret.from_dotenv(REPO_ROOT)]
+
+
+def _layout() -> paths.Layout:
+    """Modal mounts, or a local root when ``RETOOL_ROOT`` is set (tests and ``.local()`` runs)."""
+    root = os.environ.get("RETOOL_ROOT")
+    return paths.Layout.local(Path(root)) if root else paths.Layout.modal()
+
+
+def _reload(*volumes: modal.Volume) -> None:
+    if os.environ.get("RETOOL_ROOT"):
+        return
+    for volume in volumes:
+        volume.reload()
+
+
+def _commit(*volumes: modal.Volume) -> None:
+    if os.environ.get("RETOOL_ROOT"):
+        return
+    for volume in volumes:
+        volume.commit()
+
+
+def _topology():
+    from recipe.retool.launch import Topology
+
+    return Topology(gpus_per_node=N_GPUS, gpu_type=GPU_TYPE)
+
+
+def _report_credentials() -> None:
+    from recipe.retool.stages import check_credentials
+
+    for note in check_credentials():
+        print(f"note: {note}")
+
+
+# ## Data and base model
+
+
+@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, timeout=2 * HOURS)
+def prep_dataset(max_rows: int = 0, on_error: str = "fail", only: str = "") -> None:
+    """Convert ReTool-SFT, DAPO-Math-17k and AIME 2024/2025 into verl parquet on the data volume."""
+    from recipe.retool.prep import prepare
+
+    _report_credentials()
+    layout = _layout()
+    prepare(
+        layout.data,
+        only=only or None,
+        max_rows=max_rows or None,
+        on_error=on_error,
+    )
+    _commit(data_volume)
+
+
+@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, timeout=2 * HOURS)
+def download_model(
+    model_id: str = paths.BASE_MODEL_ID,
+    revision: str = paths.BASE_MODEL_REVISION,
+    force: bool = False,
+) -> None:
+    """Snapshot the base model into the models volume (resumable; skipped once complete)."""
+    from recipe.retool.stages import download_model as download
+
+    _report_credentials()
+    _reload(models_volume)
+    path = download(_layout(), model_id, revision, force=force)
+    _commit(models_volume)
+    print(f"model ready at {path}")
+
+
+# ## Training
+#
+# `train` runs verl's SFT trainer under torchrun on all GPUs of one container; `train_dapo` runs
+# verl's PPO trainer (GRPO advantages, DAPO settings) with Ray and vLLM, starting from the latest
+# complete SFT checkpoint and calling the deployed sandbox for every tool call.
+
+
+def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
+    import sys
+
+    from recipe.retool import launch, stages
+
+    _report_credentials()
+    _reload(data_volume, models_volume, checkpoints_volume)
+    layout = _layout()
+    try:
+        if stage == "sft":
+            result = stages.run_sft(layout, _topology(), arglist)
+        else:
+            result = stages.run_dapo(layout, _topology(), arglist, sandbox_url=_sandbox_url())
+    except (launch.LaunchError, paths.CheckpointNotFound) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        _commit(checkpoints_volume)  # whatever was saved survives a failure
+    where = result.checkpoint.path if result.checkpoint else "no complete checkpoint"
+    print(
+        f"{stage} {result.experiment}: exit {result.returncode}, "
+        f"{result.seconds / 60:.1f} min, {where}"
+    )
+    if result.returncode != 0:
+        raise SystemExit(result.returncode)
+
+
+@app.function(
+    image=trainer_image,
+    gpu=f"{GPU_TYPE}:{N_GPUS}",
+    volumes=VOLUMES,
+    secrets=secrets,
+    timeout=24 * HOURS,
+)
+def train(*arglist: str) -> None:
+    """Cold-start SFT. Options: --experiment-name=NAME; then any verl override (key=value)."""
+    _run_stage("sft", arglist)
+
+
+def _sandbox_url() -> str:
+    """The deployed sandbox's URL, or SANDBOX_FUSION_ENDPOINT when set (e.g. in compose)."""
+    explicit = os.environ.get("SANDBOX_FUSION_ENDPOINT")
+    if explicit:
+        return explicit
+    fn = modal.Function.from_name(paths.SANDBOX_APP_NAME, paths.SANDBOX_FUNCTION_NAME)
+    try:
+        return fn.get_web_url().rstrip("/") + "/run_code"
+    except modal.exception.NotFoundError:
+        from recipe.retool.launch import LaunchError
+
+        raise LaunchError(
+            "the sandbox is not deployed: run `modal deploy recipe/retool/modal_fusion_sandbox.py`"
+        ) from None
+
+
+@app.function(
+    image=trainer_image,
+    gpu=f"{GPU_TYPE}:{N_GPUS}",
+    volumes=VOLUMES,
+    secrets=secrets,
+    timeout=24 * HOURS,
+)
+def train_dapo(*arglist: str) -> None:
+    """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT; then overrides."""
+    _run_stage("dapo", arglist)
+
+
+# ## Checkpoints
+
+
+@app.function(image=trainer_image, volumes=VOLUMES, timeout=10 * MINUTES)
+def list_checkpoints() -> str:
+    """Print every checkpoint of every experiment, marking partial (interrupted) saves."""
+    from recipe.retool.stages import describe_checkpoints
+
+    _reload(checkpoints_volume)
+    table = describe_checkpoints(_layout())
+    print(table)
+    return table
+
+
+@app.function(image=trainer_image, volumes=VOLUMES, timeout=2 * HOURS, memory=128 * 1024)
+def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft") -> str:
+    """Merge a step's FSDP shards into HF safetensors (``<step>/huggingface``), verl's merger."""
+    from recipe.retool.stages import merge_checkpoint as merge
+
+    _reload(checkpoints_volume)
+    target = merge(_layout(), stage, experiment_name, step)
+    _commit(checkpoints_volume)
+    print(f"merged into {target}")
+    return str(target)
+
+
+@app.function(image=trainer_image, timeout=5 * MINUTES)
+def check_sandbox_connection(url: str = "") -> None:
+    """Run `print(2+2)` in the deployed sandbox and report latency (or why it failed)."""
+    from sandbox.client import SandboxClient
+
+    endpoint = url or _sandbox_url()
+    result = SandboxClient(endpoint, max_retries=2).run_code_sync("print(2+2)")
+    print(f"{endpoint}: status={result.status} stdout={result.stdout.strip()!r} "
+          f"latency={result.latency_s * 1000:.0f} ms")  # fmt: skip
+    if result.stdout.strip() != "4":
+        raise SystemExit(1)

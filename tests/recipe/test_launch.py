@@ -1,0 +1,156 @@
+"""Command lines are built by code and composed against verl's real Hydra config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recipe.retool import launch
+from recipe.retool.launch import LaunchError, Topology
+from recipe.retool.paths import Layout
+
+LAYOUT = Layout.modal()
+MODEL = Path("/models/Qwen/Qwen2.5-7B-Instruct")
+TOPOLOGIES = {
+    "1gpu": Topology(gpus_per_node=1),
+    "2gpu": Topology(gpus_per_node=2),
+    "8gpu": Topology(gpus_per_node=8),
+    "2node": Topology(gpus_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.1"),
+}
+# The production DAPO layout is TP 4 / SP 4; smaller machines scale both down.
+SMALL_DAPO = {
+    "1gpu": ["actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+             "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1"],
+    "2gpu": ["actor_rollout_ref.rollout.tensor_model_parallel_size=2",
+             "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TOPOLOGIES)
+def test_sft_command_composes_for_every_topology(name: str) -> None:
+    topo = TOPOLOGIES[name]
+    overrides = launch.sft_overrides(LAYOUT, "exp", MODEL, topo, ["trainer.total_epochs=5"])
+    cfg = launch.validate("sft", overrides, topo)
+    assert cfg.trainer.total_epochs == 5  # user override wins over the YAML's 2
+    assert cfg.trainer.n_gpus_per_node == topo.gpus_per_node
+    assert cfg.trainer.nnodes == topo.nnodes
+    assert cfg.data.train_files == "/data/sft/train.parquet"
+    assert cfg.trainer.default_local_dir == "/checkpoints/sft-experiments/exp"
+    assert "hf_model" in cfg.checkpoint.save_contents
+    assert cfg.optim.lr == pytest.approx(1e-5)
+    command = launch.sft_command(overrides, topo)
+    assert command[command.index("-m", 3) + 1] == "verl.trainer.sft_trainer"
+    assert f"--nproc_per_node={topo.gpus_per_node}" in command
+    if topo.nnodes == 1:
+        assert "--standalone" in command
+    else:
+        assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1"} <= set(command)
+
+
+@pytest.mark.parametrize("name", TOPOLOGIES)
+def test_dapo_command_composes_for_every_topology(name: str) -> None:
+    topo = TOPOLOGIES[name]
+    extra = SMALL_DAPO.get(name, [])
+    overrides = launch.dapo_overrides(LAYOUT, "rl", MODEL, topo, extra)
+    cfg = launch.validate("dapo", overrides, topo)
+    assert cfg.algorithm.adv_estimator == "grpo"
+    assert cfg.actor_rollout_ref.actor.clip_ratio_high == pytest.approx(0.28)
+    assert cfg.actor_rollout_ref.rollout.multi_turn.max_assistant_turns == 16
+    assert cfg.actor_rollout_ref.rollout.n == 16
+    assert cfg.algorithm.filter_groups.enable is True
+    assert cfg.reward.reward_kwargs.overlong_buffer_cfg.enable is True
+    assert cfg.reward.custom_reward_function.path.endswith("recipe/retool/reward.py")
+    assert list(cfg.data.val_files) == ["/data/rl/aime_2024.parquet", "/data/rl/aime_2025.parquet"]
+    assert launch.dapo_command(overrides)[1:3] == ["-m", "verl.trainer.main_ppo"]
+
+
+def test_production_dapo_layout_on_one_gpu_is_a_clear_error() -> None:
+    topo = TOPOLOGIES["1gpu"]
+    with pytest.raises(LaunchError, match="rollout TP 4 does not divide 1 GPUs"):
+        launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo), topo)
+
+
+def test_misspelt_key_names_close_matches() -> None:
+    topo = TOPOLOGIES["8gpu"]
+    overrides = launch.sft_overrides(LAYOUT, "e", MODEL, topo, ["trainer.total_epoch=5"])
+    with pytest.raises(
+        LaunchError, match=r"unknown key 'trainer.total_epoch'.*trainer.total_epochs"
+    ):
+        launch.validate("sft", overrides, topo)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.total_epochs=two", "expected a number"),
+        ("model.enable_gradient_checkpointing=maybe", "expected true or false"),
+        ("data.train_batch_size=3.5", "expected an integer"),
+        ("engine.ulysses_sequence_parallel_size=3", "SP 3 does not divide 8"),
+        ("data.train_batch_size=36", "not divisible by the data-parallel size 8"),
+    ],
+)
+def test_bad_values_fail_fast(override: str, message: str) -> None:
+    topo = TOPOLOGIES["8gpu"]
+    with pytest.raises(LaunchError, match=message):
+        launch.validate("sft", launch.sft_overrides(LAYOUT, "e", MODEL, topo, [override]), topo)
+
+
+def test_parse_launch_args_splits_options_from_overrides() -> None:
+    parsed = launch.parse_launch_args(
+        [
+            "--experiment-name=my-exp",
+            "--sft-checkpoint",
+            "/ckpt",
+            "--",
+            "trainer.total_epochs=5",
+            "+a.b=1",
+        ]
+    )
+    assert parsed.experiment == "my-exp"
+    assert parsed.sft_checkpoint == "/ckpt"
+    assert parsed.overrides == ["trainer.total_epochs=5", "+a.b=1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs=3"], "unknown option --epochs"),
+        (["--experiment-name"], "needs a value"),
+        (["oops"], "expected key=value"),
+    ],
+)
+def test_parse_launch_args_errors_are_one_line(args: list[str], message: str) -> None:
+    with pytest.raises(LaunchError, match=message):
+        launch.parse_launch_args(args)
+
+
+@pytest.mark.parametrize(
+    ("value", "rendered"),
+    [
+        (True, "true"),
+        (None, "null"),
+        (1e-5, "1e-05"),
+        (16384, "16384"),
+        (["model", "hf_model"], "[model,hf_model]"),
+        ("/data/x.parquet", "/data/x.parquet"),
+        ("a b,c", "'a b,c'"),
+        ("true", "'true'"),
+        ("it's", "'it\\'s'"),
+    ],
+)
+def test_format_value_speaks_hydra(value, rendered: str) -> None:
+    assert launch.format_value(value) == rendered
+
+
+def test_cost_estimate_names_gpus_price_and_source() -> None:
+    line = launch.estimate_cost("sft", TOPOLOGIES["8gpu"])
+    assert "8×H100" in line and "$3.95/GPU-h" in line and "May 2026" in line
+    assert "12 GPU-h" in line  # 1.5 h × 8 GPUs
+
+
+def test_every_stage_config_loads_and_names_a_verl_config() -> None:
+    for stage in ("sft", "dapo"):
+        cfg = launch.load_stage_config(stage)
+        assert cfg.verl_config in {"sft_trainer_engine", "ppo_trainer"}
+        assert cfg.overrides and cfg.estimate_hours > 0

@@ -1,0 +1,125 @@
+"""Checkpoint discovery and checkpoint_info.json on fake volume trees."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from recipe.retool.paths import (
+    CheckpointInfo,
+    CheckpointNotFound,
+    Layout,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint_info,
+    write_checkpoint_info,
+)
+
+
+def make_step(layout: Layout, stage: str, exp: str, step: int, *, weights: bool = True) -> Path:
+    """A step directory as verl writes it (SFT: huggingface/ at the top; PPO: under actor/)."""
+    step_dir = layout.experiment_dir(stage, exp) / f"global_step_{step}"
+    hf = step_dir / ("huggingface" if stage == "sft" else "actor/huggingface")
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text("{}")
+    if weights:
+        (hf / "model.safetensors").write_bytes(b"\0")
+    return step_dir
+
+
+def mark_tracked(layout: Layout, stage: str, exp: str, step: int) -> None:
+    (layout.experiment_dir(stage, exp) / "latest_checkpointed_iteration.txt").write_text(str(step))
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout.local(tmp_path)
+
+
+def test_empty_tree_has_no_checkpoints_and_a_clear_error(layout: Layout) -> None:
+    assert list_checkpoints(layout, "sft") == []
+    with pytest.raises(CheckpointNotFound, match="run the sft stage first"):
+        latest_checkpoint(layout, "sft")
+
+
+def test_latest_is_highest_complete_step_of_newest_experiment(layout: Layout) -> None:
+    for step in (10, 20):
+        make_step(layout, "sft", "old", step)
+    mark_tracked(layout, "sft", "old", 20)
+    past = time.time() - 100
+    for step_dir in layout.experiment_dir("sft", "old").glob("global_step_*"):
+        os.utime(step_dir, (past, past))
+    for step in (5, 62, 124):
+        make_step(layout, "sft", "new", step)
+    mark_tracked(layout, "sft", "new", 124)
+    latest = latest_checkpoint(layout, "sft")
+    assert (latest.experiment, latest.step) == ("new", 124)
+    assert latest.hf_dir == latest.path / "huggingface"
+    assert latest_checkpoint(layout, "sft", "old").step == 20
+
+
+def test_partial_save_without_completion_marker_is_skipped(layout: Layout) -> None:
+    make_step(layout, "sft", "run", 62)
+    mark_tracked(layout, "sft", "run", 62)
+    make_step(layout, "sft", "run", 124)  # interrupted: the tracker still says 62
+    found = {c.step: c.complete for c in list_checkpoints(layout, "sft")}
+    assert found == {62: True, 124: False}
+    assert latest_checkpoint(layout, "sft").step == 62
+
+
+def test_step_without_hf_weights_is_not_complete(layout: Layout) -> None:
+    make_step(layout, "sft", "run", 3, weights=False)
+    mark_tracked(layout, "sft", "run", 3)
+    with pytest.raises(CheckpointNotFound):
+        latest_checkpoint(layout, "sft")
+
+
+def test_dapo_checkpoints_keep_weights_under_actor(layout: Layout) -> None:
+    make_step(layout, "dapo", "rl", 20)
+    mark_tracked(layout, "dapo", "rl", 20)
+    ckpt = latest_checkpoint(layout, "dapo")
+    assert ckpt.hf_dir == ckpt.path / "actor" / "huggingface"
+    with pytest.raises(CheckpointNotFound):
+        latest_checkpoint(layout, "sft")
+
+
+def test_stray_files_and_dirs_are_ignored(layout: Layout) -> None:
+    make_step(layout, "sft", "run", 1)
+    mark_tracked(layout, "sft", "run", 1)
+    exp = layout.experiment_dir("sft", "run")
+    (exp / "global_step_x").mkdir()
+    (exp / "global_step_9").write_text("not a dir")
+    (layout.stage_root("sft") / "README").write_text("hi")
+    assert [c.step for c in list_checkpoints(layout, "sft")] == [1]
+
+
+def test_checkpoint_info_round_trip_is_atomic(layout: Layout) -> None:
+    info = CheckpointInfo("run", "sft", 124, "/x/huggingface", "Qwen/Qwen2.5-7B-Instruct",
+                          metrics={"train/loss": 0.5})  # fmt: skip
+    path = write_checkpoint_info(layout, info)
+    assert json.loads(path.read_text())["step"] == 124
+    assert read_checkpoint_info(layout, "sft", "run") == info
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint_info.json"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"experiment": "x"}', ""])
+def test_corrupt_checkpoint_info_reads_as_none(layout: Layout, content: str) -> None:
+    target = layout.experiment_dir("sft", "run") / "checkpoint_info.json"
+    target.parent.mkdir(parents=True)
+    target.write_text(content)
+    assert read_checkpoint_info(layout, "sft", "run") is None
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden"])
+def test_experiment_names_cannot_escape_the_layout(layout: Layout, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid experiment name"):
+        layout.experiment_dir("sft", name)
+
+
+def test_unknown_stage_is_rejected(layout: Layout) -> None:
+    with pytest.raises(ValueError, match="unknown stage"):
+        layout.stage_root("ppo")  # type: ignore[arg-type]

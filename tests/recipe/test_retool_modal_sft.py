@@ -1,0 +1,140 @@
+"""The Modal app, checked offline: function settings via Function.info(), .local() runs."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import modal
+import pytest
+
+from recipe.retool import paths
+from tests.recipe.test_paths import make_step, mark_tracked
+
+REPO = Path(__file__).resolve().parents[2]
+GPU_FUNCTIONS = {"train", "train_dapo"}
+CPU_FUNCTIONS = {
+    "prep_dataset", "download_model", "list_checkpoints", "merge_checkpoint",
+    "check_sandbox_connection",
+}  # fmt: skip
+VOLUME_NAMES = {paths.DATA_VOLUME, paths.MODELS_VOLUME, paths.CHECKPOINTS_VOLUME}
+
+
+def load_app(monkeypatch: pytest.MonkeyPatch, **env: str):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    sys.modules.pop("recipe.retool.retool_modal_sft", None)
+    return importlib.import_module("recipe.retool.retool_modal_sft")
+
+
+@pytest.fixture
+def app_module(monkeypatch: pytest.MonkeyPatch):
+    module = load_app(monkeypatch)
+    yield module
+    sys.modules.pop("recipe.retool.retool_modal_sft", None)
+
+
+def test_app_imports_without_token_and_has_the_seed_functions(app_module) -> None:
+    assert app_module.app.name == "retool-sft"
+    for name in GPU_FUNCTIONS | CPU_FUNCTIONS:
+        assert isinstance(getattr(app_module, name), modal.Function), name
+
+
+@pytest.mark.parametrize("name", sorted(GPU_FUNCTIONS))
+def test_training_functions_take_8_h100_for_a_day_with_volumes_and_secrets(
+    app_module, name
+) -> None:
+    info = getattr(app_module, name).info()
+    assert info.gpus == [("H100", 8)]
+    assert info.timeout == 24 * 60 * 60
+    assert {v.name for v in info.volumes.values()} == VOLUME_NAMES
+    assert set(info.volumes) == {"/data", "/models", "/checkpoints"}
+    assert info.secrets == ["Secret.from_dotenv()"]
+
+
+@pytest.mark.parametrize("name", sorted(CPU_FUNCTIONS))
+def test_utility_functions_use_no_gpu(app_module, name) -> None:
+    info = getattr(app_module, name).info()
+    assert info.gpus == []
+    assert info.timeout <= 2 * 60 * 60
+
+
+def test_gpu_count_is_a_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_app(monkeypatch, RETOOL_GPUS="2")
+    try:
+        assert module.train.info().gpus == [("H100", 2)]
+        assert module._topology().gpus_per_node == 2
+    finally:
+        sys.modules.pop("recipe.retool.retool_modal_sft", None)
+
+
+def test_images_are_built_from_the_compose_dockerfile(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    real = modal.Image.from_dockerfile
+
+    def spy(path, **kwargs):
+        seen.append((Path(path), kwargs.get("context_dir")))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(modal.Image, "from_dockerfile", staticmethod(spy))
+    load_app(monkeypatch)
+    sys.modules.pop("recipe.retool.retool_modal_sft", None)
+    assert seen == [(REPO / "images" / "trainer.Dockerfile", REPO)]
+    compose = (REPO / "images" / "trainer.Dockerfile").read_text()
+    assert "verl[vllm]==${VERL_VERSION}" in compose and "ARG VERL_VERSION=0.9.1" in compose
+
+
+def test_list_checkpoints_runs_locally_on_a_temp_tree(
+    app_module, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    layout = paths.Layout.local(tmp_path)
+    make_step(layout, "sft", "exp", 62)
+    mark_tracked(layout, "sft", "exp", 62)
+    table = app_module.list_checkpoints.local()
+    assert "exp" in table and "62" in table and "complete" in table
+    assert "exp" in capsys.readouterr().out
+
+
+def test_download_model_runs_locally_with_snapshot_download(
+    app_module, tmp_path, monkeypatch
+) -> None:
+    import huggingface_hub
+
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    calls = []
+
+    def fake_snapshot_download(**kwargs):
+        calls.append(kwargs)
+        (Path(kwargs["local_dir"]) / "config.json").write_text("{}")
+        return kwargs["local_dir"]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    app_module.download_model.local()
+    assert calls[0]["repo_id"] == paths.BASE_MODEL_ID
+    assert calls[0]["revision"] == paths.BASE_MODEL_REVISION
+    assert calls[0]["token"] == "hf_secret_value"
+    assert (tmp_path / "models" / paths.BASE_MODEL_ID / "config.json").exists()
+    app_module.download_model.local()
+    assert len(calls) == 1  # complete: skipped
+
+
+def test_train_with_a_bad_override_exits_with_a_message_not_a_trace(
+    app_module, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    with pytest.raises(SystemExit) as exc:
+        app_module.train.local("trainer.totl_epochs=3")
+    assert exc.value.code == 2
+    assert "unknown key 'trainer.totl_epochs'" in capsys.readouterr().err
+
+
+def test_train_dapo_without_sft_checkpoint_exits_cleanly(app_module, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://127.0.0.1:9/run_code")
+    with pytest.raises(SystemExit) as exc:
+        app_module.train_dapo.local()
+    assert exc.value.code == 2
+    assert "no complete sft checkpoint" in capsys.readouterr().err

@@ -1,0 +1,175 @@
+"""Stage functions on temporary directories, with a fake runner or the real CPU trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from transformers import AutoModelForCausalLM
+
+from recipe.retool import stages
+from recipe.retool.launch import LaunchError, Topology
+from recipe.retool.paths import CheckpointNotFound, Layout, read_checkpoint_info
+from tests.recipe.test_paths import make_step, mark_tracked
+
+CPU = Topology(gpus_per_node=1, device="cpu")
+TOOLS = [{"type": "function", "function": {"name": "code_interpreter", "description": "A tool for "
+          "executing code.", "parameters": {"type": "object", "properties": {"code": {"type":
+          "string"}}, "required": ["code"]}}}]  # fmt: skip
+
+
+def sft_rows(n: int) -> pd.DataFrame:
+    rows = []
+    for i in range(n):
+        call = {
+            "type": "function",
+            "function": {"name": "code_interpreter", "arguments": {"code": f"print({i}+2)"}},
+        }
+        messages = [
+            {"role": "user", "content": f"What is {i}+2?"},
+            {"role": "assistant", "content": "Let me compute.", "tool_calls": [call]},
+            {"role": "tool", "content": str(i + 2)},
+            {"role": "assistant", "content": f"The answer is \\boxed{{{i + 2}}}."},
+        ]  # fmt: skip
+        rows.append({"messages": messages, "tools": TOOLS})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def layout(tmp_path: Path, tiny_model_dir: Path) -> Layout:
+    layout = Layout.local(tmp_path)
+    layout.sft_train_file().parent.mkdir(parents=True)
+    sft_rows(8).to_parquet(layout.sft_train_file())
+    return layout
+
+
+class FakeRunner:
+    """Records the command and writes what verl would: one complete step."""
+
+    def __init__(self, layout: Layout, stage: str, returncode: int = 0) -> None:
+        self.layout, self.stage, self.returncode = layout, stage, returncode
+        self.commands: list[list[str]] = []
+        self.envs: list[dict[str, str]] = []
+
+    def __call__(self, command: Sequence[str], env: dict[str, str]) -> int:
+        self.commands.append(list(command))
+        self.envs.append(env)
+        exp = next(a.split("=", 1)[1] for a in command if a.startswith("trainer.experiment_name="))
+        make_step(self.layout, self.stage, exp, 7)
+        mark_tracked(self.layout, self.stage, exp, 7)
+        return self.returncode
+
+
+def test_run_sft_validates_runs_and_records_checkpoint_info(layout: Layout, tiny_model_dir) -> None:
+    runner = FakeRunner(layout, "sft")
+    result = stages.run_sft(layout, Topology(gpus_per_node=2), ["--experiment-name=a"],
+                            model_path=tiny_model_dir, runner=runner)  # fmt: skip
+    assert result.returncode == 0 and result.checkpoint.step == 7
+    assert runner.envs[0]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False"
+    info = read_checkpoint_info(layout, "sft", "a")
+    assert info.step == 7 and info.path.endswith("global_step_7/huggingface")
+    assert info.base_model == str(tiny_model_dir)
+
+
+def test_run_sft_bad_override_fails_before_running(layout: Layout, tiny_model_dir) -> None:
+    runner = FakeRunner(layout, "sft")
+    with pytest.raises(LaunchError, match="unknown key"):
+        stages.run_sft(layout, CPU, ["trainer.epochs=1"], model_path=tiny_model_dir, runner=runner)
+    assert runner.commands == []
+
+
+def test_run_sft_without_data_or_model_says_which_stage_to_run(tmp_path: Path) -> None:
+    layout = Layout.local(tmp_path)
+    with pytest.raises(LaunchError, match="run prep_dataset first"):
+        stages.run_sft(layout, CPU, runner=FakeRunner(layout, "sft"))
+    layout.sft_train_file().parent.mkdir(parents=True)
+    layout.sft_train_file().write_bytes(b"")
+    with pytest.raises(LaunchError, match="run download_model first"):
+        stages.run_sft(layout, CPU, runner=FakeRunner(layout, "sft"))
+
+
+def test_run_dapo_starts_from_latest_sft_and_passes_the_sandbox(layout: Layout) -> None:
+    make_step(layout, "sft", "s1", 62)
+    mark_tracked(layout, "sft", "s1", 62)
+    runner = FakeRunner(layout, "dapo")
+    topo = Topology(gpus_per_node=4)
+    result = stages.run_dapo(layout, topo, ["--experiment-name=d"], sandbox_url="http://sb/run_code",
+                             runner=runner)  # fmt: skip
+    command = runner.commands[0]
+    expected = layout.experiment_dir("sft", "s1") / "global_step_62" / "huggingface"
+    assert f"actor_rollout_ref.model.path={expected}" in command
+    assert runner.envs[0]["SANDBOX_FUSION_ENDPOINT"] == "http://sb/run_code"
+    assert result.checkpoint.hf_dir.name == "huggingface"
+    assert read_checkpoint_info(layout, "dapo", "d").base_model == str(expected)
+
+
+def test_run_dapo_without_sft_checkpoint_is_a_clear_error(layout: Layout) -> None:
+    with pytest.raises(CheckpointNotFound, match="no complete sft checkpoint"):
+        stages.run_dapo(layout, Topology(gpus_per_node=4), sandbox_url="x",
+                        runner=FakeRunner(layout, "dapo"))  # fmt: skip
+
+
+def test_download_model_is_skipped_once_complete(tmp_path: Path) -> None:
+    layout = Layout.local(tmp_path)
+    calls = []
+
+    def fake_download(**kwargs):
+        calls.append(kwargs)
+        (Path(kwargs["local_dir"]) / "config.json").write_text("{}")
+        return kwargs["local_dir"]
+
+    path = stages.download_model(layout, "org/m", "rev1", downloader=fake_download)
+    assert path == layout.model_dir("org/m") and len(calls) == 1
+    assert calls[0]["revision"] == "rev1" and calls[0]["repo_id"] == "org/m"
+    stages.download_model(layout, "org/m", "rev1", downloader=fake_download)
+    assert len(calls) == 1
+    stages.download_model(layout, "org/m", "rev2", downloader=fake_download)
+    assert len(calls) == 2
+
+
+def test_check_credentials_names_missing_keys_without_values() -> None:
+    notes = stages.check_credentials({"WANDB_API_KEY": "secret-value"})
+    assert any("HF_TOKEN" in n for n in notes)
+    assert not any("secret-value" in n for n in notes)
+    assert any("WANDB_MODE=offline" in n for n in stages.check_credentials({"HF_TOKEN": "x"}))
+    assert stages.check_credentials({"HF_TOKEN": "x", "WANDB_MODE": "offline"}) == []
+
+
+def test_describe_checkpoints_marks_partial_and_missing_info(layout: Layout) -> None:
+    assert "no checkpoints yet" in stages.describe_checkpoints(layout)
+    make_step(layout, "sft", "run", 1)
+    mark_tracked(layout, "sft", "run", 1)
+    make_step(layout, "sft", "run", 2)
+    table = stages.describe_checkpoints(layout)
+    assert "complete" in table and "partial" in table
+    assert "checkpoint_info.json missing" in table
+
+
+@pytest.mark.slow
+def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
+    layout: Layout, tiny_model_dir: Path
+) -> None:
+    args = [
+        "--experiment-name=cpu",
+        "data.max_length=512",
+        "data.train_batch_size=4",
+        "data.micro_batch_size_per_gpu=2",
+        "data.max_token_len_per_gpu=1024",
+        "trainer.total_epochs=1",
+        "trainer.logger=[console]",
+    ]
+    result = stages.run_sft(layout, CPU, args, model_path=tiny_model_dir)
+    assert result.returncode == 0
+    assert result.checkpoint is not None and result.checkpoint.step == 2  # 8 rows / batch 4
+    model = AutoModelForCausalLM.from_pretrained(result.checkpoint.hf_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    changed = [
+        name
+        for (name, p), (_, q) in zip(model.named_parameters(), base.named_parameters(), strict=True)
+        if not (p == q).all()
+    ]
+    assert changed, "SFT steps should have updated the weights"
+    assert read_checkpoint_info(layout, "sft", "cpu").step == 2
