@@ -12,6 +12,7 @@ ARG VERL_VERSION=0.9.1
 ARG VLLM_VERSION=0.24.0
 ARG TORCH_VERSION=2.11.0
 ARG FLASH_ATTN_VERSION=2.8.3
+ARG LIGER_VERSION=0.8.5
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -33,6 +34,7 @@ RUN apt-get update \
 
 # vLLM brings its CUDA torch; verl[vllm] pins the same torch and transformers.
 RUN pip install "torch==${TORCH_VERSION}" "vllm==${VLLM_VERSION}" "verl[vllm]==${VERL_VERSION}" \
+        "liger-kernel==${LIGER_VERSION}" \
     && MAX_JOBS=8 pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"
 
 WORKDIR /root/retool-modal

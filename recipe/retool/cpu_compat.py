@@ -31,6 +31,7 @@ CPU_SFT_OVERRIDES: tuple[str, ...] = (
     "engine.dtype=float32",
     "+model.override_config.attn_implementation=sdpa",
     "model.use_remove_padding=False",  # needs flash-attn varlen kernels
+    "model.use_liger=False",  # Triton kernels, GPU only
     "data.use_dynamic_bsz=False",
     "data.num_workers=0",
     "trainer.device=cpu",

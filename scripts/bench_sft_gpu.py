@@ -1,0 +1,273 @@
+"""Benchmark the production SFT launcher on GPUs at Qwen2.5-7B-Instruct's exact shape.
+
+No weights are downloaded: the model is random-init from Qwen2.5-7B-Instruct's architecture (its
+speed and memory do not depend on the values), the data is synthetic multi-turn tool-calling
+conversations at the real lengths. Training runs through ``recipe.retool.stages.run_sft`` — the
+same code path and ``config/sft.yaml`` as ``modal run ...::train`` — with only the GPU count and
+the parallel/batch knobs under test changed. Each run is stopped after ``--steps`` steps (no
+checkpoint is written).
+
+    python scripts/bench_sft_gpu.py prepare --root /tmp/bench
+    python scripts/bench_sft_gpu.py run --root /tmp/bench --gpus 4 --sp 1 --out r.json
+    python scripts/bench_sft_gpu.py table r1.json r2.json ...   # markdown for docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recipe.retool import stages
+from recipe.retool.launch import Topology
+from recipe.retool.paths import Layout
+
+# Qwen2.5-7B-Instruct's config.json, architecture fields only.
+QWEN25_7B = {
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+H100_BF16_DENSE_FLOPS = 989e12
+H100_MEMORY_GB = 81559 * 2**20 / 1e9  # what nvidia-smi reports for an H100 80GB HBM3
+STEP_LINE = re.compile(r"step:(\d+) - (.*)")
+WORDS = ["the", "of", "and", "to", "in", "is", "we", "compute", "sum", "value", "answer"]
+
+
+def prepare(root: Path, samples: int, min_tokens: int, max_tokens: int, seed: int) -> None:
+    """Write the random-init 7B model (bf16 safetensors) and the synthetic SFT parquet."""
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from recipe.retool.tiny_model import build_tokenizer
+
+    model_dir = root / "model"
+    if not (model_dir / "model.safetensors.index.json").exists():
+        config = Qwen2Config(**QWEN25_7B, torch_dtype="bfloat16")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+        model.save_pretrained(model_dir, max_shard_size="5GB")
+        del model
+    tokenizer = build_tokenizer(1024)
+    tokenizer.save_pretrained(model_dir)
+
+    rng = random.Random(seed)
+    rows = [
+        synthetic_conversation(tokenizer, rng.randint(min_tokens, max_tokens), rng)
+        for _ in range(samples)
+    ]
+    layout = Layout.local(root)
+    layout.sft_train_file().parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(layout.sft_train_file())
+    lengths = [r["n_tokens"] for r in rows]
+    print(f"prepared {samples} samples, tokens min/median/max {min(lengths)}/"
+          f"{int(statistics.median(lengths))}/{max(lengths)}; model at {model_dir}")  # fmt: skip
+
+
+def synthetic_conversation(tokenizer, target_tokens: int, rng: random.Random) -> dict:
+    """A ReTool-shaped trace (question, code calls with outputs, boxed answer) of ~target tokens."""
+    tools = [{"type": "function", "function": {"name": "code_interpreter", "description":
+              "A tool for executing code.", "parameters": {"type": "object", "properties":
+              {"code": {"type": "string"}}, "required": ["code"]}}}]  # fmt: skip
+    turns = rng.randint(3, 8)
+
+    def text(n_words: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+    def build(words: int) -> list[dict]:
+        messages = [{"role": "user", "content": text(60)}]
+        for _ in range(turns):
+            call = {"type": "function", "function": {"name": "code_interpreter",
+                    "arguments": {"code": f"print({text(words // 4)!r})"}}}  # fmt: skip
+            messages.append({"role": "assistant", "content": text(words), "tool_calls": [call]})
+            messages.append({"role": "tool", "content": text(words // 4)})
+        messages.append({"role": "assistant", "content": text(words // 2) + " \\boxed{42}"})
+        return messages
+
+    def count(messages: list[dict]) -> int:
+        ids = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    words = 100
+    for _ in range(3):  # proportional refinement: token count is ~linear in words
+        words = max(10, int(words * target_tokens / count(build(words))))
+    messages = build(words)
+    while (n := count(messages)) > target_tokens and words > 10:
+        words = int(words * 0.95)
+        messages = build(words)
+    return {"messages": messages, "tools": tools, "n_tokens": n}
+
+
+class StepCollector:
+    """Runs the trainer, timestamps verl's per-step log lines, stops it after ``steps`` steps."""
+
+    def __init__(self, steps: int, log_path: Path) -> None:
+        self.steps = steps
+        self.log_path = log_path
+        self.records: list[tuple[float, dict[str, float]]] = []
+
+    def __call__(self, command: Sequence[str], env: dict[str, str]) -> int:
+        repo = str(Path(__file__).resolve().parents[1])
+        merged = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        merged["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, merged.get("PYTHONPATH")]))
+        with self.log_path.open("w") as log:
+            proc = subprocess.Popen(
+                list(command), env=merged, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, start_new_session=True,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                for match in STEP_LINE.finditer(line):
+                    self.records.append((time.time(), parse_metrics(match.group(2))))
+                if len(self.records) >= self.steps:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    break
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        return 0 if len(self.records) >= self.steps else (proc.returncode or 1)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    metrics = {}
+    for part in text.split(" - "):
+        key, _, value = part.partition(":")
+        try:
+            metrics[key.strip()] = float(value)
+        except ValueError:
+            continue
+    return metrics
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    layout = Layout.local(args.root)
+    world = args.gpus
+    tokens = args.tokens_per_gpu
+    overrides = [
+        "--experiment-name=bench",
+        f"engine.ulysses_sequence_parallel_size={args.sp}",
+        f"data.max_token_len_per_gpu={tokens}",
+        f"data.train_batch_size={args.batch}",
+        "trainer.logger=[console]",
+        f"trainer.total_training_steps={args.steps + 1}",
+        *(["model.use_liger=True"] if args.liger else []),
+        *(["engine.use_torch_compile=False"] if args.no_compile else []),
+        *args.override,
+    ]
+    collector = StepCollector(args.steps, args.out.with_suffix(".log"))
+    start = time.time()
+    result = stages.run_sft(
+        layout, Topology(gpus_per_node=world), overrides, model_path=args.root / "model",
+        runner=collector,
+    )  # fmt: skip
+    measured = collector.records[1:]  # step 1 includes compilation and allocator warm-up
+    if result.returncode != 0 or len(measured) < 1:
+        tail = args.out.with_suffix(".log").read_text()[-3000:]
+        raise SystemExit(f"run failed (rc {result.returncode}); log tail:\n{tail}")
+    times = [b[0] - a[0] for a, b in zip(collector.records, collector.records[1:], strict=False)]
+    step_s = statistics.median(times)
+    tokens_per_step = statistics.median(m.get("train/global_tokens", 0.0) for _, m in measured)
+    peak = max(m.get("perf/max_memory_reserved_gb", 0.0) for _, m in collector.records)
+    peak_alloc = max(m.get("perf/max_memory_allocated_gb", 0.0) for _, m in collector.records)
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    row = {
+        "gpu": torch.cuda.get_device_name(0),
+        "gpus": world,
+        "sp": args.sp,
+        "tokens_per_gpu": tokens,
+        "liger": args.liger,
+        "compile": not args.no_compile,
+        "grad_ckpt": "model.enable_gradient_checkpointing=False" not in args.override,
+        "overrides": args.override,
+        "batch": args.batch,
+        "step_s": round(step_s, 2),
+        "tokens_per_step": int(tokens_per_step),
+        "tokens_per_s_per_gpu": round(tokens_per_step / step_s / world),
+        "mfu_verl": round(statistics.mean(m.get("train/mfu", 0.0) for _, m in measured), 3),
+        "mfu_6n": round(6 * 7.62e9 * tokens_per_step / step_s / world / H100_BF16_DENSE_FLOPS, 3),
+        "peak_reserved_gb": round(peak, 1),
+        "peak_allocated_gb": round(peak_alloc, 1),
+        "headroom": round(1 - peak / total_gb, 3),
+        "wall_s": round(time.time() - start),
+        "steps_measured": len(measured),
+    }
+    args.out.write_text(json.dumps(row) + "\n")
+    print(json.dumps(row))
+    return row
+
+
+def table(files: Sequence[Path]) -> str:
+    """Markdown rows; headroom is also given against an 80 GB H100, the card Modal runs."""
+    rows = [json.loads(Path(f).read_text()) for f in files]
+    head = ("| GPUs | SP | tokens/GPU | liger | grad ckpt | s/step | tokens/s/GPU | MFU (verl) "
+            "| MFU (6N) | peak reserved GB | headroom | est. headroom on 80 GB H100 |")  # fmt: skip
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        h100 = 1 - r["peak_reserved_gb"] / H100_MEMORY_GB
+        lines.append(
+            f"| {r['gpus']}× {r['gpu'].replace('NVIDIA ', '')} | {r['sp']} | {r['tokens_per_gpu']} "
+            f"| {'on' if r['liger'] else 'off'} | {'on' if r.get('grad_ckpt', True) else 'off'} "
+            f"| {r['step_s']} | {r['tokens_per_s_per_gpu']} | {r['mfu_verl']} | {r['mfu_6n']} "
+            f"| {r['peak_reserved_gb']} | {r['headroom']:.0%} "
+            f"| {f'{h100:.0%}' if h100 > 0 else 'OOM'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="write the random-init 7B model and synthetic data")
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--min-tokens", type=int, default=4096)
+    p.add_argument("--max-tokens", type=int, default=16000)
+    p.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run", help="train a few steps and write one JSON row")
+    r.add_argument("--root", type=Path, required=True)
+    r.add_argument("--gpus", type=int, required=True)
+    r.add_argument("--sp", type=int, default=1)
+    r.add_argument("--tokens-per-gpu", type=int, default=16384)
+    r.add_argument("--batch", type=int, default=32)
+    r.add_argument("--steps", type=int, default=4)
+    r.add_argument("--liger", action="store_true")
+    r.add_argument("--no-compile", action="store_true")
+    r.add_argument("--override", action="append", default=[])
+    r.add_argument("--out", type=Path, required=True)
+    t = sub.add_parser("table", help="markdown table from JSON rows")
+    t.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    if args.cmd == "prepare":
+        prepare(args.root, args.samples, args.min_tokens, args.max_tokens, args.seed)
+    elif args.cmd == "run":
+        run(args)
+    else:
+        print(table(args.files))
+
+
+if __name__ == "__main__":
+    main()
