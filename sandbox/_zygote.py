@@ -451,6 +451,26 @@ def worker_main(cfg, slot, fd):
         send_frame(sock, resp)
 
 
+SYMPY_WARMUP = """
+import sympy as sp
+x, y = sp.symbols('x y')
+sp.solve(x**3 - 6*x**2 + 11*x - 6, x)
+sp.solve([x + y - 3, x - y - 1], [x, y])
+sp.simplify(sp.sin(x)**2 + sp.cos(x)**2)
+sp.factor(x**4 - 1); sp.expand((x + 1)**5); sp.integrate(x**2, x); sp.diff(sp.exp(x), x)
+sp.nsimplify(0.5); sp.Rational(1, 3) + sp.Rational(1, 6); sp.isprime(97); sp.factorint(360)
+sp.N(sp.pi, 30); sp.limit(sp.sin(x) / x, x, 0); sp.summation(x, (x, 1, 10))
+"""
+
+
+def warm_sympy():
+    """Run typical calls once so sympy's lazy imports and caches are paid here, not per run."""
+    try:
+        exec(compile(SYMPY_WARMUP, "<warmup>", "exec"), {})
+    except Exception:
+        pass
+
+
 def probe(cfg):
     """Report what isolation works from here (run by sandbox/isolation.py at server start)."""
     out = {"euid": os.geteuid(), "python": sys.version.split()[0]}
@@ -516,6 +536,8 @@ def main():
             loaded.append(name)
         except Exception:
             pass
+    if "sympy" in loaded:
+        warm_sympy()
     cfg["baseline_vm"] = vm_size_bytes()
     # Report readiness on the first slot socket, then fork the slot workers.
     info = {
