@@ -99,22 +99,25 @@ async def cell(url: str, code: str, conc: int, seconds: float, max_requests: int
 
 def machine() -> str:
     model = "unknown CPU"
-    with open("/proc/cpuinfo") as fh:
+    with Path("/proc/cpuinfo").open() as fh:
         for line in fh:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
     today = dt.date.today().isoformat()
-    return f"{os.cpu_count()} cores (`nproc`), {model}, {platform.system()} {platform.release()}, {today}"
+    kernel = f"{platform.system()} {platform.release()}"
+    return f"{os.cpu_count()} cores (`nproc`), {model}, {kernel}, {today}"
 
 
 def write_markdown(rows: list[tuple], out: Path, seconds: float) -> str:
     lines = [
         "## Sandbox",
         "",
-        f"Machine: {machine()}. Produced by `make bench-sandbox` (`scripts/bench_sandbox.py`); each",
-        f"cell runs up to {seconds:g} s. *ours*: `python -m sandbox serve` (bubblewrap + warm zygote,",
-        "default slots); *naive*: `scripts/naive_sandbox_server.py` (the seed's subprocess per request).",
+        f"Machine: {machine()}.",
+        "",
+        "Produced by `make bench-sandbox` (`scripts/bench_sandbox.py`); each cell runs up to",
+        f"{seconds:g} s. *ours*: `python -m sandbox serve` (bubblewrap + warm zygote, default",
+        "slots); *naive*: `scripts/naive_sandbox_server.py` (the seed's subprocess per request).",
         "Latency is client-side, HTTP included.",
         "",
         "| workload | conc | ours req/s | naive req/s | speed-up | ours p50 ms | ours p99 ms "
