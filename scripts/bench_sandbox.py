@@ -166,7 +166,7 @@ async def bench(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=6.0, help="duration of one cell")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of one cell")
     parser.add_argument("--max-requests", type=int, default=3000)
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     asyncio.run(bench(parser.parse_args()))
