@@ -34,6 +34,17 @@ fmt: $(PY) ## Format and auto-fix
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# ---- Sandbox --------------------------------------------------------------------------------
+PORT ?= 8080
+
+.PHONY: sandbox
+sandbox: $(PY) ## Serve the sandbox locally on PORT (default 8080; bubblewrap isolation)
+	$(PY) -m sandbox serve --host 127.0.0.1 --port $(PORT)
+
+.PHONY: bench-sandbox
+bench-sandbox: $(PY) ## Benchmark the sandbox vs a naive subprocess server; writes docs/benchmarks.md
+	$(PY) scripts/bench_sandbox.py
+
 # ---- Modal (needs `modal token new` and a .env; see README) ------------------------------------
 GPUS ?= 8
 ARGS ?=

@@ -14,12 +14,15 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install "torch==2.13.0"
 "${PIP[@]}" install -c constraints.txt -e '.[dev]'
 
-# bubblewrap isolates sandboxed code; install it where we may (root with apt), else say why not.
-if ! command -v bwrap >/dev/null 2>&1; then
+# The sandbox (sandbox/) runs user code under bubblewrap with the *system* python3, which the
+# unprivileged sandbox uids can read (a pyenv/venv python under /root cannot be); it needs numpy and
+# sympy there. Install them where we may (root with apt), else say why not.
+if ! command -v bwrap >/dev/null 2>&1 || ! /usr/bin/python3 -c 'import numpy, sympy' 2>/dev/null; then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            bubblewrap python3-numpy python3-sympy) >/dev/null
     else
-        echo "note: bubblewrap (bwrap) is missing; install it for the sandbox's full isolation" >&2
+        echo "note: the sandbox needs bubblewrap and python3-numpy python3-sympy (apt)" >&2
     fi
 fi
 echo "setup done: $("$VENV/bin/python" -c 'import verl, torch; print("verl", verl.__version__, "torch", torch.__version__)')"

@@ -1,0 +1,66 @@
+"""# The sandbox as a Modal web endpoint
+
+Serves the same FastAPI app as ``python -m sandbox serve`` (SandboxFusion's ``/run_code``), built
+from ``images/sandbox.Dockerfile`` with the project's ``sandbox`` package added last, so a code
+change does not rebuild the image.
+
+    modal deploy recipe/retool/modal_fusion_sandbox.py     # prints the URL
+    modal run recipe/retool/test_sandbox_fusion.py::test_single_request --code 'print(2+2)'
+
+## Isolation on Modal
+
+Modal containers run under gVisor, where bubblewrap's namespaces may be refused. The service
+detects what works at start and logs it; here we explicitly opt in to the best mode available
+(``SANDBOX_ALLOW_INSECURE=1``): ``bwrap`` if gVisor allows it, else ``unshare`` (own network
+namespace, per-slot uid, private tmpfs per run), and the container itself is the outer boundary.
+The container holds no secrets (none are attached below), so user code has nothing to steal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import modal
+
+APP_NAME = "retool-sandbox"
+FUNCTION_NAME = "serve"
+REPO: Path = Path(__file__).resolve().parents[2]
+MINUTES = 60
+SLOTS_PER_CONTAINER = 16  # concurrent runs per container (2 per CPU below)
+CPU = 8.0
+MEMORY_MB = 16 * 1024  # 16 slots x 1 GiB default run memory
+
+app = modal.App(APP_NAME)
+
+image = modal.Image.from_dockerfile(
+    REPO / "images" / "sandbox.Dockerfile", context_dir=REPO
+).add_local_python_source("sandbox")  # last: code changes do not rebuild the image
+
+
+@app.function(
+    image=image,
+    cpu=CPU,
+    memory=MEMORY_MB,
+    # One warm container answers the first tool call of a rollout at once; idle ones stay 10
+    # minutes, long enough to bridge the gap between RL steps.
+    min_containers=1,
+    scaledown_window=10 * MINUTES,
+    max_containers=32,
+    timeout=10 * MINUTES,
+    env={
+        "SANDBOX_ISOLATION": "auto",
+        "SANDBOX_ALLOW_INSECURE": "1",
+        "SANDBOX_SLOTS": str(SLOTS_PER_CONTAINER),
+    },
+)
+# More inputs than slots: the surplus queues inside the container (bounded), which is cheaper than
+# a new container for short bursts; Modal scales out when target_inputs is exceeded.
+@modal.concurrent(max_inputs=4 * SLOTS_PER_CONTAINER, target_inputs=2 * SLOTS_PER_CONTAINER)
+@modal.asgi_app()
+def serve():
+    import logging
+
+    from sandbox.api import create_app
+
+    logging.basicConfig(level=logging.INFO)
+    return create_app()
