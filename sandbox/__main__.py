@@ -1,0 +1,130 @@
+"""CLI: ``python -m sandbox serve`` runs the service; ``python -m sandbox run`` runs one snippet.
+
+``run`` talks to ``--url`` if given, else starts the service in-process for a one-shot check.
+User mistakes (bad flags, unreachable URL, insecure host) print one clear line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from sandbox.isolation import InsecureIsolation
+from sandbox.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        allow_insecure=True if args.allow_insecure else None,
+        isolation=args.isolation,
+        slots=args.slots,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sandbox.api import create_app
+    from sandbox.isolation import detect
+
+    settings = _settings(args)
+    isolation = detect(settings)  # fail fast, before binding the port
+    app = create_app(settings, isolation)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+async def _run_in_process(args: argparse.Namespace) -> dict:
+    import httpx
+
+    from sandbox.api import create_app
+
+    app = create_app(_settings(args))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sandbox") as http:
+            resp = await http.post("/run_code", json=_payload(args))
+            if resp.status_code != 200:
+                raise SystemExit(f"error: HTTP {resp.status_code}: {resp.text}")
+            return resp.json()
+
+
+def _payload(args: argparse.Namespace) -> dict:
+    from sandbox.client import SandboxClient
+
+    return SandboxClient.build_payload(
+        args.code, language=args.language, run_timeout=args.timeout, stdin=args.stdin
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.code is None:
+        args.code = sys.stdin.read()
+    if args.url:
+        from sandbox.client import SandboxClient, SandboxRequestError, SandboxUnavailable
+
+        client = SandboxClient(args.url, max_retries=1)
+        try:
+            raw = client.run_code_sync(
+                args.code, language=args.language, run_timeout=args.timeout, stdin=args.stdin
+            ).raw
+        except (SandboxUnavailable, SandboxRequestError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            client.close()
+    else:
+        raw = asyncio.run(_run_in_process(args))
+    if args.json:
+        print(json.dumps(raw, indent=2))
+    else:
+        result = raw.get("run_result") or {}
+        sys.stdout.write(result.get("stdout") or "")
+        sys.stderr.write(result.get("stderr") or "")
+        if raw.get("status") != "Success":
+            print(
+                f"[{raw.get('status')}: {result.get('status')} {raw.get('message')}]".strip(),
+                file=sys.stderr,
+            )
+    return 0 if raw.get("status") == "Success" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sandbox", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="run even if only a mode weaker than bubblewrap is available",
+    )
+    common.add_argument("--isolation", choices=["auto", "bwrap", "unshare", "none"])
+    common.add_argument("--slots", type=int, help="concurrent runs (default 2 x cores, min 4)")
+    p_serve = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=8080)
+    p_serve.add_argument("--log-level", default="info")
+    p_run = sub.add_parser("run", parents=[common], help="run one snippet and print its output")
+    p_run.add_argument("--code", help="code to run (default: read stdin)")
+    p_run.add_argument("--url", help="service URL (default: an in-process server)")
+    p_run.add_argument("--language", default="python")
+    p_run.add_argument("--timeout", type=float, default=10)
+    p_run.add_argument("--stdin", help="data for the program's stdin")
+    p_run.add_argument("--json", action="store_true", help="print the full JSON response")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return serve(args) if args.cmd == "serve" else run(args)
+    except InsecureIsolation as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""FastAPI app: ``POST /run_code`` (SandboxFusion's contract), ``GET /v1/ping``, OpenAPI at /docs.
+
+HTTP status policy (why these codes):
+- 200 for every executed request, whatever the user's code did, and for ``SandboxError``
+  (as SandboxFusion does; its client retries a SandboxError).
+- 4xx for a bad request (422 invalid, 413 too large): retrying cannot help, so no client retries.
+- 504 when saturated (queue full, or no slot within ``queue_timeout_s``), with ``Retry-After``.
+  504 is the *only* status verl's ``call_sandbox_api`` retries, and the sandbox-fusion
+  client retries any non-200, so 504 makes both back off and retry. Requests first queue
+  (bounded wait) rather than being rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from sandbox.executor import BadRequest, Executor
+from sandbox.isolation import Isolation, detect
+from sandbox.pool import Saturated, ZygotePool
+from sandbox.schemas import RunCodeRequest, RunCodeResponse, RunStatus
+from sandbox.settings import Settings
+
+log = logging.getLogger("sandbox.api")
+
+
+def create_app(settings: Settings | None = None, isolation: Isolation | None = None) -> FastAPI:
+    """Build the app; the zygote pool starts in the lifespan (isolation detected if not given)."""
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        iso = isolation or detect(settings)
+        pool = ZygotePool(settings, iso)
+        await pool.start()
+        app.state.pool = pool
+        app.state.executor = Executor(settings, pool)
+        app.state.isolation = iso
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="retool-modal sandbox",
+        version="0.1.0",
+        description="Secure, warm-pool, SandboxFusion-compatible code execution.",
+        lifespan=lifespan,
+    )
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return JSONResponse({"detail": "invalid Content-Length"}, status_code=400)
+            if int(length) > settings.max_request_bytes:
+                return JSONResponse(
+                    {"detail": f"request body over {settings.max_request_bytes} bytes"},
+                    status_code=413,
+                )
+        return await call_next(request)
+
+    @app.get("/v1/ping", summary="Liveness check", response_model=str)
+    async def ping() -> str:
+        return "pong"
+
+    @app.post(
+        "/run_code",
+        response_model=RunCodeResponse,
+        summary="Run code in the sandbox",
+        responses={
+            413: {"description": "Code, stdin or files over the documented size"},
+            422: {"description": "Invalid request (e.g. unsupported language)"},
+            504: {"description": "Saturated: retry after Retry-After seconds"},
+        },
+    )
+    async def run_code(body: RunCodeRequest, request: Request) -> RunCodeResponse | JSONResponse:
+        executor: Executor = request.app.state.executor
+        try:
+            return await executor.run(body)
+        except BadRequest as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+        except Saturated as exc:
+            return JSONResponse(
+                {"detail": f"sandbox saturated: {exc}"},
+                status_code=504,
+                headers={"Retry-After": "1"},
+            )
+        except Exception as exc:  # a bug here must not become a 500 the clients won't retry
+            log.exception("sandbox fault")
+            return RunCodeResponse(
+                status=RunStatus.sandbox_error,
+                message=f"{type(exc).__name__}: {exc}",
+                executor_pod_name=settings.pod_name,
+            )
+
+    return app

@@ -1,0 +1,64 @@
+"""Service settings, read once from ``SANDBOX_*`` environment variables.
+
+Every limit below is part of the service's documented contract (README "Sandbox"); the defaults are
+safe for untrusted model-written code because the official ``sandbox-fusion`` 0.3.7 client drops
+``memory_limit_MB`` and verl often sends ``-1``, so the *server default* is what usually applies.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+def _env(name: str, default: Any) -> Any:
+    raw = os.environ.get(f"SANDBOX_{name.upper()}")
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    return type(default)(raw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Limits and pool shape; field ``x`` is set by env ``SANDBOX_X`` (e.g. SANDBOX_SLOTS=8)."""
+
+    # --- per-run limits -------------------------------------------------------------------------
+    memory_mb: int = 1024  # address-space budget of one run (memory_limit_MB=-1 uses this)
+    max_memory_mb: int = 4096  # a request asking for more is clamped to this
+    max_run_timeout_s: float = 300.0  # run_timeout above this is rejected (422)
+    max_processes: int = 64  # RLIMIT_NPROC per run (processes + threads): contains fork bombs
+    max_file_size_mb: int = 64  # RLIMIT_FSIZE: largest single file a run may write
+    scratch_mb: int = 256  # size of the run's private tmpfs (its cwd and /tmp)
+    max_open_files: int = 256  # RLIMIT_NOFILE
+    output_cap_bytes: int = 1 * MiB  # stdout and stderr are each cut to this many bytes
+    # --- request size limits (4xx beyond these) -------------------------------------------------
+    max_code_bytes: int = 1 * MiB
+    max_stdin_bytes: int = 8 * MiB
+    max_files_bytes: int = 32 * MiB  # sum of decoded ``files`` contents
+    max_fetch_bytes: int = 32 * MiB  # sum of returned ``fetch_files`` contents
+    max_request_bytes: int = 64 * MiB  # whole HTTP body (base64 inflates files by 4/3)
+    # --- pool and queue -------------------------------------------------------------------------
+    slots: int = field(default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)))  # concurrent runs
+    max_queue: int = 1024  # requests waiting for a slot; beyond this: HTTP 504 at once
+    queue_timeout_s: float = 60.0  # longest wait for a slot before HTTP 504 (clients retry 504)
+    base_uid: int = 61000  # slot i runs as uid/gid base_uid + i (no such user needed)
+    # --- isolation ------------------------------------------------------------------------------
+    isolation: str = "auto"  # auto | bwrap | unshare | none
+    allow_insecure: bool = False  # permit a mode weaker than bwrap (Modal/gVisor opts in)
+    python: str = ""  # interpreter of the warm zygote; "" = first of /usr/bin/python3, ...
+    preload: str = "math,fractions,itertools,functools,collections,decimal,re,json,numpy,sympy"
+    pod_name: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "local"))
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {}
+        defaults = cls()
+        for f in fields(cls):
+            values[f.name] = _env(f.name, getattr(defaults, f.name))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

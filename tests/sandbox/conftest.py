@@ -1,0 +1,80 @@
+"""A real sandbox server for the whole session, on a free 127.0.0.1 port.
+
+Contract tests use ``endpoint``: ``SANDBOX_FUSION_ENDPOINT`` if set (e.g. the real
+volcengine/sandbox-fusion image), else the local server. Security, soak and compatibility tests
+use ``local_endpoint`` (always our server). The server is started with fake secrets in its
+environment so the tests can prove they never reach user code.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE_SECRETS = {"HF_TOKEN": "hf_fake_secret_4242", "WANDB_API_KEY": "wandb_fake_secret_4242"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def local_endpoint() -> Iterator[str]:
+    if os.geteuid() != 0 and not os.environ.get("SANDBOX_ALLOW_INSECURE"):
+        pytest.skip("the secure sandbox needs root (per-run uids); run the tests as root")
+    port = free_port()
+    env = {**os.environ, **FAKE_SECRETS, "PYTHONPATH": str(REPO), "SANDBOX_SLOTS": "8"}
+    env.pop("SANDBOX_FUSION_ENDPOINT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "serve", "--port", str(port), "--log-level", "warning"],
+        cwd=REPO,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/ping", timeout=1).json() == "pong":
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"sandbox server did not start (rc {proc.poll()})")
+        time.sleep(0.1)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def endpoint(request: pytest.FixtureRequest) -> str:
+    external = os.environ.get("SANDBOX_FUSION_ENDPOINT")
+    return external.rstrip("/") if external else request.getfixturevalue("local_endpoint")
+
+
+@pytest.fixture(scope="session")
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=60) as client:
+        yield client
+
+
+def run(http: httpx.Client, url: str, code: str, **extra) -> dict:
+    """POST one python run and return the JSON body (asserting HTTP 200)."""
+    resp = http.post(f"{url}/run_code", json={"code": code, "language": "python", **extra})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
