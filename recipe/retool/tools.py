@@ -101,22 +101,19 @@ def truncate_middle(text: str, cap: int) -> tuple[str, bool]:
 
 
 def format_result(result: RunResult, run_timeout: float) -> str:
-    """What the model reads back: output, or why there is none, in plain words."""
-    out = result.stdout
-    err = result.stderr
+    """What the model reads back: output, or why there is none, in plain words.
+
+    Trailing newlines are dropped so a tool turn looks like the SFT data's ``<interpreter>``
+    blocks (``print(120)`` reads back as ``120``, not ``120\\n``).
+    """
+    text = (result.stdout + result.stderr).rstrip("\n")
     if result.timed_out:
-        body = out + (("\n" if out and not out.endswith("\n") else "") + err if err else "")
-        return (body + "\n" if body and not body.endswith("\n") else body) + (
-            f"TimeoutError: execution exceeded the {run_timeout:g} s time limit."
-        )
+        notice = f"TimeoutError: execution exceeded the {run_timeout:g} s time limit."
+        return f"{text}\n{notice}" if text else notice
     if result.status == "Success":
-        text = out + (err if err else "")
         return text if text.strip() else "(no output)"
     if result.status == "Failed":
-        text = out + err
-        if not text.strip():
-            text = f"Execution failed (exit code {result.return_code})."
-        return text
+        return text if text.strip() else f"Execution failed (exit code {result.return_code})."
     return f"SandboxError: {result.message or 'the sandbox could not run the code'}"
 
 

@@ -114,7 +114,7 @@ async def test_execute_sends_prepared_code_and_records_metrics():
                            default_timeout=7, memory_limit_mb=256)  # fmt: skip
     agent = SimpleNamespace(extra_fields={})
     resp, reward, metrics = await call(tool, "Here:\n```python\nx = 2\nx * 2\n```", agent)
-    assert resp.text == "4\n" and reward == 0.0
+    assert resp.text == "4" and reward == 0.0
     assert seen[0]["code"] == "x = 2\nprint(x * 2)\n"
     assert (seen[0]["run_timeout"], seen[0]["memory_limit_MB"]) == (7, 256)
     assert seen[0]["language"] == "python"
@@ -128,9 +128,9 @@ async def test_execute_sends_prepared_code_and_records_metrics():
     ("body", "expected"),
     [
         (sandbox_json(stdout=""), "(no output)"),
-        (sandbox_json(stdout="a\n", stderr="warn\n"), "a\nwarn\n"),
+        (sandbox_json(stdout="a\n", stderr="warn\n"), "a\nwarn"),
         (sandbox_json("Failed", stderr="Traceback...\nZeroDivisionError\n", rc=1),
-         "Traceback...\nZeroDivisionError\n"),
+         "Traceback...\nZeroDivisionError"),
         (sandbox_json("Failed", rc=3), "Execution failed (exit code 3)."),
         (sandbox_json("Failed", "TimeLimitExceeded", stdout="partial", rc=None),
          "partial\nTimeoutError: execution exceeded the 30 s time limit."),
@@ -182,7 +182,7 @@ def sandbox_tool(local_endpoint: str, monkeypatch) -> CodeInterpreterTool:
 
 async def test_real_sandbox_runs_code_and_prints_last_expression(sandbox_tool):
     resp, _, metrics = await call(sandbox_tool, "```python\nimport math\nmath.factorial(5)\n```")
-    assert resp.text == "120\n"
+    assert resp.text == "120"
     assert metrics["status"] == "Success"
 
 
