@@ -113,17 +113,35 @@ def _report_credentials() -> None:
 
 
 @app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, timeout=2 * HOURS)
-def prep_dataset(max_rows: int = 0, on_error: str = "fail", only: str = "") -> None:
-    """Convert ReTool-SFT, DAPO-Math-17k and AIME 2024/2025 into verl parquet on the data volume."""
+def prep_dataset(
+    max_rows: int = 0, on_error: str = "fail", only: str = "", source_dir: str = ""
+) -> None:
+    """Convert ReTool-SFT, DAPO-Math-17k and AIME 2024/2025 into verl parquet on the data volume.
+
+    With the base model downloaded first, its tokenizer gives token-length percentiles and SFT
+    traces longer than the SFT ``data.max_length`` are dropped (and counted) instead of failing
+    training mid-epoch.
+    """
+    from recipe.retool.launch import load_stage_config
     from recipe.retool.prep import prepare
 
     _report_credentials()
+    _reload(models_volume)
     layout = _layout()
+    model_dir = layout.model_dir()
+    has_tokenizer = (model_dir / "tokenizer_config.json").exists()
+    if not has_tokenizer:
+        print("note: no base model yet (run download_model first) - no token-length stats")
     prepare(
         layout.data,
-        only=only or None,
+        only=[only] if only else None,
+        source_dir=Path(source_dir) if source_dir else None,
         max_rows=max_rows or None,
         on_error=on_error,
+        tokenizer=model_dir if has_tokenizer else None,
+        sft_max_length=load_stage_config("sft").overrides["data.max_length"]
+        if has_tokenizer
+        else None,
     )
     _commit(data_volume)
 

@@ -13,7 +13,7 @@ from recipe.retool.data import (
     map_dapo_row,
     map_sft_row,
 )
-from tests.recipe.sources import GOOD_TRACE, code, dapo_prompt, interp, retool_user
+from recipe.retool.sample_sources import GOOD_TRACE, code, dapo_prompt, interp, retool_user
 
 
 def sft(question: str, answer: str) -> dict:

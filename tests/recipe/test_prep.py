@@ -14,7 +14,7 @@ import pytest
 from recipe.retool import prep
 from recipe.retool.constants import ANSWER_FORMAT, TOOL_SCHEMA
 from recipe.retool.data import MalformedRow
-from tests.recipe.sources import (
+from recipe.retool.sample_sources import (
     DAPO_PROBLEMS,
     NO_TOOL_TRACE,
     dapo_prompt,

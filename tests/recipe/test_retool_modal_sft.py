@@ -138,3 +138,18 @@ def test_train_dapo_without_sft_checkpoint_exits_cleanly(app_module, tmp_path, m
         app_module.train_dapo.local()
     assert exc.value.code == 2
     assert "no complete sft checkpoint" in capsys.readouterr().err
+
+
+def test_prep_dataset_runs_locally_on_sample_sources(app_module, tmp_path, monkeypatch) -> None:
+    from recipe.retool import sample_sources
+    from recipe.retool.tiny_model import build_tokenizer
+
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    layout = paths.Layout.local(tmp_path)
+    build_tokenizer(1024).save_pretrained(layout.model_dir())
+    sources = sample_sources.write_sources(tmp_path / "src")
+    app_module.prep_dataset.local(on_error="skip", source_dir=str(sources))
+    for name in ("train", "aime_2024", "aime_2025"):
+        assert layout.rl_file(name).exists()
+    assert layout.sft_train_file().exists()
+    app_module.prep_dataset.local(on_error="skip", source_dir=str(sources), only="sft")

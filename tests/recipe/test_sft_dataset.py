@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
 
 from recipe.retool import prep
-from tests.recipe.sources import write_sources
+from recipe.retool.sample_sources import write_sources
 
 ASSISTANT_OPEN = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>\n"

@@ -1,8 +1,9 @@
-"""Small copies of the four source datasets, in each source's exact schema and file name.
+"""Small samples of the four source datasets, in each source's exact schema and file name.
 
-Shapes follow /work/shared/FACTS.md ("Source dataset schemas"): the same column names, nesting,
-field types and file names as the hub datasets, so ``prep.load_source(..., source_dir=...)`` and
-the hub path feed the mapping identical Arrow tables.
+The hub datasets (ReTool-SFT, DAPO-Math-17k, AIME 2024/2025) cannot be downloaded offline, so the
+tests and ``make local-smoke`` run the real prep code on these instead. They have the same column
+names, nesting, field types and file names as the hub datasets, so
+``prep.load_source(..., source_dir=...)`` and the hub path feed the mapping identical Arrow tables.
 """
 
 from __future__ import annotations

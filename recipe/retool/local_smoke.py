@@ -1,0 +1,333 @@
+"""``make local-smoke``: the whole pipeline end to end on one CPU machine, in a few minutes.
+
+Every stage runs the production code; only *where* differs (see cpu_compat.py for what is
+CPU-only). Output lands in ``./runs/<timestamp>/`` laid out exactly like the Modal volumes:
+
+1. model    - the tiny random-init Qwen2 + Qwen2.5-format tokenizer (tiny_model.py)
+2. prep     - the real prep code on shipped samples in the hub datasets' exact schemas
+3. sandbox  - the local sandbox service, started and checked with ``print(2+2)``
+4. sft      - verl's SFT trainer through ``stages.run_sft`` (the code Modal's ``train`` runs)
+5. dapo     - the latest SFT checkpoint found by the code ``train_dapo`` uses; the full DAPO
+              config composed against verl; on CPU, rollouts through verl's tool agent loop with
+              the SFT model generating, the sandbox executing and the reward scoring
+              (verl 0.9.1 PPO needs vLLM/SGLang, i.e. a GPU; with one, real main_ppo steps run)
+6. eval     - AIME-format evaluation of the SFT checkpoint (when the evaluation module exists)
+
+It prints one summary table and exits non-zero if any stage failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recipe.retool import launch, paths, stages
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL_ID = "local/tiny-qwen2"
+# Small SFT settings for a 2-core laptop; everything else comes from config/sft.yaml.
+SMOKE_SFT_ARGS = (
+    "--experiment-name=smoke",
+    "data.max_length=1024",
+    "data.train_batch_size=4",
+    "data.micro_batch_size_per_gpu=2",
+    "data.max_token_len_per_gpu=2048",
+    "trainer.total_epochs=1",
+    "trainer.logger=[console]",
+)
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str = "skipped"
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def sandbox_server(allow_insecure: bool) -> Iterator[str]:
+    """Start ``python -m sandbox serve`` on a free port; yield its /run_code URL."""
+    import httpx
+
+    port = _free_port()
+    command = [sys.executable, "-m", "sandbox", "serve", "--port", str(port)]
+    command += ["--log-level", "warning"] + (["--allow-insecure"] if allow_insecure else [])
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/v1/ping", timeout=1).json() == "pong":
+                    break
+            if proc.poll() is not None:
+                hint = "" if os.geteuid() == 0 else " (not root: try --allow-insecure)"
+                raise RuntimeError(f"sandbox exited with code {proc.returncode}{hint}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("sandbox did not answer /v1/ping within 60 s")
+            time.sleep(0.2)
+        yield f"{base}/run_code"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+class Smoke:
+    """Runs the stages in order against one ``runs/<ts>`` root, recording a report per stage."""
+
+    def __init__(self, root: Path, *, rollouts: int, allow_insecure: bool) -> None:
+        self.root = root
+        self.layout = paths.Layout.local(root)
+        self.rollouts = rollouts
+        self.allow_insecure = allow_insecure
+        self.reports: list[StageReport] = []
+        self.sandbox_url = ""
+
+    def stage(self, name: str, fn: Callable[[StageReport], None]) -> bool:
+        report = StageReport(name)
+        self.reports.append(report)
+        _banner(f"[{len(self.reports)}] {name}")
+        start = time.time()
+        try:
+            fn(report)
+            report.status = "ok"
+        except Exception as exc:
+            report.status = "FAILED"
+            report.notes.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+            traceback.print_exc()
+        report.seconds = time.time() - start
+        return report.status == "ok"
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def build_model(self, report: StageReport) -> None:
+        from recipe.retool.tiny_model import build
+
+        target = self.layout.model_dir(TINY_MODEL_ID)
+        build(target)
+        report.notes.append(f"tiny Qwen2 at {target.relative_to(self.root)}")
+
+    def prep(self, report: StageReport) -> None:
+        from recipe.retool import prep, sample_sources
+
+        sources = sample_sources.write_sources(
+            self.root / "sources", retool=sample_sources.retool_table(smoke_traces(16))
+        )
+        summaries = prep.prepare(
+            self.layout.data,
+            source_dir=sources,
+            on_error="skip",
+            tokenizer=self.layout.model_dir(TINY_MODEL_ID),
+            sft_max_length=1024,
+        )
+        for name, summary in summaries.items():
+            report.notes.append(f"{name}: {summary.rows_in}→{summary.rows_out}")
+
+    def sft(self, report: StageReport) -> None:
+        topo = launch.Topology(gpus_per_node=1, device="cpu")
+        result = stages.run_sft(
+            self.layout, topo, SMOKE_SFT_ARGS, model_path=self.layout.model_dir(TINY_MODEL_ID)
+        )
+        if result.returncode != 0 or result.checkpoint is None:
+            raise RuntimeError(f"SFT exited with {result.returncode}; see the log above")
+        report.notes.append(f"global_step_{result.checkpoint.step} saved with HF weights")
+
+    def dapo(self, report: StageReport) -> None:
+        start_from = stages.resolve_sft_checkpoint(self.layout, None)  # what train_dapo uses
+        report.notes.append(f"from {start_from.relative_to(self.root)}")
+        topo = launch.Topology(gpus_per_node=8)
+        overrides = launch.dapo_overrides(self.layout, "smoke", start_from, topo)
+        launch.validate("dapo", overrides, topo)
+        report.notes.append(f"DAPO config composed ({len(overrides)} overrides, 8-GPU layout)")
+        if _gpu_rollout_available():
+            result = stages.run_dapo(
+                self.layout,
+                launch.Topology(gpus_per_node=_gpu_count()),
+                ["--experiment-name=smoke", "trainer.total_training_steps=2"],
+                sandbox_url=self.sandbox_url,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"main_ppo exited with {result.returncode}")
+            report.notes.append("main_ppo ran 2 steps")
+            return
+        rewards, turns, scripted = asyncio.run(self._cpu_rollouts(start_from))
+        report.notes.append(
+            f"{len(rewards)} model rollouts via verl ToolAgentLoop: mean reward "
+            f"{sum(rewards) / len(rewards):+.2f}, mean turns {sum(turns) / len(turns):.1f}"
+        )
+        if scripted < 1.0:
+            raise RuntimeError(f"scripted tool-call rollout scored {scripted}, expected +1")
+        report.notes.append("scripted tool-call rollout: code ran in the sandbox, reward +1")
+
+    async def _cpu_rollouts(self, model_dir: Path) -> tuple[list[float], list[int], float]:
+        """Rollouts with the SFT model generating, plus one scripted policy that calls the tool.
+
+        The tiny model cannot solve anything; the scripted turn proves the tool path (hermes
+        parser -> our tool -> sandbox -> tool response -> reward) end to end.
+        """
+        import json
+
+        import pandas as pd
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from recipe.retool.rollout_cpu import (
+            HFGenerateServer,
+            ScriptedServer,
+            run_tool_agent,
+            score_rollout,
+        )
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        server = HFGenerateServer(model, tokenizer, max_new_tokens=48)
+        rows = pd.read_parquet(self.layout.rl_file("train"))
+        rewards, turns = [], []
+        for row in rows.head(self.rollouts).itertuples():
+            messages = [dict(m) for m in row.prompt]
+            output = await run_tool_agent(messages, server=server, tokenizer=tokenizer)
+            score = score_rollout(output, tokenizer, row.reward_model["ground_truth"])
+            rewards.append(float(score["score"]))
+            turns.append(int(output.num_turns))
+        first = rows.iloc[0]
+        truth = first["reward_model"]["ground_truth"]
+        call = {"name": "code_interpreter", "arguments": {"code": f"print({truth!r})"}}
+        script = [
+            f"Let me check with Python.\n<tool_call>\n{json.dumps(call)}\n</tool_call>",
+            f"The interpreter confirms it. \\boxed{{{truth}}}",
+        ]
+        messages = [dict(m) for m in first["prompt"]]
+        scripted = ScriptedServer(script, tokenizer)
+        output = await run_tool_agent(messages, server=scripted, tokenizer=tokenizer)
+        response = tokenizer.decode(output.response_ids)
+        if f"<tool_response>\n{truth}" not in response:
+            raise RuntimeError("the sandbox's output did not reach the tool response")
+        scripted_score = float(score_rollout(output, tokenizer, truth)["score"])
+        return rewards, turns, scripted_score
+
+    def evaluate(self, report: StageReport) -> None:
+        try:
+            from recipe.retool.evaluate import EvalConfig, evaluate_checkpoint
+        except ImportError:
+            report.notes.append("evaluation module not installed")
+            raise
+        model_dir = stages.resolve_sft_checkpoint(self.layout, None)
+        datasets = {n: self.layout.rl_file(n) for n in ("aime_2024", "aime_2025")}
+        cfg = EvalConfig(n=2, max_new_tokens=32, max_assistant_turns=2)
+        summary = evaluate_checkpoint(
+            model_dir, datasets, self.layout.checkpoints / "eval" / "smoke", cfg, self.sandbox_url
+        )
+        report.notes.append(f"mean@2 {_fmt_metric(summary)}")
+
+    # -- driver ----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        ok = self.stage("model", self.build_model) and self.stage("prep", self.prep)
+        if ok:
+            with contextlib.ExitStack() as stack:
+                sandbox_ok = self.stage("sandbox", lambda r: self._start_sandbox(stack, r))
+                if self.stage("sft", self.sft) and sandbox_ok:
+                    self.stage("dapo", self.dapo)
+                    self.stage("eval", self.evaluate)
+        print(self.summary(), flush=True)
+        return 0 if all(r.status == "ok" for r in self.reports) else 1
+
+    def _start_sandbox(self, stack: contextlib.ExitStack, report: StageReport) -> None:
+        from sandbox.client import SandboxClient
+
+        self.sandbox_url = stack.enter_context(sandbox_server(self.allow_insecure))
+        os.environ["SANDBOX_FUSION_ENDPOINT"] = self.sandbox_url  # read by the tool config
+        result = SandboxClient(self.sandbox_url, max_retries=1).run_code_sync("print(2+2)")
+        if result.stdout.strip() != "4":
+            raise RuntimeError(f"print(2+2) gave {result.status}: {result.stderr[-200:]}")
+        report.notes.append(f"print(2+2) -> 4 in {result.latency_s * 1000:.0f} ms")
+
+    def summary(self) -> str:
+        lines = ["", f"local smoke: {self.root}", f"{'stage':<8} {'status':<8} {'time':>7}  notes"]
+        for r in self.reports:
+            lines.append(f"{r.name:<8} {r.status:<8} {r.seconds:>6.1f}s  {'; '.join(r.notes)}")
+        return "\n".join(lines)
+
+
+def _fmt_metric(summary: dict[str, Any]) -> str:
+    overall = summary.get("overall", summary)
+    value = overall.get("mean@k", overall.get("mean_at_k"))
+    return f"{value:.2f}" if isinstance(value, int | float) else str(value)
+
+
+def smoke_traces(n: int) -> list[tuple[str, str]]:
+    """``n`` well-formed ReTool-SFT traces (question, assistant text) with a code call each."""
+    from recipe.retool.sample_sources import code, interp
+
+    traces = []
+    for i in range(n):
+        answer = (i + 3) ** 2
+        body = (
+            f"Square {i + 3} with Python.\n\n"
+            + code(f"print({i + 3} ** 2)")
+            + "\n"
+            + interp(str(answer))
+            + f"\n\nSo the answer is {answer}.\n\n<answer>\n\\boxed{{{answer}}}\n</answer>"
+        )
+        traces.append((f"What is {i + 3} squared?", body))
+    return traces
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def _gpu_rollout_available() -> bool:
+    import importlib.util
+
+    return _gpu_count() > 0 and importlib.util.find_spec("vllm") is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, help="output root (default: runs/<timestamp>)")
+    parser.add_argument("--rollouts", type=int, default=2, help="CPU DAPO rollouts to run")
+    parser.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        default=os.geteuid() != 0,
+        help="let the sandbox run without per-run uids (default when not root)",
+    )
+    args = parser.parse_args(argv)
+    root = args.root or REPO_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    return Smoke(root.resolve(), rollouts=args.rollouts, allow_insecure=args.allow_insecure).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
