@@ -26,6 +26,7 @@ from recipe.retool.paths import Layout, Stage
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 RETOOL_DIR = Path(__file__).resolve().parent
 REWARD_FILE = RETOOL_DIR / "reward.py"
+REWARD_MANAGER_FILE = RETOOL_DIR / "reward_manager.py"
 TOOL_CONFIG_FILE = RETOOL_DIR / "sandbox_fusion_modal_config.yaml"
 
 # Price used for the cost line printed before launch. Source: a third-party listing of Modal's
@@ -187,6 +188,7 @@ def dapo_overrides(
         "actor_rollout_ref.model.path": str(model_path),
         "actor_rollout_ref.rollout.multi_turn.tool_config_path": str(TOOL_CONFIG_FILE),
         "reward.custom_reward_function.path": str(REWARD_FILE),
+        "reward.reward_manager.module.path": str(REWARD_MANAGER_FILE),
         "trainer.experiment_name": experiment,
         "trainer.default_local_dir": str(layout.experiment_dir("dapo", experiment)),
         "trainer.n_gpus_per_node": topo.gpus_per_node,
