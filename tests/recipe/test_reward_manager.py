@@ -76,8 +76,7 @@ def test_overlong_responses_are_penalised(manager) -> None:
     loop, mgr, tok = manager
     long_text = "word " * 200 + "\\boxed{42}"
     result = loop.run_until_complete(mgr.run_single(one_rollout(tok, long_text, 2)))
-    assert bool(result["reward_extra_info"]["overlong"])
-    assert result["reward_extra_info"]["overlong_reward"] < 0
-    assert result["reward_score"] == pytest.approx(
-        1.0 + result["reward_extra_info"]["overlong_reward"]
-    )
+    extra = result["reward_extra_info"]
+    assert bool(extra["overlong"])
+    assert float(extra["overlong_reward"]) == pytest.approx(-1.0)  # 16 tokens over a 16 buffer
+    assert float(result["reward_score"]) == pytest.approx(extra["score"] + extra["overlong_reward"])
