@@ -201,6 +201,21 @@ def dapo_command(overrides: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "verl.trainer.main_ppo", *overrides]
 
 
+RAY_PORT = 6379
+
+
+def ray_node_command(topo: Topology) -> list[str]:
+    """``ray start`` for one node of a multi-node DAPO job: node 0 is the head, others join it.
+
+    ``main_ppo`` then runs on node 0 only, with ``RAY_ADDRESS`` pointing at the head, and verl
+    places its workers across every GPU the cluster reports.
+    """
+    ray = [sys.executable, "-m", "ray.scripts.scripts", "start", f"--num-gpus={topo.gpus_per_node}"]
+    if topo.node_rank == 0:
+        return [*ray, "--head", f"--node-ip-address={topo.master_addr}", f"--port={RAY_PORT}"]
+    return [*ray, f"--address={topo.master_addr}:{RAY_PORT}", "--block"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation against verl's own Hydra config
 # ---------------------------------------------------------------------------------------------

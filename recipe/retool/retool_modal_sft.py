@@ -19,6 +19,7 @@
 #         --experiment-name=my-exp trainer.total_epochs=5
 #
 # The GPU count is read when the app is imported: `RETOOL_GPUS=2 modal run ...::train` (default 8).
+# Multi-node: `RETOOL_NODES=2 modal run ...::train_multinode -- --experiment-name=big`.
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ REMOTE_ROOT = Path("/root/retool-modal")
 APP_NAME = "retool-sft"
 GPU_TYPE = os.environ.get("RETOOL_GPU_TYPE", "H100")
 N_GPUS = int(os.environ.get("RETOOL_GPUS", "8"))
+N_NODES = int(os.environ.get("RETOOL_NODES", "2"))  # for the *_multinode functions only
 MINUTES = 60
 HOURS = 60 * MINUTES
 
@@ -97,9 +99,19 @@ def _commit(*volumes: modal.Volume) -> None:
 
 
 def _topology():
+    """This container's place in the job: one node, or its rank in a Modal cluster."""
     from recipe.retool.launch import Topology
 
-    return Topology(gpus_per_node=N_GPUS, gpu_type=GPU_TYPE)
+    try:
+        cluster = modal.experimental.get_cluster_info()
+        ips, rank = list(cluster.container_ips), cluster.rank
+    except Exception:
+        ips, rank = [], 0
+    if len(ips) <= 1:
+        return Topology(gpus_per_node=N_GPUS, gpu_type=GPU_TYPE)
+    return Topology(
+        gpus_per_node=N_GPUS, nnodes=len(ips), node_rank=rank, master_addr=ips[0], gpu_type=GPU_TYPE
+    )
 
 
 def _report_credentials() -> None:
@@ -170,6 +182,7 @@ def download_model(
 
 
 def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
+    import subprocess
     import sys
 
     from recipe.retool import launch, stages
@@ -177,11 +190,18 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     _report_credentials()
     _reload(data_volume, models_volume, checkpoints_volume)
     layout = _layout()
+    topo = _topology()
     try:
         if stage == "sft":
-            result = stages.run_sft(layout, _topology(), arglist)
+            result = stages.run_sft(layout, topo, arglist)
+        elif topo.nnodes > 1 and topo.node_rank > 0:
+            # DAPO worker node: join the head's Ray cluster and serve until the job ends.
+            subprocess.run(launch.ray_node_command(topo), check=True)
+            return
         else:
-            result = stages.run_dapo(layout, _topology(), arglist, sandbox_url=_sandbox_url())
+            if topo.nnodes > 1:
+                subprocess.run(launch.ray_node_command(topo), check=True)
+            result = stages.run_dapo(layout, topo, arglist, sandbox_url=_sandbox_url())
     except (launch.LaunchError, paths.CheckpointNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -233,6 +253,39 @@ def _sandbox_url() -> str:
 )
 def train_dapo(*arglist: str) -> None:
     """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT; then overrides."""
+    _run_stage("dapo", arglist)
+
+
+# ## Multi-node
+#
+# The same stages on a Modal cluster of `RETOOL_NODES` containers with `RETOOL_GPUS` GPUs each,
+# linked by RDMA: SFT uses torchrun's static rendezvous on node 0's address; DAPO starts a Ray head
+# on node 0 and Ray workers on the others, then runs `main_ppo` on node 0 over the whole cluster.
+
+
+@app.function(
+    image=trainer_image,
+    gpu=f"{GPU_TYPE}:{N_GPUS}",
+    volumes=VOLUMES,
+    secrets=secrets,
+    timeout=24 * HOURS,
+)
+@modal.clustered(size=N_NODES, rdma=True)
+def train_multinode(*arglist: str) -> None:
+    """SFT across nodes. Needs --experiment-name (shared by every node); overrides as `train`."""
+    _run_stage("sft", arglist)
+
+
+@app.function(
+    image=trainer_image,
+    gpu=f"{GPU_TYPE}:{N_GPUS}",
+    volumes=VOLUMES,
+    secrets=secrets,
+    timeout=24 * HOURS,
+)
+@modal.clustered(size=N_NODES, rdma=True)
+def train_dapo_multinode(*arglist: str) -> None:
+    """DAPO across nodes (Ray head on node 0). Options and overrides as `train_dapo`."""
     _run_stage("dapo", arglist)
 
 

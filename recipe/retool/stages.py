@@ -97,6 +97,8 @@ def run_sft(
 ) -> StageResult:
     """Validate, run verl's SFT trainer, record the final checkpoint in checkpoint_info.json."""
     parsed = launch.parse_launch_args(args)
+    if topo.nnodes > 1 and not parsed.experiment:
+        raise launch.LaunchError("multi-node runs need --experiment-name (shared by all nodes)")
     experiment = parsed.experiment or default_experiment("sft")
     model = model_path or layout.model_dir()
     overrides = launch.sft_overrides(layout, experiment, model, topo, parsed.overrides)
@@ -113,7 +115,7 @@ def run_sft(
     env = dict(TRAINING_ENV) if topo.device == "cuda" else {}
     start = time.time()
     code = runner(command, env)
-    ckpt = _record(layout, "sft", experiment, str(model))
+    ckpt = _record(layout, "sft", experiment, str(model)) if topo.node_rank == 0 else None
     return StageResult("sft", experiment, code, ckpt, time.time() - start)
 
 
@@ -145,6 +147,8 @@ def run_dapo(
     print(f"DAPO starts from {start_from}", flush=True)
     print(launch.estimate_cost("dapo", topo), flush=True)
     env = {**TRAINING_ENV, "SANDBOX_FUSION_ENDPOINT": sandbox_url}
+    if topo.nnodes > 1:  # join the Ray cluster that ray_node_command started
+        env["RAY_ADDRESS"] = f"{topo.master_addr}:{launch.RAY_PORT}"
     start = time.time()
     code = runner(launch.dapo_command(overrides), env)
     ckpt = _record(layout, "dapo", experiment, str(start_from))

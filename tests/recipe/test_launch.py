@@ -154,3 +154,11 @@ def test_every_stage_config_loads_and_names_a_verl_config() -> None:
         cfg = launch.load_stage_config(stage)
         assert cfg.verl_config in {"sft_trainer_engine", "ppo_trainer"}
         assert cfg.overrides and cfg.estimate_hours > 0
+
+
+def test_ray_head_and_workers_for_multinode_dapo() -> None:
+    head = launch.ray_node_command(Topology(nnodes=2, node_rank=0, master_addr="10.0.0.5"))
+    worker = launch.ray_node_command(Topology(nnodes=2, node_rank=1, master_addr="10.0.0.5"))
+    assert "--head" in head and "--node-ip-address=10.0.0.5" in head and "--num-gpus=8" in head
+    assert "--address=10.0.0.5:6379" in worker and "--block" in worker
+    assert head[1:4] == ["-m", "ray.scripts.scripts", "start"]

@@ -153,3 +153,25 @@ def test_prep_dataset_runs_locally_on_sample_sources(app_module, tmp_path, monke
         assert layout.rl_file(name).exists()
     assert layout.sft_train_file().exists()
     app_module.prep_dataset.local(on_error="skip", source_dir=str(sources), only="sft")
+
+
+@pytest.mark.parametrize("name", ["train_multinode", "train_dapo_multinode"])
+def test_multinode_functions_are_rdma_clusters_of_8_gpu_nodes(app_module, name) -> None:
+    info = getattr(app_module, name).info()
+    assert info.gpus == [("H100", 8)]
+    assert (info.cluster_info.size, info.cluster_info.rdma) == (2, True)
+
+
+def test_topology_comes_from_the_modal_cluster(app_module, monkeypatch) -> None:
+    class Cluster:
+        rank = 1
+        container_ips = ("10.0.0.5", "10.0.0.6")
+
+    monkeypatch.setattr(app_module.modal.experimental, "get_cluster_info", lambda: Cluster())
+    topo = app_module._topology()
+    assert (topo.nnodes, topo.node_rank, topo.master_addr, topo.world_size) == (
+        2,
+        1,
+        "10.0.0.5",
+        16,
+    )

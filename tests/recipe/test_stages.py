@@ -173,3 +173,28 @@ def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
     ]
     assert changed, "SFT steps should have updated the weights"
     assert read_checkpoint_info(layout, "sft", "cpu").step == 2
+
+
+def test_multinode_needs_a_shared_experiment_name_and_only_rank0_records(
+    layout: Layout, tiny_model_dir
+) -> None:
+    two_nodes = Topology(gpus_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5")
+    with pytest.raises(LaunchError, match="--experiment-name"):
+        stages.run_sft(
+            layout, two_nodes, model_path=tiny_model_dir, runner=FakeRunner(layout, "sft")
+        )
+    runner = FakeRunner(layout, "sft")
+    result = stages.run_sft(layout, two_nodes, ["--experiment-name=big"], model_path=tiny_model_dir,
+                            runner=runner)  # fmt: skip
+    assert "--node_rank=1" in runner.commands[0] and "--master_addr=10.0.0.5" in runner.commands[0]
+    assert result.checkpoint is None and read_checkpoint_info(layout, "sft", "big") is None
+
+
+def test_multinode_dapo_joins_the_ray_cluster(layout: Layout) -> None:
+    make_step(layout, "sft", "s1", 1)
+    mark_tracked(layout, "sft", "s1", 1)
+    runner = FakeRunner(layout, "dapo")
+    head = Topology(gpus_per_node=8, nnodes=2, node_rank=0, master_addr="10.0.0.5")
+    stages.run_dapo(layout, head, ["--experiment-name=d"], sandbox_url="u", runner=runner)
+    assert runner.envs[0]["RAY_ADDRESS"] == "10.0.0.5:6379"
+    assert "trainer.nnodes=2" in runner.commands[0]
