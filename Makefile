@@ -58,6 +58,12 @@ sft: $(PY) ## SFT on Modal: make sft GPUS=8 ARGS="--experiment-name=x trainer.to
 dapo: $(PY) ## DAPO on Modal from the latest SFT checkpoint: make dapo ARGS="..."
 	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::train_dapo -- $(ARGS)
 
+BENCH_ROOT ?= /tmp/retool-bench
+
+.PHONY: bench-sft-gpu
+bench-sft-gpu: $(PY) ## On a GPU box: SFT speed/memory matrix at the 7B shape (GPUS=4); see docs/benchmarks.md
+	$(PY) scripts/bench_sft_gpu.py matrix --root $(BENCH_ROOT) --gpus $(GPUS)
+
 .PHONY: checkpoints
 checkpoints: $(PY) ## List checkpoints on the Modal volume
 	$(VENV)/bin/modal run $(MODAL_APP)::list_checkpoints

@@ -10,6 +10,7 @@ checkpoint is written).
     python scripts/bench_sft_gpu.py prepare --root /tmp/bench
     python scripts/bench_sft_gpu.py run --root /tmp/bench --gpus 4 --sp 1 --out r.json
     python scripts/bench_sft_gpu.py table r1.json r2.json ...   # markdown for docs/benchmarks.md
+    python scripts/bench_sft_gpu.py matrix --root /tmp/bench --gpus 4   # all of the above
 """
 
 from __future__ import annotations
@@ -220,6 +221,21 @@ def run(args: argparse.Namespace) -> dict:
     return row
 
 
+def matrix(args: argparse.Namespace) -> None:
+    """The benchmark matrix of docs/benchmarks.md for one machine; prints the table last."""
+    prepare(args.root, 192, 4096, 16000, 0)
+    rows = []
+    for sp in (s for s in (1, 2, 4, 8) if args.gpus % s == 0):
+        for liger in (False, True) if sp == 1 else (False,):
+            out = args.root / f"g{args.gpus}_sp{sp}{'_liger' if liger else ''}.json"
+            run(argparse.Namespace(
+                root=args.root, gpus=args.gpus, sp=sp, tokens_per_gpu=16384, batch=32,
+                steps=args.steps, liger=liger, no_compile=False, override=args.override, out=out,
+            ))  # fmt: skip
+            rows.append(out)
+    print(table(rows))
+
+
 def table(files: Sequence[Path]) -> str:
     """Markdown rows; headroom is also given against an 80 GB H100, the card Modal runs."""
     rows = [json.loads(Path(f).read_text()) for f in files]
@@ -258,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--no-compile", action="store_true")
     r.add_argument("--override", action="append", default=[])
     r.add_argument("--out", type=Path, required=True)
+    m = sub.add_parser("matrix", help="prepare, then every SP that divides --gpus, ± liger")
+    m.add_argument("--root", type=Path, required=True)
+    m.add_argument("--gpus", type=int, required=True)
+    m.add_argument("--steps", type=int, default=4)
+    m.add_argument("--override", action="append", default=[])
     t = sub.add_parser("table", help="markdown table from JSON rows")
     t.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
@@ -265,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         prepare(args.root, args.samples, args.min_tokens, args.max_tokens, args.seed)
     elif args.cmd == "run":
         run(args)
+    elif args.cmd == "matrix":
+        matrix(args)
     else:
         print(table(args.files))
 

@@ -1,0 +1,68 @@
+"""The GPU benchmark's CPU-testable parts: data shape, log parsing, early stop, the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from recipe.retool.tiny_model import build_tokenizer
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_sft_gpu.py"
+spec = importlib.util.spec_from_file_location("bench_sft_gpu", SCRIPT)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_synthetic_traces_hit_their_token_targets_in_retool_shape() -> None:
+    tokenizer = build_tokenizer(1024)
+    rng = random.Random(0)
+    for target in (4096, 9000, 16000):
+        row = bench.synthetic_conversation(tokenizer, target, rng)
+        assert 0.9 * target <= row["n_tokens"] <= target
+        roles = [m["role"] for m in row["messages"]]
+        assert roles[0] == "user" and roles[-1] == "assistant" and "tool" in roles
+        calls = [m for m in row["messages"] if m.get("tool_calls")]
+        assert calls[0]["tool_calls"][0]["function"]["name"] == "code_interpreter"
+
+
+def test_parse_metrics_reads_verl_console_lines() -> None:
+    line = "step:3 - train/loss:9.64 - train/mfu:0.15 - train/global_tokens:344892 - x:nan-ish"
+    match = bench.STEP_LINE.search(line)
+    metrics = bench.parse_metrics(match.group(2))
+    assert match.group(1) == "3"
+    assert metrics == {"train/loss": 9.64, "train/mfu": 0.15, "train/global_tokens": 344892.0}
+
+
+def test_step_collector_stops_the_trainer_after_n_steps(tmp_path: Path) -> None:
+    script = (
+        "import time\n"
+        "for i in range(1, 100):\n"
+        "    print(f'step:{i} - train/global_tokens:100 - train/mfu:0.1', flush=True)\n"
+        "    time.sleep(0.05)\n"
+    )
+    collector = bench.StepCollector(3, tmp_path / "run.log")
+    assert collector([sys.executable, "-c", script], {}) == 0
+    assert len(collector.records) == 3
+    assert "step:3" in (tmp_path / "run.log").read_text()
+
+
+def test_step_collector_reports_a_trainer_that_dies_early(tmp_path: Path) -> None:
+    collector = bench.StepCollector(3, tmp_path / "run.log")
+    assert collector([sys.executable, "-c", "raise SystemExit(7)"], {}) == 7
+
+
+@pytest.mark.parametrize(("peak", "h100"), [(57.4, "33%"), (138.2, "OOM")])
+def test_table_estimates_h100_headroom(tmp_path: Path, peak: float, h100: str) -> None:
+    row = {"gpu": "NVIDIA H200", "gpus": 4, "sp": 1, "tokens_per_gpu": 16384, "liger": True,
+           "step_s": 27.1, "tokens_per_s_per_gpu": 3023, "mfu_verl": 0.161, "mfu_6n": 0.14,
+           "peak_reserved_gb": peak, "headroom": 0.62}  # fmt: skip
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(row))
+    last = bench.table([path]).splitlines()[-1]
+    assert last.startswith("| 4× H200 | 1 | 16384 | on | on |")
+    assert last.endswith(f"| {h100} |")
