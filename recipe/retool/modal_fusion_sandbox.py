@@ -22,8 +22,8 @@ from pathlib import Path
 
 import modal
 
-APP_NAME = "retool-sandbox"
-FUNCTION_NAME = "serve"
+from recipe.retool.paths import SANDBOX_APP_NAME as APP_NAME
+
 REPO: Path = Path(__file__).resolve().parents[2]
 MINUTES = 60
 SLOTS_PER_CONTAINER = 16  # concurrent runs per container (2 per CPU below)
@@ -34,7 +34,7 @@ app = modal.App(APP_NAME)
 
 image = modal.Image.from_dockerfile(
     REPO / "images" / "sandbox.Dockerfile", context_dir=REPO
-).add_local_python_source("sandbox")  # last: code changes do not rebuild the image
+).add_local_python_source("sandbox", "recipe")  # last: code changes do not rebuild the image
 
 
 @app.function(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import modal
 
-from recipe.retool.modal_fusion_sandbox import APP_NAME, FUNCTION_NAME
+from recipe.retool.paths import SANDBOX_APP_NAME as APP_NAME
+from recipe.retool.paths import SANDBOX_FUNCTION_NAME as FUNCTION_NAME
 
 app = modal.App(f"{APP_NAME}-check")
 

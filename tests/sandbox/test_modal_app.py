@@ -42,3 +42,13 @@ def test_entrypoint_importable() -> None:
     from recipe.retool import test_sandbox_fusion
 
     assert test_sandbox_fusion.app.name.startswith(m.APP_NAME)
+
+
+def test_trainer_finds_the_sandbox_by_the_names_it_is_deployed_under() -> None:
+    import modal
+
+    from recipe.retool import modal_fusion_sandbox as m
+    from recipe.retool import paths
+
+    assert m.app.name == paths.SANDBOX_APP_NAME
+    assert isinstance(getattr(m, paths.SANDBOX_FUNCTION_NAME), modal.Function)
