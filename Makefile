@@ -23,6 +23,10 @@ $(PY):
 test: $(PY) ## Run the test suite (CPU; GPU tests are marked and skipped without a GPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+.PHONY: local-smoke
+local-smoke: $(PY) ## The whole pipeline end to end on a tiny model, on CPU (runs/<timestamp>/)
+	$(PY) -m recipe.retool.local_smoke
+
 .PHONY: lint
 lint: $(PY) ## Check formatting, lint and static file checks (what CI runs)
 	$(PY) -m ruff format --check .
