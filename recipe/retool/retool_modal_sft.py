@@ -76,6 +76,14 @@ VOLUMES = {
     str(paths.CHECKPOINTS_MOUNT): checkpoints_volume,
 }
 secrets = [modal.Secret.from_dotenv(REPO_ROOT)]
+# Every training function: all GPUs of one node, all volumes, the secrets, Modal's 24 h maximum.
+GPU_FUNCTION = {
+    "image": trainer_image,
+    "gpu": f"{GPU_TYPE}:{N_GPUS}",
+    "volumes": VOLUMES,
+    "secrets": secrets,
+    "timeout": 24 * HOURS,
+}
 
 
 def _layout() -> paths.Layout:
@@ -216,13 +224,7 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
         raise SystemExit(result.returncode)
 
 
-@app.function(
-    image=trainer_image,
-    gpu=f"{GPU_TYPE}:{N_GPUS}",
-    volumes=VOLUMES,
-    secrets=secrets,
-    timeout=24 * HOURS,
-)
+@app.function(**GPU_FUNCTION)
 def train(*arglist: str) -> None:
     """Cold-start SFT. Options: --experiment-name=NAME; then any verl override (key=value)."""
     _run_stage("sft", arglist)
@@ -244,13 +246,7 @@ def _sandbox_url() -> str:
         ) from None
 
 
-@app.function(
-    image=trainer_image,
-    gpu=f"{GPU_TYPE}:{N_GPUS}",
-    volumes=VOLUMES,
-    secrets=secrets,
-    timeout=24 * HOURS,
-)
+@app.function(**GPU_FUNCTION)
 def train_dapo(*arglist: str) -> None:
     """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT; then overrides."""
     _run_stage("dapo", arglist)
@@ -263,26 +259,14 @@ def train_dapo(*arglist: str) -> None:
 # on node 0 and Ray workers on the others, then runs `main_ppo` on node 0 over the whole cluster.
 
 
-@app.function(
-    image=trainer_image,
-    gpu=f"{GPU_TYPE}:{N_GPUS}",
-    volumes=VOLUMES,
-    secrets=secrets,
-    timeout=24 * HOURS,
-)
+@app.function(**GPU_FUNCTION)
 @modal.clustered(size=N_NODES, rdma=True)
 def train_multinode(*arglist: str) -> None:
     """SFT across nodes. Needs --experiment-name (shared by every node); overrides as `train`."""
     _run_stage("sft", arglist)
 
 
-@app.function(
-    image=trainer_image,
-    gpu=f"{GPU_TYPE}:{N_GPUS}",
-    volumes=VOLUMES,
-    secrets=secrets,
-    timeout=24 * HOURS,
-)
+@app.function(**GPU_FUNCTION)
 @modal.clustered(size=N_NODES, rdma=True)
 def train_dapo_multinode(*arglist: str) -> None:
     """DAPO across nodes (Ray head on node 0). Options and overrides as `train_dapo`."""
