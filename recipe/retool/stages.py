@@ -75,11 +75,20 @@ class StageResult:
     seconds: float
 
 
-def _record(layout: Layout, stage: Stage, experiment: str, base_model: str) -> Checkpoint | None:
+def _record(
+    layout: Layout, stage: Stage, experiment: str, base_model: str, returncode: int
+) -> Checkpoint | None:
+    """The run's newest complete checkpoint; ``checkpoint_info.json`` only when the run finished.
+
+    The info file is the pipeline's "stage done" marker, so an interrupted run (whose partial
+    progress verl resumes from) never writes it.
+    """
     try:
         ckpt = latest_checkpoint(layout, stage, experiment)
     except CheckpointNotFound:
         return None
+    if returncode != 0:
+        return ckpt
     write_checkpoint_info(
         layout,
         CheckpointInfo(experiment, stage, ckpt.step, str(ckpt.hf_dir), base_model),
@@ -115,7 +124,7 @@ def run_sft(
     env = dict(TRAINING_ENV) if topo.device == "cuda" else {}
     start = time.time()
     code = runner(command, env)
-    ckpt = _record(layout, "sft", experiment, str(model)) if topo.node_rank == 0 else None
+    ckpt = _record(layout, "sft", experiment, str(model), code) if topo.node_rank == 0 else None
     return StageResult("sft", experiment, code, ckpt, time.time() - start)
 
 
@@ -151,7 +160,7 @@ def run_dapo(
         env["RAY_ADDRESS"] = f"{topo.master_addr}:{launch.RAY_PORT}"
     start = time.time()
     code = runner(launch.dapo_command(overrides), env)
-    ckpt = _record(layout, "dapo", experiment, str(start_from))
+    ckpt = _record(layout, "dapo", experiment, str(start_from), code)
     return StageResult("dapo", experiment, code, ckpt, time.time() - start)
 
 

@@ -198,3 +198,11 @@ def test_multinode_dapo_joins_the_ray_cluster(layout: Layout) -> None:
     stages.run_dapo(layout, head, ["--experiment-name=d"], sandbox_url="u", runner=runner)
     assert runner.envs[0]["RAY_ADDRESS"] == "10.0.0.5:6379"
     assert "trainer.nnodes=2" in runner.commands[0]
+
+
+def test_failed_run_keeps_its_checkpoint_but_writes_no_done_marker(layout, tiny_model_dir) -> None:
+    runner = FakeRunner(layout, "sft", returncode=1)
+    result = stages.run_sft(layout, CPU, ["--experiment-name=crash"], model_path=tiny_model_dir,
+                            runner=runner)  # fmt: skip
+    assert result.returncode == 1 and result.checkpoint.step == 7
+    assert read_checkpoint_info(layout, "sft", "crash") is None

@@ -1,0 +1,90 @@
+"""prep → download → SFT → DAPO → evaluation, idempotently: done stages are skipped.
+
+A stage is *done* when the artefact the next stage needs exists and was finished: the four
+parquet files; the model's download marker; ``checkpoint_info.json`` of the SFT / DAPO
+experiment (written only when training exits cleanly); the evaluation report. Anything else is
+run again, and training resumes from its last complete checkpoint (``trainer.resume_mode=auto``),
+so an interrupted pipeline continues where it stopped. Where the stages run (Modal functions, or
+plain calls on a CPU) is the caller's business: it passes one callable per stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from recipe.retool import stages
+from recipe.retool.paths import BASE_MODEL_ID, Layout, read_checkpoint_info
+
+PIPELINE_STAGES = ("prep", "download", "sft", "dapo", "eval")
+RL_FILES = ("train", "aime_2024", "aime_2025")
+
+
+def eval_dir(layout: Layout, experiment: str) -> Path:
+    """Where the pipeline's evaluation report for ``experiment`` goes."""
+    return layout.checkpoints / "eval" / experiment
+
+
+def stage_done(layout: Layout, experiment: str, model_id: str = BASE_MODEL_ID) -> dict[str, bool]:
+    """Which stages of ``experiment`` have finished, from what is on the volumes."""
+    data_ready = layout.sft_train_file().exists() and all(
+        layout.rl_file(name).exists() for name in RL_FILES
+    )
+    model_ready = (layout.model_dir(model_id) / stages.COMPLETE_MARKER).exists()
+    return {
+        "prep": data_ready,
+        "download": model_ready,
+        "sft": read_checkpoint_info(layout, "sft", experiment) is not None,
+        "dapo": read_checkpoint_info(layout, "dapo", experiment) is not None,
+        "eval": (eval_dir(layout, experiment) / "report.md").exists(),
+    }
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    action: str  # "skipped (done)" | "ran" | "failed: ..."
+
+
+def run_pipeline(
+    status: Callable[[], Mapping[str, bool]],
+    runners: Mapping[str, Callable[[], None]],
+    *,
+    force: tuple[str, ...] = (),
+    log: Callable[[str], None] = print,
+) -> list[StageOutcome]:
+    """Run every stage that is not done (or is forced), in order; stop at the first failure.
+
+    ``status`` is asked again before each stage, so a stage that finished elsewhere (another
+    pipeline run, a manual ``modal run``) is not repeated.
+    """
+    unknown = set(force) - set(PIPELINE_STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {PIPELINE_STAGES}")
+    outcomes: list[StageOutcome] = []
+    for stage in PIPELINE_STAGES:
+        if status().get(stage) and stage not in force:
+            outcomes.append(StageOutcome(stage, "skipped (done)"))
+            log(f"[pipeline] {stage}: done, skipped")
+            continue
+        log(f"[pipeline] {stage}: running")
+        try:
+            runners[stage]()
+        except (Exception, SystemExit) as exc:
+            outcomes.append(StageOutcome(stage, f"failed: {exc}"))
+            log(f"[pipeline] {stage}: failed ({exc}); re-run the pipeline to resume")
+            break
+        if not status().get(stage):
+            outcomes.append(StageOutcome(stage, "failed: finished without its done marker"))
+            log(f"[pipeline] {stage}: ended but is not done; re-run the pipeline to resume")
+            break
+        outcomes.append(StageOutcome(stage, "ran"))
+    return outcomes
+
+
+def format_status(done: Mapping[str, bool]) -> str:
+    """One line per stage, for ``list_checkpoints`` and the pipeline's log."""
+    return "\n".join(
+        f"{stage:<9} {'done' if done.get(stage) else 'pending'}" for stage in PIPELINE_STAGES
+    )

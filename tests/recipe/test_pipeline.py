@@ -1,0 +1,117 @@
+"""Stage skipping and resumption of the SFT → DAPO → eval pipeline, on a temporary layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recipe.retool import pipeline, stages
+from recipe.retool.paths import CheckpointInfo, Layout, write_checkpoint_info
+
+
+class World:
+    """Fake stage runners that produce each stage's real done-marker on a temp layout."""
+
+    def __init__(self, layout: Layout, fail: dict[str, int] | None = None) -> None:
+        self.layout = layout
+        self.calls: list[str] = []
+        self.fail = dict(fail or {})  # stage -> how many times to fail before succeeding
+
+    def _maybe_fail(self, stage: str) -> None:
+        self.calls.append(stage)
+        if self.fail.get(stage, 0) > 0:
+            self.fail[stage] -= 1
+            raise RuntimeError(f"{stage} crashed")
+
+    def prep(self) -> None:
+        self._maybe_fail("prep")
+        for path in [self.layout.sft_train_file()] + [
+            self.layout.rl_file(n) for n in pipeline.RL_FILES
+        ]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+
+    def download(self) -> None:
+        self._maybe_fail("download")
+        target = self.layout.model_dir()
+        target.mkdir(parents=True)
+        (target / stages.COMPLETE_MARKER).write_text("rev\n")
+
+    def train(self, stage: str) -> None:
+        self._maybe_fail(stage)
+        write_checkpoint_info(self.layout, CheckpointInfo("exp", stage, 1, "p", "base"))
+
+    def evaluate(self) -> None:
+        self._maybe_fail("eval")
+        out = pipeline.eval_dir(self.layout, "exp")
+        out.mkdir(parents=True)
+        (out / "report.md").write_text("# report\n")
+
+    def runners(self):
+        return {
+            "prep": self.prep,
+            "download": self.download,
+            "sft": lambda: self.train("sft"),
+            "dapo": lambda: self.train("dapo"),
+            "eval": self.evaluate,
+        }
+
+
+def run(world: World, **kwargs):
+    status = lambda: pipeline.stage_done(world.layout, "exp")  # noqa: E731
+    return pipeline.run_pipeline(status, world.runners(), log=lambda _: None, **kwargs)
+
+
+def test_fresh_pipeline_runs_every_stage_in_order(tmp_path: Path) -> None:
+    world = World(Layout.local(tmp_path))
+    outcomes = run(world)
+    assert [o.action for o in outcomes] == ["ran"] * 5
+    assert world.calls == list(pipeline.PIPELINE_STAGES)
+    assert all(pipeline.stage_done(world.layout, "exp").values())
+
+
+def test_second_run_skips_everything(tmp_path: Path) -> None:
+    world = World(Layout.local(tmp_path))
+    run(world)
+    world.calls.clear()
+    outcomes = run(world)
+    assert world.calls == []
+    assert {o.action for o in outcomes} == {"skipped (done)"}
+
+
+def test_interrupted_pipeline_resumes_at_the_failed_stage(tmp_path: Path) -> None:
+    world = World(Layout.local(tmp_path), fail={"dapo": 1})
+    first = run(world)
+    assert [o.stage for o in first] == ["prep", "download", "sft", "dapo"]
+    assert first[-1].action.startswith("failed: dapo crashed")
+    world.calls.clear()
+    second = run(world)
+    assert world.calls == ["dapo", "eval"]
+    assert [o.action for o in second] == ["skipped (done)"] * 3 + ["ran", "ran"]
+
+
+def test_a_stage_that_returns_without_its_marker_is_not_done(tmp_path: Path) -> None:
+    world = World(Layout.local(tmp_path))
+    runners = world.runners() | {"sft": lambda: None}
+    status = lambda: pipeline.stage_done(world.layout, "exp")  # noqa: E731
+    outcomes = pipeline.run_pipeline(status, runners, log=lambda _: None)
+    assert outcomes[-1] == pipeline.StageOutcome("sft", "failed: finished without its done marker")
+
+
+def test_forced_stages_rerun_and_unknown_ones_are_rejected(tmp_path: Path) -> None:
+    world = World(Layout.local(tmp_path))
+    run(world)
+    world.calls.clear()
+    pipeline.eval_dir(world.layout, "exp").joinpath("report.md").unlink()
+    (pipeline.eval_dir(world.layout, "exp")).rmdir()
+    run(world, force=("eval",))
+    assert world.calls == ["eval"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        run(world, force=("ppo",))
+
+
+def test_status_is_readable(tmp_path: Path) -> None:
+    text = pipeline.format_status(pipeline.stage_done(Layout.local(tmp_path), "exp"))
+    assert text.splitlines()[0].split() == ["prep", "pending"]
+    assert len(text.splitlines()) == 5
