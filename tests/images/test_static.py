@@ -231,5 +231,6 @@ def test_sandbox_gets_namespaces_without_privileged_mode() -> None:
     assert not sandbox.get("privileged")
     assert set(sandbox["cap_add"]) == {"SYS_ADMIN", "NET_ADMIN"}
     assert "SANDBOX_ALLOW_INSECURE" not in str(sandbox.get("environment", ""))
+    assert "env_file" not in sandbox  # no secrets where user code runs
     # published on localhost only: it runs arbitrary code
     assert all(str(p).startswith("127.0.0.1:") for p in sandbox["ports"])
