@@ -49,6 +49,29 @@ sandbox: $(PY) ## Serve the sandbox locally on PORT (default 8080; bubblewrap is
 bench-sandbox: $(PY) ## Benchmark the sandbox vs a naive subprocess server; writes docs/benchmarks.md
 	$(PY) scripts/bench_sandbox.py
 
+# ---- Docker (compose.yaml; needs Docker with the compose plugin, and the NVIDIA toolkit for GPUs)
+COMPOSE ?= docker compose
+# The contract tests: those using the `endpoint` fixture go to SANDBOX_FUSION_ENDPOINT (see
+# tests/sandbox/conftest.py); the rest of the file runs against a host server as usual.
+PARITY_TESTS ?= tests/sandbox/test_api.py
+
+.PHONY: images
+images: ## Build every image in compose.yaml (trainer, sandbox, sandbox-fusion)
+	$(COMPOSE) --profile '*' build
+
+.PHONY: local-smoke-docker
+local-smoke-docker: ## make local-smoke inside the trainer image, against the sandbox container
+	$(COMPOSE) --profile smoke up --build --attach smoke --exit-code-from smoke
+
+.PHONY: sandbox-parity
+sandbox-parity: $(PY) ## The sandbox contract tests against the real SandboxFusion (:8081) and ours (:8080)
+	$(COMPOSE) --profile parity up --detach --build --wait sandbox sandbox-fusion
+	rc=0; \
+	SANDBOX_FUSION_ENDPOINT=http://127.0.0.1:8081 $(PY) -m pytest -q $(PARITY_TESTS) || rc=1; \
+	SANDBOX_FUSION_ENDPOINT=http://127.0.0.1:8080 $(PY) -m pytest -q $(PARITY_TESTS) || rc=1; \
+	$(COMPOSE) --profile parity stop sandbox sandbox-fusion; \
+	exit $$rc
+
 # ---- Modal (needs `modal token new` and a .env; see README) ------------------------------------
 GPUS ?= 8
 ARGS ?=

@@ -1,7 +1,8 @@
 # The sandbox service (sandbox/): SandboxFusion-compatible /run_code with a warm, isolated pool.
+#   docker compose up sandbox        (compose.yaml, which explains each option below)
 #   docker build -f images/sandbox.Dockerfile -t retool-sandbox .
-#   docker run --rm -p 8080:8080 --cap-add SYS_ADMIN --security-opt seccomp=unconfined \
-#       --security-opt apparmor=unconfined retool-sandbox
+#   docker run --rm -p 127.0.0.1:8080:8080 --cap-add SYS_ADMIN --cap-add NET_ADMIN \
+#       --security-opt seccomp=unconfined --security-opt apparmor=unconfined retool-sandbox
 # bubblewrap needs to create namespaces; without those options the service refuses to start
 # (or runs in a weaker mode only with SANDBOX_ALLOW_INSECURE=1).
 FROM python:3.11-slim-bookworm
