@@ -5,7 +5,8 @@ CPU-only). Output lands in ``./runs/<timestamp>/`` laid out exactly like the Mod
 
 1. model    - the tiny random-init Qwen2 + Qwen2.5-format tokenizer (tiny_model.py)
 2. prep     - the real prep code on shipped samples in the hub datasets' exact schemas
-3. sandbox  - the local sandbox service, started and checked with ``print(2+2)``
+3. sandbox  - the local sandbox service (or the one at SANDBOX_FUSION_ENDPOINT), checked
+              with ``print(2+2)``
 4. sft      - verl's SFT trainer through ``stages.run_sft`` (the code Modal's ``train`` runs)
 5. dapo     - the latest SFT checkpoint found by the code ``train_dapo`` uses; the full DAPO
               config composed against verl; on CPU, rollouts through verl's tool agent loop with
@@ -258,10 +259,16 @@ class Smoke:
         return 0 if all(r.status == "ok" for r in self.reports) else 1
 
     def _start_sandbox(self, stack: contextlib.ExitStack, report: StageReport) -> None:
+        """Use the sandbox at SANDBOX_FUSION_ENDPOINT (e.g. compose's) or start a local one."""
         from sandbox.client import SandboxClient
 
-        self.sandbox_url = stack.enter_context(sandbox_server(self.allow_insecure))
-        os.environ["SANDBOX_FUSION_ENDPOINT"] = self.sandbox_url  # read by the tool config
+        external = os.environ.get("SANDBOX_FUSION_ENDPOINT")
+        if external:
+            self.sandbox_url = external
+            report.notes.append(f"using {external}")
+        else:
+            self.sandbox_url = stack.enter_context(sandbox_server(self.allow_insecure))
+            os.environ["SANDBOX_FUSION_ENDPOINT"] = self.sandbox_url  # read by the tool config
         result = SandboxClient(self.sandbox_url, max_retries=1).run_code_sync("print(2+2)")
         if result.stdout.strip() != "4":
             raise RuntimeError(f"print(2+2) gave {result.status}: {result.stderr[-200:]}")
