@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import copy
 import dataclasses
+import importlib.util
 import os
 import re
 import sys
@@ -293,11 +294,12 @@ def check_sandbox(url: str, wait_s: float = 60.0) -> None:
     """Fail fast, in one line, when nothing answers ``GET /v1/ping`` at ``url``."""
     import httpx
 
+    base = url.rstrip("/").removesuffix("/run_code")  # the tool accepts either form
     deadline = time.monotonic() + wait_s
     error: Exception | None = None
     while True:
         try:
-            if httpx.get(f"{url.rstrip('/')}/v1/ping", timeout=10).status_code == 200:
+            if httpx.get(f"{base}/v1/ping", timeout=10).status_code == 200:
                 return
         except httpx.HTTPError as exc:
             if error is None:
@@ -545,6 +547,10 @@ def evaluate_checkpoint(
     ``cfg.max_rollout_error_rate`` of the rollouts crashed (after writing the reports).
     """
     model_dir = Path(model_dir)
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise EvalError("--backend vllm needs vLLM (the trainer image); on CPU use --backend hf")
+    if isinstance(backend, str) and backend not in BACKENDS:
+        raise EvalError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     check_model_dir(model_dir)
     ref = checkpoint or CheckpointRef.from_path(model_dir)
     problems = {name: load_problems(Path(p), cfg.max_problems) for name, p in datasets.items()}

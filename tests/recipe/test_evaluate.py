@@ -7,6 +7,7 @@ the tiny random model via HF ``generate`` (it is never right; the pipeline still
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from recipe.retool.evaluate import (
     CheckpointRef,
     EvalConfig,
     EvalError,
+    build_tools,
     evaluate_checkpoint,
     load_problems,
     main,
@@ -140,6 +142,19 @@ def test_load_problems(data_dir: Path, tmp_path: Path):
     pq.write_table(pa.table({"x": [1]}), tmp_path / "bad.parquet")
     with pytest.raises(EvalError, match="missing columns"):
         load_problems(tmp_path / "bad.parquet")
+
+
+def test_tools_are_the_training_tool_pointed_at_the_sandbox():
+    from recipe.retool.tools import CodeInterpreterTool
+
+    (tool,) = build_tools(EvalConfig(tool_timeout_s=10), "http://sandbox.test:1234")
+    assert isinstance(tool, CodeInterpreterTool) and tool.name == TOOL_NAME
+    assert (tool.settings.default_timeout, tool.client.url) == (
+        10,
+        "http://sandbox.test:1234/run_code",
+    )
+    (default,) = build_tools(EvalConfig(), "http://sandbox.test:1234")
+    assert default.settings.default_timeout == 30  # the training yaml's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +282,7 @@ def test_cli_latest_writes_under_the_checkpoints_layout(
         "--max-new-tokens",
         "8",
         "--sandbox-url",
-        local_endpoint,
+        f"{local_endpoint}/run_code",  # the tool's URL form works too
     ]
     assert main(argv) == 0
     result = layout.checkpoints / "eval" / "dapo-rl-step20"
@@ -284,6 +299,7 @@ def test_cli_latest_writes_under_the_checkpoints_layout(
         (["--datasets", "aime_2030"], "dataset 'aime_2030' not found"),
         (["--n", "0"], "n must be >= 1"),
         (["--set", "bogus=1"], "unknown eval config keys"),
+        (["--set", "top_p"], "--set expects KEY=VALUE"),
         (["--sandbox-url", "http://127.0.0.1:9"], "sandbox at http://127.0.0.1:9 is not answering"),
     ],
 )
@@ -310,3 +326,19 @@ def test_cli_user_errors_are_one_line(
 
 def _no_sandbox(url: str, wait_s: float = 0) -> None:
     raise EvalError(f"sandbox at {url} is not answering (test)")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_vllm_backend_without_vllm_is_a_one_line_error(data_dir, tmp_path, tiny_model_dir, capsys):
+    argv = [
+        "--checkpoint",
+        str(tiny_model_dir),
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--backend",
+        "vllm",
+    ]
+    assert main(argv) == 2
+    assert "needs vLLM" in capsys.readouterr().err
