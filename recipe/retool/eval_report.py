@@ -44,7 +44,7 @@ def _write_atomic(path: Path, text: str | bytes) -> Path:
     return path
 
 
-def _write_json(path: Path, data: Any) -> Path:
+def write_json(path: Path, data: Any) -> Path:
     return _write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
@@ -189,7 +189,7 @@ def write_checkpoint_report(
     out_dir = Path(out_dir)
     files = []
     for name, result in results.items():
-        files.append(_write_json(out_dir / f"eval_{name}.json", result))
+        files.append(write_json(out_dir / f"eval_{name}.json", result))
         if save_samples:
             body = "".join(json.dumps(asdict(s)) + "\n" for s in samples.get(name, ()))
             files.append(_write_atomic(out_dir / f"samples_{name}.jsonl", body))
@@ -341,7 +341,7 @@ def write_progress_report(
     }
     return [
         _write_atomic(out_dir / "progress.md", md),
-        _write_json(out_dir / "progress.json", data),
+        write_json(out_dir / "progress.json", data),
         plot_progress(series, out_dir / "progress.png"),
     ]
 
@@ -384,6 +384,6 @@ def write_comparison_report(labelled_dirs: dict[str, Path], out_dir: Path) -> li
     }
     return [
         _write_atomic(out_dir / "compare.md", "\n".join(sections) + "\n"),
-        _write_json(out_dir / "compare.json", data),
+        write_json(out_dir / "compare.json", data),
         plot_comparison(table, out_dir / "compare.png"),
     ]

@@ -54,6 +54,7 @@ CONFIG_FILE = Path(__file__).parent / "config" / "eval.yaml"
 DEFAULT_DATASETS = ("aime_2024", "aime_2025")
 DEFAULT_SANDBOX_URL = "http://127.0.0.1:8080"
 SCHEMA_VERSION = 1
+SUMMARY_FILE = "summary.json"  # written last, only by a successful run: "this eval is done"
 
 
 class EvalError(RuntimeError):
@@ -390,9 +391,8 @@ async def rollout_one(problem: Problem, sample: int, ctx: _Context) -> SampleRes
             tools_kwargs=copy.deepcopy(problem.tools_kwargs),
             sampling_params=dict(ctx.params),
         )
-    except (
-        Exception
-    ) as exc:  # one crashed rollout is recorded, not fatal (see max_rollout_error_rate)
+    except Exception as exc:
+        # one crashed rollout is recorded and counted as wrong (see max_rollout_error_rate)
         return SampleResult(
             problem.index, sample, False, -1.0, None, 0, 0, 0, 0, 0, error=repr(exc)[:500]
         )
@@ -541,9 +541,10 @@ def evaluate_checkpoint(
 
     Writes to ``out_dir``: ``eval_<dataset>.json`` (keys: ``schema_version``, ``dataset``,
     ``checkpoint``, ``backend``, ``config``, ``overall``, ``per_problem``, ``timing``),
-    ``samples_<dataset>.jsonl`` (``cfg.save_samples``) and ``report.md``. Returns
-    ``{"checkpoint", "backend", "config", "out_dir", "files", "wall_s", "datasets": {name:
-    overall}}``. Raises :class:`EvalError` for bad inputs or when more than
+    ``samples_<dataset>.jsonl`` (``cfg.save_samples``), ``report.md`` and, last and only on
+    success, ``summary.json`` (the returned dict; a pipeline can skip a checkpoint that has one).
+    Returns ``{"checkpoint", "backend", "config", "out_dir", "files", "wall_s", "datasets":
+    {name: overall}}``. Raises :class:`EvalError` for bad inputs or when more than
     ``cfg.max_rollout_error_rate`` of the rollouts crashed (after writing the reports).
     """
     model_dir = Path(model_dir)
@@ -588,6 +589,8 @@ def evaluate_checkpoint(
             f"{crashed}/{total} rollouts crashed (first: {first}); reports in {out_dir} count "
             "them as wrong"
         )
+    summary["files"].append(str(Path(out_dir) / SUMMARY_FILE))
+    eval_report.write_json(Path(out_dir) / SUMMARY_FILE, summary)  # last: marks the run complete
     return summary
 
 

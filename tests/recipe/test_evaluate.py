@@ -200,6 +200,8 @@ def test_scripted_rollouts_give_exact_metrics(
     )
     assert len(server.calls) == len(script)
     assert set(summary) == SUMMARY_KEYS and summary["backend"] == "ScriptedServer"
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert sorted(Path(f).name for f in summary["files"]) == sorted(p.name for p in out.iterdir())
 
     easy = summary["datasets"]["aime_2025"]
     assert (easy["mean@k"], easy["maj@k"], easy["pass@k"]) == (1.0, 1.0, {"1": 1.0, "2": 1.0})
@@ -342,3 +344,22 @@ def test_vllm_backend_without_vllm_is_a_one_line_error(data_dir, tmp_path, tiny_
     ]
     assert main(argv) == 2
     assert "needs vLLM" in capsys.readouterr().err
+
+
+def test_crashed_rollouts_are_reported_and_fail_the_run(
+    data_dir: Path, tmp_path: Path, local_endpoint: str, tiny_model_dir: Path, tiny_tokenizer
+):
+    cfg = EvalConfig(n=2, max_problems=1, max_concurrency=1)
+    files = datasets(data_dir, "aime_2024")
+    broken = ScriptedServer([], tiny_tokenizer)  # every generate() raises
+    with pytest.raises(EvalError, match="2/2 rollouts crashed"):
+        evaluate_checkpoint(tiny_model_dir, files, tmp_path / "a", cfg, local_endpoint, broken)
+    assert (tmp_path / "a" / "eval_aime_2024.json").is_file()
+    assert not (tmp_path / "a" / "summary.json").exists()  # not marked complete
+
+    tolerant = cfg.replace(max_rollout_error_rate=1.0)
+    summary = evaluate_checkpoint(
+        tiny_model_dir, files, tmp_path / "b", tolerant, local_endpoint, broken
+    )
+    overall = summary["datasets"]["aime_2024"]
+    assert (overall["rollout_errors"], overall["mean@k"]) == (2, 0.0)
