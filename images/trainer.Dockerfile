@@ -45,7 +45,7 @@ COPY recipe ./recipe
 COPY sandbox ./sandbox
 COPY scripts ./scripts
 RUN pip install -c constraints.txt --no-deps -e . \
-    && pip install "math-verify==0.9.0" "python-dotenv>=1.0" "httpx==0.28.1" \
+    && pip install "math-verify==0.9.0" "python-dotenv>=1.0" "httpx==0.28.1" "matplotlib==3.11.2" \
     && python -c "import verl, vllm, flash_attn, recipe.retool.launch"
 
 ENV PYTHONPATH=/root/retool-modal

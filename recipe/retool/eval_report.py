@@ -1,0 +1,389 @@
+"""Evaluation reports: JSON, markdown and PNG plots (matplotlib, Agg backend: no display needed).
+
+Three reports, each a directory:
+
+* one checkpoint (``evaluate.evaluate_checkpoint``): ``eval_<dataset>.json``,
+  ``samples_<dataset>.jsonl``, ``report.md``;
+* progress of an experiment (``write_progress_report``): accuracy against training step,
+  ``progress.{md,json,png}``;
+* comparison (``write_comparison_report``), e.g. base vs SFT vs DAPO: ``compare.{md,json,png}``.
+
+Files are written to a temporary name and renamed, so a reader (or a re-run after an interrupted
+one) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+ACCURACY_KEYS = ("mean@k", "pass@1", "pass@n", "maj@k")
+
+
+class ReportError(ValueError):
+    """Missing or unreadable results (a user-facing, one-line error)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if isinstance(text, bytes):
+        tmp.write_bytes(text)
+    else:
+        tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return _write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def load_results(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{dataset: eval json}`` from the ``eval_<dataset>.json`` files of one directory."""
+    files = sorted(Path(directory).glob("eval_*.json"))
+    if not files:
+        raise ReportError(f"no eval_<dataset>.json in {directory}")
+    results = {}
+    for file in files:
+        try:
+            data = json.loads(file.read_text())
+            results[data["dataset"]] = data
+        except (OSError, ValueError, KeyError) as exc:
+            raise ReportError(f"cannot read {file}: {exc}") from None
+    return results
+
+
+def accuracy(overall: dict[str, Any], key: str) -> float | None:
+    """``mean@k``/``maj@k``, ``pass@1``, or ``pass@n`` (the largest k) from an overall block."""
+    if key in ("mean@k", "maj@k"):
+        return overall.get(key)
+    passes = overall.get("pass@k") or {}
+    if not passes:
+        return None
+    return passes.get("1") if key == "pass@1" else passes[max(passes, key=int)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+_OVERALL_HEADER = (
+    "mean@k",
+    "pass@1",
+    "pass@k",
+    "maj@k",
+    "tool turns",
+    "tool errors",
+    "resp. tokens",
+    "no answer",
+)
+
+
+def _overall_cells(o: dict[str, Any]) -> list[str]:
+    stderr = o.get("mean@k_stderr")
+    mean = _pct(o.get("mean@k")) + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
+    return [
+        mean,
+        _pct(accuracy(o, "pass@1")),
+        _pct(accuracy(o, "pass@n")),
+        _pct(o.get("maj@k")),
+        _num(o.get("mean_tool_turns")),
+        _pct(o.get("tool_error_rate")),
+        _num(o.get("mean_response_tokens"), 0),
+        _pct(o.get("no_answer_rate")),
+    ]
+
+
+def summary_table(datasets: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of the overall metrics, one row per dataset (k = samples per problem)."""
+    rows = [[name, str(o.get("k")), *_overall_cells(o)] for name, o in datasets.items()]
+    return _table(["dataset", "k", *_OVERALL_HEADER], rows)
+
+
+def render_checkpoint_markdown(results: dict[str, dict[str, Any]]) -> str:
+    first = next(iter(results.values()))
+    ckpt, cfg = first["checkpoint"], first["config"]
+    where = ", ".join(
+        f"{k} {ckpt[k]}" for k in ("stage", "experiment", "step") if ckpt.get(k) is not None
+    )
+    lines = [
+        f"# Evaluation: {ckpt['label']}",
+        "",
+        f"Model: `{ckpt['path']}`" + (f" ({where})" if where else ""),
+        "",
+        f"Settings: n={cfg['n']}, temperature={cfg['temperature']}, top_p={cfg['top_p']}, "
+        f"{cfg['max_response_tokens']} response tokens, {cfg['max_assistant_turns']} assistant "
+        f"turns; backend {first['backend']}. Loop: verl ToolAgentLoop + code_interpreter + "
+        "sandbox; correctness: the training reward's matcher.",
+        "",
+        "mean@k is pass@1 averaged over the k samples (± standard error over problems); pass@k "
+        "is the unbiased estimator at k = n; maj@k is the majority vote over extracted answers; "
+        "tool errors are the share of sandbox calls that did not succeed or timed out.",
+        "",
+        "## Overall",
+        "",
+        summary_table({name: r["overall"] for name, r in results.items()}),
+    ]
+    for name, result in results.items():
+        rows = [
+            [
+                str(p["index"]),
+                str(p["source_id"]),
+                str(p["ground_truth"]),
+                f"{p['num_correct']}/{p['k']}",
+                _pct(p["maj@k"]),
+                f"`{p['majority_answer']}`" if p["majority_answer"] else "–",
+                _num(p["mean_tool_turns"]),
+                _pct(p["tool_error_rate"]),
+                _num(p["mean_response_tokens"], 0),
+            ]
+            for p in result["per_problem"]
+        ]
+        header = [
+            "#",
+            "id",
+            "answer",
+            "correct",
+            "maj@k",
+            "majority",
+            "tool turns",
+            "tool errors",
+            "resp. tokens",
+        ]
+        lines += ["", f"## {name}: per problem", "", _table(header, rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write_checkpoint_report(
+    out_dir: Path,
+    results: dict[str, dict[str, Any]],
+    samples: dict[str, Sequence[Any]],
+    save_samples: bool = True,
+) -> list[Path]:
+    """``eval_<dataset>.json`` (+ ``samples_<dataset>.jsonl``) per dataset and ``report.md``."""
+    out_dir = Path(out_dir)
+    files = []
+    for name, result in results.items():
+        files.append(write_json(out_dir / f"eval_{name}.json", result))
+        if save_samples:
+            body = "".join(json.dumps(asdict(s)) + "\n" for s in samples.get(name, ()))
+            files.append(_write_atomic(out_dir / f"samples_{name}.jsonl", body))
+    files.append(_write_atomic(out_dir / "report.md", render_checkpoint_markdown(results)))
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return _write_atomic(path, buffer.getvalue())
+
+
+def plot_progress(series: dict[str, dict[str, list[tuple[int, dict[str, Any]]]]], path: Path):
+    """``series[dataset][run] = [(step, overall), ...]`` → one panel per dataset."""
+    plt = _pyplot()
+    datasets = sorted(series)
+    fig, axes = plt.subplots(
+        1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False, layout="constrained"
+    )
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for i, (run, points) in enumerate(sorted(series[dataset].items())):
+            color = f"C{i}"
+            steps = [s for s, _ in points]
+            mean = [100 * (o.get("mean@k") or 0) for _, o in points]
+            err = [100 * (o.get("mean@k_stderr") or 0) for _, o in points]
+            maj = [100 * (o.get("maj@k") or 0) for _, o in points]
+            k = points[0][1].get("k")
+            ax.errorbar(
+                steps, mean, yerr=err, marker="o", color=color, capsize=3, label=f"{run} mean@{k}"
+            )
+            ax.plot(steps, maj, marker="s", linestyle="--", color=color, label=f"{run} maj@{k}")
+        ax.set_title(dataset)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Accuracy against training step")
+    return _save_figure(fig, path)
+
+
+def plot_comparison(table: dict[str, dict[str, dict[str, Any]]], path: Path) -> Path:
+    """``table[label][dataset] = overall`` → grouped bars: mean@k, maj@k, pass@n per dataset."""
+    plt = _pyplot()
+    labels = list(table)
+    datasets = sorted({d for per in table.values() for d in per})
+    ks = sorted({o.get("k") for per in table.values() for o in per.values()} - {None})
+    k = "/".join(str(v) for v in ks) or "k"
+    metrics = [("mean@k", f"mean@{k} (= pass@1)"), ("maj@k", f"maj@{k}"), ("pass@n", f"pass@{k}")]
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False, layout="constrained"
+    )
+    width = 0.8 / max(1, len(labels))
+    for ax, (key, title) in zip(axes[0], metrics, strict=True):
+        for i, label in enumerate(labels):
+            xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(datasets))]
+            values = [
+                100 * (accuracy(table[label][d], key) or 0) if d in table[label] else 0
+                for d in datasets
+            ]
+            bars = ax.bar(xs, values, width, label=label, color=f"C{i}")
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(range(len(datasets)), datasets)
+        ax.set_title(title)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 110)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(" vs ".join(labels))
+    return _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-checkpoint reports
+# ---------------------------------------------------------------------------------------------
+
+
+def write_progress_report(
+    result_dirs: Sequence[Path],
+    out_dir: Path,
+    *,
+    stage: str | None = None,
+    experiment: str | None = None,
+) -> list[Path]:
+    """Accuracy against training step for every training checkpoint among ``result_dirs``
+    (directories of eval results; those without a stage and step, e.g. base, are skipped)."""
+    series: dict[str, dict[str, list[tuple[int, dict[str, Any]]]]] = {}
+    for directory in result_dirs:
+        if not Path(directory).is_dir() or not any(Path(directory).glob("eval_*.json")):
+            continue
+        for dataset, result in load_results(directory).items():
+            ckpt = result.get("checkpoint") or {}
+            if ckpt.get("step") is None or ckpt.get("stage") not in ("sft", "dapo"):
+                continue
+            if (stage and ckpt["stage"] != stage) or (
+                experiment and ckpt["experiment"] != experiment
+            ):
+                continue
+            run = f"{ckpt['stage']}/{ckpt['experiment']}"
+            series.setdefault(dataset, {}).setdefault(run, []).append(
+                (int(ckpt["step"]), result["overall"])
+            )
+    if not series:
+        raise ReportError("no evaluated training checkpoints (stage + step) to plot")
+    for runs in series.values():
+        for points in runs.values():
+            points.sort(key=lambda p: p[0])
+    out_dir = Path(out_dir)
+    rows = [
+        [dataset, run, str(step), *_overall_cells(overall)]
+        for dataset, runs in sorted(series.items())
+        for run, points in sorted(runs.items())
+        for step, overall in points
+    ]
+    md = "\n".join(
+        [
+            "# Accuracy against training step",
+            "",
+            "![progress](progress.png)",
+            "",
+            _table(["dataset", "run", "step", *_OVERALL_HEADER], rows),
+            "",
+        ]
+    )
+    data = {
+        dataset: {
+            run: [{"step": step, **overall} for step, overall in points]
+            for run, points in runs.items()
+        }
+        for dataset, runs in series.items()
+    }
+    return [
+        _write_atomic(out_dir / "progress.md", md),
+        write_json(out_dir / "progress.json", data),
+        plot_progress(series, out_dir / "progress.png"),
+    ]
+
+
+def write_comparison_report(labelled_dirs: dict[str, Path], out_dir: Path) -> list[Path]:
+    """Side by side (e.g. ``{"base": dir, "sft": dir, "dapo": dir}``, in that order)."""
+    if not labelled_dirs:
+        raise ReportError("nothing to compare")
+    loaded = {label: load_results(directory) for label, directory in labelled_dirs.items()}
+    table = {
+        label: {name: r["overall"] for name, r in results.items()}
+        for label, results in loaded.items()
+    }
+    datasets = sorted({d for per in table.values() for d in per})
+    sections = ["# Comparison: " + " vs ".join(table), "", "![comparison](compare.png)"]
+    for dataset in datasets:
+        rows = [
+            [
+                label,
+                f"`{loaded[label][dataset]['checkpoint']['label']}`",
+                str(table[label][dataset].get("k")),
+                *_overall_cells(table[label][dataset]),
+            ]
+            for label in table
+            if dataset in table[label]
+        ]
+        sections += [
+            "",
+            f"## {dataset}",
+            "",
+            _table(["", "checkpoint", "k", *_OVERALL_HEADER], rows),
+        ]
+    out_dir = Path(out_dir)
+    data = {
+        label: {
+            "checkpoint": next(iter(loaded[label].values()))["checkpoint"],
+            "datasets": per,
+        }
+        for label, per in table.items()
+    }
+    return [
+        _write_atomic(out_dir / "compare.md", "\n".join(sections) + "\n"),
+        write_json(out_dir / "compare.json", data),
+        plot_comparison(table, out_dir / "compare.png"),
+    ]
