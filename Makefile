@@ -85,6 +85,17 @@ sft: $(PY) ## SFT on Modal: make sft GPUS=8 ARGS="--experiment-name=x trainer.to
 dapo: $(PY) ## DAPO on Modal from the latest SFT checkpoint: make dapo ARGS="..."
 	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::train_dapo -- $(ARGS)
 
+CHECKPOINT ?= latest
+EXPERIMENT ?= retool
+
+.PHONY: eval
+eval: $(PY) ## Evaluate on AIME 24/25 with tools on Modal: make eval CHECKPOINT=latest|base|sft|PATH
+	$(VENV)/bin/modal run $(MODAL_APP)::evaluate --checkpoint $(CHECKPOINT)
+
+.PHONY: pipeline
+pipeline: $(PY) ## prep → download → SFT → DAPO → eval on Modal, skipping done stages (EXPERIMENT=retool)
+	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::pipeline --experiment-name $(EXPERIMENT)
+
 BENCH_ROOT ?= /tmp/retool-bench
 
 .PHONY: bench-sft-gpu

@@ -12,7 +12,7 @@ CPU-only). Output lands in ``./runs/<timestamp>/`` laid out exactly like the Mod
               config composed against verl; on CPU, rollouts through verl's tool agent loop with
               the SFT model generating, the sandbox executing and the reward scoring
               (verl 0.9.1 PPO needs vLLM/SGLang, i.e. a GPU; with one, real main_ppo steps run)
-6. eval     - AIME-format evaluation of the SFT checkpoint (when the evaluation module exists)
+6. eval     - AIME-format evaluation of the SFT checkpoint with the evaluation code
 
 It prints one summary table and exits non-zero if any stage failed.
 """
@@ -31,7 +31,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from recipe.retool import launch, paths, stages
 
@@ -232,18 +231,26 @@ class Smoke:
         return rewards, turns, scripted_score
 
     def evaluate(self, report: StageReport) -> None:
-        try:
-            from recipe.retool.evaluate import EvalConfig, evaluate_checkpoint
-        except ImportError:
-            report.notes.append("evaluation module not installed")
-            raise
-        model_dir = stages.resolve_sft_checkpoint(self.layout, None)
-        datasets = {n: self.layout.rl_file(n) for n in ("aime_2024", "aime_2025")}
-        cfg = EvalConfig(n=2, max_new_tokens=32, max_assistant_turns=2)
-        summary = evaluate_checkpoint(
-            model_dir, datasets, self.layout.checkpoints / "eval" / "smoke", cfg, self.sandbox_url
+        """The evaluation code, on the SFT checkpoint, with settings small enough for a CPU."""
+        from recipe.retool.evaluate import (
+            EvalConfig,
+            eval_dir,
+            evaluate_checkpoint,
+            resolve_checkpoint,
         )
-        report.notes.append(f"mean@2 {_fmt_metric(summary)}")
+
+        ref = resolve_checkpoint("latest", self.layout)  # what `make eval` resolves on Modal
+        datasets = {n: self.layout.rl_file(n) for n in ("aime_2024", "aime_2025")}
+        cfg = EvalConfig(n=2, max_response_tokens=48, max_assistant_turns=2, max_concurrency=1)
+        out = eval_dir(self.layout, ref.label)
+        summary = evaluate_checkpoint(
+            ref.path, datasets, out, cfg, self.sandbox_url, "hf", checkpoint=ref
+        )
+        scores = ", ".join(
+            f"{name} mean@2 {overall['mean@k']:.2f}"
+            for name, overall in summary["datasets"].items()
+        )
+        report.notes.append(f"{ref.label}: {scores}; report {out.relative_to(self.root)}")
 
     # -- driver ----------------------------------------------------------------------------------
 
@@ -279,12 +286,6 @@ class Smoke:
         for r in self.reports:
             lines.append(f"{r.name:<8} {r.status:<8} {r.seconds:>6.1f}s  {'; '.join(r.notes)}")
         return "\n".join(lines)
-
-
-def _fmt_metric(summary: dict[str, Any]) -> str:
-    overall = summary.get("overall", summary)
-    value = overall.get("mean@k", overall.get("mean_at_k"))
-    return f"{value:.2f}" if isinstance(value, int | float) else str(value)
 
 
 def smoke_traces(n: int) -> list[tuple[str, str]]:

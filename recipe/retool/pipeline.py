@@ -15,15 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe.retool import stages
-from recipe.retool.paths import BASE_MODEL_ID, Layout, read_checkpoint_info
+from recipe.retool.paths import BASE_MODEL_ID, Layout, latest_checkpoint, read_checkpoint_info
 
 PIPELINE_STAGES = ("prep", "download", "sft", "dapo", "eval")
 RL_FILES = ("train", "aime_2024", "aime_2025")
+EVAL_SETS = ("aime_2024", "aime_2025")
 
 
-def eval_dir(layout: Layout, experiment: str) -> Path:
-    """Where the pipeline's evaluation report for ``experiment`` goes."""
-    return layout.checkpoints / "eval" / experiment
+def comparison_dir(layout: Layout, experiment: str) -> Path:
+    """The pipeline's base-vs-SFT-vs-DAPO report: ``<checkpoints>/eval/<experiment>``."""
+    from recipe.retool.evaluate import eval_dir
+
+    return eval_dir(layout, experiment)
 
 
 def stage_done(layout: Layout, experiment: str, model_id: str = BASE_MODEL_ID) -> dict[str, bool]:
@@ -37,7 +40,7 @@ def stage_done(layout: Layout, experiment: str, model_id: str = BASE_MODEL_ID) -
         "download": model_ready,
         "sft": read_checkpoint_info(layout, "sft", experiment) is not None,
         "dapo": read_checkpoint_info(layout, "dapo", experiment) is not None,
-        "eval": (eval_dir(layout, experiment) / "report.md").exists(),
+        "eval": (comparison_dir(layout, experiment) / "compare.json").exists(),
     }
 
 
@@ -88,3 +91,35 @@ def format_status(done: Mapping[str, bool]) -> str:
     return "\n".join(
         f"{stage:<9} {'done' if done.get(stage) else 'pending'}" for stage in PIPELINE_STAGES
     )
+
+
+def evaluate_experiment(
+    layout: Layout,
+    experiment: str,
+    sandbox_url: str,
+    cfg,
+    backend: str = "hf",
+    model_id: str = BASE_MODEL_ID,
+) -> list[Path]:
+    """Evaluate base, the experiment's final SFT and DAPO checkpoints; write the comparison.
+
+    Each checkpoint's reports go to ``eval/<experiment>/<label>``; one that already has its
+    ``summary.json`` (written last by a finished evaluation) is not evaluated again.
+    """
+    from recipe.retool.eval_report import write_comparison_report
+    from recipe.retool.evaluate import CheckpointRef, evaluate_checkpoint
+
+    refs = {"base": CheckpointRef("base", layout.model_dir(model_id), "base")}
+    for stage in ("sft", "dapo"):
+        ckpt = latest_checkpoint(layout, stage, experiment)
+        label = f"{stage}-{experiment}-step{ckpt.step}"
+        refs[stage] = CheckpointRef(label, ckpt.hf_dir, stage, experiment, ckpt.step)
+    datasets = {name: layout.rl_file(name) for name in EVAL_SETS}
+    out = comparison_dir(layout, experiment)
+    dirs = {}
+    for name, ref in refs.items():
+        dirs[name] = out / name
+        if not (dirs[name] / "summary.json").exists():
+            evaluate_checkpoint(ref.path, datasets, dirs[name], cfg, sandbox_url, backend,
+                                checkpoint=ref)  # fmt: skip
+    return write_comparison_report(dirs, out)

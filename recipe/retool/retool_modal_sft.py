@@ -273,6 +273,93 @@ def train_dapo_multinode(*arglist: str) -> None:
     _run_stage("dapo", arglist)
 
 
+# ## Evaluation
+#
+# AIME 2024 and 2025 with the same multi-turn code-interpreter loop as training (verl's tool agent
+# loop, our tool, the deployed sandbox, our reward), vLLM on one GPU, the ReTool paper's settings
+# by default (n = 32, T = 1.0, top-p 0.7, 16k tokens). Reports (JSON, markdown, plots) go to
+# `/checkpoints/eval/<label>/`.
+#
+#     modal run recipe/retool/retool_modal_sft.py::evaluate --checkpoint latest  # base, sft, PATH
+
+
+@app.function(**(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 12 * HOURS}))
+def evaluate(
+    checkpoint: str = "latest", n: int = 32, max_problems: int = 0, experiment: str = ""
+) -> dict:
+    """Evaluate one checkpoint, or with --experiment base vs its SFT vs its DAPO side by side."""
+    import sys
+    from dataclasses import replace
+
+    from recipe.retool.evaluate import EvalConfig, EvalError, eval_dir, resolve_checkpoint
+    from recipe.retool.evaluate import evaluate_checkpoint as run_eval
+    from recipe.retool.launch import LaunchError
+    from recipe.retool.pipeline import EVAL_SETS, evaluate_experiment
+
+    _reload(data_volume, models_volume, checkpoints_volume)
+    layout = _layout()
+    cfg = replace(EvalConfig.from_yaml(), n=n, max_problems=max_problems or None)
+    try:
+        sandbox_url = _sandbox_url()
+        if experiment:
+            files = evaluate_experiment(layout, experiment, sandbox_url, cfg, backend="vllm")
+            result = {"comparison": [str(f) for f in files]}
+        else:
+            ref = resolve_checkpoint(checkpoint, layout)
+            datasets = {name: layout.rl_file(name) for name in EVAL_SETS}
+            result = run_eval(ref.path, datasets, eval_dir(layout, ref.label), cfg, sandbox_url,
+                              "vllm", checkpoint=ref)  # fmt: skip
+    except (EvalError, LaunchError, paths.CheckpointNotFound) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        _commit(checkpoints_volume)
+    print(result)
+    return result
+
+
+# ## The whole pipeline
+#
+# prep → download → SFT → DAPO → evaluation of base, SFT and DAPO, skipping every stage that is
+# already done (see `recipe/retool/pipeline.py`); an interrupted run resumes where it stopped.
+#
+#     modal run recipe/retool/retool_modal_sft.py::pipeline --experiment-name retool-7b
+
+
+@app.function(image=trainer_image, volumes=VOLUMES, timeout=10 * MINUTES)
+def pipeline_status(experiment: str) -> dict[str, bool]:
+    """Which stages of ``experiment`` are done, read from the volumes."""
+    from recipe.retool.pipeline import format_status, stage_done
+
+    _reload(data_volume, models_volume, checkpoints_volume)
+    done = stage_done(_layout(), experiment)
+    print(format_status(done))
+    return done
+
+
+@app.local_entrypoint()
+def pipeline(experiment_name: str = "retool", force: str = "") -> None:
+    """Run (or resume) every stage of one experiment on Modal; ``--force eval,dapo`` re-runs."""
+    from recipe.retool.pipeline import run_pipeline
+
+    exp = f"--experiment-name={experiment_name}"
+    outcomes = run_pipeline(
+        lambda: pipeline_status.remote(experiment_name),
+        {
+            "prep": lambda: prep_dataset.remote(),
+            "download": lambda: download_model.remote(),
+            "sft": lambda: train.remote(exp),
+            "dapo": lambda: train_dapo.remote(exp, f"--sft-checkpoint={experiment_name}"),
+            "eval": lambda: evaluate.remote(experiment=experiment_name),
+        },
+        force=tuple(filter(None, force.split(","))),
+    )
+    for outcome in outcomes:
+        print(f"{outcome.stage:<9} {outcome.action}")
+    if outcomes and outcomes[-1].action.startswith("failed"):
+        raise SystemExit(1)
+
+
 # ## Checkpoints
 
 

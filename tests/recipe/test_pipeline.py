@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,9 @@ class World:
 
     def evaluate(self) -> None:
         self._maybe_fail("eval")
-        out = pipeline.eval_dir(self.layout, "exp")
+        out = pipeline.comparison_dir(self.layout, "exp")
         out.mkdir(parents=True)
-        (out / "report.md").write_text("# report\n")
+        (out / "compare.json").write_text("{}\n")
 
     def runners(self):
         return {
@@ -103,8 +104,8 @@ def test_forced_stages_rerun_and_unknown_ones_are_rejected(tmp_path: Path) -> No
     world = World(Layout.local(tmp_path))
     run(world)
     world.calls.clear()
-    pipeline.eval_dir(world.layout, "exp").joinpath("report.md").unlink()
-    (pipeline.eval_dir(world.layout, "exp")).rmdir()
+    pipeline.comparison_dir(world.layout, "exp").joinpath("compare.json").unlink()
+    pipeline.comparison_dir(world.layout, "exp").rmdir()
     run(world, force=("eval",))
     assert world.calls == ["eval"]
     with pytest.raises(ValueError, match="unknown stage"):
@@ -115,3 +116,34 @@ def test_status_is_readable(tmp_path: Path) -> None:
     text = pipeline.format_status(pipeline.stage_done(Layout.local(tmp_path), "exp"))
     assert text.splitlines()[0].split() == ["prep", "pending"]
     assert len(text.splitlines()) == 5
+
+
+@pytest.mark.slow
+def test_evaluate_experiment_compares_base_sft_and_dapo(tmp_path, tiny_model_dir, local_endpoint):
+    """The eval stage for real (tiny model, HF generation, local sandbox); finished ones skip."""
+    import shutil
+
+    from recipe.retool import sample_sources
+    from recipe.retool.evaluate import EvalConfig
+    from recipe.retool.prep import prepare
+    from tests.recipe.test_paths import mark_tracked
+
+    layout = Layout.local(tmp_path)
+    shutil.copytree(tiny_model_dir, layout.model_dir())
+    for stage in ("sft", "dapo"):
+        step = layout.experiment_dir(stage, "exp") / "global_step_3"
+        shutil.copytree(
+            tiny_model_dir, step / ("huggingface" if stage == "sft" else "actor/huggingface")
+        )
+        mark_tracked(layout, stage, "exp", 3)
+    prepare(layout.data, only=["val"], source_dir=sample_sources.write_sources(tmp_path / "src"),
+            show=False)  # fmt: skip
+    cfg = EvalConfig(n=1, max_problems=1, max_response_tokens=16, max_assistant_turns=1)
+    files = pipeline.evaluate_experiment(layout, "exp", local_endpoint + "/run_code", cfg)
+    out = pipeline.comparison_dir(layout, "exp")
+    assert {f.name for f in files} == {"compare.md", "compare.json", "compare.png"}
+    assert set(json.loads((out / "compare.json").read_text())) == {"base", "sft", "dapo"}
+    assert pipeline.stage_done(layout, "exp")["eval"]
+    stamp = (out / "sft" / "summary.json").stat().st_mtime_ns
+    pipeline.evaluate_experiment(layout, "exp", local_endpoint + "/run_code", cfg)
+    assert (out / "sft" / "summary.json").stat().st_mtime_ns == stamp  # not evaluated again

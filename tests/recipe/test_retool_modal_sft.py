@@ -175,3 +175,22 @@ def test_topology_comes_from_the_modal_cluster(app_module, monkeypatch) -> None:
         "10.0.0.5",
         16,
     )
+
+
+def test_evaluate_takes_one_gpu_and_reports_a_missing_checkpoint(app_module, tmp_path, monkeypatch,
+                                                                  capsys) -> None:  # fmt: skip
+    info = app_module.evaluate.info()
+    assert info.gpus == [("H100", 1)] and info.timeout == 12 * 60 * 60
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://127.0.0.1:9/run_code")
+    with pytest.raises(SystemExit) as exc:
+        app_module.evaluate.local(checkpoint="latest")
+    assert exc.value.code == 2
+    assert "no complete DAPO or SFT checkpoint" in capsys.readouterr().err
+
+
+def test_pipeline_status_reads_the_volumes(app_module, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    done = app_module.pipeline_status.local("exp")
+    assert done == dict.fromkeys(("prep", "download", "sft", "dapo", "eval"), False)
+    assert "pending" in capsys.readouterr().out
