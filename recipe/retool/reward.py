@@ -23,6 +23,7 @@ plain −1). The floor keeps "call the tool many times" from becoming a strategy
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import multiprocessing
 import re
@@ -209,7 +210,16 @@ class _GuardedVerifier:
             return False
 
 
+    def close(self) -> None:
+        """Shut the worker down at interpreter exit, before module teardown (no stray warnings)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 _guarded = _GuardedVerifier()
+atexit.register(_guarded.close)
 
 
 def answers_match(pred: str, ground_truth: str, timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
