@@ -209,7 +209,6 @@ class _GuardedVerifier:
             self._discard(pool)
             return False
 
-
     def close(self) -> None:
         """Shut the worker down at interpreter exit, before module teardown (no stray warnings)."""
         with self._lock:

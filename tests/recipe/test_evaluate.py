@@ -30,7 +30,7 @@ from recipe.retool.evaluate import (
 )
 from recipe.retool.paths import Layout
 from recipe.retool.rollout_cpu import ScriptedServer
-from tests.recipe.sources import write_sources
+from recipe.retool.sample_sources import write_sources
 
 SUMMARY_KEYS = {"checkpoint", "backend", "config", "out_dir", "files", "wall_s", "datasets"}
 

@@ -174,6 +174,18 @@ def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
     assert changed, "SFT steps should have updated the weights"
     assert read_checkpoint_info(layout, "sft", "cpu").step == 2
 
+    # merge_checkpoint rebuilds the same weights from the FSDP shards with verl's model merger
+    # (what users run for steps saved without hf_model, e.g. by an older config).
+    (result.checkpoint.hf_dir / "model.safetensors").unlink()
+    merged = stages.merge_checkpoint(layout, "sft", "cpu", 2)
+    remerged = AutoModelForCausalLM.from_pretrained(merged)
+    for (name, p), (_, q) in zip(
+        model.named_parameters(), remerged.named_parameters(), strict=True
+    ):
+        assert (p == q).all(), name
+    with pytest.raises(CheckpointNotFound, match=r"fsdp_config\.json"):
+        stages.merge_checkpoint(layout, "sft", "cpu", 99)
+
 
 def test_multinode_needs_a_shared_experiment_name_and_only_rank0_records(
     layout: Layout, tiny_model_dir
