@@ -9,13 +9,21 @@ scripted model or the tiny HF model and a local sandbox.
 Errors: a malformed request is a 422 (FastAPI's validation body), a missing or wrong API key a
 401, a failing model server a 502. A failing sandbox is not an error: the model reads
 ``SandboxError: ...`` as the tool's output, as in training.
+
+Locally, with the sandbox running (``make sandbox``)::
+
+    python -m recipe.retool.chat_api --hf-model DIR --sandbox-url http://127.0.0.1:8080
+    python -m recipe.retool.chat_api --openai-url http://localhost:8000 --sandbox-url ...
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -25,6 +33,8 @@ from recipe.retool.tool_chat import (
     BackendError,
     ChatBackend,
     CodeSettings,
+    HFChatBackend,
+    OpenAIChatBackend,
     Sampling,
     chat_with_tools,
 )
@@ -163,3 +173,45 @@ def create_app(
         return result.to_dict()
 
     return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Local runs: `python -m recipe.retool.chat_api --hf-model DIR` (CPU) or `--openai-url URL`
+# ---------------------------------------------------------------------------------------------
+
+
+def build_local_app(argv: list[str] | None = None) -> tuple[FastAPI, argparse.Namespace]:
+    """The chat API on this machine, against a local HF model or any OpenAI-compatible server."""
+    parser = argparse.ArgumentParser(description="Serve POST /chat locally.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-model", type=Path, help="a Hugging Face model directory (CPU)")
+    source.add_argument("--openai-url", help="an OpenAI-compatible server, e.g. vLLM's")
+    parser.add_argument("--model-name", default="retool", help="model name for --openai-url")
+    parser.add_argument("--sandbox-url", default=None, help="default: $SANDBOX_FUSION_ENDPOINT")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="per turn, --hf-model")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    args = parser.parse_args(argv)
+    api_key = os.environ.get("RETOOL_SERVE_API_KEY") or None
+
+    def backend() -> ChatBackend:
+        if args.openai_url:
+            return OpenAIChatBackend(args.openai_url, args.model_name, api_key=api_key)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.hf_model)
+        tokenizer = AutoTokenizer.from_pretrained(args.hf_model)
+        return HFChatBackend(model, tokenizer, max_new_tokens=args.max_new_tokens)
+
+    return create_app(backend, SandboxClient(args.sandbox_url), api_key=api_key), args
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    app, args = build_local_app(argv)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

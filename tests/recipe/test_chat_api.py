@@ -126,3 +126,16 @@ async def test_chat_with_the_tiny_hf_model(tiny_model_dir):
     body = resp.json()
     assert body["trace"][0] == QUESTION and 1 <= body["num_turns"] <= 2
     json.dumps(body)
+
+
+async def test_local_entry_point_serves_the_tiny_model(tiny_model_dir, local_endpoint):
+    from recipe.retool.chat_api import build_local_app
+
+    app, args = build_local_app(["--hf-model", str(tiny_model_dir), "--sandbox-url",
+                                 local_endpoint, "--max-new-tokens", "8"])  # fmt: skip
+    assert (args.host, args.port) == ("127.0.0.1", 8001)
+    async with client_for(app) as http:
+        resp = await http.post("/chat", json={"messages": [QUESTION], "max_turns": 2})
+    assert resp.status_code == 200, resp.text
+    with pytest.raises(SystemExit):  # one model source is required
+        build_local_app(["--sandbox-url", local_endpoint])
