@@ -184,3 +184,59 @@ def read_checkpoint_info(layout: Layout, stage: Stage, experiment: str) -> Check
         return CheckpointInfo(**raw)
     except (OSError, ValueError, TypeError):
         return None
+
+
+def resolve_model_dir(layout: Layout, spec: str | None = "latest") -> Path:
+    """The Hugging Face directory a user means by ``spec`` (what serving loads):
+
+    * ``latest`` (or empty): the latest complete DAPO checkpoint, else the latest complete SFT one;
+    * ``base``: the base model on the models volume;
+    * a directory, absolute or relative to the checkpoints root: a step directory (its
+      ``huggingface/`` or ``actor/huggingface/`` is used) or a Hugging Face directory itself;
+    * an experiment name, ``sft/<name>`` or ``dapo/<name>``: that experiment's latest complete step
+      (a bare name found under both stages is ambiguous and must carry its stage).
+
+    Raises :class:`CheckpointNotFound` with a one-line reason when nothing usable is there.
+    """
+    spec = (spec or "latest").strip()
+    if spec == "latest":
+        for stage in ("dapo", "sft"):
+            try:
+                return latest_checkpoint(layout, stage).hf_dir
+            except CheckpointNotFound:
+                continue
+        raise CheckpointNotFound(
+            f"no complete DAPO or SFT checkpoint under {layout.checkpoints}; train first, or name "
+            "a checkpoint path, an experiment or `base`"
+        )
+    if spec == "base":
+        candidate = layout.model_dir()
+        if not _has_hf_weights(candidate):
+            raise CheckpointNotFound(f"no base model at {candidate}; run download_model first")
+        return candidate
+    as_path = Path(spec) if Path(spec).is_absolute() else layout.checkpoints / spec
+    if as_path.is_dir():
+        for candidate in (as_path / "huggingface", as_path / "actor" / "huggingface", as_path):
+            if _has_hf_weights(candidate):
+                return candidate
+        raise CheckpointNotFound(
+            f"{as_path} has no Hugging Face weights (config.json + *.safetensors); merge the "
+            "checkpoint first (modal run recipe/retool/retool_modal_sft.py::merge_checkpoint)"
+        )
+    if Path(spec).is_absolute():
+        raise CheckpointNotFound(f"no checkpoint directory at {spec}")
+    stage_prefix, _, name = spec.partition("/")
+    if name and stage_prefix in STAGES:
+        return latest_checkpoint(layout, stage_prefix, name).hf_dir  # type: ignore[arg-type]
+    if "/" in spec or spec.startswith("."):
+        raise CheckpointNotFound(f"no checkpoint directory {as_path}")
+    stages = [s for s in STAGES if layout.experiment_dir(s, spec).is_dir()]
+    if not stages:
+        raise CheckpointNotFound(
+            f"{spec!r} is neither `latest`, `base`, a checkpoint directory nor an experiment under "
+            f"{layout.stage_root('sft')} or {layout.stage_root('dapo')}"
+        )
+    if len(stages) > 1:
+        raise CheckpointNotFound(f"experiment {spec!r} exists for both stages: say sft/{spec} or "
+                                 f"dapo/{spec}")  # fmt: skip
+    return latest_checkpoint(layout, stages[0], spec).hf_dir

@@ -1,0 +1,175 @@
+# # Serving a ReTool checkpoint on Modal
+#
+# Two web endpoints in one app:
+#
+# - `vllm`: an OpenAI-compatible server (vLLM) for a trained checkpoint. vLLM's hermes tool
+#   parser turns the model's `<tool_call>` blocks into OpenAI `tool_calls`, so any OpenAI client
+#   can drive the model and run the code itself.
+# - `chat`: `POST /chat` runs the tool loop on the server side - every `code_interpreter` call
+#   goes to the deployed sandbox, exactly as in training - and returns the final answer, the
+#   `\boxed{}` answer and the whole trace.
+#
+# Deploy (the sandbox first; the chat endpoint calls it):
+#
+#     modal deploy recipe/retool/modal_fusion_sandbox.py
+#     modal deploy recipe/retool/serve.py
+#
+# Which checkpoint is chosen when a vLLM container starts, from `RETOOL_SERVE_CHECKPOINT` at
+# deploy time: `latest` (default: the latest complete DAPO checkpoint, else the latest SFT one),
+# `base`, an experiment (`my-exp`, `sft/my-exp`, `dapo/my-exp`) or a directory on the
+# checkpoints volume (`dapo-experiments/my-exp/global_step_200`):
+#
+#     RETOOL_SERVE_CHECKPOINT=sft/my-exp modal deploy recipe/retool/serve.py
+#
+# Set `RETOOL_SERVE_API_KEY` at deploy time to require `Authorization: Bearer <key>` on both
+# endpoints. Client examples: `docs/serving.md`.
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import modal
+
+from recipe.retool import paths
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REMOTE_ROOT = Path("/root/retool-modal")
+
+APP_NAME = "retool-serve"
+SERVED_MODEL_NAME = "retool"
+VLLM_PORT = 8000
+GPU_TYPE = os.environ.get("RETOOL_SERVE_GPU", "H100")
+CHECKPOINT = os.environ.get("RETOOL_SERVE_CHECKPOINT", "latest")
+# Qwen2.5-7B's context; the ReTool evaluation budget (16k response tokens) fits with the prompt.
+MAX_MODEL_LEN = int(os.environ.get("RETOOL_SERVE_MAX_MODEL_LEN", "32768"))
+API_KEY_ENV = "RETOOL_SERVE_API_KEY"
+MINUTES = 60
+
+app = modal.App(APP_NAME)
+
+# ## Image
+#
+# The trainer image (CUDA, vLLM, verl), built from the Dockerfile docker compose uses, with the
+# project's code added last, as in the training app: a code edit never rebuilds CUDA layers.
+
+
+def _with_project_code(image: modal.Image) -> modal.Image:
+    ignore = ["**/__pycache__", "**/.pytest_cache", ".venv", "runs", ".cache", ".git"]
+    image = image.env({"PYTHONPATH": str(REMOTE_ROOT), "PYTHONUNBUFFERED": "1"})
+    for package in ("recipe", "sandbox"):
+        image = image.add_local_dir(REPO_ROOT / package, str(REMOTE_ROOT / package), ignore=ignore)
+    return image
+
+
+image = _with_project_code(
+    modal.Image.from_dockerfile(REPO_ROOT / "images" / "trainer.Dockerfile", context_dir=REPO_ROOT)
+)
+
+# ## Volumes and the API key
+#
+# Serving only reads: the checkpoints volume (and the models volume, for `base` and for a
+# checkpoint saved without its tokenizer) are mounted read-only, so a serving container can
+# never damage a training run's files. The key, when given, travels as a Modal secret, never in
+# the function's environment or in logs.
+
+checkpoints_volume = modal.Volume.from_name(paths.CHECKPOINTS_VOLUME, create_if_missing=True)
+models_volume = modal.Volume.from_name(paths.MODELS_VOLUME, create_if_missing=True)
+VOLUMES = {
+    str(paths.CHECKPOINTS_MOUNT): checkpoints_volume.read_only(),
+    str(paths.MODELS_MOUNT): models_volume.read_only(),
+}
+_api_key = os.environ.get(API_KEY_ENV, "")
+secrets = [modal.Secret.from_dict({API_KEY_ENV: _api_key})] if _api_key else []
+
+
+def _layout() -> paths.Layout:
+    """Modal mounts, or a local root when ``RETOOL_ROOT`` is set (tests and ``.local()`` runs)."""
+    root = os.environ.get("RETOOL_ROOT")
+    return paths.Layout.local(Path(root)) if root else paths.Layout.modal()
+
+
+def vllm_command(model_dir: Path, layout: paths.Layout, *, port: int = VLLM_PORT) -> list[str]:
+    """``vllm serve`` for ``model_dir``; the base model's tokenizer if the checkpoint has none."""
+    command = [
+        "vllm", "serve", str(model_dir),
+        "--served-model-name", SERVED_MODEL_NAME,
+        "--host", "0.0.0.0", "--port", str(port),
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--max-model-len", str(MAX_MODEL_LEN),
+        "--generation-config", "vllm",  # sampling defaults are the request's, not the checkpoint's
+    ]  # fmt: skip
+    if not (model_dir / "tokenizer_config.json").is_file():
+        command += ["--tokenizer", str(layout.model_dir())]
+    return command
+
+
+# ## The OpenAI-compatible endpoint
+#
+# One H100 holds the 7B model in bf16 with room for a large KV cache; vLLM batches the concurrent
+# requests Modal lets into one container. The container resolves the checkpoint when it starts,
+# so `latest` means the latest at that moment. Startup (weights from the volume, CUDA graphs)
+# takes a few minutes; the first request after an idle period waits for it.
+
+
+@app.function(
+    image=image,
+    gpu=GPU_TYPE,
+    volumes=VOLUMES,
+    secrets=secrets,
+    env={"RETOOL_SERVE_CHECKPOINT": CHECKPOINT},
+    timeout=30 * MINUTES,  # per request: a 16k-token answer, with room
+    scaledown_window=15 * MINUTES,
+)
+@modal.concurrent(max_inputs=64)
+@modal.web_server(port=VLLM_PORT, startup_timeout=20 * MINUTES)
+def vllm() -> None:
+    import subprocess
+
+    layout = _layout()
+    model_dir = paths.resolve_model_dir(layout, os.environ.get("RETOOL_SERVE_CHECKPOINT"))
+    print(f"serving {model_dir} as {SERVED_MODEL_NAME!r}", flush=True)
+    command = vllm_command(model_dir, layout)
+    if os.environ.get(API_KEY_ENV):  # vLLM then requires `Authorization: Bearer <key>`
+        command += ["--api-key", os.environ[API_KEY_ENV]]
+    subprocess.Popen(command)
+
+
+# ## The chat endpoint
+#
+# A CPU container: it only relays. `chat_with_tools` (`recipe/retool/tool_chat.py`) asks the vLLM
+# endpoint for a turn, runs each tool call in the deployed sandbox (the one DAPO used), and
+# repeats; `recipe/retool/chat_api.py` is the FastAPI app around it. Requests running past
+# Modal's 150 s web limit are answered with a 303 to a result URL: follow redirects (`curl -L`).
+
+
+def _sandbox_url() -> str:
+    """The deployed sandbox's URL, or SANDBOX_FUSION_ENDPOINT when set."""
+    explicit = os.environ.get("SANDBOX_FUSION_ENDPOINT")
+    if explicit:
+        return explicit
+    fn = modal.Function.from_name(paths.SANDBOX_APP_NAME, paths.SANDBOX_FUNCTION_NAME)
+    try:
+        return fn.get_web_url().rstrip("/")
+    except modal.exception.NotFoundError:
+        raise RuntimeError(
+            "the sandbox is not deployed: run `modal deploy recipe/retool/modal_fusion_sandbox.py`"
+        ) from None
+
+
+@app.function(image=image, secrets=secrets, cpu=2.0, timeout=60 * MINUTES)
+@modal.concurrent(max_inputs=32)
+@modal.asgi_app()
+def chat():
+    from recipe.retool.chat_api import create_app
+    from recipe.retool.tool_chat import OpenAIChatBackend
+    from sandbox.client import SandboxClient
+
+    api_key = os.environ.get(API_KEY_ENV) or None
+    sandbox = SandboxClient(_sandbox_url(), timeout_s=90.0)
+
+    def backend() -> OpenAIChatBackend:
+        # Looked up on the first request: the URL exists once the app is deployed.
+        return OpenAIChatBackend(vllm.get_web_url(), SERVED_MODEL_NAME, api_key=api_key)
+
+    return create_app(backend, sandbox, api_key=api_key)
