@@ -96,6 +96,14 @@ eval: $(PY) ## Evaluate on AIME 24/25 with tools on Modal: make eval CHECKPOINT=
 pipeline: $(PY) ## prep → download → SFT → DAPO → eval on Modal, skipping done stages (EXPERIMENT=retool)
 	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::pipeline --experiment-name $(EXPERIMENT)
 
+.PHONY: deploy-sandbox
+deploy-sandbox: $(PY) ## Deploy the sandbox to Modal (a web endpoint; prints its URL)
+	$(VENV)/bin/modal deploy recipe/retool/modal_fusion_sandbox.py
+
+.PHONY: serve
+serve: $(PY) ## Deploy the trained model to Modal: OpenAI-compatible vLLM + /chat with tools
+	$(VENV)/bin/modal deploy recipe/retool/serve.py
+
 BENCH_ROOT ?= /tmp/retool-bench
 
 .PHONY: bench-sft-gpu

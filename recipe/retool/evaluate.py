@@ -47,7 +47,7 @@ from recipe.retool.paths import (
     BASE_MODEL_ID,
     CheckpointNotFound,
     Layout,
-    latest_checkpoint,
+    resolve_model_dir,
 )
 
 CONFIG_FILE = Path(__file__).parent / "config" / "eval.yaml"
@@ -188,33 +188,19 @@ def check_model_dir(path: Path) -> None:
 
 
 def resolve_checkpoint(spec: str, layout: Layout, base_model: str = BASE_MODEL_ID) -> CheckpointRef:
-    """``base`` | ``latest`` (DAPO if any, else SFT) | ``sft`` | ``dapo`` | a path."""
+    """``base`` | ``latest`` (DAPO if any, else SFT) | ``sft`` | ``dapo`` | an experiment | a path.
 
-    def from_stage(stage: str) -> CheckpointRef:
-        ckpt = latest_checkpoint(layout, stage)  # type: ignore[arg-type]
-        label = f"{stage}-{ckpt.experiment}-step{ckpt.step}"
-        return CheckpointRef(label, ckpt.hf_dir, stage, ckpt.experiment, ckpt.step)
-
-    try:
-        if spec == "base":
-            ref = CheckpointRef("base", layout.model_dir(base_model), "base")
-        elif spec == "latest":
-            try:
-                ref = from_stage("dapo")
-            except CheckpointNotFound:
-                try:
-                    ref = from_stage("sft")
-                except CheckpointNotFound:
-                    raise EvalError(
-                        f"no complete DAPO or SFT checkpoint under {layout.checkpoints}; train "
-                        "first, or pass --checkpoint base or a path"
-                    ) from None
-        elif spec in ("sft", "dapo"):
-            ref = from_stage(spec)
-        else:
-            ref = CheckpointRef.from_path(Path(spec))
-    except CheckpointNotFound as exc:
-        raise EvalError(str(exc)) from None
+    The same resolution serving uses (:func:`recipe.retool.paths.resolve_model_dir`), plus the
+    label the reports are filed under.
+    """
+    if spec == "base":
+        ref = CheckpointRef("base", layout.model_dir(base_model), "base")
+    else:
+        try:
+            path = resolve_model_dir(layout, spec)
+        except CheckpointNotFound as exc:
+            raise EvalError(str(exc)) from None
+        ref = CheckpointRef.from_path(path)
     check_model_dir(ref.path)
     return ref
 

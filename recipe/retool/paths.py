@@ -190,6 +190,7 @@ def resolve_model_dir(layout: Layout, spec: str | None = "latest") -> Path:
     """The Hugging Face directory a user means by ``spec`` (what serving loads):
 
     * ``latest`` (or empty): the latest complete DAPO checkpoint, else the latest complete SFT one;
+    * ``sft`` / ``dapo``: the latest complete checkpoint of that stage;
     * ``base``: the base model on the models volume;
     * a directory, absolute or relative to the checkpoints root: a step directory (its
       ``huggingface/`` or ``actor/huggingface/`` is used) or a Hugging Face directory itself;
@@ -209,6 +210,8 @@ def resolve_model_dir(layout: Layout, spec: str | None = "latest") -> Path:
             f"no complete DAPO or SFT checkpoint under {layout.checkpoints}; train first, or name "
             "a checkpoint path, an experiment or `base`"
         )
+    if spec in STAGES:
+        return latest_checkpoint(layout, spec).hf_dir  # type: ignore[arg-type]
     if spec == "base":
         candidate = layout.model_dir()
         if not _has_hf_weights(candidate):

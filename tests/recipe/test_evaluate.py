@@ -115,9 +115,9 @@ def test_resolve_checkpoint(tmp_path: Path):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda p: p, "does not exist"),
-        (lambda p: p.mkdir() or p, "no config.json"),
-        (lambda p: fake_model(p, weights=False), "has no weights"),
+        (lambda p: p, "no checkpoint directory"),
+        (lambda p: p.mkdir() or p, "has no Hugging Face weights"),
+        (lambda p: fake_model(p, weights=False), "merge the checkpoint first"),
     ],
 )
 def test_bad_checkpoint_paths_are_one_line_errors(tmp_path: Path, make, message):
@@ -297,7 +297,7 @@ def test_cli_latest_writes_under_the_checkpoints_layout(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--checkpoint", "{tmp}/nope"], "does not exist"),
+        (["--checkpoint", "{tmp}/nope"], "no checkpoint directory"),
         (["--datasets", "aime_2030"], "dataset 'aime_2030' not found"),
         (["--n", "0"], "n must be >= 1"),
         (["--set", "bogus=1"], "unknown eval config keys"),
