@@ -3,16 +3,19 @@
 Why a zygote: a fresh interpreter costs 15-170 ms here and importing numpy+sympy another ~200 ms;
 ``fork()`` of an interpreter that already did both costs ~2 ms. So this process imports the math
 stack once, then forks one long-lived *slot worker* per concurrent slot. A slot worker serves runs
-one at a time over its own socket (4-byte length + JSON frames); for each run it:
+one at a time over its own socket (4-byte length + JSON frames). Per run:
 
-1. enters a fresh mount namespace and mounts a private, size-capped tmpfs on ``/tmp`` (the run's
-   cwd and only writable place), writes the request's files there, owned by the slot's uid;
-2. forks the *run child*, which sets rlimits, drops to the slot's unprivileged uid (so
-   RLIMIT_NPROC counts, and it can signal neither the zygote, nor other slots, nor the server,
-   which lives outside the pid namespace), and ``exec``s the code in a clean ``__main__``;
-3. collects stdout/stderr (capped), enforces the wall-clock limit, then kills *every* process of
-   the slot's uid (``kill(-1)`` from that uid catches ``setsid``/double-fork escapes), reads
-   ``fetch_files`` and unmounts the tmpfs, so nothing survives into the next run.
+1. *Ahead of the request* (``prepare``): the worker enters a fresh mount namespace, mounts a
+   private, size-capped tmpfs on ``/tmp`` (the run's cwd and only writable place) and forks the
+   *run child*, which readies stdio, env, cwd and a clean ``__main__`` and blocks on a "go" pipe.
+2. On the request (``execute``): the worker writes the files and code (owned by the slot's uid)
+   and stdin, and sends "go" with the limits; the child sets rlimits, drops to the slot's
+   unprivileged uid (so RLIMIT_NPROC counts, and it can signal neither the zygote, nor other
+   slots, nor the server, which lives outside the pid namespace) and runs the code. The worker
+   collects stdout/stderr (capped), enforces the wall-clock limit, reads ``fetch_files``, replies.
+3. After the reply (``cleanup``): kill the child and *every* process of the slot's uid
+   (``kill(-1)`` from that uid catches ``setsid``/double-fork escapes), reap, unmount; only then
+   is the next child prepared, so nothing of this run survives into the next. A child is used once.
 
 The run child is a fork of the worker, never the other way round, so user code cannot change the
 state the next run starts from. Isolation from the host (no network, read-only minimal filesystem,
