@@ -3,16 +3,19 @@
 Why a zygote: a fresh interpreter costs 15-170 ms here and importing numpy+sympy another ~200 ms;
 ``fork()`` of an interpreter that already did both costs ~2 ms. So this process imports the math
 stack once, then forks one long-lived *slot worker* per concurrent slot. A slot worker serves runs
-one at a time over its own socket (4-byte length + JSON frames); for each run it:
+one at a time over its own socket (4-byte length + JSON frames). Per run:
 
-1. enters a fresh mount namespace and mounts a private, size-capped tmpfs on ``/tmp`` (the run's
-   cwd and only writable place), writes the request's files there, owned by the slot's uid;
-2. forks the *run child*, which sets rlimits, drops to the slot's unprivileged uid (so
-   RLIMIT_NPROC counts, and it can signal neither the zygote, nor other slots, nor the server,
-   which lives outside the pid namespace), and ``exec``s the code in a clean ``__main__``;
-3. collects stdout/stderr (capped), enforces the wall-clock limit, then kills *every* process of
-   the slot's uid (``kill(-1)`` from that uid catches ``setsid``/double-fork escapes), reads
-   ``fetch_files`` and unmounts the tmpfs, so nothing survives into the next run.
+1. *Ahead of the request* (``prepare``): the worker enters a fresh mount namespace, mounts a
+   private, size-capped tmpfs on ``/tmp`` (the run's cwd and only writable place) and forks the
+   *run child*, which readies stdio, env, cwd and a clean ``__main__`` and blocks on a "go" pipe.
+2. On the request (``execute``): the worker writes the files and code (owned by the slot's uid)
+   and stdin, and sends "go" with the limits; the child sets rlimits, drops to the slot's
+   unprivileged uid (so RLIMIT_NPROC counts, and it can signal neither the zygote, nor other
+   slots, nor the server, which lives outside the pid namespace) and runs the code. The worker
+   collects stdout/stderr (capped), enforces the wall-clock limit, reads ``fetch_files``, replies.
+3. After the reply (``cleanup``): kill the child and *every* process of the slot's uid
+   (``kill(-1)`` from that uid catches ``setsid``/double-fork escapes), reap, unmount; only then
+   is the next child prepared, so nothing of this run survives into the next. A child is used once.
 
 The run child is a fork of the worker, never the other way round, so user code cannot change the
 state the next run starts from. Isolation from the host (no network, read-only minimal filesystem,
@@ -23,6 +26,7 @@ Usage: python _zygote.py '<json config>' — fds named in the config are the slo
 
 import base64
 import ctypes
+import gc
 import io
 import json
 import os
@@ -158,23 +162,27 @@ def kill_uid(uid):
 
 
 def kill_all(uid):
-    """Kill and reap the whole process tree of a run (we are its subreaper)."""
+    """Kill and reap the whole process tree of a run (we are its subreaper); {pid: status}."""
+    reaped = {}
     for _ in range(100):
         kill_uid(uid)
-        reap_all()
+        reaped.update(reap_all())
         if not has_children():
-            return
+            break
+    return reaped
 
 
 def reap_all():
-    """Reap orphans re-parented to us (we are a child subreaper)."""
+    """Reap orphans re-parented to us (we are a child subreaper); {pid: status}."""
+    reaped = {}
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped[pid] = status
 
 
 def has_children():
@@ -186,18 +194,54 @@ def has_children():
 
 
 # -- the run child -----------------------------------------------------------------------------
-def run_child(req, cfg, uid, workdir, code_path, stdin_fd, out_w, err_w):
-    """In the forked child: confine, drop privileges, run the code. Never returns."""
+def run_child(cfg, uid, workdir, code_path, fds):
+    """In the pre-forked child: get ready as root, wait for "go", confine, run. Never returns.
+
+    Everything that does not depend on the request happens *before* the request exists; only the
+    per-request limits, the uid drop and the user's code come after "go".
+    """
     rc = 125
+    go_r, status_w = fds["go_r"], fds["status_w"]
     try:
         os.setsid()
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # A read-only descriptor of its own (own offset) on the worker's stdin memfd: the worker
+        # fills it after "go" is decided, the run can only read it.
+        stdin_fd = os.open("/proc/self/fd/%d" % fds["stdin_w"], os.O_RDONLY)
         os.dup2(stdin_fd, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.closerange(3, 4096)
+        os.dup2(fds["out_w"], 1)
+        os.dup2(fds["err_w"], 2)
+        low = 3
+        for keep in sorted((go_r, status_w)):
+            os.closerange(low, keep)
+            low = keep + 1
+        os.closerange(low, 4096)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.chdir(workdir)
+        os.environ.clear()
+        os.environ.update(
+            PATH="/usr/local/bin:/usr/bin:/bin",
+            HOME=workdir,
+            TMPDIR=workdir,
+            LANG="C.UTF-8",
+            OPENBLAS_NUM_THREADS="1",
+            OMP_NUM_THREADS="1",
+            MPLBACKEND="Agg",
+        )
+        prepare_python(code_path)
+        go = b""
+        while True:  # the worker writes one small JSON line, or closes the pipe: never ran
+            chunk = os.read(go_r, 65536)
+            if not chunk:
+                break
+            go += chunk
+            if go.endswith(b"\n"):
+                break
+        os.close(go_r)
+        if not go.endswith(b"\n"):
+            os._exit(0)
+        req = json.loads(go)
         limits = req["limits"]
         cpu = int(limits["cpu_s"])
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -211,21 +255,11 @@ def run_child(req, cfg, uid, workdir, code_path, stdin_fd, out_w, err_w):
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel clears it on a uid change
         prctl(PR_SET_NO_NEW_PRIVS, 1)
-        os.chdir(workdir)
-        os.environ.clear()
-        os.environ.update(
-            PATH="/usr/local/bin:/usr/bin:/bin",
-            HOME=workdir,
-            TMPDIR=workdir,
-            LANG="C.UTF-8",
-            OPENBLAS_NUM_THREADS="1",
-            OMP_NUM_THREADS="1",
-            MPLBACKEND="Agg",
-        )
-        if req["language"] == "bash":
-            os.execv("/bin/bash", ["bash", code_path])
-        rc = exec_python(code_path)
+        if req["language"] == "bash":  # status_w is close-on-exec
+            os.execv("/bin/bash", ["bash", os.path.join(workdir, "main.sh")])
+        rc = exec_python(code_path, status_w)
     except BaseException:
         try:
             os.write(2, traceback.format_exc().encode())
@@ -234,8 +268,8 @@ def run_child(req, cfg, uid, workdir, code_path, stdin_fd, out_w, err_w):
     os._exit(rc)
 
 
-def exec_python(code_path):
-    """Run ``code_path`` as ``__main__`` like ``python file.py``; return the exit status."""
+def prepare_python(code_path):
+    """Set up a clean ``__main__`` and stdio, like ``python file.py`` would (before "go")."""
     import builtins
     import types
 
@@ -254,11 +288,16 @@ def exec_python(code_path):
     main.__file__ = code_path
     main.__builtins__ = builtins
     sys.modules["__main__"] = main
+
+
+def exec_python(code_path, status_w):
+    """Run ``code_path`` in the prepared ``__main__``; report and return the exit status."""
+    me = os.getpid()
     rc = 0
     try:
         with open(code_path, "rb") as fh:
             source = fh.read()
-        exec(compile(source, code_path, "exec"), main.__dict__)
+        exec(compile(source, code_path, "exec"), sys.modules["__main__"].__dict__)
     except SystemExit as exc:
         rc = exit_status(exc)
     except BaseException as exc:
@@ -281,6 +320,17 @@ def exec_python(code_path):
             stream.flush()
         except BaseException:
             rc = rc or 120
+    if os.getpid() == me:  # not a fork of the user's that fell off the end of the code
+        # Close our ends of stdout/stderr, then say we are done: the worker can answer as soon
+        # as the pipes are drained, without waiting for this (large) process to be torn down.
+        # The code could write this line itself, but it controls its exit status anyway; the
+        # worker still kills the whole uid before the slot is used again.
+        try:
+            os.close(1)
+            os.close(2)
+            os.write(status_w, b"%d\n" % rc)
+        except OSError:
+            pass
     return rc
 
 
@@ -298,8 +348,23 @@ def exit_status(exc):
 
 
 # -- the slot worker ---------------------------------------------------------------------------
-def run_one(req, cfg, slot, uid):
-    limits = req["limits"]
+class Prepared:
+    """A run child forked ahead of time, blocked on its "go" pipe, with a fresh empty scratch."""
+
+    def __init__(self, pid, workdir, code_path, fds):
+        self.pid = pid
+        self.workdir = workdir
+        self.code_path = code_path
+        self.fds = fds  # the worker's ends: go_w, status_r, out_r, err_r, stdin_w
+        self.status = None  # waitpid status once reaped; until then its pid cannot be reused
+
+
+def prepare(cfg, slot, uid):
+    """Off the critical path: a fresh private tmpfs, and the next run child forked onto it.
+
+    Called only after the previous run's cleanup is complete (every process of the slot's uid
+    dead and reaped, its tmpfs unmounted), so the new child cannot see anything of it.
+    """
     if cfg["mountns"]:
         workdir = "/tmp"
         unshare(CLONE_NEWNS)
@@ -308,25 +373,69 @@ def run_one(req, cfg, slot, uid):
             workdir,
             "tmpfs",
             MS_NOSUID | MS_NODEV,
-            "size=%d,mode=0700,uid=%d,gid=%d" % (limits["scratch_bytes"], uid, uid),
+            "size=%d,mode=0700,uid=%d,gid=%d" % (cfg["scratch_bytes"], uid, uid),
         )
     else:
         workdir = os.path.join(cfg["scratch_root"], "slot%d" % slot)
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         os.chown(workdir, uid, uid)
     try:
-        return execute(req, cfg, uid, workdir)
-    finally:
-        if cfg["mountns"]:
-            umount(workdir)
-        else:
-            import shutil
+        fds = {"stdin_w": os.memfd_create("stdin", os.MFD_CLOEXEC)}
+        fds["go_r"], fds["go_w"] = os.pipe()
+        fds["status_r"], fds["status_w"] = os.pipe()
+        fds["out_r"], fds["out_w"] = os.pipe()
+        fds["err_r"], fds["err_w"] = os.pipe()
+        code_path = os.path.join(workdir, "main.py")
+        pid = os.fork()
+        if pid == 0:
+            run_child(cfg, uid, workdir, code_path, fds)
+    except BaseException:
+        release_scratch(cfg, workdir)
+        raise
+    for name in ("go_r", "status_w", "out_w", "err_w"):
+        os.close(fds.pop(name))
+    return Prepared(pid, workdir, code_path, fds)
 
-            shutil.rmtree(workdir, ignore_errors=True)
+
+def release_scratch(cfg, workdir):
+    if cfg["mountns"]:
+        umount(workdir)
+    else:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def execute(req, cfg, uid, workdir):
+def cleanup(cfg, uid, child):
+    """After the reply is sent: kill and reap everything of the run, drop its scratch."""
+    if child.status is None:
+        try:
+            os.kill(child.pid, signal.SIGKILL)  # unreaped: the pid cannot have been reused
+        except ProcessLookupError:
+            pass
+        os.waitpid(child.pid, 0)
+    if has_children():
+        kill_all(uid)
+    reap_all()
+    for fd in child.fds.values():
+        os.close(fd)
+    release_scratch(cfg, child.workdir)
+
+
+def read_into(fd, buf, cap):
+    """Read what is there; False at EOF. Output past ``cap`` is read and dropped."""
+    chunk = os.read(fd, 65536)
+    if not chunk:
+        return False
+    if len(buf) < cap:
+        buf += chunk[: cap - len(buf)]
+    return True
+
+
+def execute(req, cfg, uid, child):
+    """Hand the request to the prepared child; return the reply (the child may still exit)."""
     limits = req["limits"]
+    workdir = child.workdir
     for path, content in (req.get("files") or {}).items():
         target = resolve(workdir, path)
         parent = os.path.dirname(target)
@@ -339,72 +448,80 @@ def execute(req, cfg, uid, workdir):
         while d != workdir:
             os.chown(d, uid, uid)
             d = os.path.dirname(d)
-    ext = ".sh" if req["language"] == "bash" else ".py"
-    code_path = os.path.join(workdir, "main" + ext)
-    with open(code_path, "w", encoding="utf-8") as fh:
+    code_path = child.code_path
+    if req["language"] == "bash":
+        code_path = os.path.join(workdir, "main.sh")
+    fd = os.open(code_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(req["code"])
     os.chown(code_path, uid, uid)
-
-    stdin_fd = os.memfd_create("stdin") if req.get("stdin") else os.open("/dev/null", os.O_RDONLY)
+    fds = child.fds
     if req.get("stdin"):
-        os.write(stdin_fd, req["stdin"].encode())
-        os.lseek(stdin_fd, 0, os.SEEK_SET)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+        data = req["stdin"].encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fds["stdin_w"], view) :]
+    go = json.dumps({"language": req["language"], "limits": limits}).encode() + b"\n"
     start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        run_child(req, cfg, uid, workdir, code_path, stdin_fd, out_w, err_w)
-    for fd in (stdin_fd, out_w, err_w):
-        os.close(fd)
+    os.write(fds["go_w"], go)  # small: one atomic pipe write
+    os.close(fds.pop("go_w"))
+    mark("go")
+    out_r, err_r, status_r = fds["out_r"], fds["err_r"], fds["status_r"]
     cap = limits["output_cap"]
     bufs = {out_r: bytearray(), err_r: bytearray()}
     open_fds = [out_r, err_r]
-    pidfd = os.pidfd_open(pid)
+    pidfd = os.pidfd_open(child.pid)
+    watch = [out_r, err_r, status_r, pidfd]
     deadline = start + req["run_timeout"]
-    status = None
+    reported = None
+    said = b""
     timed_out = False
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            timed_out = True
-            break
-        ready, _, _ = select.select([*open_fds, pidfd], [], [], remaining)
-        for fd in ready:
-            if fd == pidfd:
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                open_fds.remove(fd)
-            elif len(bufs[fd]) < cap:
-                bufs[fd] += chunk[: cap - len(bufs[fd])]
-        if pidfd in ready:
-            _, status = os.waitpid(pid, 0)
-            break
+    try:
+        while child.status is None and (reported is None or open_fds):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select(watch, [], [], remaining)
+            for fd in ready:
+                if fd == pidfd:
+                    child.status = os.waitpid(child.pid, 0)[1]
+                elif fd == status_r:
+                    chunk = os.read(status_r, 64)
+                    said += chunk
+                    if not chunk or len(said) > 64:
+                        watch.remove(status_r)
+                    elif reported is None and said.endswith(b"\n"):
+                        try:
+                            reported = int(said) & 0xFF
+                        except ValueError:
+                            watch.remove(status_r)
+                elif not read_into(fd, bufs[fd], cap):
+                    open_fds.remove(fd)
+                    watch.remove(fd)
+    finally:
+        os.close(pidfd)
     elapsed = time.monotonic() - start
-    os.close(pidfd)
-    if timed_out or has_children():
-        kill_all(uid)
-    # every writer is dead now: drain what is left in the pipes
-    for fd in open_fds:
+    mark("done")
+    if timed_out or (child.status is not None and has_children()):
+        reaped = kill_all(uid)  # stragglers may hold the pipes: kill them first, then drain
+        if child.pid in reaped:
+            child.status = reaped[child.pid]
+    for fd in open_fds:  # every writer is dead now, or EOF was seen: drain what is left
         os.set_blocking(fd, False)
         try:
-            while True:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                if len(bufs[fd]) < cap:
-                    bufs[fd] += chunk[: cap - len(bufs[fd])]
+            while read_into(fd, bufs[fd], cap):
+                pass
         except BlockingIOError:
             pass
-    os.close(out_r)
-    os.close(err_r)
     if timed_out:
         return_code = None
-    elif os.WIFSIGNALED(status):
-        return_code = -os.WTERMSIG(status)
+    elif child.status is None:
+        return_code = reported  # said done, and closed its output; it is exiting now
+    elif os.WIFSIGNALED(child.status):
+        return_code = -os.WTERMSIG(child.status)
     else:
-        return_code = os.WEXITSTATUS(status)
+        return_code = os.WEXITSTATUS(child.status)
     fetched = {}
     budget = limits["fetch_bytes"]
     for path in req.get("fetch_files") or []:
@@ -421,6 +538,7 @@ def execute(req, cfg, uid, workdir):
             continue
         budget -= len(data)
         fetched[path] = base64.b64encode(data).decode()
+    mark("fetch")
     return {
         "status": "TimeLimitExceeded" if timed_out else "Finished",
         "return_code": return_code,
@@ -429,6 +547,14 @@ def execute(req, cfg, uid, workdir):
         "stderr": bufs[err_r].decode("utf-8", "replace"),
         "files": fetched,
     }
+
+
+MARKS = []
+
+
+def mark(name):
+    """Phase timestamps of the current request (sent back only when ``cfg["profile"]``)."""
+    MARKS.append((name, time.perf_counter()))
 
 
 def worker_main(cfg, slot, fd):
@@ -440,15 +566,35 @@ def worker_main(cfg, slot, fd):
     for other in cfg["fds"]:
         if other != fd:
             os.close(other)
+    child = None
     while True:
+        if child is None:
+            try:
+                child = prepare(cfg, slot, uid)
+            except Exception as exc:  # retried at the next request; reported there if it fails
+                child = exc
         req = recv_frame(sock)
         if req is None:
             os._exit(0)
+        del MARKS[:]
+        mark("recv")
+        if isinstance(child, BaseException):
+            try:
+                child = prepare(cfg, slot, uid)
+            except Exception as exc:
+                child = None
+                send_frame(sock, {"error": "prepare: %s: %s" % (type(exc).__name__, exc)})
+                continue
         try:
-            resp = run_one(req, cfg, slot, uid)
+            resp = execute(req, cfg, uid, child)
         except Exception as exc:
             resp = {"error": "%s: %s" % (type(exc).__name__, exc)}
+        if cfg.get("profile"):
+            resp["_t"] = [(n, round((t - MARKS[0][1]) * 1e3, 3)) for n, t in MARKS]
         send_frame(sock, resp)
+        # Off the critical path: the reply is out. Clean up completely, then pre-fork the next.
+        used, child = child, None
+        cleanup(cfg, uid, used)
 
 
 SYMPY_WARMUP = """
@@ -538,6 +684,10 @@ def main():
             pass
     if "sympy" in loaded:
         warm_sympy()
+    # Everything imported so far is shared copy-on-write by every worker and run child: keep the
+    # collector's hands (and so its writes) off it, or each run copies pages the GC touches.
+    gc.collect()
+    gc.freeze()
     cfg["baseline_vm"] = vm_size_bytes()
     # Report readiness on the first slot socket, then fork the slot workers.
     info = {

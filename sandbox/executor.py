@@ -104,7 +104,6 @@ class Executor:
                 "nproc": s.max_processes,
                 "fsize": s.max_file_size_mb * MiB,
                 "nofile": s.max_open_files,
-                "scratch_bytes": s.scratch_mb * MiB,
                 "output_cap": s.output_cap_bytes,
                 "fetch_bytes": s.max_fetch_bytes,
             },

@@ -19,7 +19,7 @@ import struct
 from typing import Any
 
 from sandbox.isolation import Isolation
-from sandbox.settings import Settings
+from sandbox.settings import MiB, Settings
 
 log = logging.getLogger("sandbox.pool")
 HEADER = struct.Struct("!I")
@@ -52,8 +52,9 @@ class _Slot:
 class ZygotePool:
     """Owns the zygote; ``run()`` executes one request on a free slot."""
 
-    def __init__(self, settings: Settings, isolation: Isolation) -> None:
+    def __init__(self, settings: Settings, isolation: Isolation, profile: bool = False) -> None:
         self.settings = settings
+        self.profile = profile  # workers add phase timestamps to replies (scripts/profile_sandbox)
         self.isolation = isolation
         self.info: dict[str, Any] = {}
         self._proc: asyncio.subprocess.Process | None = None
@@ -75,6 +76,8 @@ class ZygotePool:
             "mountns": self.isolation.mountns,
             "drop_uid": self.isolation.drop_uid,
             "scratch_root": "/tmp/sandbox-scratch",
+            "scratch_bytes": self.settings.scratch_mb * MiB,
+            "profile": self.profile,
         }
         self._proc = await asyncio.create_subprocess_exec(
             *self.isolation.zygote_argv(json.dumps(cfg)),

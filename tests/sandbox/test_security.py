@@ -313,3 +313,76 @@ print('tried')
 
     burst()
     assert done.is_set()
+
+
+def test_prefork_next_run_sees_nothing_of_the_last(http: httpx.Client, local_endpoint: str) -> None:
+    """A slot's next run child is forked ahead of its request: it must still start clean.
+
+    The poison replies at once but leaves work behind: a detached daemon that keeps creating files,
+    and (half of them) a fake "done" on the status pipe while it keeps running. The next runs on
+    every slot must see no files, no process of their own uid but themselves, an empty read-only
+    stdin, and the daemons must be dead.
+    """
+    poison = """
+import os, sys, time
+open('left.txt', 'w').write('1')
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        for fd in (0, 1, 2):
+            os.close(fd)
+        for i in range(10**6):
+            try:
+                open('/tmp/ghost-%d' % i, 'w').close()
+            except OSError:
+                pass
+            time.sleep(0.001)
+    os._exit(0)
+if SPOOF:
+    sys.stdout.flush()
+    os.close(1); os.close(2)
+    for fd in range(3, 64):
+        try:
+            os.write(fd, b'0\\n')
+        except OSError:
+            pass
+    time.sleep(30)
+print('poisoned')
+"""
+    check = """
+import os
+mine = os.getuid()
+procs = []
+for pid in [p for p in os.listdir('/proc') if p.isdigit()]:
+    try:
+        uid = int([l for l in open(f'/proc/{pid}/status') if l.startswith('Uid:')][0].split()[1])
+    except (OSError, IndexError):
+        continue
+    if uid == mine and int(pid) != os.getpid():
+        procs.append(pid)
+try:
+    os.write(0, b'x')
+    stdin = 'WRITABLE'
+except OSError:
+    stdin = repr(os.read(0, 100))
+print(sorted(os.listdir('.')), procs, stdin)
+"""
+    with ThreadPoolExecutor(8) as pool:
+        bodies = list(
+            pool.map(
+                lambda i: run(http, local_endpoint, f"SPOOF = {i % 2}\n" + poison, run_timeout=5),
+                range(16),
+            )
+        )
+        results = list(pool.map(lambda _: out(run(http, local_endpoint, check)), range(32)))
+    assert all(b["status"] == "Success" for b in bodies), bodies
+    assert set(results) == {"['main.py'] [] b''\n"}, results
+    body = run(http, local_endpoint, "import sys\nprint(sys.stdin.read())", stdin="one\n")
+    assert out(body) == "one\n\n"
+    assert set(pool_results(http, local_endpoint, check)) == {"['main.py'] [] b''\n"}
+    assert_healthy(http, local_endpoint)
+
+
+def pool_results(http: httpx.Client, url: str, code: str) -> list[str]:
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda _: out(run(http, url, code)), range(16)))
