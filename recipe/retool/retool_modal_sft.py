@@ -28,10 +28,7 @@ from pathlib import Path
 
 import modal
 
-from recipe.retool import paths
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-REMOTE_ROOT = Path("/root/retool-modal")
+from recipe.retool import modal_images, paths
 
 APP_NAME = "retool-sft"
 GPU_TYPE = os.environ.get("RETOOL_GPU_TYPE", "H100")
@@ -42,24 +39,12 @@ HOURS = 60 * MINUTES
 
 app = modal.App(APP_NAME)
 
-# ## Images
+# ## Image
 #
 # The trainer image is built from the same Dockerfile that docker compose builds, so "works in
-# compose" means "builds on Modal". Project code is added last, so editing it never rebuilds the
-# CUDA layers.
+# compose" means "builds on Modal"; project code is added last (`modal_images.py`).
 
-
-def _with_project_code(image: modal.Image) -> modal.Image:
-    ignore = ["**/__pycache__", "**/.pytest_cache", ".venv", "runs", ".cache", ".git"]
-    image = image.env({"PYTHONPATH": str(REMOTE_ROOT), "PYTHONUNBUFFERED": "1"})
-    for package in ("recipe", "sandbox"):
-        image = image.add_local_dir(REPO_ROOT / package, str(REMOTE_ROOT / package), ignore=ignore)
-    return image
-
-
-trainer_image = _with_project_code(
-    modal.Image.from_dockerfile(REPO_ROOT / "images" / "trainer.Dockerfile", context_dir=REPO_ROOT)
-)
+trainer_image = modal_images.trainer_image()
 
 # ## Volumes and secrets
 #
@@ -75,7 +60,7 @@ VOLUMES = {
     str(paths.MODELS_MOUNT): models_volume,
     str(paths.CHECKPOINTS_MOUNT): checkpoints_volume,
 }
-secrets = [modal.Secret.from_dotenv(REPO_ROOT)]
+secrets = [modal.Secret.from_dotenv(modal_images.REPO_ROOT)]
 # Every training function: all GPUs of one node, all volumes, the secrets, Modal's 24 h maximum.
 GPU_FUNCTION = {
     "image": trainer_image,

@@ -31,10 +31,7 @@ from pathlib import Path
 
 import modal
 
-from recipe.retool import paths
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-REMOTE_ROOT = Path("/root/retool-modal")
+from recipe.retool import modal_images, paths
 
 APP_NAME = "retool-serve"
 SERVED_MODEL_NAME = "retool"
@@ -54,17 +51,7 @@ app = modal.App(APP_NAME)
 # project's code added last, as in the training app: a code edit never rebuilds CUDA layers.
 
 
-def _with_project_code(image: modal.Image) -> modal.Image:
-    ignore = ["**/__pycache__", "**/.pytest_cache", ".venv", "runs", ".cache", ".git"]
-    image = image.env({"PYTHONPATH": str(REMOTE_ROOT), "PYTHONUNBUFFERED": "1"})
-    for package in ("recipe", "sandbox"):
-        image = image.add_local_dir(REPO_ROOT / package, str(REMOTE_ROOT / package), ignore=ignore)
-    return image
-
-
-image = _with_project_code(
-    modal.Image.from_dockerfile(REPO_ROOT / "images" / "trainer.Dockerfile", context_dir=REPO_ROOT)
-)
+image = modal_images.trainer_image()
 
 # ## Volumes and the API key
 #
