@@ -37,6 +37,25 @@ from recipe.retool import launch, paths, stages
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL_ID = "local/tiny-qwen2"
 # Small SFT settings for a 2-core laptop; everything else comes from config/sft.yaml.
+# Where a GPU and vLLM exist, real main_ppo steps with the tiny model on one GPU: the production
+# DAPO config with only sizes scaled down.
+SMOKE_DAPO_ARGS = (
+    "--experiment-name=smoke",
+    "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+    "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1",
+    "actor_rollout_ref.rollout.n=2",
+    "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=2048",
+    "data.train_batch_size=2",
+    "data.max_prompt_length=512",
+    "data.max_response_length=256",
+    "reward.reward_kwargs.max_resp_len=256",
+    "reward.reward_kwargs.overlong_buffer_cfg.len=64",
+    "trainer.total_training_steps=2",
+    "trainer.val_before_train=False",
+    "trainer.logger=[console]",
+)
 SMOKE_SFT_ARGS = (
     "--experiment-name=smoke",
     "data.max_length=1024",
@@ -167,11 +186,9 @@ class Smoke:
         report.notes.append(f"DAPO config composed ({len(overrides)} overrides, 8-GPU layout)")
         if _gpu_rollout_available():
             result = stages.run_dapo(
-                self.layout,
-                launch.Topology(gpus_per_node=_gpu_count()),
-                ["--experiment-name=smoke", "trainer.total_training_steps=2"],
+                self.layout, launch.Topology(gpus_per_node=1), SMOKE_DAPO_ARGS,
                 sandbox_url=self.sandbox_url,
-            )
+            )  # fmt: skip
             if result.returncode != 0:
                 raise RuntimeError(f"main_ppo exited with {result.returncode}")
             report.notes.append("main_ppo ran 2 steps")

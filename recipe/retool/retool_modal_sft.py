@@ -374,10 +374,17 @@ def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft") -> str
 @app.function(image=trainer_image, timeout=5 * MINUTES)
 def check_sandbox_connection(url: str = "") -> None:
     """Run `print(2+2)` in the deployed sandbox and report latency (or why it failed)."""
-    from sandbox.client import SandboxClient
+    import sys
 
-    endpoint = url or _sandbox_url()
-    result = SandboxClient(endpoint, max_retries=2).run_code_sync("print(2+2)")
+    from recipe.retool.launch import LaunchError
+    from sandbox.client import SandboxClient, SandboxRequestError, SandboxUnavailable
+
+    try:
+        endpoint = url or _sandbox_url()
+        result = SandboxClient(endpoint, max_retries=2).run_code_sync("print(2+2)")
+    except (LaunchError, SandboxUnavailable, SandboxRequestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"{endpoint}: status={result.status} stdout={result.stdout.strip()!r} "
           f"latency={result.latency_s * 1000:.0f} ms")  # fmt: skip
     if result.stdout.strip() != "4":

@@ -40,3 +40,17 @@ def test_a_failing_stage_fails_the_run_and_is_reported(tmp_path: Path, monkeypat
     table = capsys.readouterr().out
     assert "prep     FAILED" in table and "RuntimeError: no data today" in table
     assert "sft" not in table.split("local smoke:")[1]  # later stages did not run
+
+
+def test_gpu_smoke_dapo_settings_compose_for_one_gpu() -> None:
+    """What the smoke runs as real main_ppo steps where a GPU and vLLM exist."""
+    from recipe.retool import launch
+    from recipe.retool.launch import Topology
+
+    topo = Topology(gpus_per_node=1)
+    parsed = launch.parse_launch_args(local_smoke.SMOKE_DAPO_ARGS)
+    overrides = launch.dapo_overrides(Layout.modal(), "smoke", Path("/m"), topo, parsed.overrides)
+    cfg = launch.validate("dapo", overrides, topo)
+    assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
+    assert cfg.trainer.total_training_steps == 2
+    assert cfg.reward.reward_kwargs.max_resp_len == cfg.data.max_response_length

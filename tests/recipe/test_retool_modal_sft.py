@@ -194,3 +194,16 @@ def test_pipeline_status_reads_the_volumes(app_module, tmp_path, monkeypatch, ca
     done = app_module.pipeline_status.local("exp")
     assert done == dict.fromkeys(("prep", "download", "sft", "dapo", "eval"), False)
     assert "pending" in capsys.readouterr().out
+
+
+def test_check_sandbox_connection_runs_locally(app_module, local_endpoint, capsys) -> None:
+    app_module.check_sandbox_connection.local(url=local_endpoint + "/run_code")
+    out = capsys.readouterr().out
+    assert "status=Success" in out and "stdout='4'" in out
+
+
+def test_check_sandbox_connection_fails_on_a_dead_endpoint(app_module, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        app_module.check_sandbox_connection.local(url="http://127.0.0.1:9/run_code")
+    assert exc.value.code == 1
+    assert capsys.readouterr().err.startswith("error: http://127.0.0.1:9/run_code failed after")
