@@ -51,9 +51,9 @@ bench-sandbox: $(PY) ## Benchmark the sandbox vs a naive subprocess server; writ
 
 # ---- Docker (compose.yaml; needs Docker with the compose plugin, and the NVIDIA toolkit for GPUs)
 COMPOSE ?= docker compose
-# The contract tests: those using the `endpoint` fixture go to SANDBOX_FUSION_ENDPOINT (see
-# tests/sandbox/conftest.py); the rest of the file runs against a host server as usual.
-PARITY_TESTS ?= tests/sandbox/test_api.py
+# The contract tests: every test using the `endpoint` fixture (marked `contract` by
+# tests/sandbox/conftest.py: test_api's and test_compat's), sent to SANDBOX_FUSION_ENDPOINT.
+PARITY_TESTS ?= tests/sandbox -m contract
 
 .PHONY: images
 images: ## Build every image in compose.yaml (trainer, sandbox, sandbox-fusion)

@@ -437,13 +437,15 @@ def execute(req, cfg, uid, child):
     limits = req["limits"]
     workdir = child.workdir
     for path, content in (req.get("files") or {}).items():
+        if content is None:  # as SandboxFusion: a null entry creates nothing ("" is an empty file)
+            continue
         target = resolve(workdir, path)
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
         if not inside(workdir, parent):
             raise ValueError("file path escapes the scratch dir: %r" % path)
         with open(target, "wb") as fh:
-            fh.write(base64.b64decode(content) if content else b"")
+            fh.write(base64.b64decode(content))
         d = target
         while d != workdir:
             os.chown(d, uid, uid)

@@ -70,9 +70,9 @@ class Executor:
             raise BadRequest(f"stdin is larger than {s.max_stdin_bytes} bytes", 413)
         if not math.isfinite(req.run_timeout) or req.run_timeout > s.max_run_timeout_s:
             raise BadRequest(f"run_timeout must be in (0, {s.max_run_timeout_s}] seconds")
-        if req.memory_limit_MB != -1 and req.memory_limit_MB <= 0:
-            raise BadRequest("memory_limit_MB must be positive, or -1 for the server default")
-        memory_mb = s.memory_mb if req.memory_limit_MB == -1 else req.memory_limit_MB
+        # SandboxFusion applies a limit only when memory_limit_MB > 0 (so 0 or -1 mean "none"
+        # there); here any value <= 0 means the server default: a run is never unlimited.
+        memory_mb = s.memory_mb if req.memory_limit_MB <= 0 else req.memory_limit_MB
         memory_mb = min(memory_mb, s.max_memory_mb)
         total = 0
         for path, content in req.files.items():

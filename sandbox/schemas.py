@@ -39,7 +39,9 @@ class RunCodeRequest(BaseModel):
         examples=[10],
     )
     memory_limit_MB: int = Field(
-        -1, description="Memory limit in MiB; -1 means the server default (1024).", examples=[-1]
+        -1,
+        description="Memory limit in MiB; -1 (or any value <= 0) means the server default (1024).",
+        examples=[-1],
     )
     code: str = Field(description="Source code to run.", examples=["print(2 + 2)"])
     stdin: str | None = Field(None, description="Data fed to the program's standard input.")
@@ -50,7 +52,7 @@ class RunCodeRequest(BaseModel):
     files: dict[str, str | None] = Field(
         default_factory=dict,
         description="Files to create before the run: path (relative to the working dir, or "
-        "absolute under /tmp) -> base64 content.",
+        "absolute under /tmp) -> base64 content (null: the entry is skipped).",
         examples=[{"data/input.txt": "aGVsbG8K"}],
     )
     fetch_files: list[str] = Field(

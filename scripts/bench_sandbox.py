@@ -4,6 +4,11 @@ Starts both servers on free 127.0.0.1 ports, drives each with ``sandbox.client.S
 concurrency 1, 8 and 32 for three workloads, and writes the table into ``docs/benchmarks.md``
 (section "Sandbox"). Each cell runs for at most ``--seconds`` (and ``--max-requests``), so the
 whole bench stays under ~5 minutes on 2 cores.
+
+``--sandbox-fusion-url URL`` (off by default) adds an already running SandboxFusion as a third
+server in the same run (each cell: ours, naive, SandboxFusion) and writes that table to the
+subsection "Against the real SandboxFusion (run from source)" instead, leaving the main table as
+it is; ``--sandbox-fusion-note`` says there which SandboxFusion it was and how it ran.
 """
 
 from __future__ import annotations
@@ -109,6 +114,10 @@ def machine() -> str:
     return f"{os.cpu_count()} cores (`nproc`), {model}, {kernel}, {today}"
 
 
+SF_HEADING = "### Against the real SandboxFusion (run from source)"
+NEXT_HEADING = r"(?=\n#{2,} |\Z)"  # a section ends where any heading of level >= 2 starts
+
+
 def write_markdown(rows: list[tuple], out: Path, seconds: float) -> str:
     lines = [
         "## Sandbox",
@@ -124,7 +133,7 @@ def write_markdown(rows: list[tuple], out: Path, seconds: float) -> str:
         "| naive p50 ms | naive p99 ms | errors ours/naive |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, conc, ours, naive in rows:
+    for name, conc, ours, naive, _ in rows:
         lines.append(
             f"| {name} | {conc} | {ours['rps']:.1f} | {naive['rps']:.2f} | "
             f"{ours['rps'] / naive['rps']:.1f}× | {ours['p50']:.1f} | {ours['p99']:.1f} | "
@@ -132,10 +141,51 @@ def write_markdown(rows: list[tuple], out: Path, seconds: float) -> str:
         )
     section = "\n".join(lines) + "\n"
     text = out.read_text() if out.exists() else "# Benchmarks\n\n"
-    if "## Sandbox" in text:
-        text = re.sub(r"## Sandbox\n.*?(?=\n## |\Z)", section.rstrip("\n") + "\n", text, flags=re.S)
+    if "## Sandbox\n" in text:
+        text = re.sub(
+            r"## Sandbox\n.*?" + NEXT_HEADING, section.rstrip("\n") + "\n", text, flags=re.S
+        )
     else:
         text = text.rstrip("\n") + "\n\n" + section
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return section
+
+
+def write_sf_markdown(rows: list[tuple], out: Path, seconds: float, note: str) -> str:
+    """The 3-way table, in its own subsection under "## Sandbox" (the main table is kept)."""
+    lines = [
+        SF_HEADING,
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "Produced by `scripts/bench_sandbox.py --sandbox-fusion-url URL` (one run, the three",
+        f"servers driven in turn for each cell, up to {seconds:g} s a cell). *SF*: {note}",
+        "",
+        "| workload | conc | ours req/s | naive req/s | SF req/s | ours/SF | ours p50 ms "
+        "| ours p99 ms | naive p50 ms | SF p50 ms | SF p99 ms | errors ours/naive/SF |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, conc, ours, naive, sf in rows:
+        ratio = f"{ours['rps'] / sf['rps']:.1f}×" if sf["rps"] else "n/a"
+        lines.append(
+            f"| {name} | {conc} | {ours['rps']:.1f} | {naive['rps']:.2f} | {sf['rps']:.2f} | "
+            f"{ratio} | {ours['p50']:.1f} | {ours['p99']:.1f} | {naive['p50']:.0f} | "
+            f"{sf['p50']:.0f} | {sf['p99']:.0f} | "
+            f"{ours['errors']}/{naive['errors']}/{sf['errors']} |"
+        )
+    section = "\n".join(lines) + "\n"
+    text = out.read_text() if out.exists() else "# Benchmarks\n\n## Sandbox\n"
+    if SF_HEADING in text:
+        pattern = re.escape(SF_HEADING) + r"\n.*?" + NEXT_HEADING
+        text = re.sub(pattern, lambda _: section.rstrip("\n") + "\n", text, flags=re.S)
+    elif "## Sandbox\n" in text:
+        pattern = r"## Sandbox\n.*?" + NEXT_HEADING
+        text = re.sub(
+            pattern, lambda m: m.group(0).rstrip("\n") + "\n\n" + section, text, count=1, flags=re.S
+        )
+    else:
+        text = text.rstrip("\n") + "\n\n## Sandbox\n\n" + section
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return section
@@ -145,8 +195,11 @@ async def bench(args: argparse.Namespace) -> None:
     ours_port, naive_port = free_port(), free_port()
     ours = start([sys.executable, "-m", "sandbox", "serve", "--log-level", "warning"], ours_port)
     naive = start([sys.executable, "scripts/naive_sandbox_server.py"], naive_port)
+    sf_url = args.sandbox_fusion_url.rstrip("/") if args.sandbox_fusion_url else None
     rows = []
     try:
+        if sf_url:
+            httpx.get(f"{sf_url}/v1/ping", timeout=5).raise_for_status()
         for name, code in WORKLOADS.items():
             for conc in CONCURRENCY:
                 r_ours = await cell(
@@ -155,13 +208,20 @@ async def bench(args: argparse.Namespace) -> None:
                 r_naive = await cell(
                     f"http://127.0.0.1:{naive_port}", code, conc, args.seconds, args.max_requests
                 )
-                rows.append((name, conc, r_ours, r_naive))
-                print(f"{name:>15} c={conc:<3} ours {r_ours} naive {r_naive}", flush=True)
+                r_sf = None
+                if sf_url:
+                    r_sf = await cell(sf_url, code, conc, args.seconds, args.max_requests)
+                rows.append((name, conc, r_ours, r_naive, r_sf))
+                extra = f" sf {r_sf}" if r_sf else ""
+                print(f"{name:>15} c={conc:<3} ours {r_ours} naive {r_naive}{extra}", flush=True)
     finally:
         for proc in (ours, naive):
             proc.terminate()
             proc.wait(10)
-    print(write_markdown(rows, Path(args.out), args.seconds))
+    if sf_url:
+        print(write_sf_markdown(rows, Path(args.out), args.seconds, args.sandbox_fusion_note))
+    else:
+        print(write_markdown(rows, Path(args.out), args.seconds))
 
 
 def main() -> None:
@@ -169,6 +229,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of one cell")
     parser.add_argument("--max-requests", type=int, default=3000)
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    parser.add_argument(
+        "--sandbox-fusion-url",
+        default=None,
+        help="a running SandboxFusion (e.g. http://127.0.0.1:8080) to add as a third server; "
+        "the table then goes to the subsection 'Against the real SandboxFusion'",
+    )
+    parser.add_argument(
+        "--sandbox-fusion-note",
+        default="SandboxFusion at the given URL.",
+        help="which SandboxFusion that is and how it runs (commit, config), for the docs",
+    )
     asyncio.run(bench(parser.parse_args()))
 
 

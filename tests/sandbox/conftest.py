@@ -1,7 +1,9 @@
 """A real sandbox server for the whole session, on a free 127.0.0.1 port.
 
 Contract tests use ``endpoint``: ``SANDBOX_FUSION_ENDPOINT`` if set (e.g. the real
-volcengine/sandbox-fusion image), else the local server. Security, soak and compatibility tests
+volcengine/sandbox-fusion image, or SandboxFusion run from source), else the local server; they
+get the ``contract`` marker, so ``pytest tests/sandbox -m contract`` (or ``-k contract``) selects
+exactly them. Security, soak and compatibility tests
 use ``local_endpoint`` (always our server). The server is started with fake secrets in its
 environment so the tests can prove they never reach user code.
 """
@@ -27,6 +29,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "endpoint" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.contract)
 
 
 @pytest.fixture(scope="session")

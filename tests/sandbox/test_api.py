@@ -80,6 +80,24 @@ def test_files_relative_nested_and_absolute(http: httpx.Client, endpoint: str) -
     assert body["run_result"]["stdout"] == "alpha\nbeta\ng\n"
 
 
+def test_null_file_entry_is_skipped_empty_string_is_empty_file(
+    http: httpx.Client, endpoint: str
+) -> None:
+    code = "import os\nprint(os.path.exists('skip.txt'), repr(open('empty.txt').read()))"
+    body = run(http, endpoint, code, files={"skip.txt": None, "empty.txt": ""})
+    assert body["status"] == "Success", body
+    assert body["run_result"]["stdout"] == "False ''\n"
+
+
+@pytest.mark.parametrize("memory_limit_mb", [-1, 0, 512])
+def test_memory_limit_values_accepted(
+    http: httpx.Client, endpoint: str, memory_limit_mb: int
+) -> None:
+    body = run(http, endpoint, "print('ok')", memory_limit_MB=memory_limit_mb)
+    assert body["status"] == "Success", body
+    assert body["run_result"]["stdout"] == "ok\n"
+
+
 def test_fetch_files(http: httpx.Client, endpoint: str) -> None:
     code = (
         "import os\nos.makedirs('out', exist_ok=True)\n"

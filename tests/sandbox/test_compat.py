@@ -1,4 +1,8 @@
-"""Unchanged third-party clients against a real server: sandbox-fusion 0.3.7 and verl 0.9.1."""
+"""Unchanged third-party clients against a real server: sandbox-fusion 0.3.7 and verl 0.9.1.
+
+They use ``endpoint``, so with ``SANDBOX_FUSION_ENDPOINT`` set they run against the real
+SandboxFusion too (same results there: see docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
@@ -12,22 +16,22 @@ from sandbox.client import SandboxClient
 sandbox_fusion = pytest.importorskip("sandbox_fusion")
 
 
-def test_official_client_run_code(local_endpoint: str) -> None:
+def test_official_client_run_code(endpoint: str) -> None:
     from sandbox_fusion import RunCodeRequest, RunStatus, run_code
 
-    resp = run_code(RunCodeRequest(code="print(2 + 2)", language="python"), endpoint=local_endpoint)
+    resp = run_code(RunCodeRequest(code="print(2 + 2)", language="python"), endpoint=endpoint)
     assert resp.status == RunStatus.Success
     assert resp.run_result.stdout == "4\n"
     failed = run_code(
-        RunCodeRequest(code="raise SystemExit(2)", language="python"), endpoint=local_endpoint
+        RunCodeRequest(code="raise SystemExit(2)", language="python"), endpoint=endpoint
     )
     assert failed.status == RunStatus.Failed and failed.run_result.return_code == 2
 
 
 def test_official_client_env_endpoint_and_run_concurrent(
-    local_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", local_endpoint)
+    monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", endpoint)
     from sandbox_fusion import RunCodeRequest, config, run_code, run_concurrent
 
     importlib.reload(config)  # the client reads the env var at import time
@@ -41,11 +45,11 @@ def test_official_client_env_endpoint_and_run_concurrent(
         importlib.reload(config)
 
 
-def test_verl_call_sandbox_api(local_endpoint: str) -> None:
+def test_verl_call_sandbox_api(endpoint: str) -> None:
     from verl.utils.reward_score.sandbox_fusion.utils import call_sandbox_api
 
     body, error = call_sandbox_api(
-        f"{local_endpoint}/run_code",
+        f"{endpoint}/run_code",
         "import sys\nprint(sys.stdin.read().upper())",
         "hi",
         10,
@@ -55,15 +59,13 @@ def test_verl_call_sandbox_api(local_endpoint: str) -> None:
     assert error is None
     assert body["status"] == "Success"
     assert body["run_result"]["stdout"] == "HI\n"
-    body, error = call_sandbox_api(
-        f"{local_endpoint}/run_code", "while True: pass", None, 10, 1, 1024
-    )
+    body, error = call_sandbox_api(f"{endpoint}/run_code", "while True: pass", None, 10, 1, 1024)
     assert error is None
     assert body["status"] == "Failed" and body["run_result"]["status"] == "TimeLimitExceeded"
 
 
-async def test_our_client_against_server(local_endpoint: str) -> None:
-    client = SandboxClient(local_endpoint)
+async def test_our_client_against_server(endpoint: str) -> None:
+    client = SandboxClient(endpoint)
     result = await client.run_code("print(6 * 7)")
     timeout = await client.run_code("import time\ntime.sleep(5)", run_timeout=0.5)
     await client.aclose()
