@@ -26,6 +26,7 @@ Usage: python _zygote.py '<json config>' — fds named in the config are the slo
 
 import base64
 import ctypes
+import errno
 import gc
 import io
 import json
@@ -34,6 +35,7 @@ import resource
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -141,6 +143,34 @@ def resolve(workdir, path):
 def inside(workdir, target):
     real = os.path.realpath(target)
     return real == workdir or real.startswith(workdir.rstrip("/") + "/")
+
+
+def open_beneath(workdir, target):
+    """Open a regular file under ``workdir`` for reading, following no symlink on the way.
+
+    The worker is root in the sandbox and reads ``fetch_files`` while the run's processes may
+    still be alive: a checked path could be swapped, and a symlink to ``/proc/<pid>/root`` (a
+    magic link ``realpath`` reports as ``/``) leads into another slot's mount namespace. So each
+    component is opened with ``O_NOFOLLOW`` relative to its parent, and only a regular file is
+    read (``O_NONBLOCK``: a FIFO must not block the worker).
+    """
+    parts = os.path.relpath(target, workdir).split("/")
+    dirfd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(
+                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd
+            )
+            os.close(dirfd)
+            dirfd = nxt
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        fd = os.open(parts[-1], flags, dir_fd=dirfd)
+    finally:
+        os.close(dirfd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file: %r" % target)
+    return fd
 
 
 def kill_uid(uid):
@@ -526,10 +556,7 @@ def execute(req, cfg, uid, child):
     budget = limits["fetch_bytes"]
     for path in req.get("fetch_files") or []:
         try:
-            target = resolve(workdir, path)
-            if not inside(workdir, target):
-                continue
-            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = open_beneath(workdir, resolve(workdir, path))
             with os.fdopen(fd, "rb") as fh:
                 data = fh.read(budget + 1)
         except (OSError, ValueError):
