@@ -53,6 +53,10 @@ MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+IPC_RMID = 0
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
 HEADER = struct.Struct("!I")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -171,6 +175,37 @@ def open_beneath(workdir, target):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file: %r" % target)
     return fd
+
+
+def loopback_up():
+    """Bring ``lo`` up in a fresh network namespace (it starts down), as bubblewrap does."""
+    import fcntl
+
+    ifreq = struct.Struct("16sH22x")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = ifreq.unpack(fcntl.ioctl(s, SIOCGIFFLAGS, ifreq.pack(b"lo", 0)))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, ifreq.pack(b"lo", flags | IFF_UP))
+
+
+def clear_sysv_ipc():
+    """Remove every SysV shm segment, message queue and semaphore set of this IPC namespace.
+
+    They belong to no process, so killing the run leaves them behind (state and memory for the
+    next run). Each slot has its own IPC namespace and the run is dead: all of them are its.
+    """
+    removers = (
+        ("shm", lambda i: _libc.shmctl(i, IPC_RMID, None)),
+        ("msg", lambda i: _libc.msgctl(i, IPC_RMID, None)),
+        ("sem", lambda i: _libc.semctl(i, 0, IPC_RMID)),
+    )
+    for kind, remove in removers:
+        try:
+            with open("/proc/sysvipc/" + kind) as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            remove(int(row.split()[1]))
 
 
 def kill_uid(uid):
@@ -450,6 +485,8 @@ def cleanup(cfg, uid, child):
     for fd in child.fds.values():
         os.close(fd)
     release_scratch(cfg, child.workdir)
+    if cfg["mountns"]:
+        clear_sysv_ipc()
 
 
 def read_into(fd, buf, cap):
@@ -589,6 +626,12 @@ def worker_main(cfg, slot, fd):
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     uid = cfg["base_uid"] + slot
+    if cfg["mountns"]:
+        # A network and an IPC namespace per slot: concurrent runs cannot reach each other over
+        # lo, abstract UNIX sockets or SysV IPC. Within a slot, sockets die with the run's
+        # processes and cleanup() removes SysV objects, so sequential runs share nothing either.
+        unshare(CLONE_NEWNET | CLONE_NEWIPC)
+        loopback_up()
     sock = socket.socket(fileno=fd)
     for other in cfg["fds"]:
         if other != fd:
@@ -670,6 +713,13 @@ def probe(cfg):
         except OSError as exc:
             result["mountns"] = False
             result["mountns_error"] = str(exc)
+        try:
+            unshare(CLONE_NEWNET | CLONE_NEWIPC)
+            loopback_up()
+            result["slot_ns"] = True
+        except OSError as exc:
+            result["slot_ns"] = False
+            result["slot_ns_error"] = str(exc)
         try:
             uid = cfg["base_uid"]
             os.setgroups([])

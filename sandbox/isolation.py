@@ -157,6 +157,7 @@ def works(mode: str, probe: dict[str, Any] | None) -> bool:
         return True
     isolated_net = probe.get("net_ifaces") == ["lo"]
     ok = probe.get("euid") == 0 and probe.get("mountns") and probe.get("setuid") and isolated_net
+    ok = ok and probe.get("slot_ns")  # a network + IPC namespace per slot
     if mode == "unshare":
         ok = ok and probe.get("unshare_net")
     return bool(ok)

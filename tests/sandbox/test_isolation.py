@@ -17,6 +17,7 @@ UNSHARE_ONLY = {
     "net_ifaces": ["lo"],
     "mountns": True,
     "setuid": True,
+    "slot_ns": True,
     "preloaded": [],
 }
 

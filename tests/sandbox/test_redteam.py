@@ -82,3 +82,80 @@ def test_fetch_files_still_reads_nested_regular_files(
     body = run(http, local_endpoint, code, fetch_files=["a/b/c.txt", "/tmp/a/b/c.txt", "a/b"])
     want = base64.b64encode(b"deep").decode()
     assert body["files"] == {"a/b/c.txt": want, "/tmp/a/b/c.txt": want}
+
+
+SYSV_POISON = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+shmid = libc.shmget(0x5EC, 4096, 0o1000 | 0o666)
+ctypes.memmove(libc.shmat(shmid, None, 0), b'LEAK', 4)
+libc.msgget(0x5ED, 0o1000 | 0o666)
+libc.semget(0x5EE, 1, 0o1000 | 0o666)
+print(shmid >= 0)
+"""
+
+SYSV_CHECK = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+kinds = ('shm', 'msg', 'sem')
+left = [len(open('/proc/sysvipc/' + kind).read().splitlines()) - 1 for kind in kinds]
+print(left, libc.shmget(0x5EC, 0, 0), libc.msgget(0x5ED, 0), libc.semget(0x5EE, 0, 0))
+"""
+
+
+def test_sysv_ipc_does_not_outlive_its_run(http: httpx.Client, local_endpoint: str) -> None:
+    """SysV shared memory, message queues and semaphores live in the IPC namespace, not in a
+    process: they survived the run (state for the next run, and memory never given back)."""
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(lambda _: out(run(http, local_endpoint, SYSV_POISON)), range(16))) == {
+            "True\n"
+        }
+        results = set(pool.map(lambda _: out(run(http, local_endpoint, SYSV_CHECK)), range(16)))
+    assert results == {"[0, 0, 0] -1 -1 -1\n"}, results
+    assert_healthy(http, local_endpoint)
+
+
+def test_concurrent_runs_share_no_network_namespace(
+    http: httpx.Client, local_endpoint: str
+) -> None:
+    """All slots shared one network namespace: a run could listen on ``lo`` or an abstract UNIX
+    socket and a concurrent run connect to it (a channel between runs)."""
+    name = uuid.uuid4().hex[:12]
+    listener = f"""
+import socket
+tcp = socket.socket(); tcp.bind(('127.0.0.1', 47321)); tcp.listen(4); tcp.settimeout(3)
+unix = socket.socket(socket.AF_UNIX); unix.bind('\\0{name}'); unix.listen(4); unix.settimeout(3)
+print('listening', flush=True)
+for s in (tcp, unix):
+    try:
+        print('GOT', s.accept()[0].recv(10))
+    except OSError as exc:
+        print('nothing', type(exc).__name__)
+"""
+    dialer = f"""
+import socket, time
+time.sleep(1)
+for family, addr in ((socket.AF_INET, ('127.0.0.1', 47321)), (socket.AF_UNIX, '\\0{name}')):
+    try:
+        s = socket.socket(family); s.settimeout(1); s.connect(addr); s.send(b'hi')
+        print('CONNECTED', addr)
+    except OSError as exc:
+        print('refused', type(exc).__name__)
+print(sorted(n for _, n in socket.if_nameindex()))
+"""
+    with ThreadPoolExecutor(2) as pool:
+        fut = pool.submit(run, http, local_endpoint, listener, run_timeout=10)
+        time.sleep(0.3)
+        body_d = run(http, local_endpoint, dialer)
+        body_l = fut.result()
+    assert "CONNECTED" not in out(body_d) and "GOT" not in out(body_l), (body_d, body_l)
+    assert out(body_d).splitlines()[-1] == "['lo']"
+    selfloop = """
+import socket, threading
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname(), timeout=2); c.send(b'loop')
+print(srv.accept()[0].recv(4))
+"""
+    assert out(run(http, local_endpoint, selfloop)) == "b'loop'\n"  # lo still works in a run
+    assert_healthy(http, local_endpoint)
