@@ -100,6 +100,78 @@ def prctl(option, value):
     _check(_libc.prctl(option, value, 0, 0, 0), "prctl")
 
 
+def prctl_args(option, arg2, arg3):
+    _check(_libc.prctl(option, arg2, arg3, 0, 0), "prctl")
+
+
+# -- seccomp ---------------------------------------------------------------------------------
+# What user code may not do, even with no capabilities: create namespaces (an unprivileged user
+# namespace hands out every capability inside it, and with a network namespace the netfilter
+# and friends behind most kernel exploits), mount, and a few syscalls math code never needs but
+# kernel exploits love (bpf, userfaultfd, perf_event_open, keyrings, io_uring, POSIX mqueues,
+# which would outlive the run in the slot's IPC namespace). EPERM, as if unprivileged.
+# clone3 passes its flags in memory a filter cannot read: ENOSYS makes glibc fall back to clone.
+SECCOMP_ARCH = {  # machine: (AUDIT_ARCH, clone, clone3, {name: nr} of the refused syscalls)
+    "x86_64": (
+        0xC000003E,
+        56,
+        435,
+        dict(unshare=272, setns=308, mount=165, umount2=166, pivot_root=155, bpf=321,
+             userfaultfd=323, perf_event_open=298, add_key=248, request_key=249, keyctl=250,
+             mq_open=240, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
+             open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
+             mount_setattr=442),
+    ),
+    "aarch64": (
+        0xC00000B7,
+        220,
+        435,
+        dict(unshare=97, setns=268, mount=40, umount2=39, pivot_root=41, bpf=280,
+             userfaultfd=282, perf_event_open=241, add_key=217, request_key=218, keyctl=219,
+             mq_open=180, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
+             open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
+             mount_setattr=442),
+    ),
+}  # fmt: skip
+CLONE_NS_FLAGS = 0x7E020000  # CLONE_NEW{NS,CGROUP,UTS,IPC,USER,PID,NET}
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+
+def seccomp_program(machine):
+    """The classic-BPF filter for ``machine`` as bytes, or None if we do not know its table."""
+    if machine not in SECCOMP_ARCH:
+        return None
+    arch, clone, clone3, refused = SECCOMP_ARCH[machine]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, enosys = 0x7FFF0000, 0x00050000 | errno.ENOSYS
+    eperm = 0x00050000 | errno.EPERM
+    prog = [(ld, 4), (jeq, arch, 1, 0), (ret, enosys), (ld, 0)]  # another ABI (i386, x32): no
+    if machine == "x86_64":
+        prog += [(jge, 0x40000000, 0, 1), (ret, enosys)]
+    for nr in sorted(refused.values()):
+        prog += [(jeq, nr, 0, 1), (ret, eperm)]
+    prog += [(jeq, clone3, 0, 1), (ret, enosys), (jeq, clone, 0, 3)]
+    prog += [(ld, 16), (jset, CLONE_NS_FLAGS, 0, 1), (ret, eperm), (ret, allow)]
+    out = b""
+    for ins in prog:
+        code, k, jt, jf = (*ins, 0, 0)[:4]
+        out += struct.pack("=HBBI", code, jt, jf, k)
+    return out
+
+
+def install_seccomp():
+    """Load the filter into this process (needs no_new_privs); False where unsupported."""
+    prog = seccomp_program(os.uname().machine)
+    if prog is None:
+        return False
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+    fbuf = ctypes.create_string_buffer(fprog, len(fprog))
+    prctl_args(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fbuf))
+    return True
+
+
 # -- framing ----------------------------------------------------------------------------------
 def recv_exact(sock, n):
     buf = bytearray()
@@ -322,6 +394,8 @@ def run_child(cfg, uid, workdir, code_path, fds):
             os.setresuid(uid, uid, uid)
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel clears it on a uid change
         prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if cfg.get("seccomp"):
+            install_seccomp()
         if req["language"] == "bash":  # status_w is close-on-exec
             os.execv("/bin/bash", ["bash", os.path.join(workdir, "main.sh")])
         rc = exec_python(code_path, status_w)
@@ -722,6 +796,15 @@ def probe(cfg):
             result["slot_ns_error"] = str(exc)
         try:
             uid = cfg["base_uid"]
+            sub = os.fork()
+            if sub == 0:  # a filter for good: in a child of its own
+                try:
+                    prctl(PR_SET_NO_NEW_PRIVS, 1)
+                    ok = install_seccomp() and _libc.unshare(CLONE_NEWUTS) != 0
+                    os._exit(0 if ok else 1)
+                except BaseException:
+                    os._exit(1)
+            result["seccomp"] = os.waitpid(sub, 0)[1] == 0
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)

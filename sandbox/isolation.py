@@ -158,6 +158,8 @@ def works(mode: str, probe: dict[str, Any] | None) -> bool:
     isolated_net = probe.get("net_ifaces") == ["lo"]
     ok = probe.get("euid") == 0 and probe.get("mountns") and probe.get("setuid") and isolated_net
     ok = ok and probe.get("slot_ns")  # a network + IPC namespace per slot
+    if mode == "bwrap":
+        ok = ok and probe.get("seccomp")  # user code cannot create namespaces
     if mode == "unshare":
         ok = ok and probe.get("unshare_net")
     return bool(ok)

@@ -75,6 +75,7 @@ class ZygotePool:
             "unshare_net": self.isolation.mode == "unshare",
             "mountns": self.isolation.mountns,
             "drop_uid": self.isolation.drop_uid,
+            "seccomp": bool(self.isolation.probe.get("seccomp")),
             "scratch_root": "/tmp/sandbox-scratch",
             "scratch_bytes": self.settings.scratch_mb * MiB,
             "profile": self.profile,

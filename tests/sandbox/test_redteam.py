@@ -159,3 +159,41 @@ print(srv.accept()[0].recv(4))
 """
     assert out(run(http, local_endpoint, selfloop)) == "b'loop'\n"  # lo still works in a run
     assert_healthy(http, local_endpoint)
+
+
+def test_no_new_namespaces_from_user_code(http: httpx.Client, local_endpoint: str) -> None:
+    """An unprivileged user namespace gave user code every capability inside it (then a network
+    namespace: nf_tables and friends, the usual way to a kernel exploit). A seccomp filter now
+    refuses namespace creation and a few syscalls math code never needs; threads, fork,
+    subprocess and bash still work."""
+    code = """
+import ctypes, os, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+for name, flags in (('user', 0x10000000), ('net', 0x40000000), ('mnt', 0x00020000)):
+    print(name, libc.unshare(flags), ctypes.get_errno())
+print('unshare-cmd', subprocess.run(['unshare', '-Ur', 'true']).returncode != 0)
+print('setns', libc.setns(os.open('/proc/self/ns/net', os.O_RDONLY), 0), ctypes.get_errno())
+t = threading.Thread(target=lambda: print('thread ok')); t.start(); t.join()
+print(subprocess.run(['sh', '-c', 'echo sub ok'], capture_output=True, text=True).stdout.strip())
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+print('fork', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+    text = out(run(http, local_endpoint, code))
+    assert text.splitlines() == [
+        "user -1 1",
+        "net -1 1",
+        "mnt -1 1",
+        "unshare-cmd True",
+        "setns -1 1",
+        "thread ok",
+        "sub ok",
+        "fork 7",
+    ], text
+    body = http.post(
+        f"{local_endpoint}/run_code",
+        json={"code": "unshare -Ur id || echo refused; echo bash ok", "language": "bash"},
+    ).json()
+    assert body["run_result"]["stdout"].splitlines() == ["refused", "bash ok"], body
+    assert_healthy(http, local_endpoint)
