@@ -531,6 +531,14 @@ def prepare(cfg, slot, uid):
     except BaseException:
         release_scratch(cfg, workdir)
         raise
+    if cfg.get("cgroup"):  # before "go": everything the run allocates is charged to the slot
+        try:
+            os.write(cfg["cgroup"][0], b"%d" % pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            release_scratch(cfg, workdir)
+            raise
     for name in ("go_r", "status_w", "out_w", "err_w"):
         os.close(fds.pop(name))
     return Prepared(pid, workdir, code_path, fds)
@@ -602,6 +610,11 @@ def execute(req, cfg, uid, child):
         view = memoryview(data)
         while view:
             view = view[os.write(fds["stdin_w"], view) :]
+    if cfg.get("cgroup"):  # one limit over all the run's processes, its memfds and its files
+        want = limits["memory_bytes"] + cfg["scratch_bytes"]
+        if cfg.get("cgroup_limit") != want:
+            os.write(cfg["cgroup"][1], b"%d" % want)
+            cfg["cgroup_limit"] = want
     go = json.dumps({"language": req["language"], "limits": limits}).encode() + b"\n"
     start = time.monotonic()
     os.write(fds["go_w"], go)  # small: one atomic pipe write
@@ -710,6 +723,13 @@ def worker_main(cfg, slot, fd):
     for other in cfg["fds"]:
         if other != fd:
             os.close(other)
+    cgroups = cfg.pop("cgroups", None) or []
+    for i, pair in enumerate(cgroups):
+        if i == slot:
+            cfg["cgroup"] = pair
+        else:
+            for other in pair:
+                os.close(other)
     child = None
     while True:
         if child is None:

@@ -11,7 +11,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
+from sandbox.cgroups import SlotCgroups
 from tests.sandbox.conftest import run
 from tests.sandbox.test_security import assert_healthy, out
 
@@ -196,4 +198,47 @@ print('fork', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
         json={"code": "unshare -Ur id || echo refused; echo bash ok", "language": "bash"},
     ).json()
     assert body["run_result"]["stdout"].splitlines() == ["refused", "bash ok"], body
+    assert_healthy(http, local_endpoint)
+
+
+def test_memory_limit_covers_all_processes_of_a_run(
+    http: httpx.Client, local_endpoint: str
+) -> None:
+    """RLIMIT_AS bounds one process: 6 children of 200 MiB each held 1.2 GiB under a 256 MiB
+    limit (up to max_processes x the limit, plus memfds no rlimit counts). A per-slot memory
+    cgroup now bounds the run as a whole (limit + scratch size)."""
+    probe = SlotCgroups.create(1, tag=f"sandbox-probe-{uuid.uuid4().hex[:8]}")
+    if probe is None:
+        pytest.skip("no memory cgroup can be made on this host")
+    probe.close()
+    code = """
+import os, time
+kids = []
+for _ in range(6):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(200 * 1024**2)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep(1.5)
+        os._exit(0)
+    kids.append(pid)
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
+print(codes.count(0), 'of 6 held 200 MiB')
+"""
+    body = run(http, local_endpoint, code, memory_limit_MB=256, run_timeout=20)
+    held = int(out(body).split()[0])
+    assert held <= 2, body  # 256 MiB + 256 MiB scratch: at most two at once
+    body = run(http, local_endpoint, code.replace("200 *", "20 *"), memory_limit_MB=256)
+    assert out(body).startswith("6 of 6"), body  # many small processes are fine
+    memfd = """
+import os
+fds = [os.memfd_create('x') for _ in range(40)]
+for fd in fds:  # 50 MiB each: under RLIMIT_FSIZE, and memfds are outside RLIMIT_AS
+    for _ in range(50):
+        os.write(fd, b'x' * 1024**2)
+print('held 2 GiB')
+"""
+    body = run(http, local_endpoint, memfd, memory_limit_MB=256)
+    assert "held 2 GiB" not in out(body), body
     assert_healthy(http, local_endpoint)
