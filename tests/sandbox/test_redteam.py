@@ -242,3 +242,30 @@ print('held 2 GiB')
     body = run(http, local_endpoint, memfd, memory_limit_MB=256)
     assert "held 2 GiB" not in out(body), body
     assert_healthy(http, local_endpoint)
+
+
+def test_request_size_limit_holds_without_content_length(
+    http: httpx.Client, local_endpoint: str
+) -> None:
+    """The body limit looked only at Content-Length: a chunked body of any size was read into
+    memory whole (fields under their own limits, padded with JSON whitespace, even ran)."""
+    head = b'{"code": "print(1)", "language": "python"'
+    pad = b" " * (1 << 20)
+
+    def body():
+        yield head
+        for _ in range(70):  # 70 MiB > max_request_bytes (64 MiB)
+            yield pad
+        yield b"}"
+
+    resp = http.post(
+        f"{local_endpoint}/run_code", content=body(), headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 413, resp.text[:200]
+    small = http.post(
+        f"{local_endpoint}/run_code",
+        content=iter([head, b"}"]),
+        headers={"content-type": "application/json"},
+    )
+    assert small.status_code == 200 and small.json()["run_result"]["stdout"] == "1\n"
+    assert_healthy(http, local_endpoint)
