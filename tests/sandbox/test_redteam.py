@@ -269,3 +269,23 @@ def test_request_size_limit_holds_without_content_length(
     )
     assert small.status_code == 200 and small.json()["run_result"]["stdout"] == "1\n"
     assert_healthy(http, local_endpoint)
+
+
+def test_unwritable_file_layouts_are_bad_requests(http: httpx.Client, local_endpoint: str) -> None:
+    """These came back as SandboxError, which clients retry, instead of a 422."""
+    hi = base64.b64encode(b"hi").decode()
+    for files in (
+        {"main.py": hi},  # the code file
+        {"/tmp/main.py": hi},
+        {"a": hi, "a/b": hi},  # a file and a directory at once
+        {"a/b": hi, "a": hi},
+        {"b" * 300: hi},  # a name over NAME_MAX
+    ):
+        resp = http.post(
+            f"{local_endpoint}/run_code",
+            json={"code": "print(1)", "language": "python", "files": files},
+        )
+        assert resp.status_code == 422, (files.keys(), resp.text[:300])
+    body = run(http, local_endpoint, "print(open('main.py').read()[:5])", files={"x/y": hi})
+    assert out(body) == "print\n"
+    assert_healthy(http, local_endpoint)
