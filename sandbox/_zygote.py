@@ -298,11 +298,32 @@ def kill_uid(uid):
     os.waitpid(pid, 0)
 
 
+def kill_children():
+    """SIGKILL our direct children. Without a uid of its own (modes without root) a run cannot
+    be swept by uid; as we are a child subreaper, its orphans become our children in turn."""
+    try:
+        with open("/proc/self/task/%d/children" % os.getpid()) as fh:
+            pids = [int(p) for p in fh.read().split()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_all(uid):
-    """Kill and reap the whole process tree of a run (we are its subreaper); {pid: status}."""
+    """Kill and reap the whole process tree of a run (we are its subreaper); {pid: status}.
+
+    ``uid`` None: the run shares our uid (no per-run uid here), so kill by descent instead.
+    """
     reaped = {}
     for _ in range(100):
-        kill_uid(uid)
+        if uid is None:
+            kill_children()
+        else:
+            kill_uid(uid)
         reaped.update(reap_all())
         if not has_children():
             break
@@ -517,7 +538,8 @@ def prepare(cfg, slot, uid):
     else:
         workdir = os.path.join(cfg["scratch_root"], "slot%d" % slot)
         os.makedirs(workdir, mode=0o700, exist_ok=True)
-        os.chown(workdir, uid, uid)
+        if cfg["drop_uid"]:
+            os.chown(workdir, uid, uid)
     try:
         fds = {"stdin_w": os.memfd_create("stdin", os.MFD_CLOEXEC)}
         fds["go_r"], fds["go_w"] = os.pipe()
@@ -562,7 +584,7 @@ def cleanup(cfg, uid, child):
             pass
         os.waitpid(child.pid, 0)
     if has_children():
-        kill_all(uid)
+        kill_all(uid if cfg["drop_uid"] else None)
     reap_all()
     for fd in child.fds.values():
         os.close(fd)
@@ -594,7 +616,7 @@ def execute(req, cfg, uid, child):
         with open(target, "wb") as fh:
             fh.write(base64.b64decode(content) if content else b"")
         d = target
-        while d != workdir:
+        while d != workdir and cfg["drop_uid"]:
             os.chown(d, uid, uid)
             d = os.path.dirname(d)
     code_path = child.code_path
@@ -603,7 +625,8 @@ def execute(req, cfg, uid, child):
     fd = os.open(code_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(req["code"])
-    os.chown(code_path, uid, uid)
+    if cfg["drop_uid"]:
+        os.chown(code_path, uid, uid)
     fds = child.fds
     if req.get("stdin"):
         data = req["stdin"].encode()
@@ -658,7 +681,9 @@ def execute(req, cfg, uid, child):
     elapsed = time.monotonic() - start
     mark("done")
     if timed_out or (child.status is not None and has_children()):
-        reaped = kill_all(uid)  # stragglers may hold the pipes: kill them first, then drain
+        reaped = kill_all(
+            uid if cfg["drop_uid"] else None
+        )  # stragglers may hold the pipes: kill them first, then drain
         if child.pid in reaped:
             child.status = reaped[child.pid]
     for fd in open_fds:  # every writer is dead now, or EOF was seen: drain what is left

@@ -6,6 +6,12 @@ Every attack is followed by ``assert_healthy``: the server must still answer a f
 from __future__ import annotations
 
 import base64
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +20,7 @@ import httpx
 import pytest
 
 from sandbox.cgroups import SlotCgroups
+from sandbox.isolation import Isolation
 from tests.sandbox.conftest import run
 from tests.sandbox.test_security import assert_healthy, out
 
@@ -289,3 +296,87 @@ def test_unwritable_file_layouts_are_bad_requests(http: httpx.Client, local_endp
     body = run(http, local_endpoint, "print(open('main.py').read()[:5])", files={"x/y": hi})
     assert out(body) == "print\n"
     assert_healthy(http, local_endpoint)
+
+
+NOBODY = 65534
+
+
+def _as_nobody() -> None:
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)
+
+
+def _zygote_as_nobody(mode: str, code: str) -> dict:
+    """One run on a zygote started by a non-root user (what ``--allow-insecure`` gets)."""
+    iso = Isolation(mode, "/usr/bin/python3")
+    ours, theirs = socket.socketpair()
+    cfg = {
+        "fds": [theirs.fileno()],
+        "base_uid": 61000,
+        "preload": ["math"],
+        "unshare_net": False,
+        "mountns": iso.mountns,
+        "drop_uid": iso.drop_uid,
+        "scratch_root": f"/tmp/sandbox-nobody-{uuid.uuid4().hex[:8]}",
+        "scratch_bytes": 1 << 24,
+        "seccomp": True,
+    }
+    proc = subprocess.Popen(
+        iso.zygote_argv(json.dumps(cfg)),
+        env=iso.zygote_env(),
+        pass_fds=[theirs.fileno()],
+        preexec_fn=_as_nobody,
+        cwd="/tmp",
+    )
+    theirs.close()
+    try:
+        ours.settimeout(30)
+        reader = ours.makefile("rb")
+        assert json.loads(reader.readline())["ready"]
+        limits = {"memory_bytes": 1 << 30, "cpu_s": 6, "nproc": 64, "fsize": 1 << 26}
+        limits |= {"nofile": 256, "output_cap": 1 << 20, "fetch_bytes": 1 << 20}
+        req = {"language": "python", "code": code, "stdin": None, "run_timeout": 5}
+        req |= {"files": {"in.txt": "aGk="}, "fetch_files": [], "limits": limits}
+        replies = []
+        for _ in range(2):  # the second run sees what the first one left
+            body = json.dumps(req).encode()
+            ours.sendall(struct.pack("!I", len(body)) + body)
+            size = struct.unpack("!I", reader.read(4))[0]
+            replies.append(json.loads(reader.read(size)))
+        return replies
+    finally:
+        proc.kill()
+        proc.wait()
+        ours.close()
+        shutil.rmtree(cfg["scratch_root"], ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+@pytest.mark.parametrize("mode", ["none", "bwrap-userns"])
+def test_non_root_operator_gets_working_runs(mode: str) -> None:
+    """Started by a non-root user, every run failed ("prepare: PermissionError": the worker
+    chown()ed scratch files to the slot uid, and killed stragglers by switching to it)."""
+    if mode == "bwrap-userns" and shutil.which("bwrap") is None:
+        pytest.skip("no bubblewrap")
+    code = """
+import os, socket, subprocess
+print(open('in.txt').read(), os.getuid(), sorted(n for _, n in socket.if_nameindex()))
+print(os.path.exists('/root'), os.path.exists('/work'))
+def cmd(pid):
+    try:
+        return open(f'/proc/{pid}/cmdline').read()
+    except OSError:
+        return ''
+print([p for p in os.listdir('/proc') if p.isdigit() and 'MARK' in cmd(p)])
+subprocess.Popen(['setsid', 'sleep', 'MARK'])
+"""
+    mark = f"299.{uuid.uuid4().int % 10**6}"  # a sleep no one else runs
+    first, second = _zygote_as_nobody(mode, code.replace("MARK", mark))
+    for reply in (first, second):
+        assert reply.get("return_code") == 0, reply
+        lines = reply["stdout"].splitlines()
+        assert lines[0].startswith(f"hi {NOBODY} ")
+        assert lines[2] == "[]", reply  # the first run's detached sleep was killed
+    if mode == "bwrap-userns":
+        assert first["stdout"].splitlines()[:2] == [f"hi {NOBODY} ['lo']", "False False"]
