@@ -35,7 +35,7 @@ def test_fetch_files_cannot_follow_symlinks_into_other_runs(
 import time
 open('secret.txt', 'w').write({secret!r})
 print('victim ready', flush=True)
-time.sleep(3)
+time.sleep(2)
 """
     attacker = """
 import os
@@ -133,8 +133,8 @@ def test_concurrent_runs_share_no_network_namespace(
     name = uuid.uuid4().hex[:12]
     listener = f"""
 import socket
-tcp = socket.socket(); tcp.bind(('127.0.0.1', 47321)); tcp.listen(4); tcp.settimeout(3)
-unix = socket.socket(socket.AF_UNIX); unix.bind('\\0{name}'); unix.listen(4); unix.settimeout(3)
+tcp = socket.socket(); tcp.bind(('127.0.0.1', 47321)); tcp.listen(4); tcp.settimeout(1.2)
+unix = socket.socket(socket.AF_UNIX); unix.bind('\\0{name}'); unix.listen(4); unix.settimeout(0.1)
 print('listening', flush=True)
 for s in (tcp, unix):
     try:
@@ -144,7 +144,7 @@ for s in (tcp, unix):
 """
     dialer = f"""
 import socket, time
-time.sleep(1)
+time.sleep(0.5)
 for family, addr in ((socket.AF_INET, ('127.0.0.1', 47321)), (socket.AF_UNIX, '\\0{name}')):
     try:
         s = socket.socket(family); s.settimeout(1); s.connect(addr); s.send(b'hi')
@@ -227,7 +227,7 @@ for _ in range(6):
         block = bytearray(200 * 1024**2)
         for i in range(0, len(block), 4096):
             block[i] = 1
-        time.sleep(1.5)
+        time.sleep(1)
         os._exit(0)
     kids.append(pid)
 codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
