@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run even if only a mode weaker than bubblewrap is available",
     )
-    common.add_argument("--isolation", choices=["auto", "bwrap", "unshare", "none"])
+    common.add_argument("--isolation", choices=["auto", "bwrap", "unshare", "bwrap-userns", "none"])
     common.add_argument("--slots", type=int, help="concurrent runs (default 2 x cores, min 4)")
     p_serve = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     p_serve.add_argument("--host", default="127.0.0.1")

@@ -26,6 +26,7 @@ Usage: python _zygote.py '<json config>' — fds named in the config are the slo
 
 import base64
 import ctypes
+import errno
 import gc
 import io
 import json
@@ -34,6 +35,7 @@ import resource
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -51,6 +53,10 @@ MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+IPC_RMID = 0
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
 HEADER = struct.Struct("!I")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -92,6 +98,78 @@ def umount(target):
 
 def prctl(option, value):
     _check(_libc.prctl(option, value, 0, 0, 0), "prctl")
+
+
+def prctl_args(option, arg2, arg3):
+    _check(_libc.prctl(option, arg2, arg3, 0, 0), "prctl")
+
+
+# -- seccomp ---------------------------------------------------------------------------------
+# What user code may not do, even with no capabilities: create namespaces (an unprivileged user
+# namespace hands out every capability inside it, and with a network namespace the netfilter
+# and friends behind most kernel exploits), mount, and a few syscalls math code never needs but
+# kernel exploits love (bpf, userfaultfd, perf_event_open, keyrings, io_uring, POSIX mqueues,
+# which would outlive the run in the slot's IPC namespace). EPERM, as if unprivileged.
+# clone3 passes its flags in memory a filter cannot read: ENOSYS makes glibc fall back to clone.
+SECCOMP_ARCH = {  # machine: (AUDIT_ARCH, clone, clone3, {name: nr} of the refused syscalls)
+    "x86_64": (
+        0xC000003E,
+        56,
+        435,
+        dict(unshare=272, setns=308, mount=165, umount2=166, pivot_root=155, bpf=321,
+             userfaultfd=323, perf_event_open=298, add_key=248, request_key=249, keyctl=250,
+             mq_open=240, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
+             open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
+             mount_setattr=442),
+    ),
+    "aarch64": (
+        0xC00000B7,
+        220,
+        435,
+        dict(unshare=97, setns=268, mount=40, umount2=39, pivot_root=41, bpf=280,
+             userfaultfd=282, perf_event_open=241, add_key=217, request_key=218, keyctl=219,
+             mq_open=180, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
+             open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
+             mount_setattr=442),
+    ),
+}  # fmt: skip
+CLONE_NS_FLAGS = 0x7E020000  # CLONE_NEW{NS,CGROUP,UTS,IPC,USER,PID,NET}
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+
+def seccomp_program(machine):
+    """The classic-BPF filter for ``machine`` as bytes, or None if we do not know its table."""
+    if machine not in SECCOMP_ARCH:
+        return None
+    arch, clone, clone3, refused = SECCOMP_ARCH[machine]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, enosys = 0x7FFF0000, 0x00050000 | errno.ENOSYS
+    eperm = 0x00050000 | errno.EPERM
+    prog = [(ld, 4), (jeq, arch, 1, 0), (ret, enosys), (ld, 0)]  # another ABI (i386, x32): no
+    if machine == "x86_64":
+        prog += [(jge, 0x40000000, 0, 1), (ret, enosys)]
+    for nr in sorted(refused.values()):
+        prog += [(jeq, nr, 0, 1), (ret, eperm)]
+    prog += [(jeq, clone3, 0, 1), (ret, enosys), (jeq, clone, 0, 3)]
+    prog += [(ld, 16), (jset, CLONE_NS_FLAGS, 0, 1), (ret, eperm), (ret, allow)]
+    out = b""
+    for ins in prog:
+        code, k, jt, jf = (*ins, 0, 0)[:4]
+        out += struct.pack("=HBBI", code, jt, jf, k)
+    return out
+
+
+def install_seccomp():
+    """Load the filter into this process (needs no_new_privs); False where unsupported."""
+    prog = seccomp_program(os.uname().machine)
+    if prog is None:
+        return False
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+    fbuf = ctypes.create_string_buffer(fprog, len(fprog))
+    prctl_args(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fbuf))
+    return True
 
 
 # -- framing ----------------------------------------------------------------------------------
@@ -143,6 +221,65 @@ def inside(workdir, target):
     return real == workdir or real.startswith(workdir.rstrip("/") + "/")
 
 
+def open_beneath(workdir, target):
+    """Open a regular file under ``workdir`` for reading, following no symlink on the way.
+
+    The worker is root in the sandbox and reads ``fetch_files`` while the run's processes may
+    still be alive: a checked path could be swapped, and a symlink to ``/proc/<pid>/root`` (a
+    magic link ``realpath`` reports as ``/``) leads into another slot's mount namespace. So each
+    component is opened with ``O_NOFOLLOW`` relative to its parent, and only a regular file is
+    read (``O_NONBLOCK``: a FIFO must not block the worker).
+    """
+    parts = os.path.relpath(target, workdir).split("/")
+    dirfd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(
+                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd
+            )
+            os.close(dirfd)
+            dirfd = nxt
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        fd = os.open(parts[-1], flags, dir_fd=dirfd)
+    finally:
+        os.close(dirfd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file: %r" % target)
+    return fd
+
+
+def loopback_up():
+    """Bring ``lo`` up in a fresh network namespace (it starts down), as bubblewrap does."""
+    import fcntl
+
+    ifreq = struct.Struct("16sH22x")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = ifreq.unpack(fcntl.ioctl(s, SIOCGIFFLAGS, ifreq.pack(b"lo", 0)))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, ifreq.pack(b"lo", flags | IFF_UP))
+
+
+def clear_sysv_ipc():
+    """Remove every SysV shm segment, message queue and semaphore set of this IPC namespace.
+
+    They belong to no process, so killing the run leaves them behind (state and memory for the
+    next run). Each slot has its own IPC namespace and the run is dead: all of them are its.
+    """
+    removers = (
+        ("shm", lambda i: _libc.shmctl(i, IPC_RMID, None)),
+        ("msg", lambda i: _libc.msgctl(i, IPC_RMID, None)),
+        ("sem", lambda i: _libc.semctl(i, 0, IPC_RMID)),
+    )
+    for kind, remove in removers:
+        try:
+            with open("/proc/sysvipc/" + kind) as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            remove(int(row.split()[1]))
+
+
 def kill_uid(uid):
     """Send SIGKILL to every process of ``uid``, from that uid, so nothing else can be hit."""
     pid = os.fork()
@@ -161,11 +298,32 @@ def kill_uid(uid):
     os.waitpid(pid, 0)
 
 
+def kill_children():
+    """SIGKILL our direct children. Without a uid of its own (modes without root) a run cannot
+    be swept by uid; as we are a child subreaper, its orphans become our children in turn."""
+    try:
+        with open("/proc/self/task/%d/children" % os.getpid()) as fh:
+            pids = [int(p) for p in fh.read().split()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_all(uid):
-    """Kill and reap the whole process tree of a run (we are its subreaper); {pid: status}."""
+    """Kill and reap the whole process tree of a run (we are its subreaper); {pid: status}.
+
+    ``uid`` None: the run shares our uid (no per-run uid here), so kill by descent instead.
+    """
     reaped = {}
     for _ in range(100):
-        kill_uid(uid)
+        if uid is None:
+            kill_children()
+        else:
+            kill_uid(uid)
         reaped.update(reap_all())
         if not has_children():
             break
@@ -257,6 +415,8 @@ def run_child(cfg, uid, workdir, code_path, fds):
             os.setresuid(uid, uid, uid)
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel clears it on a uid change
         prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if cfg.get("seccomp"):
+            install_seccomp()
         if req["language"] == "bash":  # status_w is close-on-exec
             os.execv("/bin/bash", ["bash", os.path.join(workdir, "main.sh")])
         rc = exec_python(code_path, status_w)
@@ -378,7 +538,8 @@ def prepare(cfg, slot, uid):
     else:
         workdir = os.path.join(cfg["scratch_root"], "slot%d" % slot)
         os.makedirs(workdir, mode=0o700, exist_ok=True)
-        os.chown(workdir, uid, uid)
+        if cfg["drop_uid"]:
+            os.chown(workdir, uid, uid)
     try:
         fds = {"stdin_w": os.memfd_create("stdin", os.MFD_CLOEXEC)}
         fds["go_r"], fds["go_w"] = os.pipe()
@@ -392,6 +553,14 @@ def prepare(cfg, slot, uid):
     except BaseException:
         release_scratch(cfg, workdir)
         raise
+    if cfg.get("cgroup"):  # before "go": everything the run allocates is charged to the slot
+        try:
+            os.write(cfg["cgroup"][0], b"%d" % pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            release_scratch(cfg, workdir)
+            raise
     for name in ("go_r", "status_w", "out_w", "err_w"):
         os.close(fds.pop(name))
     return Prepared(pid, workdir, code_path, fds)
@@ -415,11 +584,13 @@ def cleanup(cfg, uid, child):
             pass
         os.waitpid(child.pid, 0)
     if has_children():
-        kill_all(uid)
+        kill_all(uid if cfg["drop_uid"] else None)
     reap_all()
     for fd in child.fds.values():
         os.close(fd)
     release_scratch(cfg, child.workdir)
+    if cfg["mountns"]:
+        clear_sysv_ipc()
 
 
 def read_into(fd, buf, cap):
@@ -447,7 +618,7 @@ def execute(req, cfg, uid, child):
         with open(target, "wb") as fh:
             fh.write(base64.b64decode(content))
         d = target
-        while d != workdir:
+        while d != workdir and cfg["drop_uid"]:
             os.chown(d, uid, uid)
             d = os.path.dirname(d)
     code_path = child.code_path
@@ -456,13 +627,19 @@ def execute(req, cfg, uid, child):
     fd = os.open(code_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(req["code"])
-    os.chown(code_path, uid, uid)
+    if cfg["drop_uid"]:
+        os.chown(code_path, uid, uid)
     fds = child.fds
     if req.get("stdin"):
         data = req["stdin"].encode()
         view = memoryview(data)
         while view:
             view = view[os.write(fds["stdin_w"], view) :]
+    if cfg.get("cgroup"):  # one limit over all the run's processes, its memfds and its files
+        want = limits["memory_bytes"] + cfg["scratch_bytes"]
+        if cfg.get("cgroup_limit") != want:
+            os.write(cfg["cgroup"][1], b"%d" % want)
+            cfg["cgroup_limit"] = want
     go = json.dumps({"language": req["language"], "limits": limits}).encode() + b"\n"
     start = time.monotonic()
     os.write(fds["go_w"], go)  # small: one atomic pipe write
@@ -506,7 +683,9 @@ def execute(req, cfg, uid, child):
     elapsed = time.monotonic() - start
     mark("done")
     if timed_out or (child.status is not None and has_children()):
-        reaped = kill_all(uid)  # stragglers may hold the pipes: kill them first, then drain
+        reaped = kill_all(
+            uid if cfg["drop_uid"] else None
+        )  # stragglers may hold the pipes: kill them first, then drain
         if child.pid in reaped:
             child.status = reaped[child.pid]
     for fd in open_fds:  # every writer is dead now, or EOF was seen: drain what is left
@@ -528,10 +707,7 @@ def execute(req, cfg, uid, child):
     budget = limits["fetch_bytes"]
     for path in req.get("fetch_files") or []:
         try:
-            target = resolve(workdir, path)
-            if not inside(workdir, target):
-                continue
-            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = open_beneath(workdir, resolve(workdir, path))
             with os.fdopen(fd, "rb") as fh:
                 data = fh.read(budget + 1)
         except (OSError, ValueError):
@@ -564,10 +740,23 @@ def worker_main(cfg, slot, fd):
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     uid = cfg["base_uid"] + slot
+    if cfg["mountns"]:
+        # A network and an IPC namespace per slot: concurrent runs cannot reach each other over
+        # lo, abstract UNIX sockets or SysV IPC. Within a slot, sockets die with the run's
+        # processes and cleanup() removes SysV objects, so sequential runs share nothing either.
+        unshare(CLONE_NEWNET | CLONE_NEWIPC)
+        loopback_up()
     sock = socket.socket(fileno=fd)
     for other in cfg["fds"]:
         if other != fd:
             os.close(other)
+    cgroups = cfg.pop("cgroups", None) or []
+    for i, pair in enumerate(cgroups):
+        if i == slot:
+            cfg["cgroup"] = pair
+        else:
+            for other in pair:
+                os.close(other)
     child = None
     while True:
         if child is None:
@@ -646,7 +835,23 @@ def probe(cfg):
             result["mountns"] = False
             result["mountns_error"] = str(exc)
         try:
+            unshare(CLONE_NEWNET | CLONE_NEWIPC)
+            loopback_up()
+            result["slot_ns"] = True
+        except OSError as exc:
+            result["slot_ns"] = False
+            result["slot_ns_error"] = str(exc)
+        try:
             uid = cfg["base_uid"]
+            sub = os.fork()
+            if sub == 0:  # a filter for good: in a child of its own
+                try:
+                    prctl(PR_SET_NO_NEW_PRIVS, 1)
+                    ok = install_seccomp() and _libc.unshare(CLONE_NEWUTS) != 0
+                    os._exit(0 if ok else 1)
+                except BaseException:
+                    os._exit(1)
+            result["seccomp"] = os.waitpid(sub, 0)[1] == 0
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)

@@ -45,6 +45,27 @@ def check_path(path: str) -> None:
         raise BadRequest(f"file path escapes the working directory: {path!r}")
 
 
+def check_layout(paths: list[str], code_file: str) -> None:
+    """Reject files the worker could not write: over the code file, a path that is both a file
+    and a directory, a name over 255 bytes."""
+    rel = {
+        posixpath.relpath(posixpath.normpath(p), "/tmp")
+        if p.startswith("/")
+        else posixpath.normpath(p)
+        for p in paths
+    }
+    for path in rel:
+        if path == code_file:
+            raise BadRequest(f"files may not replace the code file {code_file!r}")
+        if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in path.split("/")):
+            raise BadRequest(f"a file name is longer than 255 bytes: {path[:80]!r}...")
+        parent = posixpath.dirname(path)
+        while parent:
+            if parent in rel:
+                raise BadRequest(f"{parent!r} is both a file and a directory in files")
+            parent = posixpath.dirname(parent)
+
+
 class Executor:
     """Validates and runs requests on a :class:`ZygotePool`."""
 
@@ -82,6 +103,7 @@ class Executor:
                     total += len(base64.b64decode(content, validate=True))
                 except (binascii.Error, ValueError) as exc:
                     raise BadRequest(f"files[{path!r}] is not valid base64") from exc
+        check_layout(list(req.files), "main.sh" if language == "bash" else "main.py")
         if total > s.max_files_bytes:
             raise BadRequest(f"files total more than {s.max_files_bytes} bytes", 413)
         for path in req.fetch_files:

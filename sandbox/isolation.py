@@ -9,6 +9,10 @@ Modes, strongest first:
 - ``unshare``: no bubblewrap (e.g. gVisor on Modal may refuse it), but we are root and may
   ``unshare``: the zygote leaves the network namespace itself and runs still get a private tmpfs
   and a per-slot uid. The host filesystem stays visible (read-only by permissions only).
+- ``bwrap-userns``: bubblewrap without root (an unprivileged user namespace, e.g. ``make
+  local-smoke`` on a laptop): the same network, pid and filesystem isolation as ``bwrap`` (no
+  network, no home directory, no project, empty environment), but no per-run uid or private
+  tmpfs: runs share one uid inside the sandbox and a scratch directory per slot.
 - ``none``: fork + rlimits only. Runs share the server's uid: they could signal it or read its
   files. For development only.
 
@@ -33,7 +37,12 @@ log = logging.getLogger("sandbox.isolation")
 ZYGOTE_SRC = Path(__file__).with_name("_zygote.py")
 ZYGOTE_IN_SANDBOX = "/opt/sandbox/_zygote.py"
 PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
-MODES = ("bwrap", "unshare", "none")
+MODES = ("bwrap", "unshare", "bwrap-userns", "none")
+WEAKNESS = {
+    "unshare": "the host filesystem is visible (read-only by permissions), no pid namespace",
+    "bwrap-userns": "no per-run uid or private /tmp: runs could signal the zygote or one another",
+    "none": "user code runs as this user, with its files, its processes and the network",
+}
 ZYGOTE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "LANG": "C.UTF-8",
@@ -72,7 +81,7 @@ class Isolation:
         return self.mode in ("bwrap", "unshare")
 
     def zygote_argv(self, *args: str) -> list[str]:
-        if self.mode == "bwrap":
+        if self.mode in ("bwrap", "bwrap-userns"):
             return [*bwrap_prefix(), self.python, "-I", "-B", ZYGOTE_IN_SANDBOX, *args]
         return [self.python, "-I", "-B", str(ZYGOTE_SRC), *args]
 
@@ -156,7 +165,12 @@ def works(mode: str, probe: dict[str, Any] | None) -> bool:
     if mode == "none":
         return True
     isolated_net = probe.get("net_ifaces") == ["lo"]
+    if mode == "bwrap-userns":
+        return bool(isolated_net and probe.get("seccomp"))
     ok = probe.get("euid") == 0 and probe.get("mountns") and probe.get("setuid") and isolated_net
+    ok = ok and probe.get("slot_ns")  # a network + IPC namespace per slot
+    if mode == "bwrap":
+        ok = ok and probe.get("seccomp")  # user code cannot create namespaces
     if mode == "unshare":
         ok = ok and probe.get("unshare_net")
     return bool(ok)
@@ -171,7 +185,7 @@ def detect(settings: Settings) -> Isolation:
     candidates = MODES if wanted == "auto" else (wanted,)
     chosen: Isolation | None = None
     for mode in candidates:
-        if mode == "bwrap" and shutil.which("bwrap") is None:
+        if mode.startswith("bwrap") and shutil.which("bwrap") is None:
             log.info("isolation bwrap unavailable: no bwrap on PATH")
             continue
         iso = Isolation(mode, python)
@@ -187,13 +201,14 @@ def detect(settings: Settings) -> Isolation:
         log.warning("zygote python %s cannot import %s", python, ", ".join(sorted(missing)))
     if not chosen.secure and not settings.allow_insecure:
         raise InsecureIsolation(
-            f"best isolation here is {chosen.mode!r} (bubblewrap namespaces unavailable); "
+            f"best isolation here is {chosen.mode!r} ({WEAKNESS[chosen.mode]}); "
             "refusing to run untrusted code. Pass --allow-insecure or SANDBOX_ALLOW_INSECURE=1 "
             "to accept it."
         )
-    level = logging.INFO if chosen.secure else logging.WARNING
+    if not chosen.secure:
+        log.warning("sandbox isolation %s: %s", chosen.mode, WEAKNESS[chosen.mode])
     log.log(
-        level,
+        logging.INFO if chosen.secure else logging.WARNING,
         "sandbox isolation: %s (%s) python %s %s, preloaded %s",
         chosen.mode,
         "secure" if chosen.secure else "INSECURE, explicitly allowed",

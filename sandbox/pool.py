@@ -18,6 +18,7 @@ import socket
 import struct
 from typing import Any
 
+from sandbox.cgroups import SlotCgroups
 from sandbox.isolation import Isolation
 from sandbox.settings import MiB, Settings
 
@@ -63,11 +64,17 @@ class ZygotePool:
         self._waiting = 0
         self._generation = 0
         self._restart_lock = asyncio.Lock()
+        self._cgroups: SlotCgroups | None = None
+        self._cgroups_tried = False
 
     async def start(self) -> None:
         n = self.settings.slots
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
         child_fds = [child.fileno() for _, child in pairs]
+        if not self._cgroups_tried and self.isolation.drop_uid:
+            self._cgroups_tried = True
+            self._cgroups = SlotCgroups.create(n)
+        cgroup_fds = [list(pair) for pair in self._cgroups.fds] if self._cgroups else None
         cfg = {
             "fds": child_fds,
             "base_uid": self.settings.base_uid,
@@ -75,14 +82,16 @@ class ZygotePool:
             "unshare_net": self.isolation.mode == "unshare",
             "mountns": self.isolation.mountns,
             "drop_uid": self.isolation.drop_uid,
+            "seccomp": bool(self.isolation.probe.get("seccomp")),
             "scratch_root": "/tmp/sandbox-scratch",
             "scratch_bytes": self.settings.scratch_mb * MiB,
             "profile": self.profile,
+            "cgroups": cgroup_fds,
         }
         self._proc = await asyncio.create_subprocess_exec(
             *self.isolation.zygote_argv(json.dumps(cfg)),
             env=self.isolation.zygote_env(),
-            pass_fds=child_fds,
+            pass_fds=child_fds + [fd for pair in cgroup_fds or [] for fd in pair],
             stdin=asyncio.subprocess.DEVNULL,
         )
         for _, child in pairs:
@@ -104,7 +113,7 @@ class ZygotePool:
         self._generation += 1
         log.info("zygote ready: %d slots, %s", n, self.info)
 
-    async def close(self) -> None:
+    async def close(self, final: bool = True) -> None:
         for slot in self._slots:
             slot.writer.close()
         self._slots = []
@@ -112,13 +121,16 @@ class ZygotePool:
             self._proc.kill()
             await self._proc.wait()
         self._proc = None
+        if final and self._cgroups is not None:
+            self._cgroups.close()
+            self._cgroups, self._cgroups_tried = None, False
 
     async def _restart(self, generation: int) -> None:
         async with self._restart_lock:
             if generation != self._generation:
                 return  # someone else already restarted it
             log.error("restarting the zygote (generation %d)", generation)
-            await self.close()
+            await self.close(final=False)
             await self.start()
 
     @property

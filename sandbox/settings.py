@@ -48,7 +48,7 @@ class Settings:
     queue_timeout_s: float = 60.0  # longest wait for a slot before HTTP 504 (clients retry 504)
     base_uid: int = 61000  # slot i runs as uid/gid base_uid + i (no such user needed)
     # --- isolation ------------------------------------------------------------------------------
-    isolation: str = "auto"  # auto | bwrap | unshare | none
+    isolation: str = "auto"  # auto | bwrap | unshare | bwrap-userns | none
     allow_insecure: bool = False  # permit a mode weaker than bwrap (Modal/gVisor opts in)
     python: str = ""  # interpreter of the warm zygote; "" = first of /usr/bin/python3, ...
     preload: str = "math,fractions,itertools,functools,collections,decimal,re,json,numpy,sympy"

@@ -17,6 +17,7 @@ UNSHARE_ONLY = {
     "net_ifaces": ["lo"],
     "mountns": True,
     "setuid": True,
+    "slot_ns": True,
     "preloaded": [],
 }
 
@@ -56,3 +57,19 @@ def test_detects_bwrap_here() -> None:
     assert chosen.mode == "bwrap" and chosen.secure
     assert chosen.probe["net_ifaces"] == ["lo"]
     assert {"numpy", "sympy"} <= set(chosen.probe["preloaded"])
+
+
+def test_non_root_gets_bubblewrap_in_a_user_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not root (a laptop): bubblewrap still hides the network and the home directory."""
+    non_root = {**UNSHARE_ONLY, "euid": 1000, "mountns": False, "setuid": False, "seccomp": True}
+
+    def fake_probe(iso: Isolation, settings: Settings) -> dict | None:
+        return non_root if iso.mode.startswith("bwrap") else {**non_root, "net_ifaces": ["eth0"]}
+
+    monkeypatch.setattr(isolation, "run_probe", fake_probe)
+    monkeypatch.setattr(isolation.shutil, "which", lambda name: "/usr/bin/" + name)
+    with pytest.raises(InsecureIsolation, match="no per-run uid"):
+        detect(Settings(isolation="auto"))
+    chosen = detect(Settings(isolation="auto", allow_insecure=True))
+    assert chosen.mode == "bwrap-userns" and not chosen.secure
+    assert chosen.zygote_argv()[0] == "bwrap" and not chosen.drop_uid and not chosen.mountns
