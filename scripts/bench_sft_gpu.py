@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipe.retool import stages
+from recipe.retool.constants import TOOL_NAME, TOOL_SCHEMA
 from recipe.retool.launch import Topology
 from recipe.retool.paths import Layout
 
@@ -87,9 +88,7 @@ def prepare(root: Path, samples: int, min_tokens: int, max_tokens: int, seed: in
 
 def synthetic_conversation(tokenizer, target_tokens: int, rng: random.Random) -> dict:
     """A ReTool-shaped trace (question, code calls with outputs, boxed answer) of ~target tokens."""
-    tools = [{"type": "function", "function": {"name": "code_interpreter", "description":
-              "A tool for executing code.", "parameters": {"type": "object", "properties":
-              {"code": {"type": "string"}}, "required": ["code"]}}}]  # fmt: skip
+    tools = [TOOL_SCHEMA]
     turns = rng.randint(3, 8)
 
     def text(n_words: int) -> str:
@@ -98,8 +97,11 @@ def synthetic_conversation(tokenizer, target_tokens: int, rng: random.Random) ->
     def build(words: int) -> list[dict]:
         messages = [{"role": "user", "content": text(60)}]
         for _ in range(turns):
-            call = {"type": "function", "function": {"name": "code_interpreter",
-                    "arguments": {"code": f"print({text(words // 4)!r})"}}}  # fmt: skip
+            code = f"print({text(words // 4)!r})"
+            call = {
+                "type": "function",
+                "function": {"name": TOOL_NAME, "arguments": {"code": code}},
+            }
             messages.append({"role": "assistant", "content": text(words), "tool_calls": [call]})
             messages.append({"role": "tool", "content": text(words // 4)})
         messages.append({"role": "assistant", "content": text(words // 2) + " \\boxed{42}"})

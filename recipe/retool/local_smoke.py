@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipe.retool import launch, paths, stages
+from recipe.retool.constants import TOOL_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL_ID = "local/tiny-qwen2"
@@ -233,7 +234,7 @@ class Smoke:
             turns.append(int(output.num_turns))
         first = rows.iloc[0]
         truth = first["reward_model"]["ground_truth"]
-        call = {"name": "code_interpreter", "arguments": {"code": f"print({truth!r})"}}
+        call = {"name": TOOL_NAME, "arguments": {"code": f"print({truth!r})"}}
         script = [
             f"Let me check with Python.\n<tool_call>\n{json.dumps(call)}\n</tool_call>",
             f"The interpreter confirms it. \\boxed{{{truth}}}",

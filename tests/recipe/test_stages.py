@@ -10,14 +10,13 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from recipe.retool import stages
+from recipe.retool.constants import TOOL_SCHEMA
 from recipe.retool.launch import LaunchError, Topology
 from recipe.retool.paths import CheckpointNotFound, Layout, read_checkpoint_info
 from tests.recipe.test_paths import make_step, mark_tracked
 
 CPU = Topology(gpus_per_node=1, device="cpu")
-TOOLS = [{"type": "function", "function": {"name": "code_interpreter", "description": "A tool for "
-          "executing code.", "parameters": {"type": "object", "properties": {"code": {"type":
-          "string"}}, "required": ["code"]}}}]  # fmt: skip
+TOOLS = [TOOL_SCHEMA]
 
 
 def sft_rows(n: int) -> pd.DataFrame:
