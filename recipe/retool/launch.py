@@ -292,9 +292,35 @@ def validate(stage: Stage, overrides: Sequence[str], topo: Topology):
         raise LaunchError(_explain_compose_error(str(exc), verl_config)) from None
     errors = _type_errors(_base_config(verl_config), composed, overrides)
     errors += check_parallelism(stage, composed, topo)
+    if not errors and stage == "dapo":
+        errors += _verl_ppo_checks(composed)
     if errors:
         raise LaunchError(f"invalid {stage} configuration: " + "; ".join(errors))
     return composed
+
+
+def _verl_ppo_checks(cfg: Any) -> list[str]:
+    """verl's own ``validate_config`` (what main_ppo runs first), here before any GPU starts."""
+    import contextlib
+    import io
+
+    from hydra.errors import HydraException
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            validate_config(
+                config=cfg,
+                use_reference_policy=need_reference_policy(cfg),
+                use_critic=need_critic(cfg),
+            )
+    except (AssertionError, ValueError, TypeError, HydraException) as exc:
+        # Instantiation errors wrap the real one: "Error in call to target ...\nAssertionError(..)".
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        cause = next((line for line in lines if "Error(" in line), lines[0] if lines else "")
+        return [f"verl rejects it: {cause}"]
+    return []
 
 
 def _explain_compose_error(message: str, verl_config: str) -> str:

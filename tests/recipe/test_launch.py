@@ -162,3 +162,17 @@ def test_ray_head_and_workers_for_multinode_dapo() -> None:
     assert "--head" in head and "--node-ip-address=10.0.0.5" in head and "--num-gpus=8" in head
     assert "--address=10.0.0.5:6379" in worker and "--block" in worker
     assert head[1:4] == ["-m", "ray.scripts.scripts", "start"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("actor_rollout_ref.actor.use_dynamic_bsz=False", "ppo_micro_batch_size"),
+        ("actor_rollout_ref.actor.loss_agg_mode=bogus", "Invalid loss_agg_mode: bogus"),
+    ],
+)
+def test_dapo_runs_verls_own_config_checks_before_launch(override: str, message: str) -> None:
+    topo = TOPOLOGIES["8gpu"]
+    overrides = launch.dapo_overrides(LAYOUT, "rl", MODEL, topo, [override])
+    with pytest.raises(LaunchError, match=f"verl rejects it: .*{message}"):
+        launch.validate("dapo", overrides, topo)
