@@ -72,7 +72,8 @@ class Topology:
 
 @dataclass(frozen=True)
 class LaunchArgs:
-    """Options a user passes before the Hydra overrides (``--experiment-name=x``, ``--gpus 2``)."""
+    """Options a user passes before the Hydra overrides (``--experiment-name=x``). The GPU count
+    is fixed when the Modal function is defined: ``RETOOL_GPUS=2 modal run ...``."""
 
     experiment: str | None = None
     sft_checkpoint: str | None = None
@@ -259,6 +260,10 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+# Numeric keys for which verl also accepts a word ("after_each_epoch" in its SFT trainer).
+STRING_ALSO_ACCEPTED = frozenset({"trainer.save_freq", "trainer.test_freq"})
+
+
 def _type_errors(base, composed, overrides: Sequence[str]) -> list[str]:
     """Values whose type contradicts verl's default (e.g. ``trainer.total_epochs=two``)."""
     from omegaconf import OmegaConf
@@ -266,6 +271,8 @@ def _type_errors(base, composed, overrides: Sequence[str]) -> list[str]:
     errors = []
     last_value_of = {_override_key(o): o for o in overrides if not o.startswith(("+", "~"))}
     for key in last_value_of:
+        if key in STRING_ALSO_ACCEPTED:
+            continue
         default = OmegaConf.select(base, key, throw_on_missing=False)
         value = OmegaConf.select(composed, key, throw_on_missing=False)
         if default is None or value is None:
@@ -291,7 +298,8 @@ def validate(stage: Stage, overrides: Sequence[str], topo: Topology):
     except (HydraException, OmegaConfBaseException) as exc:
         raise LaunchError(_explain_compose_error(str(exc), verl_config)) from None
     errors = _type_errors(_base_config(verl_config), composed, overrides)
-    errors += check_parallelism(stage, composed, topo)
+    if not errors:  # the checks below read these values as numbers
+        errors += check_parallelism(stage, composed, topo)
     if not errors and stage == "dapo":
         errors += _verl_ppo_checks(composed)
     if errors:
@@ -380,13 +388,11 @@ def estimate_cost(stage: Stage, topo: Topology) -> str:
     """One line: GPU-hours × price, from the stage's ``estimate_hours`` (scaled by GPU count)."""
     hours = load_stage_config(stage).estimate_hours * 8 / max(topo.world_size, 1)
     gpu_hours = hours * topo.world_size
+    line = f"{stage}: ~{hours:.1f} h on {topo.world_size}×{topo.gpu_type} = {gpu_hours:.0f} GPU-h"
     price = GPU_PRICE_PER_HOUR.get(topo.gpu_type)
-    cost = f"≈ ${gpu_hours * price:,.0f}" if price else "(no price on file for this GPU)"
-    return (
-        f"{stage}: ~{hours:.1f} h on {topo.world_size}×{topo.gpu_type} = "
-        f"{gpu_hours:.0f} GPU-h {cost}"
-        f" at ${price}/GPU-h (third-party listing, May 2026)"
-    )
+    if price is None:
+        return f"{line} (no price on file for {topo.gpu_type})"
+    return f"{line} ≈ ${gpu_hours * price:,.0f} at ${price}/GPU-h (third-party listing, May 2026)"
 
 
 def render(command: Sequence[str]) -> str:

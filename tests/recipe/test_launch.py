@@ -176,3 +176,27 @@ def test_dapo_runs_verls_own_config_checks_before_launch(override: str, message:
     overrides = launch.dapo_overrides(LAYOUT, "rl", MODEL, topo, [override])
     with pytest.raises(LaunchError, match=f"verl rejects it: .*{message}"):
         launch.validate("dapo", overrides, topo)
+
+
+def test_dapo_checkpoints_carry_hf_weights_and_are_bounded() -> None:
+    """Without hf_model verl writes actor/huggingface with config only: never 'complete'."""
+    topo = TOPOLOGIES["8gpu"]
+    cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo), topo)
+    assert "hf_model" in cfg.actor_rollout_ref.actor.checkpoint.save_contents
+    assert cfg.trainer.max_actor_ckpt_to_keep == 3
+    tool_cap = 4096  # output_cap_chars in sandbox_fusion_modal_config.yaml
+    assert cfg.actor_rollout_ref.rollout.multi_turn.max_tool_response_length > tool_cap
+
+
+def test_words_verl_accepts_for_numbers_pass_and_typos_in_numbers_do_not_crash() -> None:
+    topo = TOPOLOGIES["8gpu"]
+    cfg = launch.validate("sft", launch.sft_overrides(LAYOUT, "e", MODEL, topo), topo)
+    assert cfg.trainer.save_freq == "after_each_epoch"
+    bad = launch.sft_overrides(LAYOUT, "e", MODEL, topo, ["data.train_batch_size=two"])
+    with pytest.raises(LaunchError, match=r"data\.train_batch_size='two': expected a number"):
+        launch.validate("sft", bad, topo)
+
+
+def test_cost_line_without_a_price_says_so() -> None:
+    line = launch.estimate_cost("sft", Topology(gpus_per_node=8, gpu_type="A100"))
+    assert line.endswith("(no price on file for A100)") and "$None" not in line
