@@ -78,7 +78,7 @@ class EvalConfig:
     max_prompt_tokens: int = 2048  # as in DAPO training (vLLM context = prompt + response)
     max_assistant_turns: int = 16
     max_user_turns: int = 16  # tool-response turns
-    max_tool_response_length: int | None = None  # chars; None: verl's default, as in training
+    max_tool_response_length: int | None = None  # chars; None: DAPO training's (dapo.yaml)
     tool_config: str | None = None  # tool yaml; None: the training one
     tool_timeout_s: float | None = None  # None: the tool yaml's (training: 30 s; paper: 10 s)
     max_concurrency: int = 64  # rollouts in flight (the backend may allow fewer)
@@ -334,11 +334,17 @@ def loop_config(cfg: EvalConfig):
         f"{rollout}.multi_turn.max_assistant_turns={cfg.max_assistant_turns}",
         f"{rollout}.multi_turn.max_user_turns={cfg.max_user_turns}",
     ]
-    if cfg.max_tool_response_length is not None:
-        overrides.append(
-            f"{rollout}.multi_turn.max_tool_response_length={cfg.max_tool_response_length}"
-        )
+    tool_chars = cfg.max_tool_response_length or training_tool_response_length()
+    overrides.append(f"{rollout}.multi_turn.max_tool_response_length={tool_chars}")
     return compose_config(overrides)
+
+
+def training_tool_response_length() -> int:
+    """The tool-response cut DAPO trains with (config/dapo.yaml), so evaluation matches it."""
+    from recipe.retool.launch import load_stage_config
+
+    key = "actor_rollout_ref.rollout.multi_turn.max_tool_response_length"
+    return int(load_stage_config("dapo").overrides[key])
 
 
 def sampling_params(cfg: EvalConfig) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from recipe.retool.paths import (
     latest_checkpoint,
     list_checkpoints,
     read_checkpoint_info,
+    resolve_model_dir,
     write_checkpoint_info,
 )
 
@@ -129,14 +130,15 @@ def run_sft(
 
 
 def resolve_sft_checkpoint(layout: Layout, requested: str | None) -> Path:
-    """``--sft-checkpoint`` (a path or an experiment name), else the latest complete SFT step."""
-    if requested:
-        as_path = Path(requested)
-        if as_path.is_dir():
-            hf = as_path / "huggingface"
-            return hf if hf.is_dir() else as_path
-        return latest_checkpoint(layout, "sft", requested).hf_dir
-    return latest_checkpoint(layout, "sft").hf_dir
+    """``--sft-checkpoint`` (a path or an SFT experiment name), else the latest complete SFT step.
+
+    Always a directory with Hugging Face weights: verl writes ``huggingface/`` with config only
+    unless ``hf_model`` is saved, and such a step is refused here, not after the GPUs start.
+    """
+    if not requested:
+        return latest_checkpoint(layout, "sft").hf_dir
+    is_path = "/" in requested or Path(requested).exists()
+    return resolve_model_dir(layout, requested if is_path else f"sft/{requested}")
 
 
 def run_dapo(

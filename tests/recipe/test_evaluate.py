@@ -363,3 +363,13 @@ def test_crashed_rollouts_are_reported_and_fail_the_run(
     )
     overall = summary["datasets"]["aime_2024"]
     assert (overall["rollout_errors"], overall["mean@k"]) == (2, 0.0)
+
+
+def test_evaluation_cuts_tool_responses_like_dapo_training():
+    from recipe.retool.evaluate import loop_config, training_tool_response_length
+
+    cfg = loop_config(EvalConfig())
+    assert cfg.actor_rollout_ref.rollout.multi_turn.max_tool_response_length == (
+        training_tool_response_length()
+    )
+    assert training_tool_response_length() == 4608

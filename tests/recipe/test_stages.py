@@ -217,3 +217,16 @@ def test_failed_run_keeps_its_checkpoint_but_writes_no_done_marker(layout, tiny_
                             runner=runner)  # fmt: skip
     assert result.returncode == 1 and result.checkpoint.step == 7
     assert read_checkpoint_info(layout, "sft", "crash") is None
+
+
+def test_sft_checkpoint_option_takes_experiments_and_paths_but_not_weightless_steps(layout) -> None:
+    make_step(layout, "sft", "s1", 62)
+    mark_tracked(layout, "sft", "s1", 62)
+    step = layout.experiment_dir("sft", "s1") / "global_step_62"
+    assert stages.resolve_sft_checkpoint(layout, "s1") == step / "huggingface"
+    assert stages.resolve_sft_checkpoint(layout, str(step)) == step / "huggingface"
+    bare = make_step(layout, "sft", "s1", 70, weights=False)  # verl's default: config only
+    with pytest.raises(CheckpointNotFound, match="merge the checkpoint first"):
+        stages.resolve_sft_checkpoint(layout, str(bare))
+    with pytest.raises(CheckpointNotFound):
+        stages.resolve_sft_checkpoint(layout, "nope")
