@@ -175,7 +175,6 @@ def download_model(
 
 
 def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
-    import subprocess
     import sys
 
     from recipe.retool import launch, stages
@@ -187,15 +186,14 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     try:
         if stage == "sft":
             result = stages.run_sft(layout, topo, arglist)
-        elif topo.nnodes > 1 and topo.node_rank > 0:
-            # DAPO worker node: join the head's Ray cluster and serve until the job ends.
-            subprocess.run(launch.ray_node_command(topo), check=True)
-            return
         else:
+            sandbox_url = _sandbox_url()
             if topo.nnodes > 1:
-                subprocess.run(launch.ray_node_command(topo), check=True)
-            result = stages.run_dapo(layout, topo, arglist, sandbox_url=_sandbox_url())
-    except (launch.LaunchError, paths.CheckpointNotFound) as exc:
+                stages.join_ray_cluster(topo, stages.dapo_env(sandbox_url))
+                if topo.node_rank > 0:
+                    return  # a worker node served the cluster until the job ended
+            result = stages.run_dapo(layout, topo, arglist, sandbox_url=sandbox_url)
+    except (launch.LaunchError, paths.CheckpointNotFound, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:

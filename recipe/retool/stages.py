@@ -157,13 +157,57 @@ def run_dapo(
     launch.validate("dapo", overrides, topo)
     print(f"DAPO starts from {start_from}", flush=True)
     print(launch.estimate_cost("dapo", topo), flush=True)
-    env = {**TRAINING_ENV, "SANDBOX_FUSION_ENDPOINT": sandbox_url}
-    if topo.nnodes > 1:  # join the Ray cluster that ray_node_command started
+    env = dapo_env(sandbox_url)
+    if topo.nnodes > 1:  # join the Ray cluster that join_ray_cluster started
         env["RAY_ADDRESS"] = f"{topo.master_addr}:{launch.RAY_PORT}"
     start = time.time()
     code = runner(launch.dapo_command(overrides), env)
     ckpt = _record(layout, "dapo", experiment, str(start_from), code)
     return StageResult("dapo", experiment, code, ckpt, time.time() - start)
+
+
+def dapo_env(sandbox_url: str) -> dict[str, str]:
+    """Environment of every DAPO process: main_ppo *and* each Ray node, whose workers run the
+    tool (its yaml reads SANDBOX_FUSION_ENDPOINT inside the agent-loop actors)."""
+    return {**TRAINING_ENV, "SANDBOX_FUSION_ENDPOINT": sandbox_url}
+
+
+def _alive_ray_nodes() -> int:
+    probe = "import ray; ray.init(address='auto'); print(sum(n['Alive'] for n in ray.nodes()))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout else 0
+
+
+def join_ray_cluster(
+    topo: launch.Topology,
+    env: dict[str, str],
+    *,
+    runner: Runner = run_subprocess,
+    alive_nodes: Callable[[], int] = _alive_ray_nodes,
+    timeout_s: float = 900,
+    poll_s: float = 5,
+) -> None:
+    """Multi-node DAPO: node 0 starts the Ray head and waits for every node; the others join
+    (retrying while the head comes up) and serve until the cluster ends."""
+    command = launch.ray_node_command(topo)
+    deadline = time.monotonic() + timeout_s
+    if topo.node_rank == 0:
+        if runner(command, env) != 0:
+            raise RuntimeError("the Ray head did not start")
+        while (alive := alive_nodes()) < topo.nnodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{alive} of {topo.nnodes} nodes joined within {timeout_s:.0f} s"
+                )
+            time.sleep(poll_s)
+        return
+    while True:
+        started = time.monotonic()
+        if runner(command, env) == 0 or time.monotonic() - started > 60:
+            return  # joined and served until the cluster went away
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"could not join the Ray head at {topo.master_addr}")
+        time.sleep(poll_s)
 
 
 def download_model(

@@ -230,3 +230,45 @@ def test_sft_checkpoint_option_takes_experiments_and_paths_but_not_weightless_st
         stages.resolve_sft_checkpoint(layout, str(bare))
     with pytest.raises(CheckpointNotFound):
         stages.resolve_sft_checkpoint(layout, "nope")
+
+
+class RayRunner:
+    """Fake ``ray start``: fails ``fail_first`` times (head not up yet), records env and command."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.fail_first = fail_first
+        self.calls: list[tuple[list[str], dict[str, str]]] = []
+
+    def __call__(self, command, env) -> int:
+        self.calls.append((list(command), env))
+        return 1 if len(self.calls) <= self.fail_first else 0
+
+
+def test_ray_head_waits_for_every_node_and_passes_the_sandbox_to_workers() -> None:
+    head = Topology(gpus_per_node=8, nnodes=3, node_rank=0, master_addr="10.0.0.5")
+    counts = iter([1, 2, 3])
+    runner = RayRunner()
+    stages.join_ray_cluster(head, stages.dapo_env("http://sb/run_code"), runner=runner,
+                            alive_nodes=lambda: next(counts), poll_s=0)  # fmt: skip
+    ((command, env),) = runner.calls
+    assert "--head" in command
+    assert env["SANDBOX_FUSION_ENDPOINT"] == "http://sb/run_code"  # reaches the tool's actors
+    assert env["NCCL_NVLS_ENABLE"] == "0"
+
+
+def test_ray_head_gives_up_when_nodes_never_join() -> None:
+    head = Topology(gpus_per_node=8, nnodes=2, node_rank=0, master_addr="10.0.0.5")
+    with pytest.raises(RuntimeError, match="1 of 2 nodes joined"):
+        stages.join_ray_cluster(head, {}, runner=RayRunner(), alive_nodes=lambda: 1,
+                                timeout_s=0, poll_s=0)  # fmt: skip
+
+
+def test_ray_worker_retries_until_the_head_is_up() -> None:
+    worker = Topology(gpus_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5")
+    runner = RayRunner(fail_first=2)
+    stages.join_ray_cluster(worker, {"X": "1"}, runner=runner, poll_s=0)
+    assert len(runner.calls) == 3
+    assert all("--address=10.0.0.5:6379" in c for c, _ in runner.calls)
+    with pytest.raises(RuntimeError, match="could not join"):
+        stages.join_ray_cluster(worker, {}, runner=RayRunner(fail_first=99), timeout_s=0,
+                                poll_s=0)  # fmt: skip
