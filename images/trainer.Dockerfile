@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Trainer image: CUDA, vLLM 0.24.0 (the version verl 0.9.1's [vllm] extra pins), verl 0.9.1,
 # flash-attn, and this project's Python dependencies. Built by docker compose (compose.yaml) and by
-# Modal (modal.Image.from_dockerfile in recipe/retool/retool_modal_sft.py), which adds the
+# Modal (modal.Image.from_dockerfile in recipe/retool/modal_images.py), which adds the
 # project's code on top, last, so code edits never rebuild these layers.
 # verl publishes no image tagged for 0.9.x, so we start from NVIDIA's CUDA devel image as verl's
 # own vLLM images do since 0.7.
@@ -38,15 +38,14 @@ RUN pip install "torch==${TORCH_VERSION}" "vllm==${VLLM_VERSION}" "verl[vllm]==$
     && MAX_JOBS=8 pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"
 
 WORKDIR /root/retool-modal
-# Dependencies first (cached layer), then the code; the trainer installs the project without
-# touching the CUDA torch above.
-COPY pyproject.toml constraints.txt README.md ./
-COPY recipe ./recipe
-COPY sandbox ./sandbox
-COPY scripts ./scripts
-RUN pip install -c constraints.txt --no-deps -e . \
-    && pip install "math-verify==0.9.0" "python-dotenv>=1.0" "httpx==0.28.1" "matplotlib==3.11.2" \
-    && python -c "import verl, vllm, flash_attn, recipe.retool.launch"
+# Only dependencies live in the image. The project's code arrives last — Modal's add_local_dir,
+# compose's bind mount of the repository — so a code edit never rebuilds the layers above.
+# Versions come from constraints.txt (one source); only the packages vLLM/verl don't bring.
+COPY constraints.txt /tmp/constraints.txt
+RUN grep -E '^(math-verify|python-dotenv|httpx|matplotlib|uvloop|httptools)==' /tmp/constraints.txt \
+        > /tmp/extra-requirements.txt \
+    && pip install -r /tmp/extra-requirements.txt \
+    && python -c "import verl, vllm, flash_attn, math_verify, matplotlib"
 
 ENV PYTHONPATH=/root/retool-modal
 CMD ["bash"]

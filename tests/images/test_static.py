@@ -234,3 +234,16 @@ def test_sandbox_gets_namespaces_without_privileged_mode() -> None:
     assert "env_file" not in sandbox  # no secrets where user code runs
     # published on localhost only: it runs arbitrary code
     assert all(str(p).startswith("127.0.0.1:") for p in sandbox["ports"])
+
+
+def test_trainer_image_holds_dependencies_only_so_code_edits_never_rebuild_it() -> None:
+    """Modal builds everything after FROM as one layer: copying code in would rebuild vLLM and
+    flash-attn on every edit. The code arrives via add_local_dir (Modal) / a bind mount (compose)."""
+    import re
+
+    text = (REPO / "images" / "trainer.Dockerfile").read_text()
+    copied = re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)", text, flags=re.M)
+    assert copied == ["constraints.txt"]
+    wanted = re.search(r"grep -E '\^\(([^)]*)\)==' ", text).group(1).split("|")
+    pins = {line.split("==")[0] for line in (REPO / "constraints.txt").read_text().splitlines()}
+    assert set(wanted) <= pins  # every extra package has its version in constraints.txt
