@@ -238,7 +238,7 @@ def test_sandbox_gets_namespaces_without_privileged_mode() -> None:
 
 def test_trainer_image_holds_dependencies_only_so_code_edits_never_rebuild_it() -> None:
     """Modal builds everything after FROM as one layer: copying code in would rebuild vLLM and
-    flash-attn on every edit. The code arrives via add_local_dir (Modal) / a bind mount (compose)."""
+    flash-attn on every edit. The code arrives via add_local_dir (Modal) or a bind mount."""
     import re
 
     text = (REPO / "images" / "trainer.Dockerfile").read_text()
