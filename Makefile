@@ -79,10 +79,12 @@ MODAL_APP := recipe/retool/retool_modal_sft.py
 
 .PHONY: sft
 sft: $(PY) ## SFT on Modal: make sft GPUS=8 ARGS="--experiment-name=x trainer.total_epochs=2"
+	$(PY) -m recipe.retool.launch check sft --gpus $(GPUS) -- $(ARGS)
 	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::train -- $(ARGS)
 
 .PHONY: dapo
 dapo: $(PY) ## DAPO on Modal from the latest SFT checkpoint: make dapo ARGS="..."
+	$(PY) -m recipe.retool.launch check dapo --gpus $(GPUS) -- $(ARGS)
 	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::train_dapo -- $(ARGS)
 
 CHECKPOINT ?= latest

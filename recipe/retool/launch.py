@@ -398,3 +398,49 @@ def estimate_cost(stage: Stage, topo: Topology) -> str:
 def render(command: Sequence[str]) -> str:
     """A copy-pasteable shell line (for logs and dry runs)."""
     return shlex.join(command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m recipe.retool.launch check sft|dapo [--gpus N] [--nodes N] [ARGS...]``.
+
+    The dry run Modal lacks: validates a launch exactly as ``train``/``train_dapo`` will, on this
+    machine, before any GPU starts (``make sft``/``make dapo`` run it first), and prints the
+    command line and the cost line.
+    """
+    import argparse
+
+    from recipe.retool.paths import BASE_MODEL_ID, MODELS_MOUNT
+
+    parser = argparse.ArgumentParser(
+        prog="python -m recipe.retool.launch", description=main.__doc__
+    )
+    parser.add_argument("action", choices=["check"])
+    parser.add_argument("stage", choices=["sft", "dapo"])
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs per node (RETOOL_GPUS)")
+    parser.add_argument("--nodes", type=int, default=1)
+    ns, rest = parser.parse_known_args(argv)  # the rest: options and overrides, as after --
+    topo = Topology(gpus_per_node=ns.gpus, nnodes=ns.nodes)
+    layout = Layout.modal()
+    try:
+        parsed = parse_launch_args(rest)
+        experiment = parsed.experiment or f"{ns.stage}-<timestamp>"
+        if ns.stage == "sft":
+            model = MODELS_MOUNT / BASE_MODEL_ID
+            overrides = sft_overrides(layout, experiment, model, topo, parsed.overrides)
+            command = sft_command(overrides, topo)
+        else:
+            model = Path(parsed.sft_checkpoint or "<latest complete SFT checkpoint>")
+            overrides = dapo_overrides(layout, experiment, model, topo, parsed.overrides)
+            command = dapo_command(overrides)
+        validate(ns.stage, overrides, topo)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(render(command))
+    print(f"ok: {len(overrides)} overrides compose against verl's config")
+    print(estimate_cost(ns.stage, topo))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

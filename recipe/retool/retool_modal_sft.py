@@ -229,7 +229,9 @@ def _sandbox_url() -> str:
         ) from None
 
 
-@app.function(**GPU_FUNCTION)
+# A DAPO run outlives Modal's 24 h per attempt: a retry resumes from the last checkpoint
+# (trainer.resume_mode=auto), so the run goes on where the previous attempt stopped.
+@app.function(**(GPU_FUNCTION | {"retries": modal.Retries(max_retries=3, initial_delay=60.0)}))
 def train_dapo(*arglist: str) -> None:
     """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT; then overrides."""
     _run_stage("dapo", arglist)

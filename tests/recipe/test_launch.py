@@ -200,3 +200,18 @@ def test_words_verl_accepts_for_numbers_pass_and_typos_in_numbers_do_not_crash()
 def test_cost_line_without_a_price_says_so() -> None:
     line = launch.estimate_cost("sft", Topology(gpus_per_node=8, gpu_type="A100"))
     assert line.endswith("(no price on file for A100)") and "$None" not in line
+
+
+def test_check_cli_is_the_dry_run_make_runs_before_modal(capsys) -> None:
+    assert (
+        launch.main(
+            ["check", "sft", "--gpus", "2", "--", "--experiment-name=x", "trainer.total_epochs=3"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "verl.trainer.sft_trainer" in out and "trainer.total_epochs=3" in out
+    assert "on 2×H100" in out
+    assert launch.main(["check", "dapo", "--gpus", "4", "--", "trainer.totl=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown key 'trainer.totl'") and "Traceback" not in err

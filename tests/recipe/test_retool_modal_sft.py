@@ -207,3 +207,8 @@ def test_check_sandbox_connection_fails_on_a_dead_endpoint(app_module, capsys) -
         app_module.check_sandbox_connection.local(url="http://127.0.0.1:9/run_code")
     assert exc.value.code == 1
     assert capsys.readouterr().err.startswith("error: http://127.0.0.1:9/run_code failed after")
+
+
+def test_dapo_attempts_are_retried_because_runs_outlive_24_hours(app_module) -> None:
+    assert app_module.train_dapo.info().max_retries == 3
+    assert app_module.train.info().max_retries in (None, 0)
