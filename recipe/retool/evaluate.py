@@ -45,13 +45,14 @@ from recipe.retool.eval_metrics import (
 )
 from recipe.retool.paths import (
     BASE_MODEL_ID,
+    EVAL_SETS,
     CheckpointNotFound,
     Layout,
     resolve_model_dir,
 )
 
 CONFIG_FILE = Path(__file__).parent / "config" / "eval.yaml"
-DEFAULT_DATASETS = ("aime_2024", "aime_2025")
+DEFAULT_DATASETS = EVAL_SETS
 DEFAULT_SANDBOX_URL = "http://127.0.0.1:8080"
 SCHEMA_VERSION = 1
 SUMMARY_FILE = "summary.json"  # written last, only by a successful run: "this eval is done"
@@ -307,9 +308,9 @@ def build_tools(cfg: EvalConfig, sandbox_url: str) -> list[Any]:
     from omegaconf import OmegaConf
     from verl.tools.tool_registry import initialize_tools_from_config
 
-    from recipe.retool.rollout_cpu import TOOL_CONFIG
+    from recipe.retool.launch import TOOL_CONFIG_FILE
 
-    conf = OmegaConf.load(cfg.tool_config or TOOL_CONFIG)
+    conf = OmegaConf.load(cfg.tool_config or TOOL_CONFIG_FILE)
     for tool in conf.tools:
         if "sandbox_fusion_url" in tool.config:
             tool.config.sandbox_fusion_url = sandbox_url
@@ -624,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         default="latest",
-        help="latest (DAPO if any, else SFT) | base | sft | dapo | a model or step directory",
+        help="latest (DAPO if any, else SFT) | base | sft | dapo | an experiment (or sft/NAME, "
+        "dapo/NAME) | a model or step directory",
     )
     parser.add_argument("--root", type=Path, help="local layout root (default: Modal mounts)")
     parser.add_argument("--data-dir", type=Path, help="data root with rl/<dataset>.parquet")

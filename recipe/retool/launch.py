@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from recipe.retool.paths import Layout, Stage
+from recipe.retool.paths import EVAL_SETS, Layout, Stage
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 RETOOL_DIR = Path(__file__).resolve().parent
@@ -185,7 +185,7 @@ def dapo_overrides(
     stage = load_stage_config("dapo")
     filled = {
         "data.train_files": str(layout.rl_file("train")),
-        "data.val_files": [str(layout.rl_file("aime_2024")), str(layout.rl_file("aime_2025"))],
+        "data.val_files": [str(layout.rl_file(name)) for name in EVAL_SETS],
         "actor_rollout_ref.model.path": str(model_path),
         "actor_rollout_ref.rollout.multi_turn.tool_config_path": str(TOOL_CONFIG_FILE),
         "reward.custom_reward_function.path": str(REWARD_FILE),

@@ -258,7 +258,7 @@ class Smoke:
         )
 
         ref = resolve_checkpoint("latest", self.layout)  # what `make eval` resolves on Modal
-        datasets = {n: self.layout.rl_file(n) for n in ("aime_2024", "aime_2025")}
+        datasets = {n: self.layout.rl_file(n) for n in paths.EVAL_SETS}
         cfg = EvalConfig(n=2, max_response_tokens=48, max_assistant_turns=2, max_concurrency=1)
         out = eval_dir(self.layout, ref.label)
         summary = evaluate_checkpoint(

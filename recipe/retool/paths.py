@@ -44,6 +44,7 @@ DATA_MOUNT = Path("/data")
 MODELS_MOUNT = Path("/models")
 CHECKPOINTS_MOUNT = Path("/checkpoints")
 
+EVAL_SETS = ("aime_2024", "aime_2025")  # rl/<name>.parquet: DAPO validation and evaluation
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # written by verl after a complete save
 INFO_FILE = "checkpoint_info.json"
 _STEP_RE = re.compile(r"^global_step_(\d+)$")
@@ -68,6 +69,12 @@ class Layout:
     @classmethod
     def local(cls, root: Path) -> Layout:
         return cls(root / "data", root / "models", root / "checkpoints")
+
+    @classmethod
+    def from_env(cls) -> Layout:
+        """Modal's mounts, or a local root when ``RETOOL_ROOT`` is set (tests, ``.local()``)."""
+        root = os.environ.get("RETOOL_ROOT")
+        return cls.local(Path(root)) if root else cls.modal()
 
     def sft_train_file(self) -> Path:
         return self.data / "sft" / "train.parquet"

@@ -15,11 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe.retool import stages
-from recipe.retool.paths import BASE_MODEL_ID, Layout, latest_checkpoint, read_checkpoint_info
+from recipe.retool.paths import (
+    BASE_MODEL_ID,
+    EVAL_SETS,
+    Layout,
+    latest_checkpoint,
+    read_checkpoint_info,
+)
 
 PIPELINE_STAGES = ("prep", "download", "sft", "dapo", "eval")
 RL_FILES = ("train", "aime_2024", "aime_2025")
-EVAL_SETS = ("aime_2024", "aime_2025")
 
 
 def comparison_dir(layout: Layout, experiment: str) -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import modal
 
-from recipe.retool import modal_images, paths
+from recipe.retool import modal_common, paths
 
 APP_NAME = "retool-sft"
 GPU_TYPE = os.environ.get("RETOOL_GPU_TYPE", "H100")
@@ -42,9 +42,9 @@ app = modal.App(APP_NAME)
 # ## Image
 #
 # The trainer image is built from the same Dockerfile that docker compose builds, so "works in
-# compose" means "builds on Modal"; project code is added last (`modal_images.py`).
+# compose" means "builds on Modal"; project code is added last (`modal_common.py`).
 
-trainer_image = modal_images.trainer_image()
+trainer_image = modal_common.trainer_image()
 
 # ## Volumes and secrets
 #
@@ -60,7 +60,7 @@ VOLUMES = {
     str(paths.MODELS_MOUNT): models_volume,
     str(paths.CHECKPOINTS_MOUNT): checkpoints_volume,
 }
-secrets = [modal.Secret.from_dotenv(modal_images.REPO_ROOT)]
+secrets = [modal.Secret.from_dotenv(modal_common.REPO_ROOT)]
 # Every training function: all GPUs of one node, all volumes, the secrets, Modal's 24 h maximum.
 GPU_FUNCTION = {
     "image": trainer_image,
@@ -69,12 +69,6 @@ GPU_FUNCTION = {
     "secrets": secrets,
     "timeout": 24 * HOURS,
 }
-
-
-def _layout() -> paths.Layout:
-    """Modal mounts, or a local root when ``RETOOL_ROOT`` is set (tests and ``.local()`` runs)."""
-    root = os.environ.get("RETOOL_ROOT")
-    return paths.Layout.local(Path(root)) if root else paths.Layout.modal()
 
 
 def _reload(*volumes: modal.Volume) -> None:
@@ -132,7 +126,7 @@ def prep_dataset(
 
     _report_credentials()
     _reload(models_volume)
-    layout = _layout()
+    layout = paths.Layout.from_env()
     model_dir = layout.model_dir()
     has_tokenizer = (model_dir / "tokenizer_config.json").exists()
     if not has_tokenizer:
@@ -162,7 +156,7 @@ def download_model(
 
     _report_credentials()
     _reload(models_volume)
-    path = download(_layout(), model_id, revision, force=force)
+    path = download(paths.Layout.from_env(), model_id, revision, force=force)
     _commit(models_volume)
     print(f"model ready at {path}")
 
@@ -181,19 +175,23 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
 
     _report_credentials()
     _reload(data_volume, models_volume, checkpoints_volume)
-    layout = _layout()
+    layout = paths.Layout.from_env()
     topo = _topology()
     try:
         if stage == "sft":
             result = stages.run_sft(layout, topo, arglist)
         else:
-            sandbox_url = _sandbox_url()
+            sandbox_url = modal_common.sandbox_url()
             if topo.nnodes > 1:
                 stages.join_ray_cluster(topo, stages.dapo_env(sandbox_url))
                 if topo.node_rank > 0:
                     return  # a worker node served the cluster until the job ended
             result = stages.run_dapo(layout, topo, arglist, sandbox_url=sandbox_url)
-    except (launch.LaunchError, paths.CheckpointNotFound, RuntimeError) as exc:
+    except (
+        launch.LaunchError,
+        paths.CheckpointNotFound,
+        RuntimeError,
+    ) as exc:  # incl. SandboxNotDeployed
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
@@ -211,22 +209,6 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
 def train(*arglist: str) -> None:
     """Cold-start SFT. Options: --experiment-name=NAME; then any verl override (key=value)."""
     _run_stage("sft", arglist)
-
-
-def _sandbox_url() -> str:
-    """The deployed sandbox's URL, or SANDBOX_FUSION_ENDPOINT when set (e.g. in compose)."""
-    explicit = os.environ.get("SANDBOX_FUSION_ENDPOINT")
-    if explicit:
-        return explicit
-    fn = modal.Function.from_name(paths.SANDBOX_APP_NAME, paths.SANDBOX_FUNCTION_NAME)
-    try:
-        return fn.get_web_url().rstrip("/") + "/run_code"
-    except modal.exception.NotFoundError:
-        from recipe.retool.launch import LaunchError
-
-        raise LaunchError(
-            "the sandbox is not deployed: run `modal deploy recipe/retool/modal_fusion_sandbox.py`"
-        ) from None
 
 
 # A DAPO run outlives Modal's 24 h per attempt: a retry resumes from the last checkpoint
@@ -270,31 +252,41 @@ def train_dapo_multinode(*arglist: str) -> None:
 
 @app.function(**(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 12 * HOURS}))
 def evaluate(
-    checkpoint: str = "latest", n: int = 32, max_problems: int = 0, experiment: str = ""
+    checkpoint: str = "latest", n: int = 0, max_problems: int = 0, experiment: str = ""
 ) -> dict:
-    """Evaluate one checkpoint, or with --experiment base vs its SFT vs its DAPO side by side."""
+    """Evaluate one checkpoint, or with --experiment base vs its SFT vs its DAPO side by side.
+
+    Settings come from config/eval.yaml; ``--n`` (samples per problem) and ``--max-problems``
+    override them when given.
+    """
     import sys
     from dataclasses import replace
 
     from recipe.retool.evaluate import EvalConfig, EvalError, eval_dir, resolve_checkpoint
     from recipe.retool.evaluate import evaluate_checkpoint as run_eval
     from recipe.retool.launch import LaunchError
-    from recipe.retool.pipeline import EVAL_SETS, evaluate_experiment
+    from recipe.retool.pipeline import evaluate_experiment
 
     _reload(data_volume, models_volume, checkpoints_volume)
-    layout = _layout()
-    cfg = replace(EvalConfig.from_yaml(), n=n, max_problems=max_problems or None)
+    layout = paths.Layout.from_env()
+    cfg = EvalConfig.from_yaml()
+    cfg = replace(cfg, n=n or cfg.n, max_problems=max_problems or cfg.max_problems)
     try:
-        sandbox_url = _sandbox_url()
+        sandbox_url = modal_common.sandbox_url()
         if experiment:
             files = evaluate_experiment(layout, experiment, sandbox_url, cfg, backend="vllm")
             result = {"comparison": [str(f) for f in files]}
         else:
             ref = resolve_checkpoint(checkpoint, layout)
-            datasets = {name: layout.rl_file(name) for name in EVAL_SETS}
+            datasets = {name: layout.rl_file(name) for name in paths.EVAL_SETS}
             result = run_eval(ref.path, datasets, eval_dir(layout, ref.label), cfg, sandbox_url,
                               "vllm", checkpoint=ref)  # fmt: skip
-    except (EvalError, LaunchError, paths.CheckpointNotFound) as exc:
+    except (
+        EvalError,
+        LaunchError,
+        paths.CheckpointNotFound,
+        modal_common.SandboxNotDeployed,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
@@ -317,7 +309,7 @@ def pipeline_status(experiment: str) -> dict[str, bool]:
     from recipe.retool.pipeline import format_status, stage_done
 
     _reload(data_volume, models_volume, checkpoints_volume)
-    done = stage_done(_layout(), experiment)
+    done = stage_done(paths.Layout.from_env(), experiment)
     print(format_status(done))
     return done
 
@@ -354,7 +346,7 @@ def list_checkpoints() -> str:
     from recipe.retool.stages import describe_checkpoints
 
     _reload(checkpoints_volume)
-    table = describe_checkpoints(_layout())
+    table = describe_checkpoints(paths.Layout.from_env())
     print(table)
     return table
 
@@ -365,7 +357,7 @@ def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft") -> str
     from recipe.retool.stages import merge_checkpoint as merge
 
     _reload(checkpoints_volume)
-    target = merge(_layout(), stage, experiment_name, step)
+    target = merge(paths.Layout.from_env(), stage, experiment_name, step)
     _commit(checkpoints_volume)
     print(f"merged into {target}")
     return str(target)
@@ -376,13 +368,12 @@ def check_sandbox_connection(url: str = "") -> None:
     """Run `print(2+2)` in the deployed sandbox and report latency (or why it failed)."""
     import sys
 
-    from recipe.retool.launch import LaunchError
     from sandbox.client import SandboxClient, SandboxRequestError, SandboxUnavailable
 
     try:
-        endpoint = url or _sandbox_url()
+        endpoint = url or modal_common.sandbox_url()
         result = SandboxClient(endpoint, max_retries=2).run_code_sync("print(2+2)")
-    except (LaunchError, SandboxUnavailable, SandboxRequestError) as exc:
+    except (modal_common.SandboxNotDeployed, SandboxUnavailable, SandboxRequestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"{endpoint}: status={result.status} stdout={result.stdout.strip()!r} "

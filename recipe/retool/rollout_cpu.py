@@ -22,9 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from recipe.retool.launch import TOOL_CONFIG_FILE
 from recipe.retool.reward import compute_score
-
-TOOL_CONFIG = Path(__file__).with_name("sandbox_fusion_modal_config.yaml")
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -160,7 +159,7 @@ async def run_tool_agent(
 
     config = config if config is not None else compose_config()
     if tools is None:
-        tools = initialize_tools_from_config(str(TOOL_CONFIG))
+        tools = initialize_tools_from_config(str(TOOL_CONFIG_FILE))
     loop = ToolAgentLoop(
         trainer_config=DictConfigWrap(config),
         server_manager=server,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import modal
 
-from recipe.retool import modal_images, paths
+from recipe.retool import modal_common, paths
 
 APP_NAME = "retool-serve"
 SERVED_MODEL_NAME = "retool"
@@ -51,7 +51,7 @@ app = modal.App(APP_NAME)
 # project's code added last, as in the training app: a code edit never rebuilds CUDA layers.
 
 
-image = modal_images.trainer_image()
+image = modal_common.trainer_image()
 
 # ## Volumes and the API key
 #
@@ -68,12 +68,6 @@ VOLUMES = {
 }
 _api_key = os.environ.get(API_KEY_ENV, "")
 secrets = [modal.Secret.from_dict({API_KEY_ENV: _api_key})] if _api_key else []
-
-
-def _layout() -> paths.Layout:
-    """Modal mounts, or a local root when ``RETOOL_ROOT`` is set (tests and ``.local()`` runs)."""
-    root = os.environ.get("RETOOL_ROOT")
-    return paths.Layout.local(Path(root)) if root else paths.Layout.modal()
 
 
 def vllm_command(model_dir: Path, layout: paths.Layout, *, port: int = VLLM_PORT) -> list[str]:
@@ -113,7 +107,7 @@ def vllm_command(model_dir: Path, layout: paths.Layout, *, port: int = VLLM_PORT
 def vllm() -> None:
     import subprocess
 
-    layout = _layout()
+    layout = paths.Layout.from_env()
     model_dir = paths.resolve_model_dir(layout, os.environ.get("RETOOL_SERVE_CHECKPOINT"))
     print(f"serving {model_dir} as {SERVED_MODEL_NAME!r}", flush=True)
     command = vllm_command(model_dir, layout)
@@ -130,20 +124,6 @@ def vllm() -> None:
 # Modal's 150 s web limit are answered with a 303 to a result URL: follow redirects (`curl -L`).
 
 
-def _sandbox_url() -> str:
-    """The deployed sandbox's URL, or SANDBOX_FUSION_ENDPOINT when set."""
-    explicit = os.environ.get("SANDBOX_FUSION_ENDPOINT")
-    if explicit:
-        return explicit
-    fn = modal.Function.from_name(paths.SANDBOX_APP_NAME, paths.SANDBOX_FUNCTION_NAME)
-    try:
-        return fn.get_web_url().rstrip("/")
-    except modal.exception.NotFoundError:
-        raise RuntimeError(
-            "the sandbox is not deployed: run `modal deploy recipe/retool/modal_fusion_sandbox.py`"
-        ) from None
-
-
 @app.function(image=image, secrets=secrets, cpu=2.0, timeout=60 * MINUTES)
 @modal.concurrent(max_inputs=32)
 @modal.asgi_app()
@@ -153,7 +133,7 @@ def chat():
     from sandbox.client import SandboxClient
 
     api_key = os.environ.get(API_KEY_ENV) or None
-    sandbox = SandboxClient(_sandbox_url(), timeout_s=90.0)
+    sandbox = SandboxClient(modal_common.sandbox_url(), timeout_s=90.0)
 
     def backend() -> OpenAIChatBackend:
         # Looked up on the first request: the URL exists once the app is deployed.

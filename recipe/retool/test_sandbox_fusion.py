@@ -11,22 +11,27 @@ from __future__ import annotations
 import modal
 
 from recipe.retool.paths import SANDBOX_APP_NAME as APP_NAME
-from recipe.retool.paths import SANDBOX_FUNCTION_NAME as FUNCTION_NAME
 
 app = modal.App(f"{APP_NAME}-check")
 
 
 @app.local_entrypoint()
 def test_single_request(code: str = "print(2+2)", url: str = "") -> None:
-    from sandbox.client import SandboxClient
+    import sys
 
-    if not url:
-        url = modal.Function.from_name(APP_NAME, FUNCTION_NAME).get_web_url()
-    client = SandboxClient(url, timeout_s=120)
+    from recipe.retool.modal_common import SandboxNotDeployed, sandbox_url
+    from sandbox.client import SandboxClient, SandboxRequestError, SandboxUnavailable
+
     try:
-        result = client.run_code_sync(code)
-    finally:
-        client.close()
+        url = url or sandbox_url()
+        client = SandboxClient(url, timeout_s=120)
+        try:
+            result = client.run_code_sync(code)
+        finally:
+            client.close()
+    except (SandboxNotDeployed, SandboxUnavailable, SandboxRequestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"endpoint: {url}")
     print(
         f"status: {result.status} ({result.run_status}), latency {result.latency_s * 1000:.0f} ms"

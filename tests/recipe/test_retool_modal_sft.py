@@ -212,3 +212,10 @@ def test_check_sandbox_connection_fails_on_a_dead_endpoint(app_module, capsys) -
 def test_dapo_attempts_are_retried_because_runs_outlive_24_hours(app_module) -> None:
     assert app_module.train_dapo.info().max_retries == 3
     assert app_module.train.info().max_retries in (None, 0)
+
+
+def test_sandbox_url_prefers_the_explicit_endpoint(monkeypatch) -> None:
+    from recipe.retool import modal_common
+
+    monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://sandbox:8080/run_code")
+    assert modal_common.sandbox_url() == "http://sandbox:8080/run_code"

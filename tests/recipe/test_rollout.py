@@ -14,8 +14,8 @@ from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 from verl.tools.tool_registry import initialize_tools_from_config
 
 from recipe.retool.constants import AGENT_NAME, ANSWER_FORMAT, TOOL_NAME, TOOL_SCHEMA
+from recipe.retool.launch import TOOL_CONFIG_FILE as TOOL_CONFIG
 from recipe.retool.rollout_cpu import (
-    TOOL_CONFIG,
     HFGenerateServer,
     ScriptedServer,
     compose_config,

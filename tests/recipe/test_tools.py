@@ -10,7 +10,7 @@ import pytest
 from verl.tools.tool_registry import initialize_tools_from_config
 
 from recipe.retool.constants import TOOL_SCHEMA
-from recipe.retool.rollout_cpu import TOOL_CONFIG
+from recipe.retool.launch import TOOL_CONFIG_FILE as TOOL_CONFIG
 from recipe.retool.tools import (
     EXTRA_FIELDS_KEY,
     CodeInterpreterTool,

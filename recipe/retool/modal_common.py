@@ -1,0 +1,49 @@
+"""What every Modal app of the project shares: the trainer image and the sandbox's address.
+
+The image is built from ``images/trainer.Dockerfile`` — the file docker compose builds — so
+"works in compose" means "builds on Modal". The project's code is added last, so a code edit
+never rebuilds the CUDA layers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import modal
+
+from recipe.retool import paths
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REMOTE_ROOT = Path("/root/retool-modal")  # where the code lives in the container (on PYTHONPATH)
+_IGNORE = ["**/__pycache__", "**/.pytest_cache", ".venv", "runs", ".cache", ".git"]
+
+
+def trainer_image() -> modal.Image:
+    """CUDA + vLLM + verl (the Dockerfile), then ``recipe/`` and ``sandbox/`` on top."""
+    image = modal.Image.from_dockerfile(
+        REPO_ROOT / "images" / "trainer.Dockerfile", context_dir=REPO_ROOT
+    )
+    image = image.env({"PYTHONPATH": str(REMOTE_ROOT), "PYTHONUNBUFFERED": "1"})
+    for package in ("recipe", "sandbox"):
+        image = image.add_local_dir(REPO_ROOT / package, str(REMOTE_ROOT / package), ignore=_IGNORE)
+    return image
+
+
+class SandboxNotDeployed(RuntimeError):
+    """The sandbox app is not deployed and no SANDBOX_FUSION_ENDPOINT is set."""
+
+
+def sandbox_url() -> str:
+    """The sandbox's ``/run_code`` URL: SANDBOX_FUSION_ENDPOINT when set (compose, tests), else
+    the deployed ``modal_fusion_sandbox.py`` web endpoint, looked up by name."""
+    explicit = os.environ.get("SANDBOX_FUSION_ENDPOINT")
+    if explicit:
+        return explicit
+    fn = modal.Function.from_name(paths.SANDBOX_APP_NAME, paths.SANDBOX_FUNCTION_NAME)
+    try:
+        return fn.get_web_url().rstrip("/") + "/run_code"
+    except modal.exception.NotFoundError:
+        raise SandboxNotDeployed(
+            "the sandbox is not deployed: run `modal deploy recipe/retool/modal_fusion_sandbox.py`"
+        ) from None
