@@ -19,7 +19,6 @@ import datetime as dt
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sandbox.client import SandboxClient  # noqa: E402
+from sandbox.local import free_port, start_server  # noqa: E402
 
 WORKLOADS = {
     "print(2+2)": "print(2+2)",
@@ -46,24 +46,8 @@ WORKLOADS = {
 CONCURRENCY = (1, 8, 32)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(argv: list[str], port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([*argv, "--port", str(port)], cwd=REPO, env=env)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/ping", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"server {argv} did not start")
+    return start_server([*argv, "--port", str(port)], port)
 
 
 async def cell(url: str, code: str, conc: int, seconds: float, max_requests: int) -> dict:

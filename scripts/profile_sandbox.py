@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -32,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from sandbox.executor import Executor  # noqa: E402
 from sandbox.isolation import detect  # noqa: E402
+from sandbox.local import free_port, start_server  # noqa: E402
 from sandbox.pool import ZygotePool  # noqa: E402
 from sandbox.schemas import RunCodeRequest  # noqa: E402
 from sandbox.settings import Settings  # noqa: E402
@@ -58,12 +56,6 @@ api.ZygotePool = StubPool
 app = api.create_app(isolation=Isolation("bwrap", "/usr/bin/python3"))
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ms(xs: list[float]) -> str:
@@ -112,26 +104,13 @@ def bench_http(url: str, n: int, label: str) -> None:
     print(f"{label:<25} {ms(lat)}")
 
 
-def serve(argv: list[str], port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(argv, cwd=REPO, env=env)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/ping", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"{argv} did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=300)
     args = parser.parse_args()
     asyncio.run(bench_pool(args.n))
     port = free_port()
-    stub = serve([sys.executable, "-c", STUB_SERVER, str(port)], port)
+    stub = start_server([sys.executable, "-c", STUB_SERVER, str(port)], port)
     try:
         bench_http(f"http://127.0.0.1:{port}", args.n, "http+stub pool")
     finally:
@@ -139,7 +118,7 @@ def main() -> None:
         stub.wait(10)
     port = free_port()
     argv = [sys.executable, "-m", "sandbox", "serve", "--log-level", "warning", "--port", str(port)]
-    real = serve(argv, port)
+    real = start_server(argv, port)
     try:
         bench_http(f"http://127.0.0.1:{port}", args.n, "http+pool (end to end)")
     finally:

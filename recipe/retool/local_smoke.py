@@ -23,8 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -80,42 +78,18 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def sandbox_server(allow_insecure: bool) -> Iterator[str]:
     """Start ``python -m sandbox serve`` on a free port; yield its /run_code URL."""
-    import httpx
+    from sandbox.local import ServerDidNotStart, sandbox_service
 
-    port = _free_port()
-    command = [sys.executable, "-m", "sandbox", "serve", "--port", str(port)]
-    command += ["--log-level", "warning"] + (["--allow-insecure"] if allow_insecure else [])
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT)
-    base = f"http://127.0.0.1:{port}"
+    extra = ["--log-level", "warning"] + (["--allow-insecure"] if allow_insecure else [])
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/v1/ping", timeout=1).json() == "pong":
-                    break
-            if proc.poll() is not None:
-                hint = "" if os.geteuid() == 0 else " (not root: try --allow-insecure)"
-                raise RuntimeError(f"sandbox exited with code {proc.returncode}{hint}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("sandbox did not answer /v1/ping within 60 s")
-            time.sleep(0.2)
-        yield f"{base}/run_code"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with sandbox_service(*extra) as base:
+            yield f"{base}/run_code"
+    except ServerDidNotStart as exc:
+        hint = "" if os.geteuid() == 0 else " (not root: try --allow-insecure)"
+        raise RuntimeError(f"the sandbox did not start: {exc}{hint}") from None
 
 
 class Smoke:

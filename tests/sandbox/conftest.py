@@ -11,24 +11,16 @@ environment so the tests can prove they never reach user code.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from sandbox.local import ServerDidNotStart, sandbox_service
+
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SECRETS = {"HF_TOKEN": "hf_fake_secret_4242", "WANDB_API_KEY": "wandb_fake_secret_4242"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -41,32 +33,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def local_endpoint() -> Iterator[str]:
     if os.geteuid() != 0 and not os.environ.get("SANDBOX_ALLOW_INSECURE"):
         pytest.skip("the secure sandbox needs root (per-run uids); run the tests as root")
-    port = free_port()
-    env = {**os.environ, **FAKE_SECRETS, "PYTHONPATH": str(REPO), "SANDBOX_SLOTS": "8"}
-    env.pop("SANDBOX_FUSION_ENDPOINT", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "serve", "--port", str(port), "--log-level", "warning"],
-        cwd=REPO,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/v1/ping", timeout=1).json() == "pong":
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"sandbox server did not start (rc {proc.poll()})")
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
+    env = {**FAKE_SECRETS, "SANDBOX_SLOTS": "8", "SANDBOX_FUSION_ENDPOINT": None}
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        with sandbox_service("--log-level", "warning", env=env) as url:
+            yield url
+    except ServerDidNotStart as exc:
+        pytest.fail(f"sandbox server did not start: {exc}")
 
 
 @pytest.fixture(scope="session")

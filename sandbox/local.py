@@ -1,0 +1,80 @@
+"""Start an HTTP server as a subprocess on a free 127.0.0.1 port and wait until it answers.
+
+The one way the smoke run, the benchmarks and the tests bring up a sandbox (ours, the naive
+baseline, or a stub): ``GET /v1/ping`` must answer 200 before anyone sends code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServerDidNotStart(RuntimeError):
+    """The server exited or did not answer /v1/ping in time."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(
+    argv: Sequence[str],
+    port: int,
+    *,
+    env: Mapping[str, str | None] | None = None,
+    wait_s: float = 60,
+) -> subprocess.Popen:
+    """Run ``argv`` (which must listen on ``port``) with the repo importable; wait for its ping.
+
+    ``env`` adds to this process's environment; a ``None`` value removes that variable.
+    """
+    merged = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
+    merged = {key: value for key, value in merged.items() if value is not None}
+    proc = subprocess.Popen(list(argv), cwd=REPO, env=merged)
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/v1/ping", timeout=1).status_code == 200:
+                return proc
+        if proc.poll() is not None:
+            raise ServerDidNotStart(f"{argv[-1]} exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise ServerDidNotStart(f"{' '.join(argv)} did not answer /v1/ping in {wait_s:.0f} s")
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@contextlib.contextmanager
+def sandbox_service(
+    *extra_args: str, env: Mapping[str, str | None] | None = None, wait_s: float = 60
+) -> Iterator[str]:
+    """``python -m sandbox serve`` on a free port for the duration; yields its base URL."""
+    import sys
+
+    port = free_port()
+    argv = [sys.executable, "-m", "sandbox", "serve", "--port", str(port), *extra_args]
+    proc = start_server(argv, port, env=env, wait_s=wait_s)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
