@@ -1,5 +1,9 @@
 # # ReTool on Modal: cold-start SFT, then DAPO with a code interpreter
 #
+# (The file keeps the seed project's name, `retool_modal_sft.py`, so its commands keep working;
+# it holds every training stage, evaluation and the pipeline. Serving is `serve.py`, the sandbox
+# `modal_fusion_sandbox.py`.)
+#
 # This app trains Qwen2.5-7B-Instruct to reason with a Python interpreter, following the ReTool
 # recipe, with verl as the trainer. Every function here is a thin shell: the work is done by
 # plain Python in `recipe/retool/` (`prep.py`, `stages.py`, `launch.py`, `paths.py`), which the

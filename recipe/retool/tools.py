@@ -28,24 +28,10 @@ from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
 from recipe.retool.constants import TOOL_SCHEMA
-from recipe.retool.interpreter import (  # re-exported: the helpers' historical home
-    extract_code,
-    format_result,
-    print_last_expression,
-    run_code_call,
-    truncate_middle,
-)
+from recipe.retool.interpreter import run_code_call
 from sandbox.client import SandboxClient
 
-__all__ = [
-    "EXTRA_FIELDS_KEY",
-    "CodeInterpreterTool",
-    "ToolSettings",
-    "extract_code",
-    "format_result",
-    "print_last_expression",
-    "truncate_middle",
-]
+__all__ = ["EXTRA_FIELDS_KEY", "CodeInterpreterTool", "ToolSettings"]
 
 EXTRA_FIELDS_KEY = "code_interpreter_calls"
 

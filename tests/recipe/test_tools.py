@@ -10,15 +10,9 @@ import pytest
 from verl.tools.tool_registry import initialize_tools_from_config
 
 from recipe.retool.constants import TOOL_SCHEMA
+from recipe.retool.interpreter import extract_code, print_last_expression, truncate_middle
 from recipe.retool.launch import TOOL_CONFIG_FILE as TOOL_CONFIG
-from recipe.retool.tools import (
-    EXTRA_FIELDS_KEY,
-    CodeInterpreterTool,
-    ToolSettings,
-    extract_code,
-    print_last_expression,
-    truncate_middle,
-)
+from recipe.retool.tools import EXTRA_FIELDS_KEY, CodeInterpreterTool, ToolSettings
 from sandbox.client import SandboxClient
 
 
