@@ -116,9 +116,7 @@ def evaluate_experiment(
 
     refs = {"base": CheckpointRef("base", layout.model_dir(model_id), "base")}
     for stage in ("sft", "dapo"):
-        ckpt = latest_checkpoint(layout, stage, experiment)
-        label = f"{stage}-{experiment}-step{ckpt.step}"
-        refs[stage] = CheckpointRef(label, ckpt.hf_dir, stage, experiment, ckpt.step)
+        refs[stage] = CheckpointRef.from_path(latest_checkpoint(layout, stage, experiment).hf_dir)
     datasets = {name: layout.rl_file(name) for name in EVAL_SETS}
     out = comparison_dir(layout, experiment)
     dirs = {}

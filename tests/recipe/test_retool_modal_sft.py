@@ -69,18 +69,10 @@ def test_gpu_count_is_a_knob(monkeypatch: pytest.MonkeyPatch) -> None:
         sys.modules.pop("recipe.retool.retool_modal_sft", None)
 
 
-def test_images_are_built_from_the_compose_dockerfile(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = []
-    real = modal.Image.from_dockerfile
-
-    def spy(path, **kwargs):
-        seen.append((Path(path), kwargs.get("context_dir")))
-        return real(path, **kwargs)
-
-    monkeypatch.setattr(modal.Image, "from_dockerfile", staticmethod(spy))
+def test_images_are_built_from_the_compose_dockerfile(monkeypatch, dockerfile_builds) -> None:
     load_app(monkeypatch)
     sys.modules.pop("recipe.retool.retool_modal_sft", None)
-    assert seen == [(REPO / "images" / "trainer.Dockerfile", REPO)]
+    assert dockerfile_builds == [(REPO / "images" / "trainer.Dockerfile", REPO)]
     compose = (REPO / "images" / "trainer.Dockerfile").read_text()
     assert "verl[vllm]==${VERL_VERSION}" in compose and "ARG VERL_VERSION=0.9.1" in compose
 

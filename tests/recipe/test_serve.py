@@ -89,18 +89,10 @@ def test_knobs_gpu_checkpoint_and_api_key(monkeypatch: pytest.MonkeyPatch) -> No
         sys.modules.pop(MODULE, None)
 
 
-def test_image_is_the_trainer_dockerfile(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = []
-    real = modal.Image.from_dockerfile
-
-    def spy(path, **kwargs):
-        seen.append((Path(path), kwargs.get("context_dir")))
-        return real(path, **kwargs)
-
-    monkeypatch.setattr(modal.Image, "from_dockerfile", staticmethod(spy))
+def test_image_is_the_trainer_dockerfile(monkeypatch, dockerfile_builds) -> None:
     load_serve(monkeypatch)
     sys.modules.pop(MODULE, None)
-    assert seen == [(REPO / "images" / "trainer.Dockerfile", REPO)]
+    assert dockerfile_builds == [(REPO / "images" / "trainer.Dockerfile", REPO)]
 
 
 # --- what the containers do ----------------------------------------------------------------------
