@@ -25,7 +25,7 @@ test: $(PY) ## Run the test suite (CPU; GPU tests are marked and skipped without
 
 .PHONY: local-smoke
 local-smoke: $(PY) ## The whole pipeline end to end on a tiny model, on CPU (runs/<timestamp>/)
-	$(PY) -m recipe.retool.local_smoke
+	$(PY) -m recipe.retool.local.smoke
 
 .PHONY: lint
 lint: $(PY) ## Check formatting, lint and static file checks (what CI runs)

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Trainer image: CUDA, vLLM 0.24.0 (the version verl 0.9.1's [vllm] extra pins), verl 0.9.1,
 # flash-attn, and this project's Python dependencies. Built by docker compose (compose.yaml) and by
-# Modal (modal.Image.from_dockerfile in recipe/retool/modal_images.py), which adds the
+# Modal (modal.Image.from_dockerfile in recipe/retool/modal_common.py), which adds the
 # project's code on top, last, so code edits never rebuild these layers.
 # verl publishes no image tagged for 0.9.x, so we start from NVIDIA's CUDA devel image as verl's
 # own vLLM images do since 0.7.

@@ -1,7 +1,7 @@
 """The one HTTP client for a SandboxFusion-compatible ``/run_code`` endpoint.
 
-Used by the ReTool tool (``recipe/retool/tools.py``), the CLI, the tests and the benchmark, so
-retry, back-off and concurrency rules live in exactly one place.
+Used by the ReTool tool (``recipe/retool/verl_plugins/tools.py``), the CLI, the tests and the
+benchmark, so retry, back-off and concurrency rules live in exactly one place.
 
 Rules:
 - A failure of the *user's code* (exception, time-out, non-zero exit) is a normal result: it comes

@@ -60,7 +60,7 @@ def prepare(root: Path, samples: int, min_tokens: int, max_tokens: int, seed: in
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from recipe.retool.tiny_model import build_tokenizer
+    from recipe.retool.local.tiny_model import build_tokenizer
 
     model_dir = root / "model"
     if not (model_dir / "model.safetensors.index.json").exists():

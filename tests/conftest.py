@@ -14,7 +14,7 @@ CACHE_ROOT = Path(os.environ.get("RETOOL_TEST_CACHE", REPO_ROOT / ".cache" / "mo
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """Directory of the tiny random-init Qwen2 model + Qwen2.5-format tokenizer."""
-    from recipe.retool.tiny_model import ensure_tiny_model
+    from recipe.retool.local.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(CACHE_ROOT)
 

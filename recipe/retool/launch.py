@@ -25,8 +25,8 @@ from recipe.retool.paths import EVAL_SETS, Layout, Stage
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 RETOOL_DIR = Path(__file__).resolve().parent
-REWARD_FILE = RETOOL_DIR / "reward.py"
-REWARD_MANAGER_FILE = RETOOL_DIR / "reward_manager.py"
+REWARD_FILE = RETOOL_DIR / "verl_plugins" / "reward.py"
+REWARD_MANAGER_FILE = RETOOL_DIR / "verl_plugins" / "reward_manager.py"
 TOOL_CONFIG_FILE = RETOOL_DIR / "sandbox_fusion_modal_config.yaml"
 
 # Price used for the cost line printed before launch. Source: a third-party listing of Modal's
@@ -55,7 +55,7 @@ def load_stage_config(stage: Stage) -> StageConfig:
 
 @dataclass(frozen=True)
 class Topology:
-    """Where a stage runs. ``device="cpu"`` is the laptop smoke path (see cpu_compat.py)."""
+    """Where a stage runs. ``device="cpu"`` is the laptop smoke path (see local/cpu_compat.py)."""
 
     gpus_per_node: int = 8
     nnodes: int = 1
@@ -143,7 +143,7 @@ def sft_overrides(
     train_file: Path | None = None,
 ) -> list[str]:
     """The full SFT override list: YAML base, then paths and topology, then device, then user."""
-    from recipe.retool.cpu_compat import CPU_SFT_OVERRIDES
+    from recipe.retool.local.cpu_compat import CPU_SFT_OVERRIDES
 
     stage = load_stage_config("sft")
     filled = {
@@ -160,7 +160,9 @@ def sft_overrides(
 
 def sft_command(overrides: Sequence[str], topo: Topology) -> list[str]:
     """``torchrun`` for one node of the SFT job (multi-node: static rendezvous on node 0)."""
-    module = "recipe.retool.cpu_compat" if topo.device == "cpu" else "verl.trainer.sft_trainer"
+    module = (
+        "recipe.retool.local.cpu_compat" if topo.device == "cpu" else "verl.trainer.sft_trainer"
+    )
     if topo.nnodes == 1:
         rdzv = ["--standalone"]
     else:

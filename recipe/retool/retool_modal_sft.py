@@ -6,8 +6,8 @@
 #
 # This app trains Qwen2.5-7B-Instruct to reason with a Python interpreter, following the ReTool
 # recipe, with verl as the trainer. Every function here is a thin shell: the work is done by
-# plain Python in `recipe/retool/` (`prep.py`, `stages.py`, `launch.py`, `paths.py`), which the
-# test suite and `make local-smoke` run on a CPU without Modal.
+# plain Python in `recipe/retool/` (`data/prep.py`, `stages.py`, `launch.py`, `paths.py`), which
+# the test suite and `make local-smoke` run on a CPU without Modal.
 #
 # The stages, in order:
 #
@@ -125,8 +125,8 @@ def prep_dataset(
     traces longer than the SFT ``data.max_length`` are dropped (and counted) instead of failing
     training mid-epoch.
     """
+    from recipe.retool.data.prep import prepare
     from recipe.retool.launch import load_stage_config
-    from recipe.retool.prep import prepare
 
     _report_credentials()
     _reload(models_volume)
@@ -266,8 +266,8 @@ def evaluate(
     import sys
     from dataclasses import replace
 
-    from recipe.retool.evaluate import EvalConfig, EvalError, eval_dir, resolve_checkpoint
-    from recipe.retool.evaluate import evaluate_checkpoint as run_eval
+    from recipe.retool.eval.evaluate import EvalConfig, EvalError, eval_dir, resolve_checkpoint
+    from recipe.retool.eval.evaluate import evaluate_checkpoint as run_eval
     from recipe.retool.launch import LaunchError
     from recipe.retool.pipeline import evaluate_experiment
 

@@ -118,18 +118,19 @@ def vllm() -> None:
 
 # ## The chat endpoint
 #
-# A CPU container: it only relays. `chat_with_tools` (`recipe/retool/tool_chat.py`) asks the vLLM
-# endpoint for a turn, runs each tool call in the deployed sandbox (the one DAPO used), and
-# repeats; `recipe/retool/chat_api.py` is the FastAPI app around it. Requests running past
-# Modal's 150 s web limit are answered with a 303 to a result URL: follow redirects (`curl -L`).
+# A CPU container: it only relays. `chat_with_tools` (`recipe/retool/serving/tool_chat.py`) asks
+# the vLLM endpoint for a turn, runs each tool call in the deployed sandbox (the one DAPO used),
+# and repeats; `recipe/retool/serving/chat_api.py` is the FastAPI app around it. Requests running
+# past Modal's 150 s web limit are answered with a 303 to a result URL: follow redirects
+# (`curl -L`).
 
 
 @app.function(image=image, secrets=secrets, cpu=2.0, timeout=60 * MINUTES)
 @modal.concurrent(max_inputs=32)
 @modal.asgi_app()
 def chat():
-    from recipe.retool.chat_api import create_app
-    from recipe.retool.tool_chat import OpenAIChatBackend
+    from recipe.retool.serving.chat_api import create_app
+    from recipe.retool.serving.tool_chat import OpenAIChatBackend
     from sandbox.client import SandboxClient
 
     api_key = os.environ.get(API_KEY_ENV) or None

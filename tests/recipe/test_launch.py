@@ -60,7 +60,7 @@ def test_dapo_command_composes_for_every_topology(name: str) -> None:
     assert cfg.actor_rollout_ref.rollout.n == 16
     assert cfg.algorithm.filter_groups.enable is True
     assert cfg.reward.reward_kwargs.overlong_buffer_cfg.enable is True
-    assert cfg.reward.custom_reward_function.path.endswith("recipe/retool/reward.py")
+    assert cfg.reward.custom_reward_function.path.endswith("recipe/retool/verl_plugins/reward.py")
     assert list(cfg.data.val_files) == ["/data/rl/aime_2024.parquet", "/data/rl/aime_2025.parquet"]
     assert launch.dapo_command(overrides)[1:3] == ["-m", "verl.trainer.main_ppo"]
 

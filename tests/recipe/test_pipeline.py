@@ -123,9 +123,9 @@ def test_evaluate_experiment_compares_base_sft_and_dapo(tmp_path, tiny_model_dir
     """The eval stage for real (tiny model, HF generation, local sandbox); finished ones skip."""
     import shutil
 
-    from recipe.retool import sample_sources
-    from recipe.retool.evaluate import EvalConfig
-    from recipe.retool.prep import prepare
+    from recipe.retool.data.prep import prepare
+    from recipe.retool.eval.evaluate import EvalConfig
+    from recipe.retool.local import samples
     from tests.recipe.test_paths import mark_tracked
 
     layout = Layout.local(tmp_path)
@@ -136,7 +136,7 @@ def test_evaluate_experiment_compares_base_sft_and_dapo(tmp_path, tiny_model_dir
             tiny_model_dir, step / ("huggingface" if stage == "sft" else "actor/huggingface")
         )
         mark_tracked(layout, stage, "exp", 3)
-    prepare(layout.data, only=["val"], source_dir=sample_sources.write_sources(tmp_path / "src"),
+    prepare(layout.data, only=["val"], source_dir=samples.write_sources(tmp_path / "src"),
             show=False)  # fmt: skip
     cfg = EvalConfig(n=1, max_problems=1, max_response_tokens=16, max_assistant_turns=1)
     files = pipeline.evaluate_experiment(layout, "exp", local_endpoint + "/run_code", cfg)

@@ -133,13 +133,13 @@ def test_train_dapo_without_sft_checkpoint_exits_cleanly(app_module, tmp_path, m
 
 
 def test_prep_dataset_runs_locally_on_sample_sources(app_module, tmp_path, monkeypatch) -> None:
-    from recipe.retool import sample_sources
-    from recipe.retool.tiny_model import build_tokenizer
+    from recipe.retool.local import samples
+    from recipe.retool.local.tiny_model import build_tokenizer
 
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
     layout = paths.Layout.local(tmp_path)
     build_tokenizer(1024).save_pretrained(layout.model_dir())
-    sources = sample_sources.write_sources(tmp_path / "src")
+    sources = samples.write_sources(tmp_path / "src")
     app_module.prep_dataset.local(on_error="skip", source_dir=str(sources))
     for name in ("train", "aime_2024", "aime_2025"):
         assert layout.rl_file(name).exists()

@@ -1,0 +1,1 @@
+"""Datasets: hub rows converted to verl parquet (convert.py) and the prep run around it."""

@@ -1,0 +1,159 @@
+"""Generation backends for evaluation: one small interface, two engines.
+
+A backend is what verl's ``ToolAgentLoop`` calls its ``server_manager``: an object with
+
+    async def generate(request_id, *, prompt_ids, sampling_params, **kwargs) -> TokenOutput
+
+(token ids in, token ids out; ``prompt_ids`` is the whole running context on every turn), plus
+``max_concurrency`` (how many rollouts it can usefully serve at once; None: no limit of its own)
+and ``close()``. Any object with that shape works, e.g. ``rollout_cpu.ScriptedServer`` in tests.
+
+* ``hf``: :class:`recipe.retool.local.rollout_cpu.HFGenerateServer` (``model.generate`` on CPU; the
+  tiny model in tests and the local smoke run). One rollout generates at a time.
+* ``vllm``: :class:`VLLMBackend`, vLLM's ``AsyncLLM`` engine (the engine verl's own rollout server
+  wraps) in this process, continuous batching across all in-flight rollouts.
+
+:class:`TurnBudget` sits in front of either and sets each turn's ``max_tokens`` to what is left
+of the sample's response budget, as verl's vLLM server does during training, so a turn never
+generates tokens the loop would cut off anyway.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+BACKENDS = ("hf", "vllm")
+
+
+class GenerationBackend(Protocol):
+    max_concurrency: int | None
+
+    async def generate(
+        self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any], **kw: Any
+    ) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class TurnBudget:
+    """Per-rollout wrapper: ``max_tokens`` = response budget left (first prompt = turn 0)."""
+
+    def __init__(self, backend: Any, response_tokens: int) -> None:
+        self.backend = backend
+        self.response_tokens = response_tokens
+        self._first_prompt_len: int | None = None
+
+    async def generate(
+        self,
+        request_id: str,
+        *,
+        prompt_ids: list[int],
+        sampling_params: dict[str, Any],
+        **kwargs: Any,
+    ):
+        if self._first_prompt_len is None:
+            self._first_prompt_len = len(prompt_ids)
+        used = len(prompt_ids) - self._first_prompt_len
+        params = {**sampling_params, "max_tokens": max(1, self.response_tokens - used)}
+        return await self.backend.generate(
+            request_id, prompt_ids=prompt_ids, sampling_params=params, **kwargs
+        )
+
+
+class HFBackend:
+    """CPU generation with Hugging Face ``generate`` (tests, the local smoke run)."""
+
+    max_concurrency = 1  # generate() is CPU-bound; tool calls of other rollouts still overlap
+
+    def __init__(self, model_dir: Path, tokenizer: Any, *, max_new_tokens: int, seed: int = 0):
+        from transformers import AutoModelForCausalLM
+
+        from recipe.retool.local.rollout_cpu import HFGenerateServer
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        model.eval()
+        self.server = HFGenerateServer(model, tokenizer, max_new_tokens=max_new_tokens, seed=seed)
+
+    async def generate(self, request_id: str, **kwargs: Any):
+        return await self.server.generate(request_id, **kwargs)
+
+    def close(self) -> None:
+        pass
+
+
+class VLLMBackend:
+    """GPU generation with vLLM's ``AsyncLLM`` (token in, token out), in this process.
+
+    Not exercised by the CPU tests: vLLM is not installed in CI or on CPU machines, so it is
+    imported here, lazily, and only the trainer image (vLLM 0.24, verl 0.9.1's pin) runs it. Build
+    it inside the running event loop (``AsyncLLM`` binds its output handler to that loop).
+    """
+
+    max_concurrency = None
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        max_model_len: int,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+    ) -> None:
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._sampling_params_cls = SamplingParams
+        self._prompt_cls = TokensPrompt
+        self.max_model_len = max_model_len
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            enable_prefix_caching=True,  # every turn re-sends the whole context
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+
+    async def generate(
+        self,
+        request_id: str,
+        *,
+        prompt_ids: list[int],
+        sampling_params: dict[str, Any],
+        **kwargs: Any,
+    ):
+        from verl.workers.rollout.replica import TokenOutput
+
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"context of {len(prompt_ids)} tokens leaves no room to generate")
+        params = self._sampling_params_cls(
+            max_tokens=max(1, min(int(sampling_params.get("max_tokens", room)), room)),
+            temperature=float(sampling_params.get("temperature", 1.0)),
+            top_p=float(sampling_params.get("top_p", 1.0)),
+            top_k=int(sampling_params.get("top_k", -1)),
+            repetition_penalty=float(sampling_params.get("repetition_penalty", 1.0)),
+            stop_token_ids=list(sampling_params.get("stop_token_ids") or []),
+        )
+        final = None
+        # verl reuses one request id for every turn of a rollout; vLLM wants it unique
+        async for output in self.engine.generate(
+            prompt=self._prompt_cls(prompt_token_ids=list(prompt_ids)),
+            sampling_params=params,
+            request_id=f"{request_id}-{uuid.uuid4().hex[:8]}",
+        ):
+            final = output
+        if final is None or not final.outputs:
+            return TokenOutput(token_ids=[], stop_reason="aborted")
+        return TokenOutput(token_ids=list(final.outputs[0].token_ids), stop_reason="completed")
+
+    def close(self) -> None:
+        self.engine.shutdown()
