@@ -112,6 +112,12 @@ BENCH_ROOT ?= /tmp/retool-bench
 bench-sft-gpu: $(PY) ## On a GPU box: SFT speed/memory matrix at the 7B shape (GPUS=4); see docs/benchmarks.md
 	$(PY) scripts/bench_sft_gpu.py matrix --root $(BENCH_ROOT) --gpus $(GPUS)
 
+CURVE_GPUS ?= 1
+
+.PHONY: dapo-curve
+dapo-curve: $(PY) ## On a GPU box with vLLM: SFT a tiny model on synthetic tool traces, then DAPO; plots held-out accuracy (runs/curve-*)
+	$(PY) -m recipe.retool.learning_curve --gpus $(CURVE_GPUS)
+
 .PHONY: checkpoints
 checkpoints: $(PY) ## List checkpoints on the Modal volume
 	$(VENV)/bin/modal run $(MODAL_APP)::list_checkpoints

@@ -40,8 +40,10 @@ def start_server(
 
     ``env`` adds to this process's environment; a ``None`` value removes that variable.
     """
-    merged = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
+    merged = {**os.environ, **(env or {})}
     merged = {key: value for key, value in merged.items() if value is not None}
+    # The repo first, and whatever else the caller's imports need (an offline site dir, say).
+    merged["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), merged.get("PYTHONPATH")]))
     proc = subprocess.Popen(list(argv), cwd=REPO, env=merged)
     deadline = time.monotonic() + wait_s
     while True:

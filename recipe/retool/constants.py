@@ -30,6 +30,10 @@ TOOL_SCHEMA: Final[dict[str, Any]] = {
 # Appended to every RL/validation question (the upstream recipe's wording, verbatim).
 ANSWER_FORMAT: Final = "\nThe answer format must be: \\boxed{'The final answer goes here.'}"
 
+# Where the tool appends each call's sandbox record (status, latency) in the trajectory's
+# extra fields; the reward manager hands them to compute_score, evaluation reads them back.
+TOOL_CALLS_KEY: Final = "code_interpreter_calls"
+
 AGENT_NAME: Final = "tool_agent"  # selects verl's ToolAgentLoop
 ABILITY: Final = "MATH"
 REWARD_STYLE: Final = "rule"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib.util
+import math
 import re
 import shlex
 import sys
@@ -28,6 +30,7 @@ RETOOL_DIR = Path(__file__).resolve().parent
 REWARD_FILE = RETOOL_DIR / "verl_plugins" / "reward.py"
 REWARD_MANAGER_FILE = RETOOL_DIR / "verl_plugins" / "reward_manager.py"
 TOOL_CONFIG_FILE = RETOOL_DIR / "sandbox_fusion_modal_config.yaml"
+SAMPLER_FILE = RETOOL_DIR / "verl_plugins" / "dapo_sampler.py"
 
 # Price used for the cost line printed before launch. Source: a third-party listing of Modal's
 # H100 price, May 2026 (about $3.95 per GPU-hour). Check modal.com/pricing before budgeting.
@@ -133,6 +136,22 @@ def to_overrides(mapping: dict[str, Any]) -> list[str]:
     return [f"{key}={format_value(value)}" for key, value in mapping.items()]
 
 
+def attention_implementation() -> str:
+    """The attention kernel the trainer can load here: flash-attn's when installed, else SDPA.
+
+    verl's FSDP actor asks transformers for ``flash_attention_2`` unless told otherwise and fails
+    to load the model where the ``flash_attn`` package is missing (as on the lent GPU machines);
+    SDPA is in every torch.
+    """
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def scaled_parallelism(configured: int, gpus: int) -> int:
+    """The largest size that divides both the configured size (the 8-GPU layout) and ``gpus``:
+    TP/SP 4 becomes 2 on 2 GPUs and 1 on one, so ``--gpus N`` needs no hand-written overrides."""
+    return math.gcd(int(configured), max(int(gpus), 1))
+
+
 def sft_overrides(
     layout: Layout,
     experiment: str,
@@ -153,8 +172,14 @@ def sft_overrides(
         "trainer.default_local_dir": str(layout.experiment_dir("sft", experiment)),
         "trainer.n_gpus_per_node": topo.gpus_per_node,
         "trainer.nnodes": topo.nnodes,
+        "engine.ulysses_sequence_parallel_size": scaled_parallelism(
+            stage.overrides["engine.ulysses_sequence_parallel_size"], topo.world_size
+        ),
     }
-    device = list(CPU_SFT_OVERRIDES) if topo.device == "cpu" else []
+    if topo.device == "cpu":
+        device = list(CPU_SFT_OVERRIDES)
+    else:
+        device = [f"+model.override_config.attn_implementation={attention_implementation()}"]
     return [*to_overrides(stage.overrides), *to_overrides(filled), *device, *user_overrides]
 
 
@@ -185,6 +210,8 @@ def dapo_overrides(
 ) -> list[str]:
     """The full DAPO override list. The tool reads the sandbox URL from SANDBOX_FUSION_ENDPOINT."""
     stage = load_stage_config("dapo")
+    tp_key = "actor_rollout_ref.rollout.tensor_model_parallel_size"
+    sp_key = "actor_rollout_ref.actor.ulysses_sequence_parallel_size"
     filled = {
         "data.train_files": str(layout.rl_file("train")),
         "data.val_files": [str(layout.rl_file(name)) for name in EVAL_SETS],
@@ -192,10 +219,16 @@ def dapo_overrides(
         "actor_rollout_ref.rollout.multi_turn.tool_config_path": str(TOOL_CONFIG_FILE),
         "reward.custom_reward_function.path": str(REWARD_FILE),
         "reward.reward_manager.module.path": str(REWARD_MANAGER_FILE),
+        "trainer.v1.sampler.custom_sampler.path": str(SAMPLER_FILE),
         "trainer.experiment_name": experiment,
         "trainer.default_local_dir": str(layout.experiment_dir("dapo", experiment)),
         "trainer.n_gpus_per_node": topo.gpus_per_node,
         "trainer.nnodes": topo.nnodes,
+        tp_key: scaled_parallelism(stage.overrides[tp_key], topo.gpus_per_node),
+        sp_key: scaled_parallelism(stage.overrides[sp_key], topo.world_size),
+        "++actor_rollout_ref.model.override_config.attn_implementation": (
+            attention_implementation()
+        ),
     }
     return [*to_overrides(stage.overrides), *to_overrides(filled), *user_overrides]
 

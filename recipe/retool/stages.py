@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipe.retool import launch
+from recipe.retool import launch, run_metrics
 from recipe.retool.paths import (
     BASE_MODEL_ID,
     BASE_MODEL_REVISION,
@@ -158,6 +158,10 @@ def run_dapo(
     print(f"DAPO starts from {start_from}", flush=True)
     print(launch.estimate_cost("dapo", topo), flush=True)
     env = dapo_env(sandbox_url)
+    # One metrics file per attempt (verl's file logger truncates on open): run_metrics.py reads all.
+    log_dir = run_metrics.metrics_dir(layout.experiment_dir("dapo", experiment))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env["VERL_FILE_LOGGER_PATH"] = str(log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     if topo.nnodes > 1:  # join the Ray cluster that join_ray_cluster started
         env["RAY_ADDRESS"] = f"{topo.master_addr}:{launch.RAY_PORT}"
     start = time.time()

@@ -65,10 +65,51 @@ def test_dapo_command_composes_for_every_topology(name: str) -> None:
     assert launch.dapo_command(overrides)[1:3] == ["-m", "verl.trainer.main_ppo"]
 
 
-def test_production_dapo_layout_on_one_gpu_is_a_clear_error() -> None:
-    topo = TOPOLOGIES["1gpu"]
-    with pytest.raises(LaunchError, match="rollout TP 4 does not divide 1 GPUs"):
-        launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo), topo)
+@pytest.mark.parametrize(("gpus", "tp", "sp"), [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 4, 4)])
+def test_dapo_layout_follows_the_gpu_count(gpus: int, tp: int, sp: int) -> None:
+    topo = launch.Topology(gpus_per_node=gpus)
+    cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo), topo)
+    assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == tp
+    assert cfg.actor_rollout_ref.actor.ulysses_sequence_parallel_size == sp
+
+
+def test_explicit_layout_overrides_win_and_are_still_checked() -> None:
+    topo = launch.Topology(gpus_per_node=4)
+    tp1 = ["actor_rollout_ref.rollout.tensor_model_parallel_size=1"]
+    cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo, tp1), topo)
+    assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
+    tp8 = ["actor_rollout_ref.rollout.tensor_model_parallel_size=8"]
+    with pytest.raises(LaunchError, match="rollout TP 8 does not divide 4 GPUs"):
+        launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo, tp8), topo)
+
+
+def test_attention_follows_what_is_installed(monkeypatch) -> None:
+    topo = launch.Topology(gpus_per_node=1)
+    for installed, expected in ((True, "flash_attention_2"), (False, "sdpa")):
+        monkeypatch.setattr(
+            launch.importlib.util,
+            "find_spec",
+            lambda name, installed=installed: object() if installed else None,
+        )
+        cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo), topo)
+        assert cfg.actor_rollout_ref.model.override_config.attn_implementation == expected
+        sft = launch.sft_overrides(LAYOUT, "e", MODEL, topo)
+        assert f"+model.override_config.attn_implementation={expected}" in sft
+
+
+def test_dapo_sampler_is_bounded_by_the_filter_settings() -> None:
+    """verl's V1 buffer ignores max_num_gen_batches; ours reads it (one source: algorithm.*)."""
+    topo = launch.Topology(gpus_per_node=1)
+    extra = ["algorithm.filter_groups.max_num_gen_batches=3"]
+    cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo, extra), topo)
+    sampler = cfg.trainer.v1.sampler
+    assert sampler.custom_sampler.path.endswith("verl_plugins/dapo_sampler.py")
+    assert sampler.custom_sampler.name == "BoundedDAPOReplayBuffer"
+    assert dict(sampler.sampler_kwargs) == {
+        "enable": True,
+        "metric": "acc",
+        "max_num_gen_batches": 3,
+    }
 
 
 def test_misspelt_key_names_close_matches() -> None:

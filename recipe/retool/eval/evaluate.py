@@ -373,8 +373,8 @@ class _Context:
 
 async def rollout_one(problem: Problem, sample: int, ctx: _Context) -> SampleResult:
     """One sample through ``ToolAgentLoop``, scored by the training reward."""
+    from recipe.retool.constants import TOOL_CALLS_KEY
     from recipe.retool.local.rollout_cpu import run_tool_agent, score_rollout
-    from recipe.retool.verl_plugins.tools import EXTRA_FIELDS_KEY
 
     try:
         out = await run_tool_agent(
@@ -392,7 +392,7 @@ async def rollout_one(problem: Problem, sample: int, ctx: _Context) -> SampleRes
             problem.index, sample, False, -1.0, None, 0, 0, 0, 0, 0, error=repr(exc)[:500]
         )
     scored = score_rollout(out, ctx.tokenizer, problem.ground_truth, problem.data_source)
-    calls = list((out.extra_fields or {}).get(EXTRA_FIELDS_KEY) or [])
+    calls = list((out.extra_fields or {}).get(TOOL_CALLS_KEY) or [])
     assistant_turns, tool_turns = mask_turns(out.response_mask)
     response = None
     if ctx.cfg.save_samples:

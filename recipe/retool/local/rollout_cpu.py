@@ -175,6 +175,8 @@ async def run_tool_agent(
 
 
 def score_rollout(output: Any, tokenizer: Any, ground_truth: str, data_source: str = "math_dapo"):
-    """Score an ``AgentLoopOutput`` as verl's naive reward manager does (decode, num_turns)."""
+    """Score an ``AgentLoopOutput`` as the DAPO config's reward manager does: the decoded
+    response, with ``num_turns`` and the tool's call records in ``extra_info``."""
     text = tokenizer.decode(output.response_ids, skip_special_tokens=True)
-    return compute_score(data_source, text, ground_truth, {"num_turns": output.num_turns})
+    extra = {**(output.extra_fields or {}), "num_turns": output.num_turns}
+    return compute_score(data_source, text, ground_truth, extra)

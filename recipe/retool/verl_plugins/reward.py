@@ -31,6 +31,8 @@ import threading
 from fractions import Fraction
 from typing import Any
 
+from recipe.retool.constants import TOOL_CALLS_KEY
+
 DEFAULT_TAIL_CHARS = 4000
 MAX_ANSWER_CHARS = 300
 DEFAULT_TIMEOUT_S = 2
@@ -277,11 +279,14 @@ def compute_score(
     timeout_s: int = DEFAULT_TIMEOUT_S,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """verl custom reward: ``{"score": float, "acc": bool, "pred": str}`` (same keys every call,
-    since verl stacks them into arrays). ``kwargs`` absorbs what verl's reward managers add."""
+    """verl custom reward: ``{"score", "acc", "pred", "tool_calls", "tool_errors"}`` (same keys
+    every call, since verl stacks them into arrays; verl averages the numbers into its metrics,
+    so validation reports tool calls per trajectory and failed calls beside accuracy).
+    ``kwargs`` absorbs what verl's reward managers add."""
     pred = extract_answer(solution_str or "", tail_chars)
     acc = pred is not None and answers_match(pred, ground_truth, timeout_s)
     num_turns = (extra_info or {}).get("num_turns")
+    calls = list((extra_info or {}).get(TOOL_CALLS_KEY) or [])
     score = shaped_score(
         acc,
         num_turns,
@@ -290,4 +295,10 @@ def compute_score(
         turn_bonus=turn_bonus,
         wrong_cap=wrong_cap,
     )
-    return {"score": score, "acc": bool(acc), "pred": pred or ""}
+    return {
+        "score": score,
+        "acc": bool(acc),
+        "pred": pred or "",
+        "tool_calls": len(calls),
+        "tool_errors": sum(1 for call in calls if call.get("status") != "Success"),
+    }

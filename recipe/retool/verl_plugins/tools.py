@@ -27,13 +27,11 @@ from uuid import uuid4
 from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
-from recipe.retool.constants import TOOL_SCHEMA
+from recipe.retool.constants import TOOL_CALLS_KEY, TOOL_SCHEMA
 from recipe.retool.verl_plugins.interpreter import run_code_call
 from sandbox.client import SandboxClient
 
-__all__ = ["EXTRA_FIELDS_KEY", "CodeInterpreterTool", "ToolSettings"]
-
-EXTRA_FIELDS_KEY = "code_interpreter_calls"
+__all__ = ["CodeInterpreterTool", "ToolSettings"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +106,7 @@ class CodeInterpreterTool(BaseTool):
         agent_data = kwargs.get("agent_data")
         extra = getattr(agent_data, "extra_fields", None)
         if isinstance(extra, dict):
-            extra.setdefault(EXTRA_FIELDS_KEY, []).append(metrics)
+            extra.setdefault(TOOL_CALLS_KEY, []).append(metrics)
         return metrics
 
     async def release(self, instance_id: str, **kwargs: Any) -> None:

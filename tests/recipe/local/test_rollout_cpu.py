@@ -13,7 +13,13 @@ import pytest
 from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 from verl.tools.tool_registry import initialize_tools_from_config
 
-from recipe.retool.constants import AGENT_NAME, ANSWER_FORMAT, TOOL_NAME, TOOL_SCHEMA
+from recipe.retool.constants import (
+    AGENT_NAME,
+    ANSWER_FORMAT,
+    TOOL_CALLS_KEY,
+    TOOL_NAME,
+    TOOL_SCHEMA,
+)
 from recipe.retool.launch import TOOL_CONFIG_FILE as TOOL_CONFIG
 from recipe.retool.local.rollout_cpu import (
     HFGenerateServer,
@@ -22,7 +28,6 @@ from recipe.retool.local.rollout_cpu import (
     run_tool_agent,
     score_rollout,
 )
-from recipe.retool.verl_plugins.tools import EXTRA_FIELDS_KEY
 
 CODE = "import math\nmath.comb(10, 3)"
 CALL = json.dumps({"name": TOOL_NAME, "arguments": {"code": CODE}})
@@ -93,11 +98,11 @@ async def test_scripted_rollout_through_real_tool_and_sandbox(config, tools, tin
         "<|im_start|>assistant\n"
     )
 
-    calls = out.extra_fields[EXTRA_FIELDS_KEY]
+    calls = out.extra_fields[TOOL_CALLS_KEY]
     assert [c["status"] for c in calls] == ["Success"] and calls[0]["latency_s"] > 0
 
     result = score_rollout(out, tiny_tokenizer, "120")
-    assert result == {"score": 1.0, "acc": True, "pred": "120"}
+    assert result == {"score": 1.0, "acc": True, "pred": "120", "tool_calls": 1, "tool_errors": 0}
     wrong = score_rollout(out, tiny_tokenizer, "121")
     assert wrong["score"] == pytest.approx(-0.9)  # -1 + (4 - 2) / 2 * 0.1
 
@@ -134,4 +139,5 @@ async def test_hf_generate_server_drives_the_loop_with_the_tiny_model(
     # a random model emits no valid <tool_call>: one turn, every response token is the model's
     assert (out.num_turns, server.calls) == (2, 1)
     assert all(m == 1 for m in out.response_mask)
-    assert set(score_rollout(out, tiny_tokenizer, "120")) == {"score", "acc", "pred"}
+    keys = {"score", "acc", "pred", "tool_calls", "tool_errors"}
+    assert set(score_rollout(out, tiny_tokenizer, "120")) == keys

@@ -54,3 +54,28 @@ def test_gpu_smoke_dapo_settings_compose_for_one_gpu() -> None:
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
     assert cfg.trainer.total_training_steps == 2
     assert cfg.reward.reward_kwargs.max_resp_len == cfg.data.max_response_length
+
+
+def test_gpu_path_reports_what_main_ppo_logged(tmp_path: Path, monkeypatch) -> None:
+    """The dapo row on a GPU is read from verl's metrics file, not written by hand."""
+    from recipe.retool import paths, run_metrics, stages
+
+    runs = []
+
+    def fake_run_dapo(layout, topo, args, *, sandbox_url):
+        runs.append((topo.gpus_per_node, list(args)))
+        log = run_metrics.metrics_dir(layout.experiment_dir("dapo", "smoke"))
+        log.mkdir(parents=True)
+        rows = [{"step": s, "data": {"critic/score/mean": r}} for s, r in ((1, -1.0), (2, 0.0))]
+        (log / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return stages.StageResult("dapo", "smoke", 0, None, 1.0)
+
+    monkeypatch.setattr(smoke, "_gpu_rollout_available", lambda: True)
+    monkeypatch.setattr(smoke.stages, "run_dapo", fake_run_dapo)
+    monkeypatch.setattr(smoke.stages, "resolve_sft_checkpoint", lambda layout, req: tmp_path)
+    run = smoke.Smoke(tmp_path, rollouts=1, allow_insecure=True)
+    report = smoke.StageReport("dapo")
+    run.dapo(report)
+    assert runs and runs[0][0] == 1
+    assert report.notes[-1] == "2 main_ppo steps, mean reward -0.50"
+    assert paths.Layout.local(tmp_path).experiment_dir("dapo", "smoke").exists()

@@ -106,7 +106,8 @@ CASES: list[tuple[str, str, str, bool, str]] = [
 )
 def test_reward_table(response: str, truth: str, acc: bool, pred: str):
     result = compute_score("math_dapo", response, truth, extra_info={})
-    assert result == {"score": 1.0 if acc else -1.0, "acc": acc, "pred": pred}
+    expected = {"score": 1.0 if acc else -1.0, "acc": acc, "pred": pred}
+    assert result == {**expected, "tool_calls": 0, "tool_errors": 0}
 
 
 def test_table_is_big_enough():

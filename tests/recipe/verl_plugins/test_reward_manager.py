@@ -11,6 +11,7 @@ import torch
 from verl import DataProto
 
 from recipe.retool import launch
+from recipe.retool.constants import TOOL_CALLS_KEY
 from recipe.retool.launch import Topology
 from recipe.retool.paths import Layout
 
@@ -34,7 +35,9 @@ def manager(tiny_tokenizer):
     loop.close()
 
 
-def one_rollout(tokenizer, text: str, num_turns: int, pad_to: int = 64) -> DataProto:
+def one_rollout(
+    tokenizer, text: str, num_turns: int, pad_to: int = 64, tool_fields: dict | None = None
+) -> DataProto:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:pad_to]
     response = torch.zeros(1, pad_to, dtype=torch.long)
     response[0, : len(ids)] = torch.tensor(ids)
@@ -47,6 +50,7 @@ def one_rollout(tokenizer, text: str, num_turns: int, pad_to: int = 64) -> DataP
             "reward_model": np.array([{"ground_truth": "42"}], dtype=object),
             "extra_info": np.array([{"index": 0}], dtype=object),
             "__num_turns__": np.array([num_turns]),
+            "tool_extra_fields": np.array([tool_fields or {}], dtype=object),
         },
     )
 
@@ -80,3 +84,18 @@ def test_overlong_responses_are_penalised(manager) -> None:
     assert bool(extra["overlong"])
     assert float(extra["overlong_reward"]) == pytest.approx(-1.0)  # 16 tokens over a 16 buffer
     assert float(result["reward_score"]) == pytest.approx(extra["score"] + extra["overlong_reward"])
+
+
+def test_tool_calls_and_errors_reach_the_reward_metrics(manager) -> None:
+    """The agent loop's per-call sandbox records (tools.py) become reward extra info, which verl
+    averages into validation metrics: tool calls per trajectory and failed calls."""
+    loop, mgr, tok = manager
+    calls = [{"status": "Success"}, {"status": "Failed"}, {"status": "Success"}]
+    rollout = one_rollout(tok, "so \\boxed{42}", 8, tool_fields={TOOL_CALLS_KEY: calls})
+    extra = loop.run_until_complete(mgr.run_single(rollout))["reward_extra_info"]
+    assert (extra["tool_calls"], extra["tool_errors"]) == (3, 1)
+    plain = loop.run_until_complete(mgr.run_single(one_rollout(tok, "\\boxed{42}", 2)))
+    assert (
+        plain["reward_extra_info"]["tool_calls"],
+        plain["reward_extra_info"]["tool_errors"],
+    ) == (0, 0)

@@ -9,14 +9,14 @@ import httpx
 import pytest
 from verl.tools.tool_registry import initialize_tools_from_config
 
-from recipe.retool.constants import TOOL_SCHEMA
+from recipe.retool.constants import TOOL_CALLS_KEY, TOOL_SCHEMA
 from recipe.retool.launch import TOOL_CONFIG_FILE as TOOL_CONFIG
 from recipe.retool.verl_plugins.interpreter import (
     extract_code,
     print_last_expression,
     truncate_middle,
 )
-from recipe.retool.verl_plugins.tools import EXTRA_FIELDS_KEY, CodeInterpreterTool, ToolSettings
+from recipe.retool.verl_plugins.tools import CodeInterpreterTool, ToolSettings
 from sandbox.client import SandboxClient
 
 
@@ -118,7 +118,7 @@ async def test_execute_sends_prepared_code_and_records_metrics():
     assert seen[0]["language"] == "python"
     assert metrics["status"] == "Success" and metrics["run_status"] == "Finished"
     assert metrics["latency_s"] > 0 and not metrics["timed_out"]
-    assert agent.extra_fields[EXTRA_FIELDS_KEY] == [metrics]
+    assert agent.extra_fields[TOOL_CALLS_KEY] == [metrics]
     assert tool._instances == {}
 
 

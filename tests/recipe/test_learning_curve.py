@@ -1,0 +1,38 @@
+"""`make dapo-curve`: its SFT and DAPO settings compose against verl, and its report is derived."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from recipe.retool import launch, learning_curve
+from recipe.retool.paths import Layout
+
+FILES = {name: Path(f"/d/{name}.parquet") for name in ("sft", "rl_train", "rl_val")}
+
+
+def test_settings_compose_on_one_gpu_with_the_production_dapo_config() -> None:
+    topo = launch.Topology(gpus_per_node=1)
+    settings = learning_curve.CurveSettings()
+    sft = launch.parse_launch_args(learning_curve.sft_args(FILES["sft"], settings))
+    launch.validate(
+        "sft", launch.sft_overrides(Layout.modal(), "c", Path("/m"), topo, sft.overrides), topo
+    )
+    dapo = launch.parse_launch_args(learning_curve.dapo_args(FILES, settings))
+    cfg = launch.validate(
+        "dapo", launch.dapo_overrides(Layout.modal(), "c", Path("/m"), topo, dapo.overrides), topo
+    )
+    assert cfg.algorithm.filter_groups.enable is True  # the production dynamic sampling
+    assert list(cfg.data.val_files) == [str(FILES["rl_val"])]
+    assert cfg.trainer.total_training_steps == settings.dapo_steps
+    assert "file" in cfg.trainer.logger
+
+
+def test_report_is_written_from_the_row(tmp_path: Path) -> None:
+    row = json.loads(
+        (Path(__file__).resolve().parents[2] / "docs/gpu-runs/dapo_curve_h200.json").read_text()
+    )
+    learning_curve.write_report(tmp_path, row)
+    text = (tmp_path / "curve.md").read_text()
+    assert "step 0: 0.016" in text and "step 12: 0.023" in text
+    assert (tmp_path / "curve.png").stat().st_size > 0
