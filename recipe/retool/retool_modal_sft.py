@@ -223,6 +223,33 @@ def train_dapo(*arglist: str) -> None:
     _run_stage("dapo", arglist)
 
 
+# ## Does DAPO learn?
+#
+# `make dapo-curve` on Modal: a small model SFT'd on synthetic tool-use problems, then DAPO with
+# the production config on one GPU, with held-out accuracy, tool calls and timings written to
+# `/checkpoints/learning-curve/<timestamp>/curve.{json,md,png}` (see docs/benchmarks.md).
+#
+#     modal run recipe/retool/retool_modal_sft.py::learning_curve --dapo-steps 30
+
+
+@app.function(**(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 2 * HOURS}))
+def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
+    """SFT → DAPO → curve on one GPU; the deployed sandbox runs every tool call."""
+    import time
+
+    from recipe.retool import learning_curve as curve
+
+    defaults = curve.CurveSettings()
+    settings = curve.CurveSettings(
+        sft_epochs=sft_epochs or defaults.sft_epochs, dapo_steps=dapo_steps or defaults.dapo_steps
+    )
+    root = paths.Layout.from_env().checkpoints / "learning-curve" / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        return curve.run(root, settings, gpus=1, sandbox_url=modal_common.sandbox_url())
+    finally:
+        _commit(checkpoints_volume)
+
+
 # ## Multi-node
 #
 # The same stages on a Modal cluster of `RETOOL_NODES` containers with `RETOOL_GPUS` GPUs each,

@@ -211,3 +211,24 @@ def test_sandbox_url_prefers_the_explicit_endpoint(monkeypatch) -> None:
 
     monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://sandbox:8080/run_code")
     assert modal_common.sandbox_url() == "http://sandbox:8080/run_code"
+
+
+def test_learning_curve_runs_the_curve_on_one_gpu_against_the_sandbox(
+    app_module, tmp_path, monkeypatch
+) -> None:
+    from recipe.retool import learning_curve
+
+    info = app_module.learning_curve.info()
+    assert info.gpus == [("H100", 1)] and info.timeout == 2 * 60 * 60
+    calls = []
+    monkeypatch.setattr(learning_curve, "run", lambda *a, **kw: calls.append((a, kw)) or {"ok": 1})
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://sandbox/run_code")
+    assert app_module.learning_curve.local(dapo_steps=30) == {"ok": 1}
+    (root, settings), kw = calls[0]
+    assert root.parent == paths.Layout.from_env().checkpoints / "learning-curve"
+    assert (
+        settings.dapo_steps == 30
+        and settings.sft_epochs == learning_curve.CurveSettings().sft_epochs
+    )
+    assert kw == {"gpus": 1, "sandbox_url": "http://sandbox/run_code"}
