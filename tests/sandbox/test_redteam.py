@@ -6,19 +6,25 @@ Every attack is followed by ``assert_healthy``: the server must still answer a f
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from unittest import mock
 
 import httpx
 import pytest
 
+from sandbox import isolation
 from sandbox.cgroups import SlotCgroups
 from sandbox.isolation import Isolation
 from tests.sandbox.conftest import run
@@ -307,8 +313,29 @@ def _as_nobody() -> None:
     os.setresuid(NOBODY, NOBODY, NOBODY)
 
 
+@contextlib.contextmanager
+def _zygote_readable_by_nobody() -> Iterator[None]:
+    """A non-root operator reads its own install; this checkout may be root's alone (a clone in
+    ``mktemp -d`` is 0700), so the zygote nobody starts is a world-readable copy of ours."""
+    home = Path(tempfile.mkdtemp(prefix="sandbox-zygote-"))
+    try:
+        home.chmod(0o755)
+        copy = home / isolation.ZYGOTE_SRC.name
+        shutil.copyfile(isolation.ZYGOTE_SRC, copy)
+        copy.chmod(0o644)
+        with mock.patch.object(isolation, "ZYGOTE_SRC", copy):
+            yield
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def _zygote_as_nobody(mode: str, code: str) -> dict:
     """One run on a zygote started by a non-root user (what ``--allow-insecure`` gets)."""
+    with _zygote_readable_by_nobody():
+        return _zygote_runs_as_nobody(mode, code)
+
+
+def _zygote_runs_as_nobody(mode: str, code: str) -> dict:
     iso = Isolation(mode, "/usr/bin/python3")
     ours, theirs = socket.socketpair()
     cfg = {
