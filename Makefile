@@ -49,6 +49,12 @@ sandbox: $(PY) ## Serve the sandbox locally on PORT (default 8080; bubblewrap is
 bench-sandbox: $(PY) ## Benchmark the sandbox vs a naive subprocess server; writes docs/benchmarks.md
 	$(PY) scripts/bench_sandbox.py
 
+DEVICE ?= cpu
+
+.PHONY: bench-logprobs
+bench-logprobs: $(PY) ## verl's per-token log-prob loop vs the fused one (DEVICE=cuda on a GPU box)
+	$(PY) scripts/bench_logprobs.py --device $(DEVICE)
+
 # ---- Docker (compose.yaml; needs Docker with the compose plugin, and the NVIDIA toolkit for GPUs)
 COMPOSE ?= docker compose
 # The contract tests: every test using the `endpoint` fixture (marked `contract` by

@@ -185,8 +185,11 @@ def sft_overrides(
 
 def sft_command(overrides: Sequence[str], topo: Topology) -> list[str]:
     """``torchrun`` for one node of the SFT job (multi-node: static rendezvous on node 0)."""
+    # Both run verl's sft_trainer; the GPU one only adds fused log-probs (fast_logprobs.py).
     module = (
-        "recipe.retool.local.cpu_compat" if topo.device == "cpu" else "verl.trainer.sft_trainer"
+        "recipe.retool.local.cpu_compat"
+        if topo.device == "cpu"
+        else "recipe.retool.verl_plugins.fast_logprobs"
     )
     if topo.nnodes == 1:
         rdzv = ["--standalone"]

@@ -40,7 +40,7 @@ def test_sft_command_composes_for_every_topology(name: str) -> None:
     assert "hf_model" in cfg.checkpoint.save_contents
     assert cfg.optim.lr == pytest.approx(1e-5)
     command = launch.sft_command(overrides, topo)
-    assert command[command.index("-m", 3) + 1] == "verl.trainer.sft_trainer"
+    assert command[command.index("-m", 3) + 1] == "recipe.retool.verl_plugins.fast_logprobs"
     assert f"--nproc_per_node={topo.gpus_per_node}" in command
     if topo.nnodes == 1:
         assert "--standalone" in command
@@ -251,7 +251,7 @@ def test_check_cli_is_the_dry_run_make_runs_before_modal(capsys) -> None:
         == 0
     )
     out = capsys.readouterr().out
-    assert "verl.trainer.sft_trainer" in out and "trainer.total_epochs=3" in out
+    assert "recipe.retool.verl_plugins.fast_logprobs" in out and "trainer.total_epochs=3" in out
     assert "on 2×H100" in out
     assert launch.main(["check", "dapo", "--gpus", "4", "--", "trainer.totl=1"]) == 2
     err = capsys.readouterr().err

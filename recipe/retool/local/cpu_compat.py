@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from recipe.retool.verl_plugins import fast_logprobs
+
 # Hydra overrides that only the CPU run needs; everything else is the production config.
 CPU_SFT_OVERRIDES: tuple[str, ...] = (
     "engine.strategy=fsdp2",  # FSDP1 calls into a CUDA device
@@ -201,6 +203,7 @@ def install() -> None:
     for key, value in CPU_ENV.items():
         os.environ.setdefault(key, value)
     register_cpu_platform()
+    fast_logprobs.install()
     from verl.utils import distributed
 
     distributed.initialize_global_process_group = _init_gloo_process_group
