@@ -17,6 +17,11 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+# What a server inherits from the caller's environment: the caller may hold HF_TOKEN,
+# WANDB_API_KEY or cloud keys, and in the weak isolation modes (non-root operators) user code can
+# read the server's /proc/<pid>/environ. Anything else must be passed explicitly (``env``).
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "PYTHONPATH")
+INHERITED_PREFIX = "SANDBOX_"
 
 
 class ServerDidNotStart(RuntimeError):
@@ -38,9 +43,15 @@ def start_server(
 ) -> subprocess.Popen:
     """Run ``argv`` (which must listen on ``port``) with the repo importable; wait for its ping.
 
-    ``env`` adds to this process's environment; a ``None`` value removes that variable.
+    The server gets an allow-list of this process's environment (:data:`INHERITED_ENV`, and
+    ``SANDBOX_*`` settings) plus ``env``, where a ``None`` value removes a variable.
     """
-    merged = {**os.environ, **(env or {})}
+    inherited = {
+        key: value
+        for key, value in os.environ.items()
+        if key in INHERITED_ENV or key.startswith(INHERITED_PREFIX)
+    }
+    merged = {**inherited, **(env or {})}
     merged = {key: value for key, value in merged.items() if value is not None}
     # The repo first, and whatever else the caller's imports need (an offline site dir, say).
     merged["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), merged.get("PYTHONPATH")]))

@@ -27,3 +27,27 @@ def test_server_keeps_the_callers_import_path(monkeypatch) -> None:
         local.start_server(["python", "-m", "sandbox"], local.free_port(), env={"X": None})
     assert seen["PYTHONPATH"].split(":") == [str(local.REPO), "/opt/site"]
     assert "X" not in seen
+
+
+@pytest.mark.parametrize("mode", ["none", "unshare"])
+def test_callers_secrets_never_reach_the_server_or_user_code(mode: str, monkeypatch) -> None:
+    """In the weak modes user code can read the server's /proc/<pid>/environ (issue 15): the
+    server starts with an allow-list, so a token in the caller's environment is not there."""
+    from sandbox.client import SandboxClient
+
+    fake = f"hf_caller_secret_{local.free_port()}"
+    monkeypatch.setenv("HF_TOKEN", fake)
+    monkeypatch.setenv("SANDBOX_SLOTS", "4")  # settings still come through
+    code = """
+import glob
+for path in glob.glob('/proc/*/environ'):
+    try:
+        print(open(path, 'rb').read().decode(errors='replace'))
+    except OSError:
+        pass
+"""
+    args = ("--allow-insecure", "--isolation", mode, "--log-level", "warning")
+    with local.sandbox_service(*args) as base:
+        result = SandboxClient(f"{base}/run_code", max_retries=1).run_code_sync(code)
+    assert result.status == "Success", result
+    assert "/proc" not in result.stderr and fake not in result.stdout
