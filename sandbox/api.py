@@ -12,11 +12,12 @@ HTTP status policy (why these codes):
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -118,11 +119,27 @@ def create_app(settings: Settings | None = None, isolation: Isolation | None = N
     async def ping() -> str:
         return "pong"
 
+    def authorize(request: Request) -> None:
+        """Bearer-token check (constant time) when the service has a token."""
+        if not settings.api_token:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), settings.api_token.encode()
+        ):
+            raise HTTPException(
+                status_code=401,
+                detail="missing or wrong bearer token (Authorization: Bearer $SANDBOX_API_TOKEN)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
     @app.post(
         "/run_code",
+        dependencies=[Depends(authorize)],
         response_model=RunCodeResponse,
         summary="Run code in the sandbox",
         responses={
+            401: {"description": "The service has a token and the request lacks it"},
             413: {"description": "Code, stdin or files over the documented size"},
             422: {"description": "Invalid request (e.g. unsupported language)"},
             504: {"description": "Saturated: retry after Retry-After seconds"},

@@ -31,6 +31,7 @@ import httpx
 DEFAULT_ENDPOINT = "http://127.0.0.1:8080"
 ENDPOINT_ENV = "SANDBOX_FUSION_ENDPOINT"
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+TOKEN_ENV = "SANDBOX_API_TOKEN"  # the service reads the same variable (Settings.api_token)
 
 _T = TypeVar("_T")
 
@@ -110,8 +111,12 @@ class SandboxClient:
         backoff_base_s: float = 0.25,
         backoff_max_s: float = 8.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        api_token: str | None = None,
     ) -> None:
         self.url = normalize_endpoint(endpoint)
+        # The service's bearer token (SANDBOX_API_TOKEN), sent with every request when set.
+        token = os.environ.get(TOKEN_ENV, "") if api_token is None else api_token
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.max_concurrency = max_concurrency
@@ -137,7 +142,10 @@ class SandboxClient:
                     max_keepalive_connections=self.max_concurrency,
                 )
                 http = httpx.AsyncClient(
-                    timeout=self.timeout_s, limits=limits, transport=self._transport
+                    timeout=self.timeout_s,
+                    limits=limits,
+                    transport=self._transport,
+                    headers=self._headers,
                 )
                 state = (http, asyncio.Semaphore(self.max_concurrency))
                 self._per_loop[key] = state

@@ -53,6 +53,10 @@ class Settings:
     python: str = ""  # interpreter of the warm zygote; "" = first of /usr/bin/python3, ...
     preload: str = "math,fractions,itertools,functools,collections,decimal,re,json,numpy,sympy"
     pod_name: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "local"))
+    # --- access -----------------------------------------------------------------------------------
+    # When set, /run_code needs ``Authorization: Bearer <token>`` (401 otherwise); /v1/ping stays
+    # open. Unset, loopback SandboxFusion clients work as before. Never shown in a repr or log.
+    api_token: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

@@ -13,16 +13,25 @@ Modal containers run under gVisor, where bubblewrap's namespaces may be refused.
 detects what works at start and logs it; here we explicitly opt in to the best mode available
 (``SANDBOX_ALLOW_INSECURE=1``): ``bwrap`` if gVisor allows it, else ``unshare`` (own network
 namespace, per-slot uid, private tmpfs per run), and the container itself is the outer boundary.
-The container holds no secrets (none are attached below), so user code has nothing to steal.
+
+## Access
+
+The endpoint is public on the internet, so it always requires a bearer token: put
+``SANDBOX_API_TOKEN=<random>`` in ``.env`` (``python -c 'import secrets;
+print(secrets.token_urlsafe(32))'``) before ``modal deploy``. Only that one value is attached to
+the container (no HF or wandb keys); the trainer's functions read the same ``.env`` and send it
+with every tool call. Without a token the container refuses to start.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import modal
 
 from recipe.retool.paths import SANDBOX_APP_NAME as APP_NAME
+from sandbox.client import TOKEN_ENV
 
 REPO: Path = Path(__file__).resolve().parents[2]
 MINUTES = 60
@@ -31,6 +40,16 @@ CPU = 8.0
 MEMORY_MB = 16 * 1024  # 16 slots x 1 GiB default run memory
 
 app = modal.App(APP_NAME)
+
+
+def deploy_token() -> dict[str, str]:
+    """``{SANDBOX_API_TOKEN: ...}`` from the deploying shell or ``.env``; empty in the container
+    (there the attached secret sets the variable) or where none is configured."""
+    from dotenv import dotenv_values
+
+    token = os.environ.get(TOKEN_ENV) or dotenv_values(REPO / ".env").get(TOKEN_ENV) or ""
+    return {TOKEN_ENV: token} if token else {}
+
 
 image = modal.Image.from_dockerfile(
     REPO / "images" / "sandbox.Dockerfile", context_dir=REPO
@@ -47,6 +66,7 @@ image = modal.Image.from_dockerfile(
     scaledown_window=10 * MINUTES,
     max_containers=32,
     timeout=10 * MINUTES,
+    secrets=[modal.Secret.from_dict(deploy_token())],  # its repr names the key, never the value
     env={
         "SANDBOX_ISOLATION": "auto",
         "SANDBOX_ALLOW_INSECURE": "1",
@@ -62,5 +82,7 @@ def serve():
 
     from sandbox.api import create_app
 
+    if not os.environ.get(TOKEN_ENV):
+        raise RuntimeError(f"no {TOKEN_ENV}: add it to .env, then modal deploy again")
     logging.basicConfig(level=logging.INFO)
     return create_app()

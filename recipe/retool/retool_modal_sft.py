@@ -394,7 +394,7 @@ def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft") -> str
     return str(target)
 
 
-@app.function(image=trainer_image, timeout=5 * MINUTES)
+@app.function(image=trainer_image, secrets=secrets, timeout=5 * MINUTES)  # the token, from .env
 def check_sandbox_connection(url: str = "") -> None:
     """Run `print(2+2)` in the deployed sandbox and report latency (or why it failed)."""
     import sys

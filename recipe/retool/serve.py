@@ -32,6 +32,7 @@ from pathlib import Path
 import modal
 
 from recipe.retool import modal_common, paths
+from recipe.retool.modal_fusion_sandbox import deploy_token
 
 APP_NAME = "retool-serve"
 SERVED_MODEL_NAME = "retool"
@@ -68,6 +69,8 @@ VOLUMES = {
 }
 _api_key = os.environ.get(API_KEY_ENV, "")
 secrets = [modal.Secret.from_dict({API_KEY_ENV: _api_key})] if _api_key else []
+# /chat runs code in the deployed sandbox, which needs its bearer token (modal_fusion_sandbox.py).
+sandbox_secrets = [modal.Secret.from_dict(token)] if (token := deploy_token()) else []
 
 
 def vllm_command(model_dir: Path, layout: paths.Layout, *, port: int = VLLM_PORT) -> list[str]:
@@ -125,7 +128,7 @@ def vllm() -> None:
 # (`curl -L`).
 
 
-@app.function(image=image, secrets=secrets, cpu=2.0, timeout=60 * MINUTES)
+@app.function(image=image, secrets=secrets + sandbox_secrets, cpu=2.0, timeout=60 * MINUTES)
 @modal.concurrent(max_inputs=32)
 @modal.asgi_app()
 def chat():

@@ -20,11 +20,13 @@ def test_single_request(code: str = "print(2+2)", url: str = "") -> None:
     import sys
 
     from recipe.retool.modal_common import SandboxNotDeployed, sandbox_url
-    from sandbox.client import SandboxClient, SandboxRequestError, SandboxUnavailable
+    from recipe.retool.modal_fusion_sandbox import deploy_token
+    from sandbox.client import TOKEN_ENV, SandboxClient, SandboxRequestError, SandboxUnavailable
 
     try:
         url = url or sandbox_url()
-        client = SandboxClient(url, timeout_s=120)
+        # the token the endpoint was deployed with (this shell's SANDBOX_API_TOKEN, else .env)
+        client = SandboxClient(url, timeout_s=120, api_token=deploy_token().get(TOKEN_ENV))
         try:
             result = client.run_code_sync(code)
         finally:

@@ -76,6 +76,11 @@ def test_chat_endpoint_is_a_cpu_asgi_app_without_volumes(serve) -> None:
     assert info.secrets == []  # no key configured: no secret
 
 
+def test_chat_sends_the_sandbox_token_when_one_is_configured(monkeypatch) -> None:
+    module = load_serve(monkeypatch, SANDBOX_API_TOKEN="t-123")
+    assert module.chat.info().secrets == ["Secret.from_dict([SANDBOX_API_TOKEN])"]
+
+
 def test_knobs_gpu_checkpoint_and_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     module = load_serve(monkeypatch, RETOOL_SERVE_GPU="H200", RETOOL_SERVE_CHECKPOINT="sft/exp",
                         RETOOL_SERVE_API_KEY="sekrit")  # fmt: skip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from recipe.retool import modal_fusion_sandbox as m
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,10 +22,21 @@ def test_function_settings() -> None:
     assert not info.gpus
     assert info.concurrency_info.max_inputs >= m.SLOTS_PER_CONTAINER
     assert info.memory_mib >= m.SLOTS_PER_CONTAINER * 1024  # default 1 GiB per run fits
-    # the only "secret" is the env dict (explicit opt-in to the best isolation Modal allows);
-    # no token of ours reaches the container, so user code has nothing to steal
-    assert len(info.secrets) == 1 and "SANDBOX_ALLOW_INSECURE" in info.secrets[0]
-    assert "HF_TOKEN" not in info.secrets[0] and "WANDB" not in info.secrets[0]
+    # the env dict (explicit opt-in to the best isolation Modal allows) and the endpoint's own
+    # access token; no HF or wandb key reaches the container
+    assert any("SANDBOX_ALLOW_INSECURE" in secret for secret in info.secrets)
+    assert not any("HF_TOKEN" in secret or "WANDB" in secret for secret in info.secrets)
+
+
+def test_deployed_endpoint_takes_only_its_token_and_refuses_to_start_without(monkeypatch) -> None:
+    monkeypatch.setenv("SANDBOX_API_TOKEN", "deploy-token-1")
+    monkeypatch.setenv("HF_TOKEN", "hf-not-for-the-sandbox")
+    assert m.deploy_token() == {"SANDBOX_API_TOKEN": "deploy-token-1"}
+    monkeypatch.delenv("SANDBOX_API_TOKEN")
+    monkeypatch.setattr(m, "REPO", Path("/nonexistent"))  # no .env there either
+    assert m.deploy_token() == {}
+    with pytest.raises(RuntimeError, match="no SANDBOX_API_TOKEN"):
+        m.serve.local()
 
 
 def test_dockerfile_and_extra_exist() -> None:
