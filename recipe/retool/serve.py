@@ -21,8 +21,9 @@
 #
 #     RETOOL_SERVE_CHECKPOINT=sft/my-exp modal deploy recipe/retool/serve.py
 #
-# Set `RETOOL_SERVE_API_KEY` at deploy time to require `Authorization: Bearer <key>` on both
-# endpoints. Client examples: `docs/serving.md`.
+# Deploy with `RETOOL_SERVE_API_KEY=<key>`: both endpoints then require `Authorization: Bearer
+# <key>`. Without a key the containers refuse to start, unless deployed with
+# `RETOOL_SERVE_ALLOW_OPEN=1`. Client examples: `docs/serving.md`.
 
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ CHECKPOINT = os.environ.get("RETOOL_SERVE_CHECKPOINT", "latest")
 # Qwen2.5-7B's context; the ReTool evaluation budget (16k response tokens) fits with the prompt.
 MAX_MODEL_LEN = int(os.environ.get("RETOOL_SERVE_MAX_MODEL_LEN", "32768"))
 API_KEY_ENV = "RETOOL_SERVE_API_KEY"
+# Serving without a key needs this set to 1 at deploy: /chat runs model-written code and vLLM is a
+# paid GPU, so an open endpoint is a choice, never a default.
+ALLOW_OPEN_ENV = "RETOOL_SERVE_ALLOW_OPEN"
+ALLOW_OPEN = os.environ.get(ALLOW_OPEN_ENV) == "1"
 MINUTES = 60
 
 app = modal.App(APP_NAME)
@@ -73,6 +78,17 @@ secrets = [modal.Secret.from_dict({API_KEY_ENV: _api_key})] if _api_key else []
 sandbox_secrets = [modal.Secret.from_dict(token)] if (token := deploy_token()) else []
 
 
+def require_key() -> str | None:
+    """The serving key, or None where the deployer opted out; a clear error otherwise."""
+    key = os.environ.get(API_KEY_ENV) or None
+    if key is None and os.environ.get(ALLOW_OPEN_ENV) != "1":
+        raise RuntimeError(
+            f"no {API_KEY_ENV}: deploy with {API_KEY_ENV}=<key> (or {ALLOW_OPEN_ENV}=1 to serve "
+            "without one)"
+        )
+    return key
+
+
 def vllm_command(model_dir: Path, layout: paths.Layout, *, port: int = VLLM_PORT) -> list[str]:
     """``vllm serve`` for ``model_dir``; the base model's tokenizer if the checkpoint has none."""
     command = [
@@ -101,7 +117,7 @@ def vllm_command(model_dir: Path, layout: paths.Layout, *, port: int = VLLM_PORT
     gpu=GPU_TYPE,
     volumes=VOLUMES,
     secrets=secrets,
-    env={"RETOOL_SERVE_CHECKPOINT": CHECKPOINT},
+    env={"RETOOL_SERVE_CHECKPOINT": CHECKPOINT, ALLOW_OPEN_ENV: "1" if ALLOW_OPEN else "0"},
     timeout=30 * MINUTES,  # per request: a 16k-token answer, with room
     scaledown_window=15 * MINUTES,
 )
@@ -113,10 +129,11 @@ def vllm() -> None:
     layout = paths.Layout.from_env()
     model_dir = paths.resolve_model_dir(layout, os.environ.get("RETOOL_SERVE_CHECKPOINT"))
     print(f"serving {model_dir} as {SERVED_MODEL_NAME!r}", flush=True)
-    command = vllm_command(model_dir, layout)
-    if os.environ.get(API_KEY_ENV):  # vLLM then requires `Authorization: Bearer <key>`
-        command += ["--api-key", os.environ[API_KEY_ENV]]
-    subprocess.Popen(command)
+    key = require_key()
+    # vLLM reads VLLM_API_KEY and then requires `Authorization: Bearer <key>`; in its environment
+    # the key stays out of `ps` and /proc/<pid>/cmdline, where `--api-key` would show it.
+    env = {**os.environ, "VLLM_API_KEY": key} if key else dict(os.environ)
+    subprocess.Popen(vllm_command(model_dir, layout), env=env)
 
 
 # ## The chat endpoint
@@ -128,7 +145,13 @@ def vllm() -> None:
 # (`curl -L`).
 
 
-@app.function(image=image, secrets=secrets + sandbox_secrets, cpu=2.0, timeout=60 * MINUTES)
+@app.function(
+    image=image,
+    secrets=secrets + sandbox_secrets,
+    env={ALLOW_OPEN_ENV: "1" if ALLOW_OPEN else "0"},
+    cpu=2.0,
+    timeout=60 * MINUTES,
+)
 @modal.concurrent(max_inputs=32)
 @modal.asgi_app()
 def chat():
@@ -136,7 +159,7 @@ def chat():
     from recipe.retool.serving.tool_chat import OpenAIChatBackend
     from sandbox.client import SandboxClient
 
-    api_key = os.environ.get(API_KEY_ENV) or None
+    api_key = require_key()
     sandbox = SandboxClient(modal_common.sandbox_url(), timeout_s=90.0)
 
     def backend() -> OpenAIChatBackend:

@@ -73,12 +73,13 @@ def test_chat_endpoint_is_a_cpu_asgi_app_without_volumes(serve) -> None:
     assert info.gpus == [] and info.volumes == {}
     assert info.concurrency_info.max_inputs == 32
     assert webhook(serve.chat).type == api_pb2.WEBHOOK_TYPE_ASGI_APP
-    assert info.secrets == []  # no key configured: no secret
+    # no key configured: only the opt-out flag, whose value is "0" (the container then refuses)
+    assert info.secrets == ["Secret.from_dict([RETOOL_SERVE_ALLOW_OPEN])"]
 
 
 def test_chat_sends_the_sandbox_token_when_one_is_configured(monkeypatch) -> None:
     module = load_serve(monkeypatch, SANDBOX_API_TOKEN="t-123")
-    assert module.chat.info().secrets == ["Secret.from_dict([SANDBOX_API_TOKEN])"]
+    assert "Secret.from_dict([SANDBOX_API_TOKEN])" in module.chat.info().secrets
 
 
 def test_knobs_gpu_checkpoint_and_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,14 +124,32 @@ def test_vllm_container_resolves_the_checkpoint_at_start(serve, tmp_path, monkey
     step = make_step(layout, "dapo", "rl", 40)
     mark_tracked(layout, "dapo", "rl", 40)
     started = []
-    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw["env"])))
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
     monkeypatch.setenv("RETOOL_SERVE_CHECKPOINT", "latest")
     monkeypatch.setenv("RETOOL_SERVE_API_KEY", "sekrit")
     serve.vllm.local()
-    (command,) = started
+    ((command, env),) = started
     assert command[2] == str(step / "actor" / "huggingface")
-    assert command[-2:] == ["--api-key", "sekrit"]
+    # the key reaches vLLM in its environment, never on its command line (visible in `ps`)
+    assert env["VLLM_API_KEY"] == "sekrit" and "sekrit" not in " ".join(command)
+
+
+def test_serving_refuses_to_start_without_a_key_unless_opted_out(serve, tmp_path, monkeypatch):
+    make_step(Layout.local(tmp_path), "dapo", "rl", 40)
+    mark_tracked(Layout.local(tmp_path), "dapo", "rl", 40)
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append(kw["env"]))
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://sandbox.test")
+    monkeypatch.delenv("RETOOL_SERVE_API_KEY", raising=False)
+    monkeypatch.setenv("RETOOL_SERVE_ALLOW_OPEN", "0")
+    for endpoint in (serve.vllm, serve.chat):
+        with pytest.raises(RuntimeError, match="no RETOOL_SERVE_API_KEY"):
+            endpoint.local()
+    monkeypatch.setenv("RETOOL_SERVE_ALLOW_OPEN", "1")
+    serve.vllm.local()
+    assert "VLLM_API_KEY" not in started[0]
 
 
 async def test_chat_container_builds_the_app_with_the_sandbox(serve, monkeypatch) -> None:
