@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from recipe.retool.paths import EVAL_SETS, Layout, Stage
+from recipe.retool.paths import EVAL_SETS, Layout, Stage, check_experiment_name
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 RETOOL_DIR = Path(__file__).resolve().parent
@@ -67,6 +67,13 @@ class Topology:
     master_port: int = 29500
     device: Device = "cuda"
     gpu_type: str = "H100"
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_node < 1 or self.nnodes < 1:
+            raise LaunchError(
+                f"{self.gpus_per_node} GPUs per node on {self.nnodes} node(s): both must be >= 1 "
+                "(--gpus / RETOOL_GPUS, --nodes / RETOOL_NODES)"
+            )
 
     @property
     def world_size(self) -> int:
@@ -113,6 +120,11 @@ def parse_launch_args(args: Sequence[str]) -> LaunchArgs:
             raise LaunchError(
                 f"cannot read argument {item!r}: expected key=value or --option=value"
             )
+    if "experiment" in values:
+        try:
+            check_experiment_name(values["experiment"])
+        except ValueError as exc:
+            raise LaunchError(f"--experiment-name: {exc}") from None
     return LaunchArgs(overrides=overrides, **values)
 
 
@@ -457,9 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=8, help="GPUs per node (RETOOL_GPUS)")
     parser.add_argument("--nodes", type=int, default=1)
     ns, rest = parser.parse_known_args(argv)  # the rest: options and overrides, as after --
-    topo = Topology(gpus_per_node=ns.gpus, nnodes=ns.nodes)
     layout = Layout.modal()
     try:
+        topo = Topology(gpus_per_node=ns.gpus, nnodes=ns.nodes)
         parsed = parse_launch_args(rest)
         experiment = parsed.experiment or f"{ns.stage}-<timestamp>"
         if ns.stage == "sft":
