@@ -125,7 +125,10 @@ def prep_dataset(
     traces longer than the SFT ``data.max_length`` are dropped (and counted) instead of failing
     training mid-epoch.
     """
-    from recipe.retool.data.prep import prepare
+    import sys
+
+    from recipe.retool.data.convert import MalformedRow
+    from recipe.retool.data.prep import PrepError, prepare
     from recipe.retool.launch import load_stage_config
 
     _report_credentials()
@@ -135,17 +138,21 @@ def prep_dataset(
     has_tokenizer = (model_dir / "tokenizer_config.json").exists()
     if not has_tokenizer:
         print("note: no base model yet (run download_model first) - no token-length stats")
-    prepare(
-        layout.data,
-        only=[only] if only else None,
-        source_dir=Path(source_dir) if source_dir else None,
-        max_rows=max_rows or None,
-        on_error=on_error,
-        tokenizer=model_dir if has_tokenizer else None,
-        sft_max_length=load_stage_config("sft").overrides["data.max_length"]
-        if has_tokenizer
-        else None,
-    )
+    try:
+        prepare(
+            layout.data,
+            only=[only] if only else None,
+            source_dir=Path(source_dir) if source_dir else None,
+            max_rows=max_rows or None,
+            on_error=on_error,
+            tokenizer=model_dir if has_tokenizer else None,
+            sft_max_length=load_stage_config("sft").overrides["data.max_length"]
+            if has_tokenizer
+            else None,
+        )
+    except (PrepError, MalformedRow) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     _commit(data_volume)
 
 
