@@ -307,9 +307,9 @@ def evaluate(
 
     _reload(data_volume, models_volume, checkpoints_volume)
     layout = paths.Layout.from_env()
-    cfg = EvalConfig.from_yaml()
-    cfg = replace(cfg, n=n or cfg.n, max_problems=max_problems or cfg.max_problems)
     try:
+        cfg = EvalConfig.from_yaml()
+        cfg = replace(cfg, n=n or cfg.n, max_problems=max_problems or cfg.max_problems)
         sandbox_url = modal_common.sandbox_url()
         if experiment:
             files = evaluate_experiment(layout, experiment, sandbox_url, cfg, backend="vllm")
