@@ -179,7 +179,14 @@ def download_model(
 # complete SFT checkpoint and calling the deployed sandbox for every tool call.
 
 
-def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
+def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -> None:
+    """Run one stage in this container. ``retried``: Modal retries this function's failures.
+
+    Without ``--experiment-name`` the run is named after the Modal function call, which every
+    retry of it shares, so a retry resumes that experiment instead of starting a new one. A
+    mistake no retry can fix (bad config, missing checkpoint, no sandbox) prints one line and
+    exits 2, or, where Modal would retry any exception (SystemExit too), returns.
+    """
     import sys
 
     from recipe.retool import launch, stages
@@ -187,24 +194,28 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     _report_credentials()
     _reload(data_volume, models_volume, checkpoints_volume)
     layout = paths.Layout.from_env()
-    topo = _topology()
+    launch_id = modal.current_function_call_id()
     try:
+        topo = _topology()
         if stage == "sft":
-            result = stages.run_sft(layout, topo, arglist)
+            result = stages.run_sft(layout, topo, arglist, launch_id=launch_id)
         else:
             sandbox_url = modal_common.sandbox_url()
             if topo.nnodes > 1:
                 stages.join_ray_cluster(topo, stages.dapo_env(sandbox_url))
                 if topo.node_rank > 0:
                     return  # a worker node served the cluster until the job ended
-            result = stages.run_dapo(layout, topo, arglist, sandbox_url=sandbox_url)
-    except (
-        launch.LaunchError,
-        paths.CheckpointNotFound,
-        RuntimeError,
-    ) as exc:  # incl. SandboxNotDeployed
+            result = stages.run_dapo(
+                layout, topo, arglist, sandbox_url=sandbox_url, launch_id=launch_id
+            )
+    except (launch.LaunchError, paths.CheckpointNotFound, modal_common.SandboxNotDeployed) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if retried:
+            return
         raise SystemExit(2) from None
+    except RuntimeError as exc:  # e.g. Ray nodes that did not join: another attempt may work
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         _commit(checkpoints_volume)  # whatever was saved survives a failure
     where = result.checkpoint.path if result.checkpoint else "no complete checkpoint"
@@ -223,11 +234,13 @@ def train(*arglist: str) -> None:
 
 
 # A DAPO run outlives Modal's 24 h per attempt: a retry resumes from the last checkpoint
-# (trainer.resume_mode=auto), so the run goes on where the previous attempt stopped.
+# (trainer.resume_mode=auto) of the same experiment (named after the function call when no
+# --experiment-name is given), so the run goes on where the previous attempt stopped. A config
+# mistake is not retried: it is reported and the call ends.
 @app.function(**(GPU_FUNCTION | {"retries": modal.Retries(max_retries=3, initial_delay=60.0)}))
 def train_dapo(*arglist: str) -> None:
     """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT; then overrides."""
-    _run_stage("dapo", arglist)
+    _run_stage("dapo", arglist, retried=True)
 
 
 # ## Does DAPO learn?
