@@ -368,20 +368,26 @@ def pipeline_status(experiment: str) -> dict[str, bool]:
 @app.local_entrypoint()
 def pipeline(experiment_name: str = "retool", force: str = "") -> None:
     """Run (or resume) every stage of one experiment on Modal; ``--force eval,dapo`` re-runs."""
+    import sys
+
     from recipe.retool.pipeline import run_pipeline
 
     exp = f"--experiment-name={experiment_name}"
-    outcomes = run_pipeline(
-        lambda: pipeline_status.remote(experiment_name),
-        {
-            "prep": lambda: prep_dataset.remote(),
-            "download": lambda: download_model.remote(),
-            "sft": lambda: train.remote(exp),
-            "dapo": lambda: train_dapo.remote(exp, f"--sft-checkpoint={experiment_name}"),
-            "eval": lambda: evaluate.remote(experiment=experiment_name),
-        },
-        force=tuple(filter(None, force.split(","))),
-    )
+    try:
+        outcomes = run_pipeline(
+            lambda: pipeline_status.remote(experiment_name),
+            {
+                "prep": lambda: prep_dataset.remote(),
+                "download": lambda: download_model.remote(),
+                "sft": lambda: train.remote(exp),
+                "dapo": lambda: train_dapo.remote(exp, f"--sft-checkpoint={experiment_name}"),
+                "eval": lambda: evaluate.remote(experiment=experiment_name),
+            },
+            force=tuple(filter(None, force.split(","))),
+        )
+    except ValueError as exc:  # an unknown --force stage, found before anything runs
+        print(f"error: --force: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     for outcome in outcomes:
         print(f"{outcome.stage:<9} {outcome.action}")
     if outcomes and outcomes[-1].action.startswith("failed"):
@@ -405,10 +411,16 @@ def list_checkpoints() -> str:
 @app.function(image=trainer_image, volumes=VOLUMES, timeout=2 * HOURS, memory=128 * 1024)
 def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft") -> str:
     """Merge a step's FSDP shards into HF safetensors (``<step>/huggingface``), verl's merger."""
+    import sys
+
     from recipe.retool.stages import merge_checkpoint as merge
 
     _reload(checkpoints_volume)
-    target = merge(paths.Layout.from_env(), stage, experiment_name, step)
+    try:
+        target = merge(paths.Layout.from_env(), stage, experiment_name, step)
+    except (paths.CheckpointNotFound, ValueError) as exc:  # no such step, stage or name
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     _commit(checkpoints_volume)
     print(f"merged into {target}")
     return str(target)

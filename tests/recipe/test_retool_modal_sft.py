@@ -285,3 +285,26 @@ def test_learning_curve_runs_the_curve_on_one_gpu_against_the_sandbox(
         and settings.sft_epochs == learning_curve.CurveSettings().sft_epochs
     )
     assert kw == {"gpus": 1, "sandbox_url": "http://sandbox/run_code"}
+
+
+@pytest.mark.parametrize(
+    ("function", "kwargs", "message"),
+    [
+        ("prep_dataset", {"only": "math"}, "groups are sft, rl, val"),
+        ("prep_dataset", {"max_rows": -1}, "max_rows=-1"),
+        ("merge_checkpoint", {"experiment_name": "a/b", "step": 1}, "invalid experiment name"),
+        ("merge_checkpoint", {"experiment_name": "x", "step": 1}, "no FSDP checkpoint"),
+        ("evaluate", {"n": -1}, "n must be >= 1"),
+        ("pipeline", {"force": "dapo,evall"}, "unknown stage(s) ['evall']"),
+    ],
+)
+def test_modal_functions_answer_bad_arguments_in_one_line(
+    app_module, tmp_path, monkeypatch, capsys, function, kwargs, message
+) -> None:
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    fn = getattr(app_module, function)
+    with pytest.raises(SystemExit) as exc:
+        fn(**kwargs) if function == "pipeline" else fn.local(**kwargs)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err

@@ -393,6 +393,12 @@ def prepare(
     """
     if sft_max_length is not None and tokenizer is None:
         raise PrepError("sft_max_length needs a tokenizer to count tokens: pass --tokenizer too")
+    unknown = set(only or ()) - {"sft", "rl", "val"}
+    if unknown or on_error not in ("fail", "skip"):
+        raise PrepError(
+            f"only={sorted(unknown)} on_error={on_error!r}: groups are sft, rl, val; "
+            "on_error is fail or skip"
+        )
     if max_rows is not None and max_rows < 1:
         raise PrepError(f"max_rows={max_rows}: read at least 1 row (omit it to read every row)")
     if source_dir is not None and not source_dir.is_dir():
