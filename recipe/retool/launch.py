@@ -357,6 +357,37 @@ def validate(stage: Stage, overrides: Sequence[str], topo: Topology):
     return composed
 
 
+# Keys verl 0.9.1 reads in one batching mode only, by the switch that picks the mode: with dynamic
+# batch sizes micro-batches are cut by tokens, otherwise by count (verl.workers.engine.utils.
+# prepare_micro_batches; the actor's switch also governs its log-prob pass).
+_MODE_ONLY_KEYS = {
+    "sft": ("data.use_dynamic_bsz", {
+        True: ("data.micro_batch_size_per_gpu",),
+        False: ("data.max_token_len_per_gpu",),
+    }),
+    "dapo": ("actor_rollout_ref.actor.use_dynamic_bsz", {
+        True: ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+               "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu"),
+        False: ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
+                "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu"),
+    }),
+}  # fmt: skip
+
+
+def ineffective_overrides(stage: Stage, composed: Any, user_overrides: Sequence[str]) -> list[str]:
+    """The user's overrides that the composed config leaves unread, each with the reason."""
+    from omegaconf import OmegaConf
+
+    switch, unread = _MODE_ONLY_KEYS[stage]
+    mode = bool(OmegaConf.select(composed, switch))
+    given = {_override_key(o) for o in user_overrides if not o.startswith("~")}
+    return [
+        f"{key} has no effect while {switch}={format_value(mode)}"
+        for key in unread[mode]
+        if key in given
+    ]
+
+
 def _verl_ppo_checks(cfg: Any) -> list[str]:
     """verl's own ``validate_config`` (what main_ppo runs first), here before any GPU starts."""
     import contextlib
@@ -482,10 +513,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = Path(parsed.sft_checkpoint or "<latest complete SFT checkpoint>")
             overrides = dapo_overrides(layout, experiment, model, topo, parsed.overrides)
             command = dapo_command(overrides)
-        validate(ns.stage, overrides, topo)
+        composed = validate(ns.stage, overrides, topo)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for warning in ineffective_overrides(ns.stage, composed, parsed.overrides):
+        print(f"warning: {warning}", file=sys.stderr)
     print(render(command))
     print(f"ok: {len(overrides)} overrides compose against verl's config")
     print(estimate_cost(ns.stage, topo))

@@ -272,3 +272,23 @@ def test_check_cli_is_the_dry_run_make_runs_before_modal(capsys) -> None:
 )
 def test_check_cli_answers_mistakes_in_one_line(args: list[str], message: str) -> None:
     assert_one_line_error(run_module("recipe.retool.launch", "check", "sft", *args), message)
+
+
+@pytest.mark.parametrize(
+    ("stage", "overrides", "warned"),
+    [
+        ("sft", ["data.micro_batch_size_per_gpu=2"], ["data.micro_batch_size_per_gpu"]),
+        ("sft", ["data.use_dynamic_bsz=false", "data.micro_batch_size_per_gpu=2"], []),
+        ("sft", ["data.use_dynamic_bsz=false", "data.max_token_len_per_gpu=99"],
+         ["data.max_token_len_per_gpu"]),
+        ("dapo", ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"],
+         ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"]),
+        ("dapo", ["trainer.total_epochs=2"], []),
+    ],
+)  # fmt: skip
+def test_check_warns_about_overrides_verl_does_not_read(stage, overrides, warned, capsys) -> None:
+    assert launch.main(["check", stage, "--gpus", "8", *overrides]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert [line.split()[1] for line in lines] == warned
+    assert all("has no effect while" in line for line in lines)
