@@ -13,7 +13,7 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: setup
-setup: ## Create .venv and install everything (idempotent; CPU torch only)
+setup: ## Create .venv and install everything (idempotent; PyPI's torch unless PIP_EXTRA_INDEX_URL names the CPU index)
 	@scripts/setup.sh
 
 $(PY):

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from sandbox.isolation import InsecureIsolation
-from sandbox.settings import Settings
+from sandbox.settings import Settings, SettingsError
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     p_serve = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     p_serve.add_argument("--host", default="127.0.0.1")
     p_serve.add_argument("--port", type=int, default=8080)
-    p_serve.add_argument("--log-level", default="info")
+    p_serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+    )
     p_run = sub.add_parser("run", parents=[common], help="run one snippet and print its output")
     p_run.add_argument("--code", help="code to run (default: read stdin)")
     p_run.add_argument("--url", help="service URL (default: an in-process server)")
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return serve(args) if args.cmd == "serve" else run(args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except InsecureIsolation as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

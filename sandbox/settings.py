@@ -14,13 +14,26 @@ from typing import Any
 MiB = 1024 * 1024
 
 
+class SettingsError(ValueError):
+    """A setting that cannot work; the message names the variable or flag and what it accepts."""
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number"}
+
+
 def _env(name: str, default: Any) -> Any:
-    raw = os.environ.get(f"SANDBOX_{name.upper()}")
+    var = f"SANDBOX_{name.upper()}"
+    raw = os.environ.get(var)
     if raw is None:
         return default
     if isinstance(default, bool):
         return raw.strip().lower() in {"1", "true", "yes", "on"}
-    return type(default)(raw)
+    try:
+        return type(default)(raw)
+    except ValueError:
+        raise SettingsError(
+            f"{var}={raw!r}: expected {_TYPE_WORDS[type(default)]}; fix or unset it"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,17 @@ class Settings:
     # When set, /run_code needs ``Authorization: Bearer <token>`` (401 otherwise); /v1/ping stays
     # open. Unset, loopback SandboxFusion clients work as before. Never shown in a repr or log.
     api_token: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise SettingsError(
+                f"slots={self.slots}: at least 1 run must fit (--slots / SANDBOX_SLOTS)"
+            )
+        if self.python and not os.access(self.python, os.X_OK):
+            raise SettingsError(
+                f"python={self.python!r} is not an executable file; set SANDBOX_PYTHON to an "
+                "interpreter's path, or unset it to use the first of /usr/bin/python3, ..."
+            )
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

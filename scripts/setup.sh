@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent local install: .venv with the CPU torch wheel, the project (editable) and dev tools.
+# Idempotent local install: .venv with torch (PyPI's wheel, or the CPU one when PIP_EXTRA_INDEX_URL
+# names https://download.pytorch.org/whl/cpu), the project (editable) and dev tools.
 # torch is installed first and alone so that no dependency can pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from recipe.retool.paths import EVAL_SETS, Layout, Stage
+from recipe.retool.paths import EVAL_SETS, Layout, Stage, check_experiment_name
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 RETOOL_DIR = Path(__file__).resolve().parent
@@ -67,6 +67,13 @@ class Topology:
     master_port: int = 29500
     device: Device = "cuda"
     gpu_type: str = "H100"
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_node < 1 or self.nnodes < 1:
+            raise LaunchError(
+                f"{self.gpus_per_node} GPUs per node on {self.nnodes} node(s): both must be >= 1 "
+                "(--gpus / RETOOL_GPUS, --nodes / RETOOL_NODES)"
+            )
 
     @property
     def world_size(self) -> int:
@@ -113,6 +120,11 @@ def parse_launch_args(args: Sequence[str]) -> LaunchArgs:
             raise LaunchError(
                 f"cannot read argument {item!r}: expected key=value or --option=value"
             )
+    if "experiment" in values:
+        try:
+            check_experiment_name(values["experiment"])
+        except ValueError as exc:
+            raise LaunchError(f"--experiment-name: {exc}") from None
     return LaunchArgs(overrides=overrides, **values)
 
 
@@ -345,6 +357,37 @@ def validate(stage: Stage, overrides: Sequence[str], topo: Topology):
     return composed
 
 
+# Keys verl 0.9.1 reads in one batching mode only, by the switch that picks the mode: with dynamic
+# batch sizes micro-batches are cut by tokens, otherwise by count (verl.workers.engine.utils.
+# prepare_micro_batches; the actor's switch also governs its log-prob pass).
+_MODE_ONLY_KEYS = {
+    "sft": ("data.use_dynamic_bsz", {
+        True: ("data.micro_batch_size_per_gpu",),
+        False: ("data.max_token_len_per_gpu",),
+    }),
+    "dapo": ("actor_rollout_ref.actor.use_dynamic_bsz", {
+        True: ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+               "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu"),
+        False: ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
+                "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu"),
+    }),
+}  # fmt: skip
+
+
+def ineffective_overrides(stage: Stage, composed: Any, user_overrides: Sequence[str]) -> list[str]:
+    """The user's overrides that the composed config leaves unread, each with the reason."""
+    from omegaconf import OmegaConf
+
+    switch, unread = _MODE_ONLY_KEYS[stage]
+    mode = bool(OmegaConf.select(composed, switch))
+    given = {_override_key(o) for o in user_overrides if not o.startswith("~")}
+    return [
+        f"{key} has no effect while {switch}={format_value(mode)}"
+        for key in unread[mode]
+        if key in given
+    ]
+
+
 def _verl_ppo_checks(cfg: Any) -> list[str]:
     """verl's own ``validate_config`` (what main_ppo runs first), here before any GPU starts."""
     import contextlib
@@ -457,9 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=8, help="GPUs per node (RETOOL_GPUS)")
     parser.add_argument("--nodes", type=int, default=1)
     ns, rest = parser.parse_known_args(argv)  # the rest: options and overrides, as after --
-    topo = Topology(gpus_per_node=ns.gpus, nnodes=ns.nodes)
     layout = Layout.modal()
     try:
+        topo = Topology(gpus_per_node=ns.gpus, nnodes=ns.nodes)
         parsed = parse_launch_args(rest)
         experiment = parsed.experiment or f"{ns.stage}-<timestamp>"
         if ns.stage == "sft":
@@ -470,10 +513,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = Path(parsed.sft_checkpoint or "<latest complete SFT checkpoint>")
             overrides = dapo_overrides(layout, experiment, model, topo, parsed.overrides)
             command = dapo_command(overrides)
-        validate(ns.stage, overrides, topo)
+        composed = validate(ns.stage, overrides, topo)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for warning in ineffective_overrides(ns.stage, composed, parsed.overrides):
+        print(f"warning: {warning}", file=sys.stderr)
     print(render(command))
     print(f"ok: {len(overrides)} overrides compose against verl's config")
     print(estimate_cost(ns.stage, topo))

@@ -91,9 +91,17 @@ class Layout:
         return self.checkpoints / f"{stage}-experiments"
 
     def experiment_dir(self, stage: Stage, experiment: str) -> Path:
-        if not experiment or "/" in experiment or experiment.startswith("."):
-            raise ValueError(f"invalid experiment name {experiment!r}")
-        return self.stage_root(stage) / experiment
+        return self.stage_root(stage) / check_experiment_name(experiment)
+
+
+def check_experiment_name(experiment: str) -> str:
+    """``experiment`` when it can name one directory, else a ValueError saying what to change."""
+    if not experiment or "/" in experiment or experiment.startswith("."):
+        raise ValueError(
+            f"invalid experiment name {experiment!r}: it names one directory, so it must be "
+            "non-empty, without '/' and not start with '.' (e.g. retool-7b)"
+        )
+    return experiment
 
 
 @dataclass(frozen=True)

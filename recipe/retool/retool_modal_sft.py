@@ -125,7 +125,10 @@ def prep_dataset(
     traces longer than the SFT ``data.max_length`` are dropped (and counted) instead of failing
     training mid-epoch.
     """
-    from recipe.retool.data.prep import prepare
+    import sys
+
+    from recipe.retool.data.convert import MalformedRow
+    from recipe.retool.data.prep import PrepError, prepare
     from recipe.retool.launch import load_stage_config
 
     _report_credentials()
@@ -135,17 +138,21 @@ def prep_dataset(
     has_tokenizer = (model_dir / "tokenizer_config.json").exists()
     if not has_tokenizer:
         print("note: no base model yet (run download_model first) - no token-length stats")
-    prepare(
-        layout.data,
-        only=[only] if only else None,
-        source_dir=Path(source_dir) if source_dir else None,
-        max_rows=max_rows or None,
-        on_error=on_error,
-        tokenizer=model_dir if has_tokenizer else None,
-        sft_max_length=load_stage_config("sft").overrides["data.max_length"]
-        if has_tokenizer
-        else None,
-    )
+    try:
+        prepare(
+            layout.data,
+            only=[only] if only else None,
+            source_dir=Path(source_dir) if source_dir else None,
+            max_rows=max_rows or None,
+            on_error=on_error,
+            tokenizer=model_dir if has_tokenizer else None,
+            sft_max_length=load_stage_config("sft").overrides["data.max_length"]
+            if has_tokenizer
+            else None,
+        )
+    except (PrepError, MalformedRow) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     _commit(data_volume)
 
 
@@ -172,7 +179,14 @@ def download_model(
 # complete SFT checkpoint and calling the deployed sandbox for every tool call.
 
 
-def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
+def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -> None:
+    """Run one stage in this container. ``retried``: Modal retries this function's failures.
+
+    Without ``--experiment-name`` the run is named after the Modal function call, which every
+    retry of it shares, so a retry resumes that experiment instead of starting a new one. A
+    mistake no retry can fix (bad config, missing checkpoint, no sandbox) prints one line and
+    exits 2, or, where Modal would retry any exception (SystemExit too), returns.
+    """
     import sys
 
     from recipe.retool import launch, stages
@@ -180,24 +194,28 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     _report_credentials()
     _reload(data_volume, models_volume, checkpoints_volume)
     layout = paths.Layout.from_env()
-    topo = _topology()
+    launch_id = modal.current_function_call_id()
     try:
+        topo = _topology()
         if stage == "sft":
-            result = stages.run_sft(layout, topo, arglist)
+            result = stages.run_sft(layout, topo, arglist, launch_id=launch_id)
         else:
             sandbox_url = modal_common.sandbox_url()
             if topo.nnodes > 1:
                 stages.join_ray_cluster(topo, stages.dapo_env(sandbox_url))
                 if topo.node_rank > 0:
                     return  # a worker node served the cluster until the job ended
-            result = stages.run_dapo(layout, topo, arglist, sandbox_url=sandbox_url)
-    except (
-        launch.LaunchError,
-        paths.CheckpointNotFound,
-        RuntimeError,
-    ) as exc:  # incl. SandboxNotDeployed
+            result = stages.run_dapo(
+                layout, topo, arglist, sandbox_url=sandbox_url, launch_id=launch_id
+            )
+    except (launch.LaunchError, paths.CheckpointNotFound, modal_common.SandboxNotDeployed) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if retried:
+            return
         raise SystemExit(2) from None
+    except RuntimeError as exc:  # e.g. Ray nodes that did not join: another attempt may work
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         _commit(checkpoints_volume)  # whatever was saved survives a failure
     where = result.checkpoint.path if result.checkpoint else "no complete checkpoint"
@@ -216,11 +234,13 @@ def train(*arglist: str) -> None:
 
 
 # A DAPO run outlives Modal's 24 h per attempt: a retry resumes from the last checkpoint
-# (trainer.resume_mode=auto), so the run goes on where the previous attempt stopped.
+# (trainer.resume_mode=auto) of the same experiment (named after the function call when no
+# --experiment-name is given), so the run goes on where the previous attempt stopped. A config
+# mistake is not retried: it is reported and the call ends.
 @app.function(**(GPU_FUNCTION | {"retries": modal.Retries(max_retries=3, initial_delay=60.0)}))
 def train_dapo(*arglist: str) -> None:
     """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT; then overrides."""
-    _run_stage("dapo", arglist)
+    _run_stage("dapo", arglist, retried=True)
 
 
 # ## Does DAPO learn?
@@ -300,9 +320,9 @@ def evaluate(
 
     _reload(data_volume, models_volume, checkpoints_volume)
     layout = paths.Layout.from_env()
-    cfg = EvalConfig.from_yaml()
-    cfg = replace(cfg, n=n or cfg.n, max_problems=max_problems or cfg.max_problems)
     try:
+        cfg = EvalConfig.from_yaml()
+        cfg = replace(cfg, n=n or cfg.n, max_problems=max_problems or cfg.max_problems)
         sandbox_url = modal_common.sandbox_url()
         if experiment:
             files = evaluate_experiment(layout, experiment, sandbox_url, cfg, backend="vllm")
@@ -348,20 +368,26 @@ def pipeline_status(experiment: str) -> dict[str, bool]:
 @app.local_entrypoint()
 def pipeline(experiment_name: str = "retool", force: str = "") -> None:
     """Run (or resume) every stage of one experiment on Modal; ``--force eval,dapo`` re-runs."""
+    import sys
+
     from recipe.retool.pipeline import run_pipeline
 
     exp = f"--experiment-name={experiment_name}"
-    outcomes = run_pipeline(
-        lambda: pipeline_status.remote(experiment_name),
-        {
-            "prep": lambda: prep_dataset.remote(),
-            "download": lambda: download_model.remote(),
-            "sft": lambda: train.remote(exp),
-            "dapo": lambda: train_dapo.remote(exp, f"--sft-checkpoint={experiment_name}"),
-            "eval": lambda: evaluate.remote(experiment=experiment_name),
-        },
-        force=tuple(filter(None, force.split(","))),
-    )
+    try:
+        outcomes = run_pipeline(
+            lambda: pipeline_status.remote(experiment_name),
+            {
+                "prep": lambda: prep_dataset.remote(),
+                "download": lambda: download_model.remote(),
+                "sft": lambda: train.remote(exp),
+                "dapo": lambda: train_dapo.remote(exp, f"--sft-checkpoint={experiment_name}"),
+                "eval": lambda: evaluate.remote(experiment=experiment_name),
+            },
+            force=tuple(filter(None, force.split(","))),
+        )
+    except ValueError as exc:  # an unknown --force stage, found before anything runs
+        print(f"error: --force: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     for outcome in outcomes:
         print(f"{outcome.stage:<9} {outcome.action}")
     if outcomes and outcomes[-1].action.startswith("failed"):
@@ -385,10 +411,16 @@ def list_checkpoints() -> str:
 @app.function(image=trainer_image, volumes=VOLUMES, timeout=2 * HOURS, memory=128 * 1024)
 def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft") -> str:
     """Merge a step's FSDP shards into HF safetensors (``<step>/huggingface``), verl's merger."""
+    import sys
+
     from recipe.retool.stages import merge_checkpoint as merge
 
     _reload(checkpoints_volume)
-    target = merge(paths.Layout.from_env(), stage, experiment_name, step)
+    try:
+        target = merge(paths.Layout.from_env(), stage, experiment_name, step)
+    except (paths.CheckpointNotFound, ValueError) as exc:  # no such step, stage or name
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     _commit(checkpoints_volume)
     print(f"merged into {target}")
     return str(target)

@@ -45,8 +45,11 @@ TRAINING_ENV = {
 COMPLETE_MARKER = ".download-complete"
 
 
-def default_experiment(stage: Stage) -> str:
-    return f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_experiment(stage: Stage, launch_id: str | None = None) -> str:
+    """The name of a run launched without ``--experiment-name``: from ``launch_id`` (an id every
+    attempt of one launch shares, e.g. Modal's function call id, so a retry resumes the same
+    experiment) when given, else from the clock (a new experiment per call)."""
+    return f"{stage}-{launch_id or time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_subprocess(command: Sequence[str], env: dict[str, str]) -> int:
@@ -104,12 +107,15 @@ def run_sft(
     *,
     model_path: Path | None = None,
     runner: Runner = run_subprocess,
+    launch_id: str | None = None,
 ) -> StageResult:
-    """Validate, run verl's SFT trainer, record the final checkpoint in checkpoint_info.json."""
+    """Validate, run verl's SFT trainer, record the final checkpoint in checkpoint_info.json.
+
+    ``launch_id``: see :func:`default_experiment`."""
     parsed = launch.parse_launch_args(args)
     if topo.nnodes > 1 and not parsed.experiment:
         raise launch.LaunchError("multi-node runs need --experiment-name (shared by all nodes)")
-    experiment = parsed.experiment or default_experiment("sft")
+    experiment = parsed.experiment or default_experiment("sft", launch_id)
     model = model_path or layout.model_dir()
     overrides = launch.sft_overrides(layout, experiment, model, topo, parsed.overrides)
     launch.validate("sft", overrides, topo)
@@ -148,10 +154,13 @@ def run_dapo(
     *,
     sandbox_url: str,
     runner: Runner = run_subprocess,
+    launch_id: str | None = None,
 ) -> StageResult:
-    """DAPO from the latest SFT checkpoint, with the tool pointed at ``sandbox_url``."""
+    """DAPO from the latest SFT checkpoint, with the tool pointed at ``sandbox_url``.
+
+    ``launch_id``: see :func:`default_experiment`."""
     parsed = launch.parse_launch_args(args)
-    experiment = parsed.experiment or default_experiment("dapo")
+    experiment = parsed.experiment or default_experiment("dapo", launch_id)
     start_from = resolve_sft_checkpoint(layout, parsed.sft_checkpoint)
     overrides = launch.dapo_overrides(layout, experiment, start_from, topo, parsed.overrides)
     launch.validate("dapo", overrides, topo)

@@ -9,6 +9,7 @@ import pytest
 from recipe.retool import launch
 from recipe.retool.launch import LaunchError, Topology
 from recipe.retool.paths import Layout
+from tests.cli import assert_one_line_error, run_module
 
 LAYOUT = Layout.modal()
 MODEL = Path("/models/Qwen/Qwen2.5-7B-Instruct")
@@ -256,3 +257,38 @@ def test_check_cli_is_the_dry_run_make_runs_before_modal(capsys) -> None:
     assert launch.main(["check", "dapo", "--gpus", "4", "--", "trainer.totl=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown key 'trainer.totl'") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpus", "0"], "0 GPUs per node on 1 node(s): both must be >= 1"),
+        (["--nodes", "0"], "8 GPUs per node on 0 node(s): both must be >= 1"),
+        (["--gpus", "-2"], "-2 GPUs per node"),
+        (["--gpus", "two"], "argument --gpus: invalid int value: 'two'"),
+        (["--experiment-name=a/b"], "invalid experiment name 'a/b'"),
+        (["--experiment-name", ".hidden"], "invalid experiment name '.hidden'"),
+    ],
+)
+def test_check_cli_answers_mistakes_in_one_line(args: list[str], message: str) -> None:
+    assert_one_line_error(run_module("recipe.retool.launch", "check", "sft", *args), message)
+
+
+@pytest.mark.parametrize(
+    ("stage", "overrides", "warned"),
+    [
+        ("sft", ["data.micro_batch_size_per_gpu=2"], ["data.micro_batch_size_per_gpu"]),
+        ("sft", ["data.use_dynamic_bsz=false", "data.micro_batch_size_per_gpu=2"], []),
+        ("sft", ["data.use_dynamic_bsz=false", "data.max_token_len_per_gpu=99"],
+         ["data.max_token_len_per_gpu"]),
+        ("dapo", ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"],
+         ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"]),
+        ("dapo", ["trainer.total_epochs=2"], []),
+    ],
+)  # fmt: skip
+def test_check_warns_about_overrides_verl_does_not_read(stage, overrides, warned, capsys) -> None:
+    assert launch.main(["check", stage, "--gpus", "8", *overrides]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert [line.split()[1] for line in lines] == warned
+    assert all("has no effect while" in line for line in lines)

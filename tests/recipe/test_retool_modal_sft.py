@@ -123,13 +123,66 @@ def test_train_with_a_bad_override_exits_with_a_message_not_a_trace(
     assert "unknown key 'trainer.totl_epochs'" in capsys.readouterr().err
 
 
-def test_train_dapo_without_sft_checkpoint_exits_cleanly(app_module, tmp_path, monkeypatch, capsys):
+def test_train_dapo_without_sft_checkpoint_ends_without_a_retry(
+    app_module, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
     monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://127.0.0.1:9/run_code")
-    with pytest.raises(SystemExit) as exc:
-        app_module.train_dapo.local()
-    assert exc.value.code == 2
+    assert app_module.train_dapo.local() is None  # no exception: Modal retries every exception
     assert "no complete sft checkpoint" in capsys.readouterr().err
+
+
+class FailingDapoRunner:
+    """verl's main_ppo that saves step 5 of the experiment it is given, then dies (a timeout)."""
+
+    def __init__(self, layout: paths.Layout) -> None:
+        self.layout = layout
+        self.dirs: list[str] = []
+
+    def __call__(self, command, env) -> int:
+        prefix = "trainer.default_local_dir="
+        self.dirs.append(next(a.removeprefix(prefix) for a in command if a.startswith(prefix)))
+        experiment = Path(self.dirs[-1]).name
+        make_step(self.layout, "dapo", experiment, 5 * len(self.dirs))
+        return 137
+
+
+@pytest.fixture
+def dapo_attempt(app_module, tmp_path, monkeypatch):
+    """``train_dapo.local`` as Modal runs each attempt: same function call id, a later clock."""
+    from recipe.retool import stages
+
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://127.0.0.1:9/run_code")
+    layout = paths.Layout.local(tmp_path)
+    make_step(layout, "sft", "s1", 62)
+    mark_tracked(layout, "sft", "s1", 62)
+    runner = FailingDapoRunner(layout)
+    run_dapo = stages.run_dapo
+    monkeypatch.setattr(stages, "run_dapo", lambda *a, **kw: run_dapo(*a, runner=runner, **kw))
+    monkeypatch.setattr(app_module.modal, "current_function_call_id", lambda: "fc-01TEST")
+    clock = iter(range(1_000))
+    monkeypatch.setattr(stages.time, "strftime", lambda fmt: f"20261127-{next(clock):06d}")
+    return runner
+
+
+def test_a_retried_dapo_attempt_resumes_the_same_experiment(app_module, dapo_attempt) -> None:
+    for _ in range(2):
+        with pytest.raises(SystemExit) as exc:  # a failed attempt: Modal retries it
+            app_module.train_dapo.local()
+        assert exc.value.code == 137
+    first, second = dapo_attempt.dirs
+    assert first == second and Path(first).name == "dapo-fc-01TEST"
+    assert sorted(p.name for p in Path(first).glob("global_step_*")) == [
+        "global_step_10",
+        "global_step_5",
+    ]
+
+
+def test_a_config_mistake_in_train_dapo_is_not_retried(app_module, dapo_attempt, capsys) -> None:
+    assert app_module.train_dapo.local("trainer.totl_epochs=3") is None
+    assert "unknown key 'trainer.totl_epochs'" in capsys.readouterr().err
+    assert dapo_attempt.dirs == []
 
 
 def test_prep_dataset_runs_locally_on_sample_sources(app_module, tmp_path, monkeypatch) -> None:
@@ -232,3 +285,26 @@ def test_learning_curve_runs_the_curve_on_one_gpu_against_the_sandbox(
         and settings.sft_epochs == learning_curve.CurveSettings().sft_epochs
     )
     assert kw == {"gpus": 1, "sandbox_url": "http://sandbox/run_code"}
+
+
+@pytest.mark.parametrize(
+    ("function", "kwargs", "message"),
+    [
+        ("prep_dataset", {"only": "math"}, "groups are sft, rl, val"),
+        ("prep_dataset", {"max_rows": -1}, "max_rows=-1"),
+        ("merge_checkpoint", {"experiment_name": "a/b", "step": 1}, "invalid experiment name"),
+        ("merge_checkpoint", {"experiment_name": "x", "step": 1}, "no FSDP checkpoint"),
+        ("evaluate", {"n": -1}, "n must be >= 1"),
+        ("pipeline", {"force": "dapo,evall"}, "unknown stage(s) ['evall']"),
+    ],
+)
+def test_modal_functions_answer_bad_arguments_in_one_line(
+    app_module, tmp_path, monkeypatch, capsys, function, kwargs, message
+) -> None:
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    fn = getattr(app_module, function)
+    with pytest.raises(SystemExit) as exc:
+        fn(**kwargs) if function == "pipeline" else fn.local(**kwargs)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err

@@ -272,3 +272,11 @@ def test_ray_worker_retries_until_the_head_is_up() -> None:
     with pytest.raises(RuntimeError, match="could not join"):
         stages.join_ray_cluster(worker, {}, runner=RayRunner(fail_first=99), timeout_s=0,
                                 poll_s=0)  # fmt: skip
+
+
+def test_the_default_name_follows_the_launch_not_the_clock(monkeypatch) -> None:
+    clock = iter(range(1_000))
+    monkeypatch.setattr(stages.time, "strftime", lambda fmt: f"t{next(clock)}")
+    assert stages.default_experiment("dapo", "fc-1") == stages.default_experiment("dapo", "fc-1")
+    assert stages.default_experiment("dapo", "fc-1") == "dapo-fc-1"
+    assert stages.default_experiment("sft") != stages.default_experiment("sft")

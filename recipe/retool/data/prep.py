@@ -11,8 +11,8 @@ Files are written to a temporary name and renamed, so a crash never leaves a hal
 that a later training run would read; the output is deterministic, so re-running is idempotent.
 
 Run: ``python -m recipe.retool.data.prep --out-dir runs/data`` (hub; honours ``HF_TOKEN``) or
-``python -m recipe.retool.data.prep --out-dir runs/data --source-dir tests/fixtures`` (local
-parquet).
+``python -m recipe.retool.data.prep --out-dir runs/data --source-dir DIR`` (local parquet laid out
+as ``DIR/<hub id>/**/*.parquet``, e.g. what ``recipe.retool.local.samples.write_sources`` writes).
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ OnError = Literal["fail", "skip"]
 Overlong = Literal["drop", "fail", "keep"]
 Group = Literal["sft", "rl", "val"]
 MAX_ERRORS_KEPT = 20  # the summary lists this many malformed rows; the count covers all of them
+
+
+class PrepError(ValueError):
+    """A mistake in prep's inputs (paths, options); the message says what and how to fix it."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Output schemas: explicit, so every file of a kind has the same schema (verl concatenates val
@@ -191,7 +196,10 @@ def load_source(source: Source, source_dir: Path | None) -> pa.Table:
         root = source_dir / source.hub_id
         files = sorted(root.rglob("*.parquet"))
         if not files:
-            raise FileNotFoundError(f"no parquet files for {source.hub_id} under {root}")
+            raise PrepError(
+                f"no parquet files for {source.hub_id} under {root}: --source-dir needs "
+                "<dir>/<hub id>/**/*.parquet (or omit it to download from the hub)"
+            )
         return pa.concat_tables([pq.read_table(f) for f in files])
     import datasets
 
@@ -355,6 +363,11 @@ def prepare_one(
             lengths.append(n_tokens)
         out_rows.append(mapped)
 
+    if not out_rows:
+        raise PrepError(
+            f"{source.name}: no rows left of {summary.rows_in} read "
+            f"({summary.skipped} malformed, {summary.overlong} overlong); {path} not written"
+        )
     summary.rows_out = len(out_rows)
     summary.token_lengths = length_stats(lengths)
     _write_atomic(out_rows, source.schema, path)
@@ -379,11 +392,19 @@ def prepare(
     ``sft_max_length`` cannot be enforced (that combination is an error, not a silent no-op).
     """
     if sft_max_length is not None and tokenizer is None:
-        raise ValueError("sft_max_length needs a tokenizer to count tokens")
+        raise PrepError("sft_max_length needs a tokenizer to count tokens: pass --tokenizer too")
+    unknown = set(only or ()) - {"sft", "rl", "val"}
+    if unknown or on_error not in ("fail", "skip"):
+        raise PrepError(
+            f"only={sorted(unknown)} on_error={on_error!r}: groups are sft, rl, val; "
+            "on_error is fail or skip"
+        )
+    if max_rows is not None and max_rows < 1:
+        raise PrepError(f"max_rows={max_rows}: read at least 1 row (omit it to read every row)")
+    if source_dir is not None and not source_dir.is_dir():
+        raise PrepError(f"--source-dir {source_dir} is not a directory")
     if isinstance(tokenizer, str | Path):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = load_tokenizer(tokenizer)
     groups = set(only or ("sft", "rl", "val"))
     summaries: dict[str, PrepSummary] = {}
     for source in SOURCES:
@@ -408,6 +429,20 @@ def prepare(
     tmp.write_text(json.dumps({k: asdict(v) for k, v in summaries.items()}, indent=2) + "\n")
     tmp.replace(report)
     return summaries
+
+
+def load_tokenizer(name: str | Path) -> Any:
+    """A tokenizer from a directory or a hub id; a :class:`PrepError` when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name))
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrepError(
+            f"cannot load a tokenizer from {str(name)!r} ({first}); pass a model directory "
+            "or hub id, or omit --tokenizer"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -470,7 +505,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             overlong=args.overlong,
         )
     except MalformedRow as err:
-        print(f"error: malformed {err} (use --on-error skip to skip and count such rows)")
+        print(
+            f"error: malformed {err} (use --on-error skip to skip and count such rows)",
+            file=sys.stderr,
+        )
+        return 2
+    except PrepError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from recipe.retool.eval import report
 from recipe.retool.eval.backends import BACKENDS, HFBackend, TurnBudget, VLLMBackend
@@ -60,6 +60,29 @@ SUMMARY_FILE = "summary.json"  # written last, only by a successful run: "this e
 
 class EvalError(RuntimeError):
     """A user-facing failure (bad path, missing data, unreachable sandbox): one line, no trace."""
+
+
+class EvalConfigError(EvalError, ValueError):
+    """Settings that cannot work (unknown key, wrong type, out of range, unreadable yaml)."""
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _type_problem(name: str, value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the field's annotation (``int``, ``float | None``, ...), if so."""
+    allowed = get_args(hint) or (hint,)
+    if value is None:
+        fits = type(None) in allowed
+    elif isinstance(value, bool):
+        fits = bool in allowed
+    else:
+        fits = any(isinstance(value, t) for t in allowed if t not in (bool, type(None)))
+        fits = fits or (float in allowed and isinstance(value, int))
+    if fits:
+        return None
+    words = " or ".join(_TYPE_WORDS.get(t, "null") for t in allowed)
+    return f"{name}={value!r}: expected {words}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +116,13 @@ class EvalConfig:
     dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        wrong = [
+            _type_problem(f.name, getattr(self, f.name), hints[f.name])
+            for f in dataclasses.fields(self)
+        ]
+        if any(wrong):
+            raise EvalConfigError("invalid eval config: " + "; ".join(filter(None, wrong)))
         problems = []
         if self.n < 1:
             problems.append("n must be >= 1")
@@ -108,22 +138,34 @@ class EvalConfig:
             problems.append("max_concurrency must be >= 1")
         if self.max_problems is not None and self.max_problems < 1:
             problems.append("max_problems must be >= 1")
+        if self.tool_config is not None and not Path(self.tool_config).is_file():
+            problems.append(
+                f"tool_config {self.tool_config} is not a file (omit it for the training tool yaml)"
+            )
         if problems:
-            raise ValueError("invalid eval config: " + "; ".join(problems))
+            raise EvalConfigError("invalid eval config: " + "; ".join(problems))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"unknown eval config keys: {unknown}; known: {sorted(fields)}")
+            raise EvalConfigError(f"unknown eval config keys: {unknown}; known: {sorted(fields)}")
         return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: Path = CONFIG_FILE, **overrides: Any) -> EvalConfig:
         import yaml
 
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise EvalConfigError(f"{path} is not valid YAML{line}: {problem}") from None
+        if not isinstance(raw, dict):
+            raise EvalConfigError(f"{path} must be a mapping of eval settings (key: value)")
         return cls.from_dict({**raw, **overrides})
 
     def replace(self, **changes: Any) -> EvalConfig:
@@ -262,6 +304,11 @@ def load_problems(path: Path, max_problems: int | None = None) -> list[Problem]:
 
 def dataset_paths(data_dir: Path, names: Sequence[str]) -> dict[str, Path]:
     """``<data>/rl/<name>.parquet`` (the prep layout), or ``<data_dir>/<name>.parquet``."""
+    if not names:
+        raise EvalError(
+            f"no dataset named: pass --datasets as a comma-separated list, e.g. "
+            f"{','.join(DEFAULT_DATASETS)}"
+        )
     found = {}
     for name in names:
         candidates = [data_dir / "rl" / f"{name}.parquet", data_dir / f"{name}.parquet"]
@@ -611,7 +658,10 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise EvalError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise EvalError(f"--set {item!r}: the value is not YAML (quote it)") from None
     return out
 
 
@@ -672,19 +722,16 @@ def _config_from_args(args: argparse.Namespace) -> EvalConfig:
         "max_concurrency": args.concurrency,
     }
     overrides = {k: v for k, v in flags.items() if v is not None} | _parse_set(args.set)
-    try:
-        return EvalConfig.from_yaml(args.config, **overrides)
-    except (ValueError, TypeError) as exc:
-        raise EvalError(str(exc)) from None
+    return EvalConfig.from_yaml(args.config, **overrides)
 
 
 def run_cli(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg = _config_from_args(args)
     layout = _layout(args.root)
-    ref = resolve_checkpoint(args.checkpoint, layout, args.base_model)
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     datasets = dataset_paths(args.data_dir or layout.data, names)
+    ref = resolve_checkpoint(args.checkpoint, layout, args.base_model)
     out_dir = args.out_dir or eval_dir(layout, ref.label)
     print(f"evaluating {ref.label} ({ref.path}) → {out_dir}", flush=True)
     summary = evaluate_checkpoint(

@@ -302,6 +302,17 @@ def test_cli_latest_writes_under_the_checkpoints_layout(
         (["--n", "0"], "n must be >= 1"),
         (["--set", "bogus=1"], "unknown eval config keys"),
         (["--set", "top_p"], "--set expects KEY=VALUE"),
+        (["--datasets", ","], "no dataset named: pass --datasets"),
+        (["--datasets", " "], "no dataset named"),
+        (["--config", "{tmp}/broken.yaml"], "broken.yaml is not valid YAML at line 2"),
+        (["--config", "{tmp}/list.yaml"], "list.yaml must be a mapping of eval settings"),
+        (["--config", "{tmp}/none.yaml"], "none.yaml not found"),
+        (["--set", "tool_timeout_s=abc"], "tool_timeout_s='abc': expected a number or null"),
+        (["--set", "tool_config=/nonexistent.yaml"], "tool_config /nonexistent.yaml is not a file"),
+        (["--set", "n=abc"], "n='abc': expected an integer"),
+        (["--set", "n=1.5"], "n=1.5: expected an integer"),
+        (["--set", "save_samples=3"], "save_samples=3: expected true or false"),
+        (["--set", "top_p=["], "--set 'top_p=[': the value is not YAML"),
         (["--sandbox-url", "http://127.0.0.1:9"], "sandbox at http://127.0.0.1:9 is not answering"),
     ],
 )
@@ -311,6 +322,8 @@ def test_cli_user_errors_are_one_line(
     import recipe.retool.eval.evaluate as evaluate
 
     monkeypatch.setattr(evaluate, "check_sandbox", _no_sandbox)  # fail now, not after 60 s
+    (tmp_path / "broken.yaml").write_text("n: 32\n  top_p: [\n")
+    (tmp_path / "list.yaml").write_text("- n\n")
     argv = [
         "--checkpoint",
         str(tiny_model_dir),
@@ -322,7 +335,7 @@ def test_cli_user_errors_are_one_line(
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert message in err
 
 
