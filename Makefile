@@ -20,7 +20,7 @@ $(PY):
 	@scripts/setup.sh
 
 .PHONY: test
-test: $(PY) ## Run the test suite (CPU; GPU tests are marked and skipped without a GPU)
+test: $(PY) ## Run the test suite (CPU only; GPU runs are make dapo-curve, bench-sft-gpu, bench-logprobs)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: local-smoke

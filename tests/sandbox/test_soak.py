@@ -15,7 +15,9 @@ CONCURRENCY = 32
 
 def server_rss_kb(port: int) -> int:
     """RSS of the uvicorn process listening on ``port`` (found via its command line)."""
-    out = subprocess.run(["ps", "-eo", "pid=,rss=,args="], capture_output=True, text=True).stdout
+    # -ww: never cut the command line (ps cuts at $COLUMNS, which pytest sets, hiding --port)
+    argv = ["ps", "-ww", "-eo", "pid=,rss=,args="]
+    out = subprocess.run(argv, capture_output=True, text=True).stdout
     for line in out.splitlines():
         pid, rss, args = line.split(None, 2)
         if "sandbox serve" in args and f"--port {port}" in args and int(pid) != os.getpid():
