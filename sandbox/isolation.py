@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandbox.runtime import missing_message
 from sandbox.settings import Settings
 
 log = logging.getLogger("sandbox.isolation")
@@ -198,7 +199,7 @@ def detect(settings: Settings) -> Isolation:
         raise RuntimeError(f"no isolation mode works here (tried {', '.join(candidates)})")
     missing = set(settings.preload.split(",")) - set(chosen.probe.get("preloaded", []))
     if missing:
-        log.warning("zygote python %s cannot import %s", python, ", ".join(sorted(missing)))
+        log.warning("%s", missing_message(python, missing))
     if not chosen.secure and not settings.allow_insecure:
         raise InsecureIsolation(
             f"best isolation here is {chosen.mode!r} ({WEAKNESS[chosen.mode]}); "

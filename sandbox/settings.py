@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from sandbox.runtime import preload_default
+
 MiB = 1024 * 1024
 
 
@@ -64,7 +66,7 @@ class Settings:
     isolation: str = "auto"  # auto | bwrap | unshare | bwrap-userns | none
     allow_insecure: bool = False  # permit a mode weaker than bwrap (Modal/gVisor opts in)
     python: str = ""  # interpreter of the warm zygote; "" = first of /usr/bin/python3, ...
-    preload: str = "math,fractions,itertools,functools,collections,decimal,re,json,numpy,sympy"
+    preload: str = field(default_factory=preload_default)  # sandbox/runtime.py
     pod_name: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "local"))
     # --- access -----------------------------------------------------------------------------------
     # When set, /run_code needs ``Authorization: Bearer <token>`` (401 otherwise); /v1/ping stays

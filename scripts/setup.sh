@@ -16,14 +16,18 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install -c constraints.txt -e '.[dev]'
 
 # The sandbox (sandbox/) runs user code under bubblewrap with the *system* python3, which the
-# unprivileged sandbox uids can read (a pyenv/venv python under /root cannot be); it needs numpy and
-# sympy there. Install them where we may (root with apt), else say why not.
-if ! command -v bwrap >/dev/null 2>&1 || ! /usr/bin/python3 -c 'import numpy, sympy' 2>/dev/null; then
+# unprivileged sandbox uids can read (a pyenv/venv python under /root cannot be); it needs the
+# user-code packages (sandbox/runtime.py: numpy, sympy) there. Install them where we may (root with
+# apt), else say why not.
+RUNTIME_APT=$("$VENV/bin/python" -m sandbox.runtime)
+RUNTIME_IMPORTS=$("$VENV/bin/python" -c 'from sandbox.runtime import USER_PACKAGES as p; print(", ".join(p))')
+if ! command -v bwrap >/dev/null 2>&1 || ! /usr/bin/python3 -c "import $RUNTIME_IMPORTS" 2>/dev/null; then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        # shellcheck disable=SC2086  # one word per package
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-            bubblewrap python3-numpy python3-sympy) >/dev/null
+            bubblewrap $RUNTIME_APT) >/dev/null
     else
-        echo "note: the sandbox needs bubblewrap and python3-numpy python3-sympy (apt)" >&2
+        echo "note: the sandbox needs bubblewrap and $RUNTIME_APT (apt)" >&2
     fi
 fi
 echo "setup done: $("$VENV/bin/python" -c 'import verl, torch; print("verl", verl.__version__, "torch", torch.__version__)')"
