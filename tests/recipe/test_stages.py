@@ -280,3 +280,72 @@ def test_the_default_name_follows_the_launch_not_the_clock(monkeypatch) -> None:
     assert stages.default_experiment("dapo", "fc-1") == stages.default_experiment("dapo", "fc-1")
     assert stages.default_experiment("dapo", "fc-1") == "dapo-fc-1"
     assert stages.default_experiment("sft") != stages.default_experiment("sft")
+
+
+class KillAfterCheckpoint:
+    """Runs the real command in its own process group; the first run is SIGKILLed once verl's
+    tracker file names ``step`` (a preemption right after a save), later ones run to the end.
+    Records what each run printed."""
+
+    def __init__(self, tracker: Path, step: int) -> None:
+        self.tracker, self.step, self.outputs = tracker, step, []
+
+    def __call__(self, command: Sequence[str], env: dict[str, str]) -> int:
+        import os
+        import signal
+        import subprocess
+        import time
+
+        import psutil
+
+        merged = {**os.environ, **env, "PYTHONPATH": str(Path(stages.__file__).parents[2])}
+        log = self.tracker.parent.parent / f"run{len(self.outputs)}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                list(command), env=merged, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                tracked = self.tracker.exists() and self.tracker.read_text().strip()
+                if not self.outputs and tracked == str(self.step):
+                    # the whole tree: torchrun's workers live in sessions of their own
+                    for child in psutil.Process(proc.pid).children(recursive=True):
+                        child.send_signal(signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+                time.sleep(0.05)
+            code = proc.wait()
+        self.outputs.append(log.read_text())
+        return code
+
+
+@pytest.mark.slow
+def test_sft_killed_after_a_checkpoint_resumes_from_it(layout: Layout, tiny_model_dir) -> None:
+    """A SIGKILL right after step 2's save; the relaunch with the same name goes on at step 3
+    (model, optimizer and dataloader position from the checkpoint), loses nothing, and only the
+    clean finish writes checkpoint_info.json."""
+    args = [
+        "--experiment-name=preempted",
+        "data.max_length=512",
+        "data.train_batch_size=1",  # 8 steps: the kill at step 2's save lands long before the end
+        "data.micro_batch_size_per_gpu=1",
+        "data.max_token_len_per_gpu=1024",
+        "trainer.total_epochs=1",
+        "trainer.save_freq=2",
+        "trainer.logger=[console]",
+    ]
+    exp_dir = layout.experiment_dir("sft", "preempted")
+    killer = KillAfterCheckpoint(exp_dir / "latest_checkpointed_iteration.txt", step=2)
+    first = stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=killer)
+    assert first.returncode == -9 and first.checkpoint is not None and first.checkpoint.step == 2
+    assert read_checkpoint_info(layout, "sft", "preempted") is None  # not done: no marker
+
+    second = stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=killer)
+    assert second.returncode == 0 and second.checkpoint.step == 8  # 8 rows / batch 1
+    resumed = killer.outputs[1]
+    assert "step:3 " in resumed and "step:8 " in resumed
+    assert "step:1 " not in resumed and "step:2 " not in resumed  # nothing redone
+    assert (exp_dir / "global_step_2").is_dir() and (exp_dir / "global_step_8").is_dir()
+    assert read_checkpoint_info(layout, "sft", "preempted").step == 8
