@@ -349,3 +349,55 @@ def test_sft_killed_after_a_checkpoint_resumes_from_it(layout: Layout, tiny_mode
     assert "step:1 " not in resumed and "step:2 " not in resumed  # nothing redone
     assert (exp_dir / "global_step_2").is_dir() and (exp_dir / "global_step_8").is_dir()
     assert read_checkpoint_info(layout, "sft", "preempted").step == 8
+
+
+NODE_SCRIPT = """
+import sys
+from pathlib import Path
+from recipe.retool import launch, paths, stages
+root, rank, port, model, *args = sys.argv[1:]
+topo = launch.Topology(gpus_per_node=1, nnodes=2, node_rank=int(rank), master_addr="127.0.0.1",
+                       master_port=int(port), device="cpu")
+raise SystemExit(stages.run_sft(paths.Layout.local(Path(root)), topo, args,
+                                model_path=Path(model)).returncode)
+"""
+
+
+@pytest.mark.slow
+def test_two_node_sft_on_one_machine_with_static_rendezvous(layout: Layout, tiny_model_dir) -> None:
+    """Two torchrun "nodes" on localhost, joined by the arguments Modal's clustered SFT uses
+    (--nnodes 2 --node_rank --master_addr --master_port): one world of 2 ranks, one checkpoint
+    with both ranks' shards, and checkpoint_info.json written by node 0 only."""
+    import os
+    import subprocess
+    import sys
+
+    from sandbox.local import free_port
+
+    args = [
+        "--experiment-name=two-nodes",
+        "data.max_length=512",
+        "data.train_batch_size=4",
+        "data.micro_batch_size_per_gpu=2",
+        "data.max_token_len_per_gpu=1024",
+        "trainer.total_epochs=1",
+        "trainer.logger=[console]",
+    ]
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(stages.__file__).parents[2])}
+    worker = subprocess.Popen(
+        [sys.executable, "-c", NODE_SCRIPT, str(layout.data.parent), "1", str(port),
+         str(tiny_model_dir), *args],
+        env=env,
+    )  # fmt: skip
+    try:
+        topo = Topology(gpus_per_node=1, nnodes=2, node_rank=0, master_addr="127.0.0.1",
+                        master_port=port, device="cpu")  # fmt: skip
+        head = stages.run_sft(layout, topo, args, model_path=tiny_model_dir)
+        assert worker.wait(timeout=300) == 0
+    finally:
+        worker.kill()
+    assert head.returncode == 0 and head.checkpoint.step == 2  # 8 rows / batch 4
+    shards = sorted(p.name for p in head.checkpoint.path.glob("model_world_size_2_rank_*.pt"))
+    assert shards == ["model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]
+    assert read_checkpoint_info(layout, "sft", "two-nodes").step == 2
