@@ -101,7 +101,7 @@ eval: $(PY) ## Evaluate on AIME 24/25 with tools on Modal: make eval CHECKPOINT=
 	$(VENV)/bin/modal run $(MODAL_APP)::evaluate --checkpoint $(CHECKPOINT)
 
 .PHONY: pipeline
-pipeline: $(PY) ## prep → download → SFT → DAPO → eval on Modal, skipping done stages (EXPERIMENT=retool)
+pipeline: $(PY) ## download → prep → SFT → DAPO → eval on Modal, skipping done stages (EXPERIMENT=retool)
 	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::pipeline --experiment-name $(EXPERIMENT)
 
 .PHONY: deploy-sandbox

@@ -11,8 +11,8 @@
 #
 # The stages, in order:
 #
-#     modal run recipe/retool/retool_modal_sft.py::prep_dataset
 #     modal run recipe/retool/retool_modal_sft.py::download_model
+#     modal run recipe/retool/retool_modal_sft.py::prep_dataset
 #     modal run recipe/retool/retool_modal_sft.py::train
 #     modal deploy recipe/retool/modal_fusion_sandbox.py
 #     modal run recipe/retool/retool_modal_sft.py::train_dapo
@@ -121,9 +121,10 @@ def prep_dataset(
 ) -> None:
     """Convert ReTool-SFT, DAPO-Math-17k and AIME 2024/2025 into verl parquet on the data volume.
 
-    With the base model downloaded first, its tokenizer gives token-length percentiles and SFT
-    traces longer than the SFT ``data.max_length`` are dropped (and counted) instead of failing
-    training mid-epoch.
+    With the base model downloaded first (``download_model``), its tokenizer gives token-length
+    percentiles and SFT traces longer than the SFT ``data.max_length`` are dropped (and counted)
+    instead of failing training mid-epoch; ``prep_summary.json`` records whether that filter ran,
+    and the pipeline prepares again when it did not.
     """
     import sys
 
@@ -348,7 +349,7 @@ def evaluate(
 
 # ## The whole pipeline
 #
-# prep → download → SFT → DAPO → evaluation of base, SFT and DAPO, skipping every stage that is
+# download → prep → SFT → DAPO → evaluation of base, SFT and DAPO, skipping every stage that is
 # already done (see `recipe/retool/pipeline.py`); an interrupted run resumes where it stopped.
 #
 #     modal run recipe/retool/retool_modal_sft.py::pipeline --experiment-name retool-7b
@@ -377,8 +378,8 @@ def pipeline(experiment_name: str = "retool", force: str = "") -> None:
         outcomes = run_pipeline(
             lambda: pipeline_status.remote(experiment_name),
             {
-                "prep": lambda: prep_dataset.remote(),
                 "download": lambda: download_model.remote(),
+                "prep": lambda: prep_dataset.remote(),
                 "sft": lambda: train.remote(exp),
                 "dapo": lambda: train_dapo.remote(exp, f"--sft-checkpoint={experiment_name}"),
                 "eval": lambda: evaluate.remote(experiment=experiment_name),

@@ -186,9 +186,13 @@ def test_a_config_mistake_in_train_dapo_is_not_retried(app_module, dapo_attempt,
 
 
 def test_prep_dataset_runs_locally_on_sample_sources(app_module, tmp_path, monkeypatch) -> None:
+    from recipe.retool import pipeline
+    from recipe.retool.data import prep
+    from recipe.retool.launch import load_stage_config
     from recipe.retool.local import samples
     from recipe.retool.local.tiny_model import build_tokenizer
 
+    sft_max_length = load_stage_config("sft").overrides["data.max_length"]
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
     layout = paths.Layout.local(tmp_path)
     build_tokenizer(1024).save_pretrained(layout.model_dir())
@@ -197,6 +201,8 @@ def test_prep_dataset_runs_locally_on_sample_sources(app_module, tmp_path, monke
     for name in ("train", "aime_2024", "aime_2025"):
         assert layout.rl_file(name).exists()
     assert layout.sft_train_file().exists()
+    assert pipeline.stage_done(layout, "exp")["prep"]  # filtered with the tokenizer: done
+    assert prep.sft_length_checked(layout.data) == sft_max_length  # the tokenizer was there
     app_module.prep_dataset.local(on_error="skip", source_dir=str(sources), only="sft")
 
 
