@@ -2,12 +2,13 @@
 
 A stage is *done* when the artefact the next stage needs exists and was finished: the model's
 download marker; the four parquet files, prepared with SFT traces over ``data.max_length`` tokens
-filtered out (prep counts tokens with the downloaded model's tokenizer, which is why download comes
-first; data prepared without it, or at another limit, is prepared again); ``checkpoint_info.json`` of the SFT / DAPO
-experiment (written only when training exits cleanly); the evaluation report. Anything else is
-run again, and training resumes from its last complete checkpoint (``trainer.resume_mode=auto``),
-so an interrupted pipeline continues where it stopped. Where the stages run (Modal functions, or
-plain calls on a CPU) is the caller's business: it passes one callable per stage.
+filtered out (prep counts tokens with the downloaded model's tokenizer, which is why download
+comes first; data prepared without it, or at another limit, is prepared again);
+``checkpoint_info.json`` of the SFT / DAPO experiment (written only when training exits cleanly);
+the evaluation report. Anything else is run again, and training resumes from its last complete
+checkpoint (``trainer.resume_mode=auto``), so an interrupted pipeline continues where it stopped.
+Where the stages run (Modal functions, or plain calls on a CPU) is the caller's business: it
+passes one callable per stage.
 """
 
 from __future__ import annotations
