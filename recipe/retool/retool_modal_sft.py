@@ -36,8 +36,8 @@ from recipe.retool import modal_common, paths
 
 APP_NAME = "retool-sft"
 GPU_TYPE = os.environ.get("RETOOL_GPU_TYPE", "H100")
-N_GPUS = int(os.environ.get("RETOOL_GPUS", "8"))
-N_NODES = int(os.environ.get("RETOOL_NODES", "2"))  # for the *_multinode functions only
+N_GPUS = modal_common.env_count("RETOOL_GPUS", 8)
+N_NODES = modal_common.env_count("RETOOL_NODES", 2)  # for the *_multinode functions only
 MINUTES = 60
 HOURS = 60 * MINUTES
 

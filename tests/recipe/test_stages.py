@@ -94,13 +94,6 @@ class LoggingRunner:
         return self.returncodes.pop(0)
 
 
-@pytest.fixture
-def attempt_clock(monkeypatch):
-    """Each attempt's metrics file is named after a later second."""
-    clock = iter(range(1_000))
-    monkeypatch.setattr(stages.time, "strftime", lambda fmt: f"20261127-{next(clock):06d}")
-
-
 def sft_step(loss: float, tokens: int = 100) -> dict:
     return {"train/loss": loss, "train/global_tokens": tokens, "train/lr": 1e-5}
 
