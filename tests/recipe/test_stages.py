@@ -262,6 +262,29 @@ def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
         stages.merge_checkpoint(layout, "sft", "cpu", 99)
 
 
+@pytest.mark.gpu
+@pytest.mark.timeout(1800)
+def test_one_dapo_step_of_main_ppo_on_a_small_model(
+    tmp_path: Path, vllm_model_dir: Path, local_endpoint: str
+) -> None:
+    """verl's main_ppo for real (Ray, vLLM rollouts, the tool in the local sandbox, the reward),
+    with the learning curve's one-GPU sizes and model, one step."""
+    from recipe.retool import learning_curve
+    from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
+
+    layout = Layout.local(tmp_path)
+    files = write_dataset(tmp_path / "synthetic", SyntheticSizes())
+    settings = learning_curve.CurveSettings(dapo_steps=1, test_freq=1, val_n=1)
+    args = [*learning_curve.dapo_args(files, settings), f"--sft-checkpoint={vllm_model_dir}"]
+    result = stages.run_dapo(layout, Topology(gpus_per_node=1), args,
+                             sandbox_url=local_endpoint + "/run_code")  # fmt: skip
+    assert result.returncode == 0
+    assert result.checkpoint is not None and result.checkpoint.step == 1
+    info = read_checkpoint_info(layout, "dapo", result.experiment)
+    assert info.metrics["steps"] == 1 and isinstance(info.metrics["reward_mean"], float)
+    assert info.metrics["val_acc"]  # validated before and after the step
+
+
 def test_multinode_needs_a_shared_experiment_name_and_only_rank0_records(
     layout: Layout, tiny_model_dir
 ) -> None:
