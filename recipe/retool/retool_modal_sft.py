@@ -138,7 +138,10 @@ def prep_dataset(
     model_dir = layout.model_dir()
     has_tokenizer = (model_dir / "tokenizer_config.json").exists()
     if not has_tokenizer:
-        print("note: no base model yet (run download_model first) - no token-length stats")
+        print(
+            "note: no base model yet (run download_model first): no token-length stats, and "
+            "SFT traces over data.max_length are kept (the pipeline will prepare again)"
+        )
     try:
         prepare(
             layout.data,
