@@ -20,8 +20,12 @@ $(PY):
 	@scripts/setup.sh
 
 .PHONY: test
-test: $(PY) ## Run the test suite (CPU only; GPU runs are make dapo-curve, bench-sft-gpu, bench-logprobs)
+test: $(PY) ## Run the test suite (gpu-marked tests skip without CUDA + vLLM; GPU runs: test-gpu, dapo-curve, bench-*)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-gpu
+test-gpu: $(PY) ## On a GPU box with vLLM: the gpu-marked tests (vLLM evaluation, one main_ppo step)
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
 .PHONY: local-smoke
 local-smoke: $(PY) ## The whole pipeline end to end on a tiny model, on CPU (runs/<timestamp>/)
@@ -101,7 +105,7 @@ eval: $(PY) ## Evaluate on AIME 24/25 with tools on Modal: make eval CHECKPOINT=
 	$(VENV)/bin/modal run $(MODAL_APP)::evaluate --checkpoint $(CHECKPOINT)
 
 .PHONY: pipeline
-pipeline: $(PY) ## prep → download → SFT → DAPO → eval on Modal, skipping done stages (EXPERIMENT=retool)
+pipeline: $(PY) ## download → prep → SFT → DAPO → eval on Modal, skipping done stages (EXPERIMENT=retool)
 	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::pipeline --experiment-name $(EXPERIMENT)
 
 .PHONY: deploy-sandbox

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipe.retool import stages
+from recipe.retool import launch, stages
 from recipe.retool.constants import TOOL_NAME, TOOL_SCHEMA
 from recipe.retool.launch import Topology
 from recipe.retool.paths import Layout
@@ -164,29 +164,48 @@ def parse_metrics(text: str) -> dict[str, float]:
     return metrics
 
 
+def bench_args(args: argparse.Namespace) -> list[str]:
+    """``run_sft``'s arguments: sft.yaml's settings but for the knobs under test. ``liger`` is
+    passed only when asked for (``--liger`` / ``--no-liger``), else sft.yaml's value holds."""
+    return [
+        "--experiment-name=bench",
+        f"engine.ulysses_sequence_parallel_size={args.sp}",
+        f"data.max_token_len_per_gpu={args.tokens_per_gpu}",
+        f"data.train_batch_size={args.batch}",
+        "trainer.logger=[console]",
+        f"trainer.total_training_steps={args.steps + 1}",
+        *([] if args.liger is None else [f"model.use_liger={args.liger}"]),
+        *(["engine.use_torch_compile=False"] if args.no_compile else []),
+        *args.override,
+    ]
+
+
+def measured_settings(layout: Layout, topo: Topology, args: Sequence[str], model: Path) -> dict:
+    """liger, torch.compile and gradient checkpointing as the composed config that ``run_sft``
+    launches has them (sft.yaml, then ``args``), not as the flags asked."""
+    parsed = launch.parse_launch_args(args)
+    overrides = launch.sft_overrides(layout, parsed.experiment, model, topo, parsed.overrides)
+    composed = launch.validate("sft", overrides, topo)
+    return {
+        "liger": bool(composed.model.use_liger),
+        "compile": bool(composed.engine.use_torch_compile),
+        "grad_ckpt": bool(composed.model.enable_gradient_checkpointing),
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
     layout = Layout.local(args.root)
     world = args.gpus
-    tokens = args.tokens_per_gpu
-    overrides = [
-        "--experiment-name=bench",
-        f"engine.ulysses_sequence_parallel_size={args.sp}",
-        f"data.max_token_len_per_gpu={tokens}",
-        f"data.train_batch_size={args.batch}",
-        "trainer.logger=[console]",
-        f"trainer.total_training_steps={args.steps + 1}",
-        *(["model.use_liger=True"] if args.liger else []),
-        *(["engine.use_torch_compile=False"] if args.no_compile else []),
-        *args.override,
-    ]
+    topo = Topology(gpus_per_node=world)
+    overrides = bench_args(args)
+    settings = measured_settings(layout, topo, overrides, args.root / "model")
     collector = StepCollector(args.steps, args.out.with_suffix(".log"))
     start = time.time()
     result = stages.run_sft(
-        layout, Topology(gpus_per_node=world), overrides, model_path=args.root / "model",
-        runner=collector,
-    )  # fmt: skip
+        layout, topo, overrides, model_path=args.root / "model", runner=collector
+    )
     measured = collector.records[1:]  # step 1 includes compilation and allocator warm-up
     if result.returncode != 0 or len(measured) < 1:
         tail = args.out.with_suffix(".log").read_text()[-3000:]
@@ -201,10 +220,8 @@ def run(args: argparse.Namespace) -> dict:
         "gpu": torch.cuda.get_device_name(0),
         "gpus": world,
         "sp": args.sp,
-        "tokens_per_gpu": tokens,
-        "liger": args.liger,
-        "compile": not args.no_compile,
-        "grad_ckpt": "model.enable_gradient_checkpointing=False" not in args.override,
+        "tokens_per_gpu": args.tokens_per_gpu,
+        **settings,
         "overrides": args.override,
         "batch": args.batch,
         "step_s": round(step_s, 2),
@@ -272,7 +289,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--tokens-per-gpu", type=int, default=16384)
     r.add_argument("--batch", type=int, default=32)
     r.add_argument("--steps", type=int, default=4)
-    r.add_argument("--liger", action="store_true")
+    r.add_argument(
+        "--liger",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="model.use_liger on/off (default: as sft.yaml sets it)",
+    )
     r.add_argument("--no-compile", action="store_true")
     r.add_argument("--override", action="append", default=[])
     r.add_argument("--out", type=Path, required=True)

@@ -8,6 +8,7 @@ never rebuilds the CUDA layers.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import modal
@@ -28,6 +29,24 @@ def trainer_image() -> modal.Image:
     for package in ("recipe", "sandbox"):
         image = image.add_local_dir(REPO_ROOT / package, str(REMOTE_ROOT / package), ignore=_IGNORE)
     return image
+
+
+def env_count(name: str, default: int) -> int:
+    """A positive whole number from the environment (a GPU, node or token count), read when an
+    app is imported. Anything else prints one line naming the variable and ends the command with
+    exit 2, before Modal builds or starts anything."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        print(f"error: {name}={raw!r} is not a whole number >= 1: set it to one "
+              f"(e.g. {name}={default}), or unset it for {default}", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+    return value
 
 
 class SandboxNotDeployed(RuntimeError):

@@ -1,11 +1,14 @@
-"""prep → download → SFT → DAPO → evaluation, idempotently: done stages are skipped.
+"""download → prep → SFT → DAPO → evaluation, idempotently: done stages are skipped.
 
-A stage is *done* when the artefact the next stage needs exists and was finished: the four
-parquet files; the model's download marker; ``checkpoint_info.json`` of the SFT / DAPO
-experiment (written only when training exits cleanly); the evaluation report. Anything else is
-run again, and training resumes from its last complete checkpoint (``trainer.resume_mode=auto``),
-so an interrupted pipeline continues where it stopped. Where the stages run (Modal functions, or
-plain calls on a CPU) is the caller's business: it passes one callable per stage.
+A stage is *done* when the artefact the next stage needs exists and was finished: the model's
+download marker; the four parquet files, prepared with SFT traces over ``data.max_length`` tokens
+filtered out (prep counts tokens with the downloaded model's tokenizer, which is why download
+comes first; data prepared without it, or at another limit, is prepared again);
+``checkpoint_info.json`` of the SFT / DAPO experiment (written only when training exits cleanly);
+the evaluation report. Anything else is run again, and training resumes from its last complete
+checkpoint (``trainer.resume_mode=auto``), so an interrupted pipeline continues where it stopped.
+Where the stages run (Modal functions, or plain calls on a CPU) is the caller's business: it
+passes one callable per stage.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipe.retool import stages
+from recipe.retool import launch, stages
 from recipe.retool.paths import (
     BASE_MODEL_ID,
     EVAL_SETS,
@@ -23,7 +26,7 @@ from recipe.retool.paths import (
     read_checkpoint_info,
 )
 
-PIPELINE_STAGES = ("prep", "download", "sft", "dapo", "eval")
+PIPELINE_STAGES = ("download", "prep", "sft", "dapo", "eval")
 RL_FILES = ("train", "aime_2024", "aime_2025")
 
 
@@ -36,13 +39,18 @@ def comparison_dir(layout: Layout, experiment: str) -> Path:
 
 def stage_done(layout: Layout, experiment: str, model_id: str = BASE_MODEL_ID) -> dict[str, bool]:
     """Which stages of ``experiment`` have finished, from what is on the volumes."""
-    data_ready = layout.sft_train_file().exists() and all(
-        layout.rl_file(name).exists() for name in RL_FILES
+    from recipe.retool.data.prep import sft_length_checked
+
+    max_length = launch.load_stage_config("sft").overrides["data.max_length"]
+    data_ready = (
+        layout.sft_train_file().exists()
+        and all(layout.rl_file(name).exists() for name in RL_FILES)
+        and sft_length_checked(layout.data) == max_length
     )
     model_ready = (layout.model_dir(model_id) / stages.COMPLETE_MARKER).exists()
     return {
-        "prep": data_ready,
         "download": model_ready,
+        "prep": data_ready,
         "sft": read_checkpoint_info(layout, "sft", experiment) is not None,
         "dapo": read_checkpoint_info(layout, "dapo", experiment) is not None,
         "eval": (comparison_dir(layout, experiment) / "compare.json").exists(),

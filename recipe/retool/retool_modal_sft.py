@@ -11,8 +11,8 @@
 #
 # The stages, in order:
 #
-#     modal run recipe/retool/retool_modal_sft.py::prep_dataset
 #     modal run recipe/retool/retool_modal_sft.py::download_model
+#     modal run recipe/retool/retool_modal_sft.py::prep_dataset
 #     modal run recipe/retool/retool_modal_sft.py::train
 #     modal deploy recipe/retool/modal_fusion_sandbox.py
 #     modal run recipe/retool/retool_modal_sft.py::train_dapo
@@ -36,8 +36,8 @@ from recipe.retool import modal_common, paths
 
 APP_NAME = "retool-sft"
 GPU_TYPE = os.environ.get("RETOOL_GPU_TYPE", "H100")
-N_GPUS = int(os.environ.get("RETOOL_GPUS", "8"))
-N_NODES = int(os.environ.get("RETOOL_NODES", "2"))  # for the *_multinode functions only
+N_GPUS = modal_common.env_count("RETOOL_GPUS", 8)
+N_NODES = modal_common.env_count("RETOOL_NODES", 2)  # for the *_multinode functions only
 MINUTES = 60
 HOURS = 60 * MINUTES
 
@@ -121,9 +121,10 @@ def prep_dataset(
 ) -> None:
     """Convert ReTool-SFT, DAPO-Math-17k and AIME 2024/2025 into verl parquet on the data volume.
 
-    With the base model downloaded first, its tokenizer gives token-length percentiles and SFT
-    traces longer than the SFT ``data.max_length`` are dropped (and counted) instead of failing
-    training mid-epoch.
+    With the base model downloaded first (``download_model``), its tokenizer gives token-length
+    percentiles and SFT traces longer than the SFT ``data.max_length`` are dropped (and counted)
+    instead of failing training mid-epoch; ``prep_summary.json`` records whether that filter ran,
+    and the pipeline prepares again when it did not.
     """
     import sys
 
@@ -137,7 +138,10 @@ def prep_dataset(
     model_dir = layout.model_dir()
     has_tokenizer = (model_dir / "tokenizer_config.json").exists()
     if not has_tokenizer:
-        print("note: no base model yet (run download_model first) - no token-length stats")
+        print(
+            "note: no base model yet (run download_model first): no token-length stats, and "
+            "SFT traces over data.max_length are kept (the pipeline will prepare again)"
+        )
     try:
         prepare(
             layout.data,
@@ -348,7 +352,7 @@ def evaluate(
 
 # ## The whole pipeline
 #
-# prep → download → SFT → DAPO → evaluation of base, SFT and DAPO, skipping every stage that is
+# download → prep → SFT → DAPO → evaluation of base, SFT and DAPO, skipping every stage that is
 # already done (see `recipe/retool/pipeline.py`); an interrupted run resumes where it stopped.
 #
 #     modal run recipe/retool/retool_modal_sft.py::pipeline --experiment-name retool-7b
@@ -377,8 +381,8 @@ def pipeline(experiment_name: str = "retool", force: str = "") -> None:
         outcomes = run_pipeline(
             lambda: pipeline_status.remote(experiment_name),
             {
-                "prep": lambda: prep_dataset.remote(),
                 "download": lambda: download_model.remote(),
+                "prep": lambda: prep_dataset.remote(),
                 "sft": lambda: train.remote(exp),
                 "dapo": lambda: train_dapo.remote(exp, f"--sft-checkpoint={experiment_name}"),
                 "eval": lambda: evaluate.remote(experiment=experiment_name),

@@ -41,7 +41,7 @@ VLLM_PORT = 8000
 GPU_TYPE = os.environ.get("RETOOL_SERVE_GPU", "H100")
 CHECKPOINT = os.environ.get("RETOOL_SERVE_CHECKPOINT", "latest")
 # Qwen2.5-7B's context; the ReTool evaluation budget (16k response tokens) fits with the prompt.
-MAX_MODEL_LEN = int(os.environ.get("RETOOL_SERVE_MAX_MODEL_LEN", "32768"))
+MAX_MODEL_LEN = modal_common.env_count("RETOOL_SERVE_MAX_MODEL_LEN", 32768)
 API_KEY_ENV = "RETOOL_SERVE_API_KEY"
 # Serving without a key needs this set to 1 at deploy: /chat runs model-written code and vLLM is a
 # paid GPU, so an open endpoint is a choice, never a default.

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from recipe.retool import launch, run_metrics
 from recipe.retool.paths import (
@@ -79,10 +80,66 @@ class StageResult:
     seconds: float
 
 
+def metrics_file_env(layout: Layout, stage: Stage, experiment: str) -> dict[str, str]:
+    """``VERL_FILE_LOGGER_PATH`` for verl's ``file`` logger (on in sft.yaml and dapo.yaml): one
+    file per attempt under ``<experiment>/metrics/`` (the logger truncates on open), all of which
+    :func:`run_summary` reads."""
+    log_dir = run_metrics.metrics_dir(layout.experiment_dir(stage, experiment))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return {"VERL_FILE_LOGGER_PATH": str(log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl")}
+
+
+def run_summary(layout: Layout, stage: Stage, experiment: str) -> dict[str, Any]:
+    """What ``checkpoint_info.json`` records of a run, from the metrics verl logged over every
+    attempt (a step logged again after a resume counts once, its last value kept):
+
+    * both stages: ``steps``, the last step logged;
+    * SFT: ``train_loss`` of that step, ``tokens`` trained on, and ``val_loss`` when validated;
+    * DAPO: ``reward_mean`` of the last step, ``val_steps`` and ``val_acc`` (mean@k accuracy) in
+      the order validation ran.
+
+    ``{}`` when verl logged nothing (a ``trainer.logger`` override without ``file``);
+    ``{"unreadable": reason}`` when a metrics file cannot be parsed.
+    """
+    try:
+        rows = run_metrics.read_steps(
+            run_metrics.metrics_dir(layout.experiment_dir(stage, experiment))
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return {"unreadable": f"{type(exc).__name__}: {exc}"}
+    by_step: dict[int, dict[str, Any]] = {}
+    for step, data in rows:  # a resumed attempt logs steps again: the later values win
+        by_step.setdefault(step, {}).update(data)
+    rows = sorted(by_step.items())
+    if stage == "dapo":
+        summary = run_metrics.summarize(rows)
+        if not summary.steps:
+            return {}
+        return {
+            "steps": summary.train_steps[-1],
+            "reward_mean": summary.reward_mean[-1],
+            "val_steps": summary.val_steps,
+            "val_acc": summary.val_acc,
+        }
+    train = [(step, data) for step, data in rows if "train/loss" in data]
+    if not train:
+        return {}
+    metrics: dict[str, Any] = {
+        "steps": train[-1][0],
+        "train_loss": float(train[-1][1]["train/loss"]),
+        "tokens": int(sum(data.get("train/global_tokens", 0) for _, data in train)),
+    }
+    val = [data["val/loss"] for _, data in rows if "val/loss" in data]
+    if val:
+        metrics["val_loss"] = float(val[-1])
+    return metrics
+
+
 def _record(
     layout: Layout, stage: Stage, experiment: str, base_model: str, returncode: int
 ) -> Checkpoint | None:
-    """The run's newest complete checkpoint; ``checkpoint_info.json`` only when the run finished.
+    """The run's newest complete checkpoint; ``checkpoint_info.json`` only when the run finished,
+    with the run's numbers (:func:`run_summary`).
 
     The info file is the pipeline's "stage done" marker, so an interrupted run (whose partial
     progress verl resumes from) never writes it.
@@ -93,9 +150,10 @@ def _record(
         return None
     if returncode != 0:
         return ckpt
+    metrics = run_summary(layout, stage, experiment)
     write_checkpoint_info(
         layout,
-        CheckpointInfo(experiment, stage, ckpt.step, str(ckpt.hf_dir), base_model),
+        CheckpointInfo(experiment, stage, ckpt.step, str(ckpt.hf_dir), base_model, metrics=metrics),
     )
     return ckpt
 
@@ -129,6 +187,8 @@ def run_sft(
         print(launch.estimate_cost("sft", topo), flush=True)
     command = launch.sft_command(overrides, topo)
     env = dict(TRAINING_ENV) if topo.device == "cuda" else {}
+    if topo.node_rank == 0:  # verl logs on rank 0 only
+        env |= metrics_file_env(layout, "sft", experiment)
     start = time.time()
     code = runner(command, env)
     ckpt = _record(layout, "sft", experiment, str(model), code) if topo.node_rank == 0 else None
@@ -166,11 +226,7 @@ def run_dapo(
     launch.validate("dapo", overrides, topo)
     print(f"DAPO starts from {start_from}", flush=True)
     print(launch.estimate_cost("dapo", topo), flush=True)
-    env = dapo_env(sandbox_url)
-    # One metrics file per attempt (verl's file logger truncates on open): run_metrics.py reads all.
-    log_dir = run_metrics.metrics_dir(layout.experiment_dir("dapo", experiment))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env["VERL_FILE_LOGGER_PATH"] = str(log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    env = dapo_env(sandbox_url) | metrics_file_env(layout, "dapo", experiment)
     if topo.nnodes > 1:  # join the Ray cluster that join_ray_cluster started
         env["RAY_ADDRESS"] = f"{topo.master_addr}:{launch.RAY_PORT}"
     start = time.time()

@@ -21,3 +21,17 @@ def dockerfile_builds(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, Path 
 
     monkeypatch.setattr(modal.Image, "from_dockerfile", staticmethod(spy))
     return seen
+
+
+@pytest.fixture
+def attempt_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``time.strftime(fmt)`` gives a later second on each call, so each simulated attempt gets
+    its own experiment stamp and metrics file; calls with a time tuple (other libraries) are
+    left alone."""
+    import time
+
+    real = time.strftime
+    clock = iter(range(1_000))
+    monkeypatch.setattr(
+        time, "strftime", lambda fmt, *t: real(fmt, *t) if t else f"20261127-{next(clock):06d}"
+    )

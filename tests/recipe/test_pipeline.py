@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from recipe.retool import pipeline, stages
+from recipe.retool.data.prep import SUMMARY_FILE
+from recipe.retool.launch import load_stage_config
 from recipe.retool.paths import CheckpointInfo, Layout, write_checkpoint_info
+
+SFT_MAX_LENGTH = load_stage_config("sft").overrides["data.max_length"]
 
 
 class World:
@@ -25,13 +29,16 @@ class World:
             self.fail[stage] -= 1
             raise RuntimeError(f"{stage} crashed")
 
-    def prep(self) -> None:
+    def prep(self, sft_max_length: int | None = SFT_MAX_LENGTH) -> None:
+        """Prep's files; ``sft_max_length`` is what the summary says traces were filtered at."""
         self._maybe_fail("prep")
         for path in [self.layout.sft_train_file()] + [
             self.layout.rl_file(n) for n in pipeline.RL_FILES
         ]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"x")
+        summary = {"sft": {"sft_max_length": sft_max_length}}
+        (self.layout.data / SUMMARY_FILE).write_text(json.dumps(summary))
 
     def download(self) -> None:
         self._maybe_fail("download")
@@ -84,12 +91,51 @@ def test_second_run_skips_everything(tmp_path: Path) -> None:
 def test_interrupted_pipeline_resumes_at_the_failed_stage(tmp_path: Path) -> None:
     world = World(Layout.local(tmp_path), fail={"dapo": 1})
     first = run(world)
-    assert [o.stage for o in first] == ["prep", "download", "sft", "dapo"]
+    assert [o.stage for o in first] == ["download", "prep", "sft", "dapo"]
     assert first[-1].action.startswith("failed: dapo crashed")
     world.calls.clear()
     second = run(world)
     assert world.calls == ["dapo", "eval"]
     assert [o.action for o in second] == ["skipped (done)"] * 3 + ["ran", "ran"]
+
+
+def test_download_comes_before_prep_so_prep_can_count_tokens() -> None:
+    order = pipeline.PIPELINE_STAGES
+    assert order.index("download") < order.index("prep") < order.index("sft")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert readme.index("::download_model ") < readme.index("::prep_dataset ")
+
+
+@pytest.mark.parametrize("filtered_at", [None, SFT_MAX_LENGTH // 2])
+def test_data_prepared_without_the_length_filter_is_prepared_again(
+    tmp_path: Path, filtered_at
+) -> None:
+    """Data prepped before the model arrived (no tokenizer: no filter), or at another limit."""
+    world = World(Layout.local(tmp_path))
+    world.prep(sft_max_length=filtered_at)
+    assert not pipeline.stage_done(world.layout, "exp")["prep"]
+    world.calls.clear()
+    outcomes = run(world)
+    assert world.calls[:2] == ["download", "prep"]
+    assert [o.action for o in outcomes[:2]] == ["ran", "ran"]
+    assert pipeline.stage_done(world.layout, "exp")["prep"]
+
+
+def test_prep_records_the_length_filter_it_ran(tmp_path: Path) -> None:
+    from recipe.retool.data.prep import prepare, sft_length_checked
+    from recipe.retool.local import samples
+    from recipe.retool.local.tiny_model import build_tokenizer
+
+    sources = samples.write_sources(tmp_path / "src")
+    out = tmp_path / "data"
+    prepare(out, only=["sft"], source_dir=sources, on_error="skip", show=False)
+    assert sft_length_checked(out) is None
+    tokenizer = tmp_path / "tok"
+    build_tokenizer(1024).save_pretrained(tokenizer)
+    prepare(out, only=["sft"], source_dir=sources, on_error="skip", show=False,
+            tokenizer=tokenizer, sft_max_length=SFT_MAX_LENGTH)  # fmt: skip
+    assert sft_length_checked(out) == SFT_MAX_LENGTH
+    assert json.loads((out / SUMMARY_FILE).read_text())["sft"]["tokenizer"] == str(tokenizer)
 
 
 def test_a_stage_that_returns_without_its_marker_is_not_done(tmp_path: Path) -> None:
@@ -114,7 +160,7 @@ def test_forced_stages_rerun_and_unknown_ones_are_rejected(tmp_path: Path) -> No
 
 def test_status_is_readable(tmp_path: Path) -> None:
     text = pipeline.format_status(pipeline.stage_done(Layout.local(tmp_path), "exp"))
-    assert text.splitlines()[0].split() == ["prep", "pending"]
+    assert text.splitlines()[0].split() == ["download", "pending"]
     assert len(text.splitlines()) == 5
 
 

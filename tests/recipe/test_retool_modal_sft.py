@@ -69,6 +69,31 @@ def test_gpu_count_is_a_knob(monkeypatch: pytest.MonkeyPatch) -> None:
         sys.modules.pop("recipe.retool.retool_modal_sft", None)
 
 
+@pytest.mark.parametrize(
+    "env", [{"RETOOL_GPUS": "abc"}, {"RETOOL_NODES": "abc"}, {"RETOOL_GPUS": "0"},
+            {"RETOOL_NODES": "-1"}, {"RETOOL_GPUS": "2.5"}],
+)  # fmt: skip
+def test_a_bad_gpu_or_node_count_is_one_line_at_import(monkeypatch, capsys, env) -> None:
+    ((name, value),) = env.items()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            load_app(monkeypatch, **env)
+    finally:
+        sys.modules.pop("recipe.retool.retool_modal_sft", None)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: {name}={value!r} is not a whole number >= 1")
+
+
+def test_an_empty_gpu_count_is_the_default(monkeypatch) -> None:
+    module = load_app(monkeypatch, RETOOL_GPUS="", RETOOL_NODES=" 3 ")
+    try:
+        assert (module.N_GPUS, module.N_NODES) == (8, 3)
+    finally:
+        sys.modules.pop("recipe.retool.retool_modal_sft", None)
+
+
 def test_images_are_built_from_the_compose_dockerfile(monkeypatch, dockerfile_builds) -> None:
     load_app(monkeypatch)
     sys.modules.pop("recipe.retool.retool_modal_sft", None)
@@ -148,7 +173,7 @@ class FailingDapoRunner:
 
 
 @pytest.fixture
-def dapo_attempt(app_module, tmp_path, monkeypatch):
+def dapo_attempt(app_module, tmp_path, monkeypatch, attempt_clock):
     """``train_dapo.local`` as Modal runs each attempt: same function call id, a later clock."""
     from recipe.retool import stages
 
@@ -161,8 +186,6 @@ def dapo_attempt(app_module, tmp_path, monkeypatch):
     run_dapo = stages.run_dapo
     monkeypatch.setattr(stages, "run_dapo", lambda *a, **kw: run_dapo(*a, runner=runner, **kw))
     monkeypatch.setattr(app_module.modal, "current_function_call_id", lambda: "fc-01TEST")
-    clock = iter(range(1_000))
-    monkeypatch.setattr(stages.time, "strftime", lambda fmt: f"20261127-{next(clock):06d}")
     return runner
 
 
@@ -186,9 +209,13 @@ def test_a_config_mistake_in_train_dapo_is_not_retried(app_module, dapo_attempt,
 
 
 def test_prep_dataset_runs_locally_on_sample_sources(app_module, tmp_path, monkeypatch) -> None:
+    from recipe.retool import pipeline
+    from recipe.retool.data import prep
+    from recipe.retool.launch import load_stage_config
     from recipe.retool.local import samples
     from recipe.retool.local.tiny_model import build_tokenizer
 
+    sft_max_length = load_stage_config("sft").overrides["data.max_length"]
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
     layout = paths.Layout.local(tmp_path)
     build_tokenizer(1024).save_pretrained(layout.model_dir())
@@ -197,6 +224,8 @@ def test_prep_dataset_runs_locally_on_sample_sources(app_module, tmp_path, monke
     for name in ("train", "aime_2024", "aime_2025"):
         assert layout.rl_file(name).exists()
     assert layout.sft_train_file().exists()
+    assert pipeline.stage_done(layout, "exp")["prep"]  # filtered with the tokenizer: done
+    assert prep.sft_length_checked(layout.data) == sft_max_length  # the tokenizer was there
     app_module.prep_dataset.local(on_error="skip", source_dir=str(sources), only="sft")
 
 

@@ -95,6 +95,18 @@ def test_knobs_gpu_checkpoint_and_api_key(monkeypatch: pytest.MonkeyPatch) -> No
         sys.modules.pop(MODULE, None)
 
 
+def test_a_bad_context_length_is_one_line_at_import(monkeypatch, capsys) -> None:
+    try:
+        with pytest.raises(SystemExit) as exc:
+            load_serve(monkeypatch, RETOOL_SERVE_MAX_MODEL_LEN="32k")
+    finally:
+        sys.modules.pop(MODULE, None)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: RETOOL_SERVE_MAX_MODEL_LEN='32k' is not a whole number >= 1")
+    assert err.count("\n") == 1
+
+
 def test_image_is_the_trainer_dockerfile(monkeypatch, dockerfile_builds) -> None:
     load_serve(monkeypatch)
     sys.modules.pop(MODULE, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,6 +71,78 @@ def test_run_sft_validates_runs_and_records_checkpoint_info(layout: Layout, tiny
     info = read_checkpoint_info(layout, "sft", "a")
     assert info.step == 7 and info.path.endswith("global_step_7/huggingface")
     assert info.base_model == str(tiny_model_dir)
+
+
+class LoggingRunner:
+    """verl with its file logger: each attempt writes its ``(step, metrics)`` rows where
+    VERL_FILE_LOGGER_PATH points and saves a complete checkpoint of its last step."""
+
+    def __init__(self, layout: Layout, stage: str, attempts: list[list[tuple[int, dict]]],
+                 returncodes: list[int]) -> None:  # fmt: skip
+        self.layout, self.stage = layout, stage
+        self.attempts, self.returncodes = list(attempts), list(returncodes)
+        self.envs: list[dict[str, str]] = []
+
+    def __call__(self, command: Sequence[str], env: dict[str, str]) -> int:
+        self.envs.append(env)
+        rows = self.attempts.pop(0)
+        lines = [json.dumps({"step": step, "data": data}) for step, data in rows]
+        Path(env["VERL_FILE_LOGGER_PATH"]).write_text("\n".join(lines) + "\n")
+        exp = next(a.split("=", 1)[1] for a in command if a.startswith("trainer.experiment_name="))
+        make_step(self.layout, self.stage, exp, rows[-1][0])
+        mark_tracked(self.layout, self.stage, exp, rows[-1][0])
+        return self.returncodes.pop(0)
+
+
+def sft_step(loss: float, tokens: int = 100) -> dict:
+    return {"train/loss": loss, "train/global_tokens": tokens, "train/lr": 1e-5}
+
+
+def test_checkpoint_info_records_the_sft_runs_logged_metrics_over_attempts(
+    layout: Layout, tiny_model_dir, attempt_clock
+) -> None:
+    """A killed attempt logged steps 1-3, the retry resumed from step 2 and logged 3-4."""
+    attempts = [
+        [(1, sft_step(2.0)), (2, sft_step(1.5)), (3, sft_step(1.4))],
+        [(3, sft_step(1.2)), (4, sft_step(0.9)), (4, {"val/loss": 1.1})],
+    ]
+    runner = LoggingRunner(layout, "sft", attempts, returncodes=[137, 0])
+    args = ["--experiment-name=m", "data.max_length=512", "trainer.logger=[console,file]"]
+    for _ in range(2):
+        stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=runner)
+    log_dir = layout.experiment_dir("sft", "m") / "metrics"
+    assert [Path(env["VERL_FILE_LOGGER_PATH"]).parent for env in runner.envs] == [log_dir] * 2
+    assert len(set(env["VERL_FILE_LOGGER_PATH"] for env in runner.envs)) == 2  # one per attempt
+    metrics = read_checkpoint_info(layout, "sft", "m").metrics
+    assert metrics == {"steps": 4, "train_loss": 0.9, "tokens": 400, "val_loss": 1.1}
+
+
+def test_checkpoint_info_records_the_dapo_runs_reward_and_validation(
+    layout: Layout, attempt_clock
+) -> None:
+    make_step(layout, "sft", "s1", 62)
+    mark_tracked(layout, "sft", "s1", 62)
+    val = "val-core/aime_2024/acc/mean@4"
+    rows = [(0, {val: 0.1}), (1, {"critic/score/mean": -0.5}),
+            (2, {"critic/score/mean": 0.25, val: 0.3})]  # fmt: skip
+    runner = LoggingRunner(layout, "dapo", [rows], returncodes=[0])
+    stages.run_dapo(layout, Topology(gpus_per_node=4), ["--experiment-name=d"],
+                    sandbox_url="http://sb/run_code", runner=runner)  # fmt: skip
+    assert read_checkpoint_info(layout, "dapo", "d").metrics == {
+        "steps": 2, "reward_mean": 0.25, "val_steps": [0, 2], "val_acc": [0.1, 0.3],
+    }  # fmt: skip
+
+
+def test_checkpoint_info_says_when_no_metrics_were_logged_or_readable(layout, tiny_model_dir):
+    args = ["--experiment-name=quiet", "trainer.logger=[console]"]
+    stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=FakeRunner(layout, "sft"))
+    assert read_checkpoint_info(layout, "sft", "quiet").metrics == {}
+    runner = LoggingRunner(layout, "sft", [[(1, sft_step(1.0))]], returncodes=[0])
+    stages.run_sft(layout, CPU, ["--experiment-name=torn"], model_path=tiny_model_dir,
+                   runner=runner)  # fmt: skip
+    (layout.experiment_dir("sft", "torn") / "metrics" / "torn.jsonl").write_text('{"step": 2, "da')
+    stages._record(layout, "sft", "torn", "base", 0)
+    assert "unreadable" in read_checkpoint_info(layout, "sft", "torn").metrics
 
 
 def test_run_sft_bad_override_fails_before_running(layout: Layout, tiny_model_dir) -> None:
@@ -157,7 +230,7 @@ def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
         "data.micro_batch_size_per_gpu=2",
         "data.max_token_len_per_gpu=1024",
         "trainer.total_epochs=1",
-        "trainer.logger=[console]",
+        "trainer.logger=[console,file]",
     ]
     result = stages.run_sft(layout, CPU, args, model_path=tiny_model_dir)
     assert result.returncode == 0
@@ -171,7 +244,10 @@ def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
         if not (p == q).all()
     ]
     assert changed, "SFT steps should have updated the weights"
-    assert read_checkpoint_info(layout, "sft", "cpu").step == 2
+    info = read_checkpoint_info(layout, "sft", "cpu")
+    assert info.step == 2
+    assert info.metrics["steps"] == 2 and info.metrics["tokens"] > 0  # what verl logged
+    assert info.metrics["train_loss"] > 0
 
     # merge_checkpoint rebuilds the same weights from the FSDP shards with verl's model merger
     # (what users run for steps saved without hf_model, e.g. by an older config).
@@ -184,6 +260,29 @@ def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
         assert (p == q).all(), name
     with pytest.raises(CheckpointNotFound, match=r"fsdp_config\.json"):
         stages.merge_checkpoint(layout, "sft", "cpu", 99)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(1800)
+def test_one_dapo_step_of_main_ppo_on_a_small_model(
+    tmp_path: Path, vllm_model_dir: Path, local_endpoint: str
+) -> None:
+    """verl's main_ppo for real (Ray, vLLM rollouts, the tool in the local sandbox, the reward),
+    with the learning curve's one-GPU sizes and model, one step."""
+    from recipe.retool import learning_curve
+    from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
+
+    layout = Layout.local(tmp_path)
+    files = write_dataset(tmp_path / "synthetic", SyntheticSizes())
+    settings = learning_curve.CurveSettings(dapo_steps=1, test_freq=1, val_n=1)
+    args = [*learning_curve.dapo_args(files, settings), f"--sft-checkpoint={vllm_model_dir}"]
+    result = stages.run_dapo(layout, Topology(gpus_per_node=1), args,
+                             sandbox_url=local_endpoint + "/run_code")  # fmt: skip
+    assert result.returncode == 0
+    assert result.checkpoint is not None and result.checkpoint.step == 1
+    info = read_checkpoint_info(layout, "dapo", result.experiment)
+    assert info.metrics["steps"] == 1 and isinstance(info.metrics["reward_mean"], float)
+    assert info.metrics["val_acc"]  # validated before and after the step
 
 
 def test_multinode_needs_a_shared_experiment_name_and_only_rank0_records(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import random
@@ -66,3 +67,44 @@ def test_table_estimates_h100_headroom(tmp_path: Path, peak: float, h100: str) -
     last = bench.table([path]).splitlines()[-1]
     assert last.startswith("| 4× H200 | 1 | 16384 | on | on |")
     assert last.endswith(f"| {h100} |")
+
+
+def bench_namespace(**kw) -> argparse.Namespace:
+    defaults = {"sp": 1, "tokens_per_gpu": 16384, "batch": 32, "steps": 3, "liger": None,
+                "no_compile": False, "override": []}  # fmt: skip
+    return argparse.Namespace(**(defaults | kw))
+
+
+@pytest.mark.parametrize(
+    ("flags", "liger_arg", "recorded"),
+    [
+        ({}, None, {"liger": True, "compile": True, "grad_ckpt": True}),  # sft.yaml: liger on
+        ({"liger": False}, "model.use_liger=False", {"liger": False, "compile": True,
+                                                     "grad_ckpt": True}),
+        ({"liger": True, "no_compile": True,
+          "override": ["model.enable_gradient_checkpointing=False"]},
+         "model.use_liger=True", {"liger": True, "compile": False, "grad_ckpt": False}),
+    ],
+)  # fmt: skip
+def test_rows_record_what_the_composed_config_runs(tmp_path: Path, flags, liger_arg, recorded):
+    from recipe.retool.launch import Topology
+    from recipe.retool.paths import Layout
+
+    args = bench.bench_args(bench_namespace(**flags))
+    liger_args = [a for a in args if a.startswith("model.use_liger=")]
+    assert liger_args == ([liger_arg] if liger_arg else [])
+    settings = bench.measured_settings(Layout.local(tmp_path), Topology(gpus_per_node=4), args,
+                                       tmp_path / "model")  # fmt: skip
+    assert settings == recorded
+
+
+def test_liger_off_is_a_flag_and_the_matrix_passes_it(monkeypatch, tmp_path: Path) -> None:
+    parser_args = []
+    monkeypatch.setattr(bench, "run", lambda args: parser_args.append(args.liger))
+    bench.main(["run", "--root", str(tmp_path), "--gpus", "4", "--no-liger", "--out", "r.json"])
+    bench.main(["run", "--root", str(tmp_path), "--gpus", "4", "--out", "r.json"])
+    assert parser_args == [False, None]
+    monkeypatch.setattr(bench, "prepare", lambda *a: None)
+    monkeypatch.setattr(bench, "table", lambda rows: "")
+    bench.main(["matrix", "--root", str(tmp_path), "--gpus", "2"])
+    assert parser_args[2:] == [False, True, False]  # SP 1 without and with liger, SP 2 without

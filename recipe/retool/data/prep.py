@@ -5,7 +5,9 @@ Writes, under ``--out-dir``:
 * ``sft/train.parquet``: ReTool-SFT as ``messages`` + ``tools`` (verl ``MultiTurnSFTDataset``);
 * ``rl/train.parquet``: DAPO-Math-17k, exact duplicate prompts removed (verl ``RLHFDataset``);
 * ``rl/aime_2024.parquet``, ``rl/aime_2025.parquet``: validation sets in the same RL schema;
-* ``prep_summary.json``: the per-dataset summary that is also printed.
+* ``prep_summary.json``: the per-dataset summary that is also printed; the SFT entry records
+  the token limit its traces were filtered at (``sft_max_length``, null when no tokenizer was
+  there to count tokens), which the pipeline reads to know whether prep must run again.
 
 Files are written to a temporary name and renamed, so a crash never leaves a half-written file
 that a later training run would read; the output is deterministic, so re-running is idempotent.
@@ -52,6 +54,7 @@ OnError = Literal["fail", "skip"]
 Overlong = Literal["drop", "fail", "keep"]
 Group = Literal["sft", "rl", "val"]
 MAX_ERRORS_KEPT = 20  # the summary lists this many malformed rows; the count covers all of them
+SUMMARY_FILE = "prep_summary.json"
 
 
 class PrepError(ValueError):
@@ -226,6 +229,8 @@ class PrepSummary:
     duplicates_dropped: int = 0
     conflicting_duplicates: int = 0  # same prompt, different ground truth (first one kept)
     overlong: int = 0  # over --sft-max-length tokens (dropped unless --overlong keep)
+    sft_max_length: int | None = None  # SFT only: the limit rows were checked at (None: unchecked)
+    tokenizer: str | None = None  # what counted the tokens (a path or hub id), when known
     errors: list[str] = field(default_factory=list)
     token_lengths: dict[str, int] | None = None
 
@@ -370,6 +375,10 @@ def prepare_one(
         )
     summary.rows_out = len(out_rows)
     summary.token_lengths = length_stats(lengths)
+    if tokenizer is not None:
+        summary.tokenizer = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        if source.group == "sft":
+            summary.sft_max_length = sft_max_length
     _write_atomic(out_rows, source.schema, path)
     return summary
 
@@ -423,12 +432,21 @@ def prepare(
         summaries[source.name] = summary
         if show:
             print(summary.format(), flush=True)
-    report = out_dir / "prep_summary.json"
+    report = out_dir / SUMMARY_FILE
     report.parent.mkdir(parents=True, exist_ok=True)
     tmp = report.with_name(f".{report.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({k: asdict(v) for k, v in summaries.items()}, indent=2) + "\n")
     tmp.replace(report)
     return summaries
+
+
+def sft_length_checked(out_dir: Path) -> int | None:
+    """The token limit the last prep in ``out_dir`` filtered SFT traces at, from its summary;
+    ``None`` when it did not (no tokenizer, no SFT entry, no or unreadable summary)."""
+    try:
+        return json.loads((out_dir / SUMMARY_FILE).read_text())["sft"]["sft_max_length"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_tokenizer(name: str | Path) -> Any:

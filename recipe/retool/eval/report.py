@@ -101,7 +101,15 @@ _OVERALL_HEADER = (
     "tool errors",
     "resp. tokens",
     "no answer",
+    "rollout errors",
 )
+
+
+def _crashed(block: dict[str, Any], total: Any) -> str:
+    """Rollouts that crashed of all (scored wrong, but not wrong answers); results written before
+    the count was kept show "–"."""
+    errors = block.get("rollout_errors")
+    return "–" if errors is None else f"{errors}/{total}"
 
 
 def _overall_cells(o: dict[str, Any]) -> list[str]:
@@ -116,6 +124,7 @@ def _overall_cells(o: dict[str, Any]) -> list[str]:
         _pct(o.get("tool_error_rate")),
         _num(o.get("mean_response_tokens"), 0),
         _pct(o.get("no_answer_rate")),
+        _crashed(o, o.get("num_samples")),
     ]
 
 
@@ -143,7 +152,9 @@ def render_checkpoint_markdown(results: dict[str, dict[str, Any]]) -> str:
         "",
         "mean@k is pass@1 averaged over the k samples (± standard error over problems); pass@k "
         "is the unbiased estimator at k = n; maj@k is the majority vote over extracted answers; "
-        "tool errors are the share of sandbox calls that did not succeed or timed out.",
+        "tool errors are the share of sandbox calls that did not succeed or timed out; rollout "
+        "errors count rollouts that crashed (scored wrong, their error in samples_<dataset>.jsonl) "
+        "of all rollouts.",
         "",
         "## Overall",
         "",
@@ -161,6 +172,7 @@ def render_checkpoint_markdown(results: dict[str, dict[str, Any]]) -> str:
                 _num(p["mean_tool_turns"]),
                 _pct(p["tool_error_rate"]),
                 _num(p["mean_response_tokens"], 0),
+                _crashed(p, p["k"]),
             ]
             for p in result["per_problem"]
         ]
@@ -174,6 +186,7 @@ def render_checkpoint_markdown(results: dict[str, dict[str, Any]]) -> str:
             "tool turns",
             "tool errors",
             "resp. tokens",
+            "rollout errors",
         ]
         lines += ["", f"## {name}: per problem", "", _table(header, rows)]
     return "\n".join(lines) + "\n"

@@ -359,6 +359,23 @@ def test_vllm_backend_without_vllm_is_a_one_line_error(data_dir, tmp_path, tiny_
     assert "needs vLLM" in capsys.readouterr().err
 
 
+@pytest.mark.gpu
+def test_vllm_backend_evaluates_a_small_model(
+    data_dir: Path, tmp_path: Path, local_endpoint: str, vllm_model_dir: Path
+):
+    """The production generation path: vLLM's AsyncLLM under verl's tool agent loop."""
+    cfg = EvalConfig(n=2, max_problems=1, max_response_tokens=64, max_assistant_turns=2,
+                     gpu_memory_utilization=0.3)  # fmt: skip
+    out = tmp_path / "vllm"
+    summary = evaluate_checkpoint(
+        vllm_model_dir, datasets(data_dir, "aime_2024"), out, cfg, local_endpoint, "vllm"
+    )
+    overall = summary["datasets"]["aime_2024"]
+    assert summary["backend"] == "vllm" and (out / "summary.json").is_file()
+    assert (overall["num_samples"], overall["rollout_errors"]) == (2, 0)
+    assert 0 < overall["mean_generated_tokens"] <= 64
+
+
 def test_crashed_rollouts_are_reported_and_fail_the_run(
     data_dir: Path, tmp_path: Path, local_endpoint: str, tiny_model_dir: Path, tiny_tokenizer
 ):

@@ -49,13 +49,21 @@ PROBLEMS = [
 ]
 
 
-def fake_eval(out: Path, ref: CheckpointRef, n_correct: int, n: int = 4) -> Path:
-    """An eval directory as evaluate_checkpoint writes it, with ``n_correct`` right per problem."""
+def crashed(problem: int, sample: int) -> SampleResult:
+    """A rollout that raised, as evaluate.py records it."""
+    return SampleResult(problem, sample, False, -1.0, None, 0, 0, 0, 0, 0, error="RuntimeError()")
+
+
+def fake_eval(out: Path, ref: CheckpointRef, n_correct: int, n: int = 4, crashes: int = 0) -> Path:
+    """An eval directory as evaluate_checkpoint writes it, with ``n_correct`` right per problem
+    and the last ``crashes`` rollouts of problem 0 crashed."""
     cfg = EvalConfig(n=n)
     results, samples = {}, {}
     for dataset in ("aime_2024", "aime_2025"):
         rows = [
-            SampleResult(
+            crashed(p.index, s)
+            if p.index == 0 and s >= n - crashes
+            else SampleResult(
                 p.index,
                 s,
                 s < n_correct,
@@ -105,6 +113,33 @@ def test_checkpoint_report_files_and_keys(tmp_path: Path):
     assert len(lines) == 12 and json.loads(lines[0])["problem"] == 0
     md = (out / "report.md").read_text()
     assert "# Evaluation: base" in md and "| aime_2025 | 4 | 25.0%" in md
+
+
+def test_reports_count_crashed_rollouts_apart_from_wrong_answers(tmp_path: Path):
+    ref = CheckpointRef("sft-e-step6", Path("/s"), "sft", "e", 6)
+    out = fake_eval(tmp_path / "s", ref, n_correct=1, crashes=2)
+    md = (out / "report.md").read_text()
+    overall = md.split("## Overall")[1].splitlines()
+    assert overall[2].endswith("| no answer | rollout errors |")
+    assert overall[4].startswith("| aime_2024 |") and overall[4].endswith("| 2/12 |")  # of 3 × 4
+    per_problem = md.split("## aime_2024: per problem")[1].splitlines()
+    assert per_problem[2].endswith("| resp. tokens | rollout errors |")
+    assert per_problem[4].endswith("| 2/4 |") and per_problem[5].endswith("| 0/4 |")
+    assert "rollouts that crashed" in md
+    report.write_comparison_report({"sft": out}, tmp_path / "cmp")
+    assert "| sft | `sft-e-step6` | 4 | 25.0%" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert (tmp_path / "cmp" / "compare.md").read_text().count("| 2/12 |") == 2
+
+
+def test_results_written_before_the_count_show_no_rollout_errors(tmp_path: Path):
+    out = fake_eval(tmp_path / "old", CheckpointRef("base", Path("/m"), "base"), n_correct=1)
+    for file in out.glob("eval_*.json"):
+        data = json.loads(file.read_text())
+        del data["overall"]["rollout_errors"]
+        file.write_text(json.dumps(data))
+    report.write_comparison_report({"base": out}, tmp_path / "cmp")
+    rows = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| base | `base` | 4 |" in rows and rows.count("| – |") == 2
 
 
 def test_comparison_report_base_sft_dapo(tmp_path: Path):
