@@ -17,7 +17,6 @@ shim and then hands over to verl's own ``sft_trainer.main``.
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
@@ -210,12 +209,10 @@ def install() -> None:
 
 
 def main() -> None:
-    """``torchrun -m recipe.retool.local.cpu_compat <overrides>``: verl's SFT trainer, on CPU."""
+    """``torchrun -m recipe.retool.local.cpu_compat <overrides>``: verl's SFT trainer, on CPU
+    (the GPU launcher's run, after the CPU shims)."""
     install()
-    from verl.trainer import sft_trainer
-
-    sys.argv[0] = sft_trainer.__file__
-    sft_trainer.main()
+    fast_logprobs.main()
 
 
 if __name__ == "__main__":
