@@ -16,10 +16,12 @@ Writes under ``--root``: the Modal-volume layout, ``curve.json`` (the ``docs/gpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,9 +122,7 @@ def run(root: Path, settings: CurveSettings, gpus: int, sandbox_url: str | None)
     sft_s = time.time() - started
     with _sandbox(sandbox_url) as url:
         dapo = stages.run_dapo(layout, topo, dapo_args(files, settings), sandbox_url=url)
-    summary = run_metrics.summarize(
-        run_metrics.read_steps(run_metrics.metrics_dir(layout.experiment_dir("dapo", EXPERIMENT)))
-    )
+    summary = run_metrics.summarize(run_metrics.read_run(layout.experiment_dir("dapo", EXPERIMENT)))
     row = {
         "kind": "dapo",
         "what": "learning curve: tiny Qwen2 SFT on synthetic tool traces, then DAPO",
@@ -146,23 +146,16 @@ def _param_count(model_dir: Path) -> int:
     return sum(t.numel() for f in model_dir.glob("*.safetensors") for t in load_file(f).values())
 
 
-class _sandbox:
+@contextlib.contextmanager
+def _sandbox(url: str | None) -> Iterator[str]:
     """The sandbox at ``url``, or the project's own started on loopback for the run."""
+    if url:
+        yield url
+        return
+    from sandbox.local import sandbox_service
 
-    def __init__(self, url: str | None) -> None:
-        self.url, self._cm = url, None
-
-    def __enter__(self) -> str:
-        if self.url:
-            return self.url
-        from sandbox.local import sandbox_service
-
-        self._cm = sandbox_service("--log-level", "warning")
-        return f"{self._cm.__enter__()}/run_code"
-
-    def __exit__(self, *exc) -> None:
-        if self._cm is not None:
-            self._cm.__exit__(*exc)
+    with sandbox_service("--log-level", "warning") as base:
+        yield f"{base}/run_code"
 
 
 def write_report(root: Path, row: dict) -> None:

@@ -38,6 +38,15 @@ def read_steps(directory: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def read_run(experiment_dir: Path) -> list[tuple[int, dict[str, Any]]]:
+    """A run's metrics one row per step, in step order, over every attempt: a step logged again
+    after a resume (or in two records, training and validation) is merged, later values winning."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for step, data in read_steps(metrics_dir(experiment_dir)):
+        by_step.setdefault(step, {}).update(data)
+    return sorted(by_step.items())
+
+
 def _mean_of(data: dict[str, Any], pattern: re.Pattern[str]) -> float | None:
     values = [float(v) for k, v in data.items() if pattern.match(k)]
     return statistics.fmean(values) if values else None

@@ -102,15 +102,9 @@ def run_summary(layout: Layout, stage: Stage, experiment: str) -> dict[str, Any]
     ``{"unreadable": reason}`` when a metrics file cannot be parsed.
     """
     try:
-        rows = run_metrics.read_steps(
-            run_metrics.metrics_dir(layout.experiment_dir(stage, experiment))
-        )
+        rows = run_metrics.read_run(layout.experiment_dir(stage, experiment))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return {"unreadable": f"{type(exc).__name__}: {exc}"}
-    by_step: dict[int, dict[str, Any]] = {}
-    for step, data in rows:  # a resumed attempt logs steps again: the later values win
-        by_step.setdefault(step, {}).update(data)
-    rows = sorted(by_step.items())
     if stage == "dapo":
         summary = run_metrics.summarize(rows)
         if not summary.steps:

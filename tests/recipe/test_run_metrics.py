@@ -55,3 +55,15 @@ def test_a_run_that_logged_no_step_says_so(tmp_path: Path) -> None:
 def test_validation_only_rows_are_not_training_steps() -> None:
     s = run_metrics.summarize([(0, {"val-core/x/acc/mean@2": 0.5})])
     assert s.steps == 0 and s.val_acc == [0.5]
+
+
+def test_read_run_merges_a_step_logged_twice_and_orders_by_step(tmp_path: Path) -> None:
+    """A resumed attempt logs its first steps again; the later attempt's values win."""
+    log = run_metrics.metrics_dir(tmp_path)
+    log.mkdir()
+    _write(log / "1.jsonl", [(1, {"critic/score/mean": -1.0}), (2, {"critic/score/mean": -0.5})])
+    _write(log / "2.jsonl", [(2, {"critic/score/mean": 0.5}), (2, {"val-core/s/acc/mean@2": 0.4})])
+    assert run_metrics.read_run(tmp_path) == [
+        (1, {"critic/score/mean": -1.0}),
+        (2, {"critic/score/mean": 0.5, "val-core/s/acc/mean@2": 0.4}),
+    ]

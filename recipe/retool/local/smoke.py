@@ -166,9 +166,7 @@ class Smoke:
                 self.layout, launch.Topology(gpus_per_node=1), SMOKE_DAPO_ARGS,
                 sandbox_url=self.sandbox_url,
             )  # fmt: skip
-            logged = run_metrics.read_steps(
-                run_metrics.metrics_dir(self.layout.experiment_dir("dapo", "smoke"))
-            )
+            logged = run_metrics.read_run(self.layout.experiment_dir("dapo", "smoke"))
             report.notes.append(run_metrics.describe(run_metrics.summarize(logged)))
             if result.returncode != 0:
                 raise RuntimeError(f"main_ppo exited with {result.returncode}")
