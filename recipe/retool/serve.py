@@ -28,16 +28,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import modal
 
 from recipe.retool import modal_common, paths
 from recipe.retool.modal_fusion_sandbox import deploy_token
+from recipe.retool.serving import vllm_server
+from recipe.retool.serving.vllm_server import SERVED_MODEL_NAME, VLLM_PORT
 
 APP_NAME = "retool-serve"
-SERVED_MODEL_NAME = "retool"
-VLLM_PORT = 8000
 GPU_TYPE = os.environ.get("RETOOL_SERVE_GPU", "H100")
 CHECKPOINT = os.environ.get("RETOOL_SERVE_CHECKPOINT", "latest")
 # Qwen2.5-7B's context; the ReTool evaluation budget (16k response tokens) fits with the prompt.
@@ -89,21 +88,6 @@ def require_key() -> str | None:
     return key
 
 
-def vllm_command(model_dir: Path, layout: paths.Layout, *, port: int = VLLM_PORT) -> list[str]:
-    """``vllm serve`` for ``model_dir``; the base model's tokenizer if the checkpoint has none."""
-    command = [
-        "vllm", "serve", str(model_dir),
-        "--served-model-name", SERVED_MODEL_NAME,
-        "--host", "0.0.0.0", "--port", str(port),
-        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-        "--max-model-len", str(MAX_MODEL_LEN),
-        "--generation-config", "vllm",  # sampling defaults are the request's, not the checkpoint's
-    ]  # fmt: skip
-    if not (model_dir / "tokenizer_config.json").is_file():
-        command += ["--tokenizer", str(layout.model_dir())]
-    return command
-
-
 # ## The OpenAI-compatible endpoint
 #
 # One H100 holds the 7B model in bf16 with room for a large KV cache; vLLM batches the concurrent
@@ -130,10 +114,12 @@ def vllm() -> None:
     model_dir = paths.resolve_model_dir(layout, os.environ.get("RETOOL_SERVE_CHECKPOINT"))
     print(f"serving {model_dir} as {SERVED_MODEL_NAME!r}", flush=True)
     key = require_key()
-    # vLLM reads VLLM_API_KEY and then requires `Authorization: Bearer <key>`; in its environment
-    # the key stays out of `ps` and /proc/<pid>/cmdline, where `--api-key` would show it.
-    env = {**os.environ, "VLLM_API_KEY": key} if key else dict(os.environ)
-    subprocess.Popen(vllm_command(model_dir, layout), env=env)
+    # The key goes in vLLM's environment, never its arguments (vllm_server.API_KEY_ENV).
+    env = {**os.environ, vllm_server.API_KEY_ENV: key} if key else dict(os.environ)
+    command = vllm_server.vllm_command(
+        model_dir, fallback_tokenizer=layout.model_dir(), max_model_len=MAX_MODEL_LEN
+    )
+    subprocess.Popen(command, env=env)
 
 
 # ## The chat endpoint

@@ -120,15 +120,19 @@ def test_vllm_command_has_the_tool_parser_and_falls_back_to_the_base_tokenizer(s
     layout = Layout.local(tmp_path)
     model = tmp_path / "ckpt"
     model.mkdir()
-    command = serve.vllm_command(model, layout)
-    assert command[:3] == ["vllm", "serve", str(model)]
+    command = serve.vllm_server.vllm_command(
+        model, fallback_tokenizer=layout.model_dir(), max_model_len=serve.MAX_MODEL_LEN
+    )
+    assert command[:5] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model)]
     joined = " ".join(command)
     for flag in ("--served-model-name retool", "--enable-auto-tool-choice",
                  "--tool-call-parser hermes", "--port 8000", "--host 0.0.0.0"):  # fmt: skip
         assert flag in joined
     assert command[-2:] == ["--tokenizer", str(layout.model_dir())]
     (model / "tokenizer_config.json").write_text("{}")
-    assert "--tokenizer" not in serve.vllm_command(model, layout)
+    assert "--tokenizer" not in serve.vllm_server.vllm_command(
+        model, fallback_tokenizer=layout.model_dir(), max_model_len=serve.MAX_MODEL_LEN
+    )
 
 
 def test_vllm_container_resolves_the_checkpoint_at_start(serve, tmp_path, monkeypatch) -> None:
@@ -142,7 +146,7 @@ def test_vllm_container_resolves_the_checkpoint_at_start(serve, tmp_path, monkey
     monkeypatch.setenv("RETOOL_SERVE_API_KEY", "sekrit")
     serve.vllm.local()
     ((command, env),) = started
-    assert command[2] == str(step / "actor" / "huggingface")
+    assert command[4] == str(step / "actor" / "huggingface")
     # the key reaches vLLM in its environment, never on its command line (visible in `ps`)
     assert env["VLLM_API_KEY"] == "sekrit" and "sekrit" not in " ".join(command)
 

@@ -1,0 +1,64 @@
+"""The OpenAI-compatible vLLM server for one checkpoint: its command, and waiting until it serves.
+
+Kept apart from the Modal app (``serve.py``) so that the same command runs, and is tested, on any
+GPU box: ``tests/recipe/serving/test_vllm_server_gpu.py`` starts it next to the chat API and the
+sandbox. It runs as ``python -m vllm.entrypoints.cli.main``, the module behind vLLM's ``vllm``
+script, with the interpreter that runs this code, so it needs no console script on ``PATH``
+(offline bundles install packages without one).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+SERVED_MODEL_NAME = "retool"
+VLLM_PORT = 8000
+# vLLM reads its API key from this variable and then requires `Authorization: Bearer <key>`; in
+# the environment the key stays out of `ps` and /proc/<pid>/cmdline, where `--api-key` shows it.
+API_KEY_ENV = "VLLM_API_KEY"
+
+
+def vllm_command(
+    model_dir: Path,
+    *,
+    fallback_tokenizer: Path,
+    max_model_len: int,
+    port: int = VLLM_PORT,
+    host: str = "0.0.0.0",
+) -> list[str]:
+    """``vllm serve`` for ``model_dir`` with the hermes tool parser; ``fallback_tokenizer`` (the
+    base model) where the checkpoint was saved without its tokenizer."""
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
+        "--served-model-name", SERVED_MODEL_NAME,
+        "--host", host, "--port", str(port),
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--max-model-len", str(max_model_len),
+        "--generation-config", "vllm",  # sampling defaults are the request's, not the checkpoint's
+    ]  # fmt: skip
+    if not (model_dir / "tokenizer_config.json").is_file():
+        command += ["--tokenizer", str(fallback_tokenizer)]
+    return command
+
+
+def wait_until_serving(
+    base_url: str, *, timeout_s: float, alive: Callable[[], bool] = lambda: True
+) -> None:
+    """Block until ``GET /health`` answers 200 (vLLM answers it without a key). ``alive`` says
+    whether the server process still runs, so a crash fails at once instead of at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"vLLM exited before serving at {base_url}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=5.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2.0)
+    raise TimeoutError(f"vLLM did not serve at {base_url} within {timeout_s:.0f} s")
