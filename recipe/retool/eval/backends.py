@@ -20,6 +20,7 @@ generates tokens the loop would cut off anyway.
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,6 +121,10 @@ class VLLMBackend:
             seed=seed,
             enable_prefix_caching=True,  # every turn re-sends the whole context
         )
+        # vLLM forks its engine process by default, and a forked child cannot use CUDA once this
+        # process has touched it (seen on an H100: "Cannot re-initialize CUDA in forked
+        # subprocess", every evaluation failed). Spawn is always safe; the CLI guards __main__.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         self.engine = AsyncLLM.from_engine_args(args)
 
     async def generate(
