@@ -260,12 +260,15 @@ def train_dapo(*arglist: str) -> None:
 def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
     """SFT → DAPO → curve on one GPU; the deployed sandbox runs every tool call."""
     import time
+    from dataclasses import replace
 
     from recipe.retool import learning_curve as curve
 
     defaults = curve.CurveSettings()
-    settings = curve.CurveSettings(
-        sft_epochs=sft_epochs or defaults.sft_epochs, dapo_steps=dapo_steps or defaults.dapo_steps
+    settings = replace(
+        defaults,
+        sft_epochs=sft_epochs or defaults.sft_epochs,
+        dapo_steps=dapo_steps or defaults.dapo_steps,
     )
     root = paths.Layout.from_env().checkpoints / "learning-curve" / time.strftime("%Y%m%d-%H%M%S")
     try:

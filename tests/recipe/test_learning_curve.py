@@ -18,13 +18,17 @@ def test_settings_compose_on_one_gpu_with_the_production_dapo_config() -> None:
     launch.validate(
         "sft", launch.sft_overrides(Layout.modal(), "c", Path("/m"), topo, sft.overrides), topo
     )
-    dapo = launch.parse_launch_args(learning_curve.dapo_args(FILES, settings))
+    start = Path("/c/sft-experiments/curve/global_step_1000")
+    dapo = launch.parse_launch_args(learning_curve.dapo_args(FILES, settings, start))
+    assert dapo.sft_checkpoint == str(start)
     cfg = launch.validate(
         "dapo", launch.dapo_overrides(Layout.modal(), "c", Path("/m"), topo, dapo.overrides), topo
     )
     assert cfg.algorithm.filter_groups.enable is True  # the production dynamic sampling
     assert list(cfg.data.val_files) == [str(FILES["rl_val"])]
     assert cfg.trainer.total_training_steps == settings.dapo_steps
+    assert cfg.actor_rollout_ref.actor.optim.lr == settings.dapo_lr
+    assert cfg.actor_rollout_ref.rollout.val_kwargs.n == settings.val_n
     assert "file" in cfg.trainer.logger
 
 
