@@ -7,13 +7,15 @@ transformers and verl's patched model are checked against padded SDPA and plain 
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
-from verl.models.transformers.monkey_patch import apply_monkey_patch
 
 from recipe.retool.verl_plugins import varlen_attention as va
 
@@ -98,22 +100,21 @@ def test_gpu_call_matches_the_installed_torchs_varlen_signature() -> None:
     assert out.shape == (13, 4, 8) and out.device.type == "meta"
 
 
-# ---- through transformers and verl ------------------------------------------------------------
+# ---- through transformers and verl (the GPU check's runs, on the CPU path) --------------------
 
-
-def tiny_qwen2(attn: str) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation=attn,
-    )
-    return Qwen2ForCausalLM(config)
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "check_varlen_attention.py"
+spec = importlib.util.spec_from_file_location("check_varlen_attention", SCRIPT)
+gpu_check = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = gpu_check  # its dataclasses look their module up
+spec.loader.exec_module(gpu_check)
+SMALL = gpu_check.Shape(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def test_install_registers_the_name_and_leaves_other_implementations_alone() -> None:
@@ -125,39 +126,40 @@ def test_install_registers_the_name_and_leaves_other_implementations_alone() -> 
     assert fa_utils._lazy_imports is loader  # idempotent: not wrapped twice
     flash_fn, varlen_fn, *_ = loader(va.NAME)
     assert (flash_fn, varlen_fn) == (va.attention, va.varlen_attention)
-    with pytest.raises(Exception, match=r"flash|kernels|Could not"):  # not ours: transformers' own
+    with pytest.raises(Exception, match=r"flash|kernels|Could not"):  # transformers' own loader
         loader("flash_attention_2")
 
 
-def test_qwen2_packed_by_verl_matches_padded_sdpa(monkeypatch) -> None:
-    """verl's remove-padding forward (one packed row, position ids restarting, no mask) on a model
-    loaded with NAME gives the padded SDPA model's logits and gradients, through verl's patch."""
-    va.install()
-    reference, packed = tiny_qwen2("sdpa"), tiny_qwen2(va.NAME)
-    packed.load_state_dict(reference.state_dict())
-    assert packed.config._attn_implementation == va.NAME
-    apply_monkey_patch(model=packed, use_remove_padding=True, ulysses_sp_size=1)
+def test_verls_packed_forward_gives_padded_sdpas_loss_and_gradients(monkeypatch) -> None:
+    """verl's remove-padding input (one row, position ids restarting, no mask) into a model loaded
+    with NAME and patched by verl: padded SDPA's loss and gradients, one varlen call per layer."""
     calls = []
     real = va._per_sequence_sdpa
     monkeypatch.setattr(
         va, "_per_sequence_sdpa", lambda *a: calls.append(a[3].tolist()) or real(*a)
     )
+    result = gpu_check.check(SMALL, tuple(LENGTHS), "cpu", torch.float32)
+    assert result["passed"]
+    assert result["varlen_error"]["loss"] < 1e-5 and result["varlen_error"]["grad"] < 1e-4
+    assert calls == [cu_seqlens(LENGTHS).tolist()] * SMALL.num_hidden_layers
 
-    torch.manual_seed(1)
-    ids = [torch.randint(0, 64, (n,)) for n in LENGTHS]
-    width = max(LENGTHS)
-    padded = torch.stack([torch.nn.functional.pad(x, (0, width - len(x))) for x in ids])
-    mask = torch.stack([torch.arange(width) < len(x) for x in ids]).long()
-    ref_logits = reference(input_ids=padded, attention_mask=mask).logits
-    ref_logits = torch.cat([row[: len(x)] for row, x in zip(ref_logits, ids, strict=True)])
 
-    position_ids = torch.cat([torch.arange(len(x)) for x in ids])[None]
-    logits = packed(input_ids=torch.cat(ids)[None], attention_mask=None, position_ids=position_ids)
-    logits = logits.logits[0]
-    assert calls and all(c == cu_seqlens(LENGTHS).tolist() for c in calls)  # one per layer
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+def test_the_check_fails_when_packed_sequences_see_each_other(monkeypatch) -> None:
+    real = va._per_sequence_sdpa
 
-    logits.logsumexp(-1).sum().backward()
-    ref_logits.logsumexp(-1).sum().backward()
-    for (name, p), q in zip(packed.named_parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    def one_sequence(q, k, v, cu_q, cu_k, scale, causal):
+        whole = cu_q[[0, -1]]
+        return real(q, k, v, whole, whole, scale, causal)
+
+    monkeypatch.setattr(va, "_per_sequence_sdpa", one_sequence)
+    result = gpu_check.check(SMALL, tuple(LENGTHS), "cpu", torch.float32)
+    assert not result["passed"] and result["varlen_error"]["grad"] > 1e-2
+
+
+def test_the_script_prints_one_json_line_and_exits_by_the_verdict(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(gpu_check, "SHAPE", SMALL)
+    monkeypatch.setattr(gpu_check, "LENGTHS", (4, 9))
+    assert gpu_check.main(["--device", "cpu", "--dtype", "bfloat16"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["passed"] and record["dtype"] == "bfloat16" and record["lengths"] == [4, 9]
+    assert set(record["varlen_error"]) == set(record["sdpa_error"]) == {"loss", "grad"}
