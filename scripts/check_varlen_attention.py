@@ -24,25 +24,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recipe.retool.local.tiny_model import TinySpec
 from recipe.retool.verl_plugins import varlen_attention
 
 FACTOR, FLOOR = 2.0, 1e-3
 LENGTHS = (1, 37, 300, 1024, 129)  # ragged, a one-token sequence included
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A small Qwen2; the defaults keep Qwen2.5-7B's head size (128) and 1:4 kv grouping."""
-
-    vocab_size: int = 1024
-    hidden_size: int = 1024
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 2
-
-
-SHAPE = Shape()
+# Small, but Qwen2.5-7B's head size (128) and 1:4 kv-head grouping.
+SHAPE = TinySpec(
+    hidden_size=1024, intermediate_size=2048, num_attention_heads=8, max_position_embeddings=4096
+)
 
 
 @dataclass
@@ -51,16 +41,17 @@ class Run:
     grads: dict[str, torch.Tensor]
 
 
-def qwen2(shape: Shape, attn: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """The same random weights for every call with the same shape (seeded, built on the CPU)."""
+def qwen2(spec: TinySpec, attn: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The same random weights for every call with the same spec (seeded, built on the CPU)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
-    config = Qwen2Config(**asdict(shape), max_position_embeddings=4096, attn_implementation=attn)
+    widths = {k: v for k, v in asdict(spec).items() if k != "seed"}
+    torch.manual_seed(spec.seed)
+    config = Qwen2Config(**widths, attn_implementation=attn)
     return Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def sequences(shape: Shape, lengths: tuple[int, ...], device: str) -> list[torch.Tensor]:
+def sequences(shape: TinySpec, lengths: tuple[int, ...], device: str) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return [
         torch.randint(0, shape.vocab_size, (n,), generator=generator).to(device) for n in lengths
@@ -98,7 +89,7 @@ def errors(run: Run, reference: Run) -> dict[str, float]:
 
 
 def check(
-    shape: Shape, lengths: tuple[int, ...], device: str, dtype: torch.dtype
+    shape: TinySpec, lengths: tuple[int, ...], device: str, dtype: torch.dtype
 ) -> dict[str, object]:
     """The three runs and the verdict, as one JSON-able record."""
     from verl.models.transformers.monkey_patch import apply_monkey_patch

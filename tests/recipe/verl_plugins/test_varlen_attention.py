@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipe.retool.local.tiny_model import TinySpec
 from recipe.retool.verl_plugins import varlen_attention as va
 
 LENGTHS = [5, 1, 7]
@@ -107,14 +108,7 @@ spec = importlib.util.spec_from_file_location("check_varlen_attention", SCRIPT)
 gpu_check = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = gpu_check  # its dataclasses look their module up
 spec.loader.exec_module(gpu_check)
-SMALL = gpu_check.Shape(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+SMALL = TinySpec(vocab_size=64, hidden_size=32, intermediate_size=64)
 
 
 def test_install_registers_the_name_and_leaves_other_implementations_alone() -> None:
