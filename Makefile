@@ -65,6 +65,12 @@ COMPOSE ?= docker compose
 # tests/sandbox/conftest.py: test_api's and test_compat's), sent to SANDBOX_FUSION_ENDPOINT.
 PARITY_TESTS ?= tests/sandbox -m contract
 
+CHECK_IMAGES_CACHE ?= /tmp/retool-check-images
+
+.PHONY: check-images
+check-images: $(PY) ## Without Docker: COPY sources, pins vs constraints.txt, the trainer pip set resolves for linux/cp312, CUDA base = torch's (~1 min of metadata)
+	$(PY) scripts/check_images.py --cache $(CHECK_IMAGES_CACHE)
+
 .PHONY: images
 images: ## Build every image in compose.yaml (trainer, sandbox, sandbox-fusion)
 	$(COMPOSE) --profile '*' build

@@ -1,18 +1,18 @@
 # syntax=docker/dockerfile:1
-# Trainer image: CUDA, vLLM 0.24.0 (the version verl 0.9.1's [vllm] extra pins), verl 0.9.1,
-# flash-attn, and this project's Python dependencies. Built by docker compose (compose.yaml) and by
-# Modal (modal.Image.from_dockerfile in recipe/retool/modal_common.py), which adds the
-# project's code on top, last, so code edits never rebuild these layers.
-# verl publishes no image tagged for 0.9.x, so we start from NVIDIA's CUDA devel image as verl's
-# own vLLM images do since 0.7.
-ARG CUDA_IMAGE=nvidia/cuda:12.9.1-cudnn-devel-ubuntu24.04
+# Trainer image: CUDA 13, vLLM 0.24.0 and torch 2.11.0 (as verl 0.9.1's [vllm] extra pins them),
+# verl 0.9.1, liger-kernel, this project's Python dependencies, and the sandbox's runtime. Built by
+# docker compose (compose.yaml) and by Modal (modal.Image.from_dockerfile in
+# recipe/retool/modal_common.py), which adds the project's code on top, last, so code edits never
+# rebuild these layers. `make check-images` proves without Docker that the pip sets below resolve
+# for this platform and that this base's CUDA major is torch's.
+#
+# Attention: no flash-attn. verl's packed (remove-padding) micro-batches run on torch's own varlen
+# flash attention (recipe/retool/verl_plugins/varlen_attention.py), so nothing is compiled here.
+# verl publishes no image tagged for 0.9.x, so we start from NVIDIA's CUDA devel image (nvcc for
+# vLLM's and FlashInfer's JIT kernels), as verl's own vLLM images do. PyPI's torch 2.11.0 is a CUDA
+# 13.0 build (it pulls cuda-toolkit 13.0.2): the base's CUDA major must match it.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04
 FROM ${CUDA_IMAGE}
-
-ARG VERL_VERSION=0.9.1
-ARG VLLM_VERSION=0.24.0
-ARG TORCH_VERSION=2.11.0
-ARG FLASH_ATTN_VERSION=2.8.3
-ARG LIGER_VERSION=0.8.5
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -25,27 +25,32 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+# bubblewrap: the sandbox's isolation. python3.12 is Ubuntu 24.04's; the trainer gets a virtualenv,
+# the sandbox runs user code with the system interpreter (readable by its unprivileged uids).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        python3.12 python3.12-venv python3.12-dev git build-essential ninja-build bubblewrap \
+        python3.12 python3.12-venv python3.12-dev git build-essential bubblewrap \
     && rm -rf /var/lib/apt/lists/* \
     && python3.12 -m venv /opt/venv
 
-# vLLM brings its CUDA torch; verl[vllm] pins the same torch and transformers.
-RUN pip install "torch==${TORCH_VERSION}" "vllm==${VLLM_VERSION}" "verl[vllm]==${VERL_VERSION}" \
-        "liger-kernel==${LIGER_VERSION}" \
-    && MAX_JOBS=8 pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"
-
+# Only dependencies live in the image, computed from the files that declare them (versions from
+# constraints.txt, the project's list from pyproject.toml, user-code packages from
+# sandbox/runtime.py); the code arrives last (Modal's add_local_dir, compose's bind mount).
 WORKDIR /root/retool-modal
-# Only dependencies live in the image. The project's code arrives last — Modal's add_local_dir,
-# compose's bind mount of the repository — so a code edit never rebuilds the layers above.
-# Versions come from constraints.txt (one source); only the packages vLLM/verl don't bring.
-COPY constraints.txt /tmp/constraints.txt
-RUN grep -E '^(math-verify|python-dotenv|httpx|matplotlib|uvloop|httptools)==' /tmp/constraints.txt \
-        > /tmp/extra-requirements.txt \
-    && pip install -r /tmp/extra-requirements.txt \
-    && python -c "import verl, vllm, flash_attn, math_verify, matplotlib"
+COPY constraints.txt pyproject.toml /tmp/deps/
+COPY images/trainer_requirements.py /tmp/deps/images/
+COPY sandbox/runtime.py /tmp/deps/sandbox/
+RUN python3.12 /tmp/deps/images/trainer_requirements.py trainer --root /tmp/deps \
+        > /tmp/deps/trainer.txt \
+    && python3.12 /tmp/deps/images/trainer_requirements.py sandbox --root /tmp/deps \
+        > /tmp/deps/sandbox.txt \
+    && pip install -r /tmp/deps/trainer.txt \
+    && pip --python /usr/bin/python3 install --break-system-packages -r /tmp/deps/sandbox.txt \
+    && python -c "import verl, vllm, torch, transfer_queue, liger_kernel, math_verify, matplotlib; \
+from torch.nn.attention.varlen import varlen_attn; print('torch', torch.__version__, torch.version.cuda)" \
+    && /usr/bin/python3 -c "import numpy, sympy" \
+    && rm -rf /tmp/deps
 
 ENV PYTHONPATH=/root/retool-modal
 CMD ["bash"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib.util
 import math
 import re
 import shlex
@@ -149,13 +148,17 @@ def to_overrides(mapping: dict[str, Any]) -> list[str]:
 
 
 def attention_implementation() -> str:
-    """The attention kernel the trainer can load here: flash-attn's when installed, else SDPA.
+    """The attention verl's trainers load on a GPU: torch's varlen flash attention
+    (``verl_plugins/varlen_attention.py``), registered in each trainer process by
+    ``verl_plugins/trainer_setup.py``.
 
-    verl's FSDP actor asks transformers for ``flash_attention_2`` unless told otherwise and fails
-    to load the model where the ``flash_attn`` package is missing (as on the lent GPU machines);
-    SDPA is in every torch.
+    verl's FSDP actor asks transformers for ``flash_attention_2`` unless told otherwise, which
+    needs the ``flash-attn`` package (no binary wheel for the image's torch); ``sdpa`` has no
+    varlen kernel, so verl's packed micro-batches would attend through one quadratic mask.
     """
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    from recipe.retool.verl_plugins.varlen_attention import NAME
+
+    return NAME
 
 
 def scaled_parallelism(configured: int, gpus: int) -> int:
@@ -197,11 +200,12 @@ def sft_overrides(
 
 def sft_command(overrides: Sequence[str], topo: Topology) -> list[str]:
     """``torchrun`` for one node of the SFT job (multi-node: static rendezvous on node 0)."""
-    # Both run verl's sft_trainer; the GPU one only adds fused log-probs (fast_logprobs.py).
+    # Both run verl's sft_trainer after the trainer plugins (trainer_setup.py); the CPU one first
+    # installs its CPU shims.
     module = (
         "recipe.retool.local.cpu_compat"
         if topo.device == "cpu"
-        else "recipe.retool.verl_plugins.fast_logprobs"
+        else "recipe.retool.verl_plugins.trainer_setup"
     )
     if topo.nnodes == 1:
         rdzv = ["--standalone"]

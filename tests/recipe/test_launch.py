@@ -9,6 +9,7 @@ import pytest
 from recipe.retool import launch
 from recipe.retool.launch import LaunchError, Topology
 from recipe.retool.paths import Layout
+from recipe.retool.verl_plugins import varlen_attention
 from tests.cli import assert_one_line_error, run_module
 
 LAYOUT = Layout.modal()
@@ -41,7 +42,7 @@ def test_sft_command_composes_for_every_topology(name: str) -> None:
     assert "hf_model" in cfg.checkpoint.save_contents
     assert cfg.optim.lr == pytest.approx(1e-5)
     command = launch.sft_command(overrides, topo)
-    assert command[command.index("-m", 3) + 1] == "recipe.retool.verl_plugins.fast_logprobs"
+    assert command[command.index("-m", 3) + 1] == "recipe.retool.verl_plugins.trainer_setup"
     assert f"--nproc_per_node={topo.gpus_per_node}" in command
     if topo.nnodes == 1:
         assert "--standalone" in command
@@ -84,18 +85,14 @@ def test_explicit_layout_overrides_win_and_are_still_checked() -> None:
         launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo, tp8), topo)
 
 
-def test_attention_follows_what_is_installed(monkeypatch) -> None:
+def test_gpu_runs_ask_for_the_varlen_attention_the_trainer_plugins_register() -> None:
     topo = launch.Topology(gpus_per_node=1)
-    for installed, expected in ((True, "flash_attention_2"), (False, "sdpa")):
-        monkeypatch.setattr(
-            launch.importlib.util,
-            "find_spec",
-            lambda name, installed=installed: object() if installed else None,
-        )
-        cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo), topo)
-        assert cfg.actor_rollout_ref.model.override_config.attn_implementation == expected
-        sft = launch.sft_overrides(LAYOUT, "e", MODEL, topo)
-        assert f"+model.override_config.attn_implementation={expected}" in sft
+    cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo), topo)
+    assert cfg.actor_rollout_ref.model.override_config.attn_implementation == varlen_attention.NAME
+    assert cfg.actor_rollout_ref.model.use_remove_padding  # the packed path the kernel is for
+    sft = launch.validate("sft", launch.sft_overrides(LAYOUT, "e", MODEL, topo), topo)
+    assert sft.model.override_config.attn_implementation == varlen_attention.NAME
+    assert sft.model.use_remove_padding
 
 
 def test_dapo_sampler_is_bounded_by_the_filter_settings() -> None:
@@ -252,7 +249,7 @@ def test_check_cli_is_the_dry_run_make_runs_before_modal(capsys) -> None:
         == 0
     )
     out = capsys.readouterr().out
-    assert "recipe.retool.verl_plugins.fast_logprobs" in out and "trainer.total_epochs=3" in out
+    assert "recipe.retool.verl_plugins.trainer_setup" in out and "trainer.total_epochs=3" in out
     assert "on 2×H100" in out
     assert launch.main(["check", "dapo", "--gpus", "4", "--", "trainer.totl=1"]) == 2
     err = capsys.readouterr().err

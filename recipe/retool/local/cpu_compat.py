@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from recipe.retool.verl_plugins import fast_logprobs
+from recipe.retool.verl_plugins import trainer_setup
 
 # Hydra overrides that only the CPU run needs; everything else is the production config.
 CPU_SFT_OVERRIDES: tuple[str, ...] = (
@@ -202,7 +202,7 @@ def install() -> None:
     for key, value in CPU_ENV.items():
         os.environ.setdefault(key, value)
     register_cpu_platform()
-    fast_logprobs.install()
+    trainer_setup.install()
     from verl.utils import distributed
 
     distributed.initialize_global_process_group = _init_gloo_process_group
@@ -212,7 +212,7 @@ def main() -> None:
     """``torchrun -m recipe.retool.local.cpu_compat <overrides>``: verl's SFT trainer, on CPU
     (the GPU launcher's run, after the CPU shims)."""
     install()
-    fast_logprobs.main()
+    trainer_setup.main()
 
 
 if __name__ == "__main__":

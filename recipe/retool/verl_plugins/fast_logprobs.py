@@ -13,16 +13,11 @@ the actor's old-log-prob pass and in its update, whatever the model's size: the 
 chunks of rows. Same values (the identity ``log_softmax(x)[y] = -CE(x, y)``), same peak memory
 order as verl's loop (autograd keeps each chunk's softmax either way), a few launches per chunk.
 
-Installed where verl computes log-probs:
-- SFT: ``python -m recipe.retool.verl_plugins.fast_logprobs`` runs verl's SFT trainer with it
-  (launch.sft_command); the CPU shim installs it too;
-- DAPO: every Ray worker, through ``ray_kwargs.ray_init.runtime_env.worker_process_setup_hook``
-  (config/dapo.yaml).
+Installed where verl computes log-probs, with the other trainer plugins (``trainer_setup.py``):
+verl's SFT launcher and every DAPO Ray worker.
 """
 
 from __future__ import annotations
-
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -49,16 +44,3 @@ def install() -> None:
     from verl.utils import torch_functional
 
     torch_functional.logprobs_from_logits_v2 = chunked_logprobs
-
-
-def main() -> None:
-    """``torchrun -m recipe.retool.verl_plugins.fast_logprobs <overrides>``: verl's SFT trainer."""
-    install()
-    from verl.trainer import sft_trainer
-
-    sys.argv[0] = sft_trainer.__file__
-    sft_trainer.main()
-
-
-if __name__ == "__main__":
-    main()

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from verl.utils import torch_functional
 
-from recipe.retool import launch
-from recipe.retool.paths import Layout
 from recipe.retool.verl_plugins import fast_logprobs
 
 VERL_LOOP = torch_functional.logprobs_from_logits_v2  # before any install() in this process
@@ -39,33 +35,3 @@ def test_install_reaches_verls_entry_point(monkeypatch) -> None:
     logits, labels = torch.randn(4, 9), torch.tensor([0, 3, 8, 1])
     expected = torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
     torch.testing.assert_close(torch_functional.logprobs_from_logits(logits, labels), expected)
-
-
-def test_sft_and_dapo_runs_install_it() -> None:
-    gpu = launch.Topology(gpus_per_node=1)
-    sft = launch.sft_command(launch.sft_overrides(Layout.modal(), "e", Path("/m"), gpu), gpu)
-    assert sft[sft.index("-m", 3) + 1] == "recipe.retool.verl_plugins.fast_logprobs"
-    cfg = launch.validate("dapo", launch.dapo_overrides(Layout.modal(), "e", Path("/m"), gpu), gpu)
-    hook = cfg.ray_kwargs.ray_init.runtime_env.worker_process_setup_hook
-    assert hook == "recipe.retool.verl_plugins.fast_logprobs.install"
-
-
-def test_ray_workers_run_the_setup_hook_dapo_configures() -> None:
-    """The hook string in dapo.yaml is what Ray imports and calls in each worker process."""
-    import ray
-
-    repo = str(Path(__file__).resolve().parents[3])
-    hook = "recipe.retool.verl_plugins.fast_logprobs.install"
-    env = {"worker_process_setup_hook": hook, "env_vars": {"PYTHONPATH": repo}}
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env=env)
-    try:
-
-        @ray.remote
-        def patched() -> str:
-            from verl.utils import torch_functional as tf
-
-            return tf.logprobs_from_logits_v2.__qualname__
-
-        assert ray.get(patched.remote(), timeout=120) == "chunked_logprobs"
-    finally:
-        ray.shutdown()

@@ -1,0 +1,39 @@
+"""What every process that trains with verl installs first: the project's kernels for hot paths.
+
+- :mod:`fast_logprobs`: token log-probs in fused chunks instead of verl's per-token loop;
+- :mod:`varlen_attention`: torch's varlen flash attention for packed (remove-padding) micro-batches
+  and Ulysses sequence parallelism, registered with transformers under
+  ``varlen_attention.NAME``, the implementation ``launch.py`` asks verl to load.
+
+Both only replace verl/transformers functions in the running process, so they are installed where
+the models are built:
+- SFT: ``torchrun -m recipe.retool.verl_plugins.trainer_setup <overrides>`` runs verl's SFT trainer
+  after :func:`install` (``launch.sft_command``; the CPU shim runs it too);
+- DAPO: every Ray worker, through ``ray_kwargs.ray_init.runtime_env.worker_process_setup_hook``
+  (``config/dapo.yaml``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from recipe.retool.verl_plugins import fast_logprobs, varlen_attention
+
+
+def install() -> None:
+    """Install every plugin in this process (idempotent)."""
+    fast_logprobs.install()
+    varlen_attention.install()
+
+
+def main() -> None:
+    """``torchrun -m recipe.retool.verl_plugins.trainer_setup <overrides>``: verl's SFT trainer."""
+    install()
+    from verl.trainer import sft_trainer
+
+    sys.argv[0] = sft_trainer.__file__
+    sft_trainer.main()
+
+
+if __name__ == "__main__":
+    main()

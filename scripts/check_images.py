@@ -1,0 +1,227 @@
+"""What can be proven about the images without Docker (``make check-images``).
+
+    python scripts/check_images.py            # the static checks, then the resolve (~1 min)
+    python scripts/check_images.py --static   # the static checks only (no network)
+
+Static: every file a Dockerfile COPYs is in the build context and not dockerignored; every exact
+pin an image installs (Dockerfile text, the trainer's and the sandbox's pip sets) equals
+constraints.txt's where constraints.txt names the package.
+Resolve: the trainer's pip set (``images/trainer_requirements.py trainer``) and the sandbox
+interpreter's resolve together for manylinux x86_64 / CPython 3.12, wheels only (pip's dry run:
+metadata, no wheel bodies), whatever Python runs this; the resolved torch's CUDA major (from its
+``nvidia-*-cuXX`` / ``cuda-toolkit`` requirements) equals the trainer base image's; vLLM and
+transferqueue are in the set. PyPI has only sdists of a few pure-Python packages
+(``SDIST_ONLY``): they are built to wheels here first, as pip builds them in the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.images import dockerfiles  # noqa: E402  (the Dockerfile parser and COPY check)
+
+PYTHON_VERSION = "3.12"  # Ubuntu 24.04's, the trainer image's interpreter
+UBUNTU_GLIBC = {"22.04": 35, "24.04": 39}  # glibc 2.N of the base images' Ubuntu releases
+SDIST_ONLY = ("antlr4-python3-runtime", "pylatexenc")  # versions from constraints.txt
+REQUIRED = ("torch", "vllm", "verl", "transferqueue", "transformers")
+_PIN = re.compile(r"(?<![\w.-])([A-Za-z0-9][\w.-]*(?:\[[^\]]*\])?)==([0-9][\w.+!-]*)")
+_CUDA_REQ = re.compile(r"^(?:nvidia-[a-z0-9-]+-cu(\d+)\b|cuda-toolkit\S*\s*\(?==\s*(\d+)\.)")
+
+
+def _load(path: Path, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reqs = _load(REPO / "images" / "trainer_requirements.py", "trainer_requirements")
+
+
+# ---- static ------------------------------------------------------------------------------------
+
+
+def dockerfile_pins(text: str) -> list[str]:
+    """``name==version`` strings a Dockerfile spells out (RUN, ARG and ENV lines)."""
+    instructions = dockerfiles.parse(text)
+    return [
+        f"{m[1]}=={m[2]}"
+        for ins in instructions
+        if ins.keyword in ("RUN", "ARG", "ENV")
+        for m in _PIN.finditer(ins.args)
+    ]
+
+
+def pin_problems(sets: dict[str, Iterable[str]], constraints: dict[str, str]) -> list[str]:
+    """Exact pins that differ from constraints.txt (packages it does not name are not compared)."""
+    problems = []
+    for label, requirements in sets.items():
+        for requirement in requirements:
+            match = _PIN.fullmatch(requirement.split(";")[0].strip())
+            if not match:
+                continue
+            name, version = reqs.canonical(match[1]), match[2]
+            if name in constraints and constraints[name] != version:
+                problems.append(
+                    f"{label}: {requirement} but constraints.txt has {name}=={constraints[name]}"
+                )
+    return problems
+
+
+def image_pip_sets(root: Path) -> dict[str, list[str]]:
+    """Every pip set the images install, by where it comes from."""
+    sets = {
+        f"images/{f.name}": dockerfile_pins(f.read_text())
+        for f in sorted((root / "images").glob("*Dockerfile"))
+    }
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    sets["pyproject.toml [sandbox] (images/sandbox.Dockerfile)"] = extras["optional-dependencies"][
+        "sandbox"
+    ]
+    sets["trainer_requirements.py trainer"] = reqs.trainer(root)
+    sets["trainer_requirements.py sandbox"] = reqs.sandbox(root)
+    return sets
+
+
+def static_problems(root: Path) -> list[str]:
+    problems = []
+    for dockerfile in sorted((root / "images").glob("*Dockerfile")):
+        problems += dockerfiles.copy_source_problems(dockerfile, root)
+    return problems + pin_problems(image_pip_sets(root), reqs.constraints(root))
+
+
+def platforms(glibc_minor: int) -> list[str]:
+    """The wheel platform tags a glibc 2.N x86_64 system accepts (pip does not widen --platform)."""
+    legacy = ("manylinux2014", "manylinux2010", "manylinux1")
+    return [f"manylinux_2_{m}_x86_64" for m in range(glibc_minor, 16, -1)] + [
+        f"{tag}_x86_64" for tag in legacy
+    ]
+
+
+def base_image(text: str) -> tuple[int, int]:
+    """(CUDA major, glibc minor) of a Dockerfile's first base image,
+    ``nvidia/cuda:<major>.…-ubuntu<release>``, with the ARG defaults before FROM substituted."""
+    defaults: dict[str, str] = {}
+    for ins in dockerfiles.parse(text):
+        if ins.keyword == "ARG" and "=" in ins.args:
+            name, value = ins.args.split("=", 1)
+            defaults[name.strip()] = value.strip()
+        elif ins.keyword == "FROM":
+            image = re.sub(
+                r"\$\{?(\w+)\}?", lambda m: defaults.get(m[1], m[0]), ins.args.split()[0]
+            )
+            match = re.match(r"(?:docker\.io/)?nvidia/cuda:(\d+)\.\S*-ubuntu([\d.]+)$", image)
+            if not match or match[2] not in UBUNTU_GLIBC:
+                raise ValueError(
+                    f"base image {image!r} is not nvidia/cuda:<version>-…-ubuntu<release>"
+                )
+            return int(match[1]), UBUNTU_GLIBC[match[2]]
+    raise ValueError("no FROM")
+
+
+# ---- resolve -----------------------------------------------------------------------------------
+
+
+def installs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """pip's installation report as {canonical name: metadata}."""
+    return {reqs.canonical(i["metadata"]["name"]): i["metadata"] for i in report["install"]}
+
+
+def cuda_majors(metadata: dict[str, Any]) -> set[int]:
+    """CUDA majors a wheel's requirements name (``nvidia-nccl-cu13``, ``cuda-toolkit==13.0.2``)."""
+    found = set()
+    for requirement in metadata.get("requires_dist", []):
+        match = _CUDA_REQ.match(requirement)
+        if match:
+            found.add(int(match[1] or match[2]))
+    return found
+
+
+def resolve_problems(trainer: dict[str, Any], base_major: int) -> list[str]:
+    problems = [f"trainer set: no {name}" for name in REQUIRED if name not in installs(trainer)]
+    torch = installs(trainer).get("torch")
+    if torch is not None:
+        majors = cuda_majors(torch)
+        if majors != {base_major}:
+            problems.append(
+                f"torch {torch['version']} is built for CUDA {sorted(majors) or 'none'}, "
+                f"the trainer base image has CUDA {base_major}"
+            )
+    return problems
+
+
+def sdist_wheels(root: Path, cache: Path) -> Path:
+    """Wheels of the sdist-only packages at constraints.txt's versions (pure Python, built once)."""
+    wheels = cache / "wheels"
+    pins = reqs.constraints(root)
+    wanted = [f"{name}=={pins[reqs.canonical(name)]}" for name in SDIST_ONLY]
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    cache_args = ["--cache-dir", str(cache / "pip")]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "-w", str(wheels), *cache_args, *wanted], check=True
+    )
+    return wheels
+
+
+def resolve(requirements: list[str], glibc_minor: int, wheels: Path, cache: Path) -> dict[str, Any]:
+    """pip's dry-run installation report of ``requirements`` for the image's platform."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as listing:
+        listing.write("\n".join(requirements) + "\n")
+        listing.flush()
+        tags = [arg for tag in platforms(glibc_minor) for arg in ("--platform", tag)]
+        command = [
+            *(sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "install"),
+            *("--dry-run", "--ignore-installed", "--report", "-", "--only-binary=:all:"),
+            *(*tags, "--python-version", PYTHON_VERSION, "--implementation", "cp"),
+            *("--find-links", str(wheels), "--cache-dir", str(cache / "pip"), "-r", listing.name),
+        ]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
+        raise RuntimeError("\n".join(errors) or proc.stderr[-2000:])
+    return json.loads(proc.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--static", action="store_true", help="skip the resolve (no network)")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "check-images")
+    args = parser.parse_args(argv)
+    problems = static_problems(REPO)
+    base_major, glibc = base_image((REPO / "images" / "trainer.Dockerfile").read_text())
+    print(f"static: {len(problems)} problem(s); trainer base: CUDA {base_major}, glibc 2.{glibc}")
+    if not args.static and not problems:
+        wheels = sdist_wheels(REPO, args.cache)
+        for name in ("trainer", "sandbox"):
+            try:
+                report = resolve(reqs.SETS[name](REPO), glibc, wheels, args.cache)
+            except RuntimeError as exc:
+                problems.append(f"{name} set does not resolve for linux/cp{PYTHON_VERSION}: {exc}")
+                continue
+            found = installs(report)
+            shown = {n: found[n]["version"] for n in (*REQUIRED, "numpy", "sympy") if n in found}
+            print(f"{name}: {len(found)} packages resolve; {json.dumps(shown)}")
+            if name == "trainer":
+                torch = found.get("torch", {})
+                print(f"trainer: torch's CUDA {sorted(cuda_majors(torch))}")
+                problems += resolve_problems(report, base_major)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
