@@ -179,8 +179,8 @@ def write_report(root: Path, row: dict) -> None:
     lines = [
         f"# DAPO learning curve ({row['gpus']}× {row['gpu']})",
         "",
-        f"- SFT: {row['sft_steps']} steps in {row['sft_s']} s; DAPO: {row['steps']} steps in "
-        f"{row['dapo_s']} s (exit {row['dapo_exit']})",
+        f"- SFT: {row['sft_steps']} steps in {row['sft_s']} s; DAPO: {row['steps']} steps, "
+        + (row["ended"] if "ended" in row else f"{row['dapo_s']} s (exit {row['dapo_exit']})"),
         "- validation accuracy (mean@k, held-out problems), in order: "
         + ", ".join(f"step {s}: {a:.3f}" for s, a in zip(row["val_steps"], acc, strict=True)),
     ]

@@ -40,3 +40,12 @@ def test_report_is_written_from_the_row(tmp_path: Path) -> None:
     text = (tmp_path / "curve.md").read_text()
     assert "step 0: 0.016" in text and "step 12: 0.023" in text
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_report_of_a_run_cut_short_says_so(tmp_path: Path) -> None:
+    row = json.loads(
+        (Path(__file__).resolve().parents[2] / "docs/gpu-runs/dapo_curve_h100.json").read_text()
+    )
+    learning_curve.write_report(tmp_path, row)
+    text = (tmp_path / "curve.md").read_text()
+    assert "19 steps, cut after step 19" in text and "step 15: 0.856" in text
