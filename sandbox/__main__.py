@@ -28,9 +28,12 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sandbox.api import create_app
+    from sandbox.client import TOKEN_ENV
+    from sandbox.environ import scrub_environ
     from sandbox.isolation import detect
 
     settings = _settings(args)
+    scrub_environ(TOKEN_ENV)  # read; now out of /proc/<pid>/environ before any user code runs
     isolation = detect(settings)  # fail fast, before binding the port
     app = create_app(settings, isolation)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
