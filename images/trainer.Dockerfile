@@ -25,10 +25,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+# bubblewrap, and numpy/sympy for the system python: each DAPO node runs the project's sandbox
+# (recipe/retool/tool_sandbox.py), whose user code runs on /usr/bin/python3, not the venv.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         python3.12 python3.12-venv python3.12-dev git build-essential ninja-build bubblewrap \
+        python3-numpy python3-sympy \
     && rm -rf /var/lib/apt/lists/* \
     && python3.12 -m venv /opt/venv
 
