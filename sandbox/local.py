@@ -36,8 +36,10 @@ def free_port() -> int:
 
 def claim_port(port: int) -> int:
     """``port`` if nothing listens on 127.0.0.1:``port``; else one line saying so. Without this
-    check a server already there would answer the ping for the one that failed to bind."""
+    check a server already there would answer the ping for the one that failed to bind.
+    SO_REUSEADDR, as uvicorn binds: closed connections lingering in TIME_WAIT do not count."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError as exc:
