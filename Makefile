@@ -53,6 +53,10 @@ sandbox: $(PY) ## Serve the sandbox locally on PORT (default 8080; bubblewrap is
 bench-sandbox: $(PY) ## Benchmark the sandbox vs a naive subprocess server; writes docs/benchmarks.md
 	$(PY) scripts/bench_sandbox.py
 
+.PHONY: bench-tool-sandbox
+bench-tool-sandbox: $(PY) ## DAPO-like tool calls (256 rollouts x 4 calls): node sandbox vs a simulated remote one
+	$(PY) scripts/bench_tool_sandbox.py
+
 DEVICE ?= cpu
 
 .PHONY: bench-logprobs

@@ -26,7 +26,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # bubblewrap: the sandbox's isolation. python3.12 is Ubuntu 24.04's; the trainer gets a virtualenv,
-# the sandbox runs user code with the system interpreter (readable by its unprivileged uids).
+# the sandbox runs user code with the system interpreter (readable by its unprivileged uids); each
+# DAPO node runs that sandbox (recipe/retool/tool_sandbox.py).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \

@@ -28,9 +28,12 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sandbox.api import create_app
+    from sandbox.client import TOKEN_ENV
+    from sandbox.environ import scrub_environ
     from sandbox.isolation import detect
 
     settings = _settings(args)
+    scrub_environ(TOKEN_ENV)  # read; now out of /proc/<pid>/environ before any user code runs
     isolation = detect(settings)  # fail fast, before binding the port
     app = create_app(settings, isolation)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
@@ -92,6 +95,15 @@ def run(args: argparse.Namespace) -> int:
     return 0 if raw.get("status") == "Success" else 1
 
 
+def tcp_port(text: str) -> int:
+    """A port uvicorn can bind as given: beyond 65535 it would log one port and listen on another
+    (the kernel keeps the low 16 bits), and 0 would pick one nobody knows."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(text)
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sandbox", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--slots", type=int, help="concurrent runs (default 2 x cores, min 4)")
     p_serve = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     p_serve.add_argument("--host", default="127.0.0.1")
-    p_serve.add_argument("--port", type=int, default=8080)
+    p_serve.add_argument("--port", type=tcp_port, default=8080, help="1-65535")
     p_serve.add_argument(
         "--log-level",
         default="info",

@@ -34,6 +34,7 @@ import os
 import resource
 import select
 import signal
+import site
 import socket
 import stat
 import struct
@@ -875,11 +876,20 @@ def probe(cfg):
     print(json.dumps(out))
 
 
+def add_site_dirs(cfg):
+    """SANDBOX_SITE: import dirs for user code, after the interpreter's own (.pth files too)."""
+    for path in cfg.get("site", []):
+        site.addsitedir(path)
+
+
 def main():
     if sys.argv[1] == "--probe":
-        probe(json.loads(sys.argv[2]))
+        cfg = json.loads(sys.argv[2])
+        add_site_dirs(cfg)
+        probe(cfg)
         return
     cfg = json.loads(sys.argv[1])
+    add_site_dirs(cfg)
     if cfg.get("unshare_net"):  # "unshare" mode: no bubblewrap around us, do what we can
         unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
     loaded = []

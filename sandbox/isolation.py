@@ -53,6 +53,8 @@ ZYGOTE_ENV = {
     "MKL_NUM_THREADS": "1",
     "PYTHONDONTWRITEBYTECODE": "1",
 }
+# What bubblewrap shows of the host's system directories (read-only; /usr first).
+SYSTEM_TOPS = ("/usr", "/bin", "/lib", "/lib64", "/sbin")
 # Read-only /etc files the interpreter and BLAS need (Debian finds libblas via alternatives).
 ETC_FILES = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d")
 
@@ -68,6 +70,7 @@ class Isolation:
     mode: str
     python: str
     probe: dict[str, Any] = field(default_factory=dict)
+    site_dirs: tuple[str, ...] = ()  # Settings.site: import dirs added in the zygote
 
     @property
     def secure(self) -> bool:
@@ -83,7 +86,8 @@ class Isolation:
 
     def zygote_argv(self, *args: str) -> list[str]:
         if self.mode in ("bwrap", "bwrap-userns"):
-            return [*bwrap_prefix(), self.python, "-I", "-B", ZYGOTE_IN_SANDBOX, *args]
+            prefix = bwrap_prefix(self.site_dirs)
+            return [*prefix, self.python, "-I", "-B", ZYGOTE_IN_SANDBOX, *args]
         return [self.python, "-I", "-B", str(ZYGOTE_SRC), *args]
 
     def zygote_env(self) -> dict[str, str]:
@@ -91,7 +95,7 @@ class Isolation:
         return dict(ZYGOTE_ENV)
 
 
-def bwrap_prefix() -> list[str]:
+def bwrap_prefix(site_dirs: tuple[str, ...] = ()) -> list[str]:
     argv = [
         "bwrap",
         "--unshare-net",
@@ -108,7 +112,7 @@ def bwrap_prefix() -> list[str]:
         "/usr",
         "/usr",
     ]
-    for top in ("/bin", "/lib", "/lib64", "/sbin"):
+    for top in SYSTEM_TOPS[1:]:
         p = Path(top)
         if p.is_symlink():
             argv += ["--symlink", str(p.readlink()), top]
@@ -116,10 +120,29 @@ def bwrap_prefix() -> list[str]:
             argv += ["--ro-bind", top, top]
     for etc in ETC_FILES:
         argv += ["--ro-bind-try", etc, etc]
+    argv += site_binds(site_dirs)
     argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     argv += ["--ro-bind", str(ZYGOTE_SRC), ZYGOTE_IN_SANDBOX, "--chdir", "/tmp"]
     for key, value in ZYGOTE_ENV.items():
         argv += ["--setenv", key, value]
+    return argv
+
+
+def site_binds(site_dirs: tuple[str, ...]) -> list[str]:
+    """bubblewrap arguments that show each SANDBOX_SITE directory read-only at its own path.
+
+    Directories bubblewrap makes on the way are 0700 unless told, which the per-run uids could
+    not traverse; ones under the bound system tops are visible already."""
+    argv: list[str] = []
+    made: set[Path] = set()
+    for site in map(Path, site_dirs):
+        if any(site.is_relative_to(top) for top in SYSTEM_TOPS):
+            continue
+        for parent in reversed(site.parents[:-1]):  # from the top, without "/"
+            if parent not in made:
+                made.add(parent)
+                argv += ["--perms", "0755", "--dir", str(parent)]
+        argv += ["--ro-bind", str(site), str(site)]
     return argv
 
 
@@ -137,6 +160,7 @@ def run_probe(iso: Isolation, settings: Settings) -> dict[str, Any] | None:
     cfg = {
         "base_uid": settings.base_uid,
         "preload": settings.preload.split(","),
+        "site": list(iso.site_dirs),
         "unshare_net": iso.mode == "unshare",
     }
     try:
@@ -189,10 +213,10 @@ def detect(settings: Settings) -> Isolation:
         if mode.startswith("bwrap") and shutil.which("bwrap") is None:
             log.info("isolation bwrap unavailable: no bwrap on PATH")
             continue
-        iso = Isolation(mode, python)
+        iso = Isolation(mode, python, site_dirs=settings.site_dirs)
         probe = run_probe(iso, settings)
         if works(mode, probe):
-            chosen = Isolation(mode, python, probe or {})
+            chosen = Isolation(mode, python, probe or {}, settings.site_dirs)
             break
         log.info("isolation %s unavailable: probe %s", mode, probe)
     if chosen is None:

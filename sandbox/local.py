@@ -34,6 +34,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def claim_port(port: int) -> int:
+    """``port`` if nothing listens on 127.0.0.1:``port``; else one line saying so. Without this
+    check a server already there would answer the ping for the one that failed to bind.
+    SO_REUSEADDR, as uvicorn binds: closed connections lingering in TIME_WAIT do not count."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ServerDidNotStart(f"127.0.0.1:{port} is taken ({exc.strerror})") from None
+    return port
+
+
 def start_server(
     argv: Sequence[str],
     port: int,
@@ -79,12 +92,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def sandbox_service(
-    *extra_args: str, env: Mapping[str, str | None] | None = None, wait_s: float = 60
+    *extra_args: str,
+    env: Mapping[str, str | None] | None = None,
+    wait_s: float = 60,
+    port: int | None = None,
 ) -> Iterator[str]:
-    """``python -m sandbox serve`` on a free port for the duration; yields its base URL."""
+    """``python -m sandbox serve`` on ``port`` (default: a free one) for the duration; yields its
+    base URL."""
     import sys
 
-    port = free_port()
+    port = free_port() if port is None else claim_port(port)
     argv = [sys.executable, "-m", "sandbox", "serve", "--port", str(port), *extra_args]
     proc = start_server(argv, port, env=env, wait_s=wait_s)
     try:

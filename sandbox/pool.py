@@ -79,6 +79,7 @@ class ZygotePool:
             "fds": child_fds,
             "base_uid": self.settings.base_uid,
             "preload": self.settings.preload.split(","),
+            "site": list(self.isolation.site_dirs),
             "unshare_net": self.isolation.mode == "unshare",
             "mountns": self.isolation.mountns,
             "drop_uid": self.isolation.drop_uid,

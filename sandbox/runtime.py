@@ -9,7 +9,9 @@ sandbox runs. Everything that installs or checks them reads this module:
   tests/sandbox/test_runtime.py checks the two agree);
 - ``scripts/setup.sh`` installs Debian's builds for ``/usr/bin/python3`` (``apt_packages()``);
 - :class:`sandbox.settings.Settings` preloads them into the warm zygote;
-- at start the service logs which of them the zygote's interpreter cannot import, and how to fix it.
+- at start the service logs which of them the zygote's interpreter cannot import, and how to fix it;
+- where the interpreter has none (the GPU machines), ``SANDBOX_SITE`` names a directory that has
+  them (:class:`sandbox.settings.Settings`), e.g. the trainer venv's site-packages.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def missing_message(python: str, missing: set[str]) -> str:
     return (
         f"user code cannot import {', '.join(sorted(missing))}: install them for {python} "
         f"(Debian/Ubuntu: apt-get install {apt_packages(sorted(missing))}; or pip, pins in "
-        "sandbox/runtime.py), or point SANDBOX_PYTHON at an interpreter that has them"
+        "sandbox/runtime.py), or point SANDBOX_PYTHON at an interpreter that has them, or "
+        "SANDBOX_SITE at a site-packages directory built for this one"
     )
 
 

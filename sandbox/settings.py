@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from sandbox.runtime import preload_default
@@ -66,6 +67,12 @@ class Settings:
     isolation: str = "auto"  # auto | bwrap | unshare | bwrap-userns | none
     allow_insecure: bool = False  # permit a mode weaker than bwrap (Modal/gVisor opts in)
     python: str = ""  # interpreter of the warm zygote; "" = first of /usr/bin/python3, ...
+    # Extra import directories for user code (os.pathsep-separated), e.g. a site-packages dir
+    # holding numpy/sympy built for that interpreter where its own has none (the GPU machines,
+    # the trainer image's /opt/venv). The zygote runs with -I, so PYTHONPATH never reaches user
+    # code: this is the one way. Bound read-only into bubblewrap; must be readable by any uid
+    # and not under /tmp (each run gets a /tmp of its own).
+    site: str = ""
     preload: str = field(default_factory=preload_default)  # sandbox/runtime.py
     pod_name: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "local"))
     # --- access -----------------------------------------------------------------------------------
@@ -83,6 +90,22 @@ class Settings:
                 f"python={self.python!r} is not an executable file; set SANDBOX_PYTHON to an "
                 "interpreter's path, or unset it to use the first of /usr/bin/python3, ..."
             )
+
+        for path in self.site_dirs:
+            if not Path(path).is_absolute() or not Path(path).is_dir():
+                raise SettingsError(
+                    f"site entry {path!r} is not an absolute path to a directory; fix "
+                    "SANDBOX_SITE (directories separated by ':') or unset it"
+                )
+            if Path(path).resolve().is_relative_to("/tmp"):
+                raise SettingsError(
+                    f"site entry {path!r} is under /tmp, which each run replaces with its own; "
+                    "move it elsewhere (e.g. /var/tmp, /opt) for SANDBOX_SITE"
+                )
+
+    @property
+    def site_dirs(self) -> tuple[str, ...]:
+        return tuple(filter(None, self.site.split(os.pathsep)))
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

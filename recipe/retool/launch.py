@@ -86,10 +86,18 @@ class LaunchArgs:
 
     experiment: str | None = None
     sft_checkpoint: str | None = None
+    sandbox: str | None = None  # DAPO's tool sandbox, one of SANDBOX_CHOICES
     overrides: list[str] = field(default_factory=list)
 
 
-_OPTION_NAMES = {"experiment-name": "experiment", "sft-checkpoint": "sft_checkpoint"}
+_OPTION_NAMES = {
+    "experiment-name": "experiment",
+    "sft-checkpoint": "sft_checkpoint",
+    "sandbox": "sandbox",
+}
+# Where DAPO's tool calls run (recipe/retool/tool_sandbox.py): each node's own sandbox on loopback
+# (the default, chosen by measurement: docs/benchmarks.md), or the deployed Modal endpoint.
+SANDBOX_CHOICES = ("node", "deployed")
 
 
 def parse_launch_args(args: Sequence[str]) -> LaunchArgs:
@@ -119,6 +127,8 @@ def parse_launch_args(args: Sequence[str]) -> LaunchArgs:
             raise LaunchError(
                 f"cannot read argument {item!r}: expected key=value or --option=value"
             )
+    if values.get("sandbox", SANDBOX_CHOICES[0]) not in SANDBOX_CHOICES:
+        raise LaunchError(f"--sandbox={values['sandbox']}: choose {' or '.join(SANDBOX_CHOICES)}")
     if "experiment" in values:
         try:
             check_experiment_name(values["experiment"])

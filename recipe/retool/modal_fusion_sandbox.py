@@ -81,8 +81,14 @@ def serve():
     import logging
 
     from sandbox.api import create_app
+    from sandbox.environ import scrub_environ
+    from sandbox.settings import Settings
 
-    if not os.environ.get(TOKEN_ENV):
+    settings = Settings.from_env()
+    scrub_environ(TOKEN_ENV)  # read: out of this process's /proc/<pid>/environ from here on
+    if not settings.api_token:
         raise RuntimeError(f"no {TOKEN_ENV}: add it to .env, then modal deploy again")
+    # INFO: the start-up log names the isolation mode the probe found under gVisor
+    # ("sandbox isolation: unshare ..."; docs/sandbox-security.md), the proof a deploy gives.
     logging.basicConfig(level=logging.INFO)
-    return create_app()
+    return create_app(settings)

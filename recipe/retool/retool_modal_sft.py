@@ -180,7 +180,9 @@ def download_model(
 #
 # `train` runs verl's SFT trainer under torchrun on all GPUs of one container; `train_dapo` runs
 # verl's PPO trainer (GRPO advantages, DAPO settings) with Ray and vLLM, starting from the latest
-# complete SFT checkpoint and calling the deployed sandbox for every tool call.
+# complete SFT checkpoint. Every node runs its own sandbox on loopback for the tool calls
+# (`tool_sandbox.py`; measured against a remote endpoint in docs/benchmarks.md); pass
+# `--sandbox=deployed` to send them to the deployed `modal_fusion_sandbox.py` instead.
 
 
 def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -> None:
@@ -194,6 +196,7 @@ def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -
     import sys
 
     from recipe.retool import launch, stages
+    from recipe.retool.tool_sandbox import NodeSandboxError
 
     _report_credentials()
     _reload(data_volume, models_volume, checkpoints_volume)
@@ -203,16 +206,18 @@ def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -
         topo = _topology()
         if stage == "sft":
             result = stages.run_sft(layout, topo, arglist, launch_id=launch_id)
-        else:
-            sandbox_url = modal_common.sandbox_url()
-            if topo.nnodes > 1:
-                stages.join_ray_cluster(topo, stages.dapo_env(sandbox_url))
-                if topo.node_rank > 0:
-                    return  # a worker node served the cluster until the job ended
-            result = stages.run_dapo(
-                layout, topo, arglist, sandbox_url=sandbox_url, launch_id=launch_id
+        else:  # every node starts its own sandbox first (tool_sandbox.py), then Ray
+            result = stages.dapo_on_node(
+                layout, topo, arglist, deployed_url=modal_common.sandbox_url, launch_id=launch_id
             )
-    except (launch.LaunchError, paths.CheckpointNotFound, modal_common.SandboxNotDeployed) as exc:
+            if result is None:
+                return  # a worker node served the cluster until the job ended
+    except (
+        launch.LaunchError,
+        paths.CheckpointNotFound,
+        modal_common.SandboxNotDeployed,
+        NodeSandboxError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if retried:
             return
@@ -243,7 +248,8 @@ def train(*arglist: str) -> None:
 # mistake is not retried: it is reported and the call ends.
 @app.function(**(GPU_FUNCTION | {"retries": modal.Retries(max_retries=3, initial_delay=60.0)}))
 def train_dapo(*arglist: str) -> None:
-    """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT; then overrides."""
+    """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT
+    --sandbox=node|deployed (default node: a sandbox on each node); then overrides."""
     _run_stage("dapo", arglist, retried=True)
 
 

@@ -229,6 +229,32 @@ def run_dapo(
     return StageResult("dapo", experiment, code, ckpt, time.time() - start)
 
 
+def dapo_on_node(
+    layout: Layout,
+    topo: launch.Topology,
+    args: Sequence[str] = (),
+    *,
+    deployed_url: Callable[[], str],
+    runner: Runner = run_subprocess,
+    launch_id: str | None = None,
+) -> StageResult | None:
+    """What every node of a DAPO job does: start the tool's sandbox (this node's own unless
+    ``SANDBOX_FUSION_ENDPOINT`` or ``--sandbox=deployed`` says otherwise; ``tool_sandbox.py``),
+    then, on several nodes, join the Ray cluster with the tool pointed at it; node 0 runs
+    ``main_ppo``. A worker node returns ``None`` once the cluster ends; its sandbox stops then."""
+    from recipe.retool.tool_sandbox import tool_sandbox
+
+    choice = launch.parse_launch_args(args).sandbox  # a bad option fails before anything starts
+    with tool_sandbox(choice, deployed_url=deployed_url) as sandbox_url:
+        if topo.nnodes > 1:
+            join_ray_cluster(topo, dapo_env(sandbox_url), runner=runner)
+            if topo.node_rank > 0:
+                return None  # served the cluster until the job ended
+        return run_dapo(
+            layout, topo, args, sandbox_url=sandbox_url, runner=runner, launch_id=launch_id
+        )
+
+
 def dapo_env(sandbox_url: str) -> dict[str, str]:
     """Environment of every DAPO process: main_ppo *and* each Ray node, whose workers run the
     tool (its yaml reads SANDBOX_FUSION_ENDPOINT inside the agent-loop actors)."""

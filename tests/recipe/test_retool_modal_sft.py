@@ -184,7 +184,9 @@ def dapo_attempt(app_module, tmp_path, monkeypatch, attempt_clock):
     mark_tracked(layout, "sft", "s1", 62)
     runner = FailingDapoRunner(layout)
     run_dapo = stages.run_dapo
-    monkeypatch.setattr(stages, "run_dapo", lambda *a, **kw: run_dapo(*a, runner=runner, **kw))
+    monkeypatch.setattr(
+        stages, "run_dapo", lambda *a, **kw: run_dapo(*a, **kw | {"runner": runner})
+    )
     monkeypatch.setattr(app_module.modal, "current_function_call_id", lambda: "fc-01TEST")
     return runner
 
@@ -337,3 +339,26 @@ def test_modal_functions_answer_bad_arguments_in_one_line(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_train_dapo_starts_a_sandbox_on_its_node_and_hands_its_url_to_the_run(
+    app_module, tmp_path, monkeypatch
+) -> None:
+    """The Modal function body as a plain function: no endpoint configured, so the node's own
+    sandbox serves the run (the deployed one is never looked up)."""
+    from recipe.retool import modal_common, stages, tool_sandbox
+    from sandbox.client import SandboxClient
+
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    monkeypatch.delenv("SANDBOX_FUSION_ENDPOINT", raising=False)
+    monkeypatch.setattr(modal_common, "sandbox_url", lambda: pytest.fail("deployed looked up"))
+    seen = {}
+
+    def run_dapo(layout, topo, args, *, sandbox_url, runner, launch_id):
+        seen["url"] = sandbox_url
+        seen["out"] = SandboxClient(sandbox_url, max_retries=1).run_code_sync("print(6*7)").stdout
+        return stages.StageResult("dapo", "d", 0, None, 1.0)
+
+    monkeypatch.setattr(stages, "run_dapo", run_dapo)
+    app_module.train_dapo.local("--experiment-name=d")
+    assert seen == {"url": tool_sandbox.NODE_SANDBOX_URL, "out": "42\n"}

@@ -13,6 +13,8 @@ from tests.cli import assert_one_line_error, run_module
     [
         (["run", "--slots", "0"], {}, "slots=0: at least 1 run must fit"),
         (["serve", "--log-level", "loud"], {}, "argument --log-level: invalid choice: 'loud'"),
+        (["serve", "--port", "99999"], {}, "argument --port: invalid tcp_port value: '99999'"),
+        (["serve", "--port", "0"], {}, "argument --port: invalid tcp_port value: '0'"),
         (["run"], {"SANDBOX_SLOTS": "abc"}, "SANDBOX_SLOTS='abc': expected an integer"),
         (["run"], {"SANDBOX_MAX_RUN_TIMEOUT_S": "1m"}, "SANDBOX_MAX_RUN_TIMEOUT_S='1m'"),
         (["serve"], {"SANDBOX_PYTHON": "/nonexistent"}, "'/nonexistent' is not an executable"),
