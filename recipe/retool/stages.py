@@ -219,12 +219,13 @@ def run_dapo(
     overrides = launch.dapo_overrides(layout, experiment, start_from, topo, parsed.overrides)
     launch.validate("dapo", overrides, topo)
     print(f"DAPO starts from {start_from}", flush=True)
-    print(launch.estimate_cost("dapo", topo), flush=True)
+    if topo.device == "cuda":
+        print(launch.estimate_cost("dapo", topo), flush=True)
     env = dapo_env(sandbox_url) | metrics_file_env(layout, "dapo", experiment)
     if topo.nnodes > 1:  # join the Ray cluster that join_ray_cluster started
         env["RAY_ADDRESS"] = f"{topo.master_addr}:{launch.RAY_PORT}"
     start = time.time()
-    code = runner(launch.dapo_command(overrides), env)
+    code = runner(launch.dapo_command(overrides, topo), env)
     ckpt = _record(layout, "dapo", experiment, str(start_from), code)
     return StageResult("dapo", experiment, code, ckpt, time.time() - start)
 
