@@ -386,8 +386,8 @@ class KillAfterCheckpoint:
     tracker file names ``step`` (a preemption right after a save), later ones run to the end.
     Records what each run printed."""
 
-    def __init__(self, tracker: Path, step: int) -> None:
-        self.tracker, self.step, self.outputs = tracker, step, []
+    def __init__(self, tracker: Path, step: int, timeout_s: float = 300) -> None:
+        self.tracker, self.step, self.timeout_s, self.outputs = tracker, step, timeout_s, []
 
     def __call__(self, command: Sequence[str], env: dict[str, str]) -> int:
         import os
@@ -405,7 +405,7 @@ class KillAfterCheckpoint:
                 list(command), env=merged, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + self.timeout_s
             while proc.poll() is None and time.monotonic() < deadline:
                 tracked = self.tracker.exists() and self.tracker.read_text().strip()
                 if not self.outputs and tracked == str(self.step):

@@ -50,7 +50,10 @@ def cpu_ppo_overrides(ranks_per_node: int, nnodes: int) -> list[str]:
     multi-node run joins a cluster whose nodes declared theirs (``launch.ray_node_command``)."""
     if nnodes > 1:
         return list(CPU_PPO_OVERRIDES)
-    ray_init = [f"++ray_kwargs.ray_init.num_gpus={ranks_per_node}", f"ray_kwargs.ray_init.num_cpus={RAY_CPUS}"]
+    ray_init = [
+        f"++ray_kwargs.ray_init.num_gpus={ranks_per_node}",
+        f"ray_kwargs.ray_init.num_cpus={RAY_CPUS}",
+    ]
     return [*CPU_PPO_OVERRIDES, *ray_init]
 
 

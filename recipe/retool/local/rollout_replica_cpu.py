@@ -37,6 +37,8 @@ from verl.workers.rollout.base import _ROLLOUT_REGISTRY, BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
 from verl.workers.rollout.utils import ensure_async_iterator
 
+from recipe.retool.local.rollout_cpu import generate_kwargs
+
 NAME = "hf_cpu"
 
 
@@ -75,23 +77,11 @@ class HFRolloutServer:
     @torch.no_grad()
     def _sample(self, prompt_ids: list[int], sampling_params: dict[str, Any]) -> dict[str, Any]:
         config = self.model.generation_config
+        eos = config.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        max_new = self._max_tokens(prompt_ids, sampling_params)
+        kwargs = generate_kwargs(sampling_params, eos_ids, config.pad_token_id or 0, max_new)
         temperature = float(sampling_params.get("temperature", 1.0) or 0.0)
-        top_k = int(sampling_params.get("top_k", -1) or -1)
-        stop = {config.eos_token_id} if isinstance(config.eos_token_id, int) else set()
-        stop |= set(config.eos_token_id or []) if isinstance(config.eos_token_id, list) else set()
-        stop |= set(sampling_params.get("stop_token_ids") or [])
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self._max_tokens(prompt_ids, sampling_params),
-            "eos_token_id": sorted(stop) or None,
-            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else 0,
-            "do_sample": temperature > 0,
-        }
-        if temperature > 0:
-            kwargs |= {
-                "temperature": temperature,
-                "top_p": float(sampling_params.get("top_p", 1.0)),
-                "top_k": top_k if top_k > 0 else 0,
-            }
         prompt = torch.tensor([prompt_ids], dtype=torch.long)
         out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
         token_ids = out[0, len(prompt_ids) :].tolist()
@@ -180,7 +170,6 @@ class CpuReplica(RolloutReplica):
         self._server_address = f"{NAME}-replica-{self.replica_rank}"  # no HTTP endpoint
 
 
-
 async def _gather(weights: Iterable[tuple[str, torch.Tensor]] | AsyncIterator) -> dict:
     """The full tensors of a weight stream, copied to CPU (FSDP hands out DTensors)."""
     gathered = {}
@@ -223,7 +212,6 @@ class CpuServerAdapter(BaseRollout):
         if self.server is None:
             self.server = ray.get_actor(_server_name(self.replica_rank))
         await self.server.update_weights.remote(gathered, global_steps)
-
 
 
 def register() -> None:

@@ -14,7 +14,7 @@ from recipe.retool.paths import Layout, latest_checkpoint, read_checkpoint_info
 @pytest.mark.slow
 def test_local_smoke_runs_every_stage(tmp_path: Path, local_endpoint, monkeypatch, capsys) -> None:
     monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", local_endpoint + "/run_code")
-    assert smoke.main(["--root", str(tmp_path), "--rollouts", "1"]) == 0
+    assert smoke.main(["--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     table = out[out.rindex("local smoke:") :]
     for stage in ("model", "prep", "sandbox", "sft", "dapo", "eval"):
@@ -73,7 +73,7 @@ def test_gpu_path_reports_what_main_ppo_logged(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(smoke, "_gpu_rollout_available", lambda: True)
     monkeypatch.setattr(smoke.stages, "run_dapo", fake_run_dapo)
     monkeypatch.setattr(smoke.stages, "resolve_sft_checkpoint", lambda layout, req: tmp_path)
-    run = smoke.Smoke(tmp_path, rollouts=1, allow_insecure=True)
+    run = smoke.Smoke(tmp_path, allow_insecure=True)
     report = smoke.StageReport("dapo")
     run.dapo(report)
     assert runs and runs[0][0] == 1
