@@ -27,6 +27,7 @@ CPU_PPO_OVERRIDES: tuple[str, ...] = (
     "actor_rollout_ref.actor.fsdp_config.param_offload=false",
     "actor_rollout_ref.actor.fsdp_config.optimizer_offload=false",
     "actor_rollout_ref.model.use_remove_padding=false",  # needs flash-attn varlen kernels
+    "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1",  # needs remove-padding
     "actor_rollout_ref.model.enable_gradient_checkpointing=false",
     "actor_rollout_ref.actor.use_dynamic_bsz=false",
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
