@@ -237,7 +237,10 @@ def dapo_overrides(
     topo: Topology,
     user_overrides: Iterable[str] = (),
 ) -> list[str]:
-    """The full DAPO override list. The tool reads the sandbox URL from SANDBOX_FUSION_ENDPOINT."""
+    """The full DAPO override list: YAML base, then paths and topology, then device, then user.
+    The tool reads the sandbox URL from SANDBOX_FUSION_ENDPOINT."""
+    from recipe.retool.local.cpu_ppo import cpu_ppo_overrides
+
     stage = load_stage_config("dapo")
     tp_key = "actor_rollout_ref.rollout.tensor_model_parallel_size"
     sp_key = "actor_rollout_ref.actor.ulysses_sequence_parallel_size"
@@ -259,11 +262,14 @@ def dapo_overrides(
             attention_implementation()
         ),
     }
-    return [*to_overrides(stage.overrides), *to_overrides(filled), *user_overrides]
+    device = cpu_ppo_overrides(topo.gpus_per_node, topo.nnodes) if topo.device == "cpu" else []
+    return [*to_overrides(stage.overrides), *to_overrides(filled), *device, *user_overrides]
 
 
-def dapo_command(overrides: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "verl.trainer.main_ppo", *overrides]
+def dapo_command(overrides: Sequence[str], topo: Topology) -> list[str]:
+    """verl's ``main_ppo``; on CPU behind the shims of ``local/cpu_ppo.py``."""
+    module = "recipe.retool.local.cpu_ppo" if topo.device == "cpu" else "verl.trainer.main_ppo"
+    return [sys.executable, "-m", module, *overrides]
 
 
 RAY_PORT = 6379
@@ -526,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             model = Path(parsed.sft_checkpoint or "<latest complete SFT checkpoint>")
             overrides = dapo_overrides(layout, experiment, model, topo, parsed.overrides)
-            command = dapo_command(overrides)
+            command = dapo_command(overrides, topo)
         composed = validate(ns.stage, overrides, topo)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)

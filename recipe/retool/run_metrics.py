@@ -116,6 +116,9 @@ def describe(summary: DapoSummary) -> str:
         parts.append(f"{statistics.fmean(summary.tool_calls_per_traj):.2f} tool calls/trajectory")
     if summary.val_acc:
         parts.append("val acc " + "→".join(f"{a:.2f}" for a in summary.val_acc))
+    if summary.val_tool_calls:  # verl's V1 trainer logs tool calls for validation only
+        calls = statistics.fmean(summary.val_tool_calls)
+        parts.append(f"{calls:.2f} tool calls/trajectory in validation")
     if summary.budget_exhausted_steps:
         parts.append(f"{summary.budget_exhausted_steps} steps hit the dynamic-sampling bound")
     return ", ".join(parts)

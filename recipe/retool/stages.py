@@ -219,12 +219,13 @@ def run_dapo(
     overrides = launch.dapo_overrides(layout, experiment, start_from, topo, parsed.overrides)
     launch.validate("dapo", overrides, topo)
     print(f"DAPO starts from {start_from}", flush=True)
-    print(launch.estimate_cost("dapo", topo), flush=True)
+    if topo.device == "cuda":
+        print(launch.estimate_cost("dapo", topo), flush=True)
     env = dapo_env(sandbox_url) | metrics_file_env(layout, "dapo", experiment)
     if topo.nnodes > 1:  # join the Ray cluster that join_ray_cluster started
-        env["RAY_ADDRESS"] = f"{topo.master_addr}:{launch.RAY_PORT}"
+        env |= RAY_CLUSTER_ENV | {"RAY_ADDRESS": f"{topo.master_addr}:{launch.RAY_PORT}"}
     start = time.time()
-    code = runner(launch.dapo_command(overrides), env)
+    code = runner(launch.dapo_command(overrides, topo), env)
     ckpt = _record(layout, "dapo", experiment, str(start_from), code)
     return StageResult("dapo", experiment, code, ckpt, time.time() - start)
 
@@ -261,9 +262,19 @@ def dapo_env(sandbox_url: str) -> dict[str, str]:
     return {**TRAINING_ENV, "SANDBOX_FUSION_ENDPOINT": sandbox_url}
 
 
+# Ray 2.60 turns token authentication on by itself only for a process that starts a cluster
+# (`ray start --head`, a local ray.init); a node joining with `ray start --address`, or a driver
+# connecting, leaves it off and sends no token, and the head refuses it ("InvalidAuthToken"),
+# even with the head's token in ~/.ray/auth_token or RAY_AUTH_TOKEN
+# (ray/_private/authentication/authentication_token_setup.py). Every process of a multi-node run
+# names the mode; the token is the one file or RAY_AUTH_TOKEN the nodes share.
+RAY_CLUSTER_ENV = {"RAY_AUTH_MODE": "token"}
+
+
 def _alive_ray_nodes() -> int:
     probe = "import ray; ray.init(address='auto'); print(sum(n['Alive'] for n in ray.nodes()))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, **RAY_CLUSTER_ENV}, check=False)  # fmt: skip
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout else 0
 
 
@@ -279,6 +290,7 @@ def join_ray_cluster(
     """Multi-node DAPO: node 0 starts the Ray head and waits for every node; the others join
     (retrying while the head comes up) and serve until the cluster ends."""
     command = launch.ray_node_command(topo)
+    env = {**env, **RAY_CLUSTER_ENV}
     deadline = time.monotonic() + timeout_s
     if topo.node_rank == 0:
         if runner(command, env) != 0:

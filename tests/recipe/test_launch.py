@@ -64,7 +64,21 @@ def test_dapo_command_composes_for_every_topology(name: str) -> None:
     assert cfg.reward.reward_kwargs.overlong_buffer_cfg.enable is True
     assert cfg.reward.custom_reward_function.path.endswith("recipe/retool/verl_plugins/reward.py")
     assert list(cfg.data.val_files) == ["/data/rl/aime_2024.parquet", "/data/rl/aime_2025.parquet"]
-    assert launch.dapo_command(overrides)[1:3] == ["-m", "verl.trainer.main_ppo"]
+    assert launch.dapo_command(overrides, topo)[1:3] == ["-m", "verl.trainer.main_ppo"]
+
+
+@pytest.mark.parametrize("nnodes", [1, 2])
+def test_cpu_dapo_runs_main_ppo_behind_the_cpu_shims(nnodes: int) -> None:
+    """On CPU: the hf_cpu rollout, the CPU hook in every Ray worker, and Ray resources declared
+    by main_ppo itself only where it starts Ray (one node)."""
+    topo = Topology(gpus_per_node=1, nnodes=nnodes, device="cpu")
+    overrides = launch.dapo_overrides(LAYOUT, "rl", MODEL, topo, ["data.train_batch_size=16"])
+    cfg = launch.validate("dapo", overrides, topo)
+    assert cfg.actor_rollout_ref.rollout.name == "hf_cpu"
+    hook = cfg.ray_kwargs.ray_init.runtime_env.worker_process_setup_hook
+    assert hook == "recipe.retool.local.cpu_ppo.install_worker"
+    assert (cfg.ray_kwargs.ray_init.get("num_gpus") == 1) == (nnodes == 1)
+    assert launch.dapo_command(overrides, topo)[1:3] == ["-m", "recipe.retool.local.cpu_ppo"]
 
 
 @pytest.mark.parametrize(("gpus", "tp", "sp"), [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 4, 4)])

@@ -307,6 +307,7 @@ def test_multinode_dapo_joins_the_ray_cluster(layout: Layout) -> None:
     head = Topology(gpus_per_node=8, nnodes=2, node_rank=0, master_addr="10.0.0.5")
     stages.run_dapo(layout, head, ["--experiment-name=d"], sandbox_url="u", runner=runner)
     assert runner.envs[0]["RAY_ADDRESS"] == "10.0.0.5:6379"
+    assert runner.envs[0]["RAY_AUTH_MODE"] == "token"
     assert "trainer.nnodes=2" in runner.commands[0]
 
 
@@ -353,6 +354,7 @@ def test_ray_head_waits_for_every_node_and_passes_the_sandbox_to_workers() -> No
     assert "--head" in command
     assert env["SANDBOX_FUSION_ENDPOINT"] == "http://sb/run_code"  # reaches the tool's actors
     assert env["NCCL_NVLS_ENABLE"] == "0"
+    assert env["RAY_AUTH_MODE"] == "token"  # Ray 2.60 leaves it off for joining nodes
 
 
 def test_ray_head_gives_up_when_nodes_never_join() -> None:
@@ -368,6 +370,7 @@ def test_ray_worker_retries_until_the_head_is_up() -> None:
     stages.join_ray_cluster(worker, {"X": "1"}, runner=runner, poll_s=0)
     assert len(runner.calls) == 3
     assert all("--address=10.0.0.5:6379" in c for c, _ in runner.calls)
+    assert all(e["RAY_AUTH_MODE"] == "token" and e["X"] == "1" for _, e in runner.calls)
     with pytest.raises(RuntimeError, match="could not join"):
         stages.join_ray_cluster(worker, {}, runner=RayRunner(fail_first=99), timeout_s=0,
                                 poll_s=0)  # fmt: skip
@@ -386,8 +389,8 @@ class KillAfterCheckpoint:
     tracker file names ``step`` (a preemption right after a save), later ones run to the end.
     Records what each run printed."""
 
-    def __init__(self, tracker: Path, step: int) -> None:
-        self.tracker, self.step, self.outputs = tracker, step, []
+    def __init__(self, tracker: Path, step: int, timeout_s: float = 300) -> None:
+        self.tracker, self.step, self.timeout_s, self.outputs = tracker, step, timeout_s, []
 
     def __call__(self, command: Sequence[str], env: dict[str, str]) -> int:
         import os
@@ -405,7 +408,7 @@ class KillAfterCheckpoint:
                 list(command), env=merged, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + self.timeout_s
             while proc.poll() is None and time.monotonic() < deadline:
                 tracked = self.tracker.exists() and self.tracker.read_text().strip()
                 if not self.outputs and tracked == str(self.step):

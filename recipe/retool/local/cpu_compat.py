@@ -42,7 +42,6 @@ CPU_ENV: dict[str, str] = {
     "VERL_PLATFORM": "cpu",
     "VERL_ENGINE_DEVICE": "cuda",
     "VERL_ENGINE_VENDOR": "nvidia",
-    "CUDA_VISIBLE_DEVICES": "",
 }
 
 
@@ -177,7 +176,10 @@ def register_cpu_platform() -> None:
             return None
 
         def ray_resource_name(self) -> str:
-            return "CPU"
+            # verl places one training rank per unit of Ray's "GPU" resource and counts only
+            # GPU/NPU when checking a pool fits (RayResourcePool._check_resource_available), so
+            # the CPU run declares logical GPUs: ray.init(num_gpus=...) / ray start --num-gpus.
+            return "GPU"
 
         def ray_noset_envvars(self) -> list[str]:
             return []
@@ -197,15 +199,23 @@ def _init_gloo_process_group(timeout_second: int = 36000) -> tuple[int, int, int
     return int(os.environ["LOCAL_RANK"]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
-def install() -> None:
-    """Set the CPU environment and register the platform before verl picks one."""
+def install(*, hide_gpus: bool = True) -> None:
+    """Set the CPU environment and register the platform before verl picks one.
+
+    ``hide_gpus=False`` for Ray runs: Ray refuses to declare the logical GPUs verl schedules on
+    (see ``ray_resource_name``) while ``CUDA_VISIBLE_DEVICES`` is empty."""
     for key, value in CPU_ENV.items():
         os.environ.setdefault(key, value)
+    if hide_gpus:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     register_cpu_platform()
     trainer_setup.install()
     from verl.utils import distributed
 
     distributed.initialize_global_process_group = _init_gloo_process_group
+    # Ray workers (main_ppo) call the Ray variant, imported by name into engine_workers; its
+    # default backend string has the same cpu/cpu clash, so its default becomes plain gloo.
+    distributed.initialize_global_process_group_ray.__defaults__ = (None, "gloo")
 
 
 def main() -> None:

@@ -79,6 +79,29 @@ class ScriptedServer:
         return TokenOutput(token_ids=ids, stop_reason="completed")
 
 
+def generate_kwargs(
+    sampling_params: dict[str, Any], eos_ids: list[int], pad_id: int | None, max_new: int
+) -> dict[str, Any]:
+    """``model.generate`` arguments for verl's sampling params (``temperature``, ``top_p``,
+    ``top_k``, ``stop_token_ids``); temperature 0 is greedy, as in vLLM."""
+    temperature = float(sampling_params.get("temperature", 1.0) or 0.0)
+    top_k = int(sampling_params.get("top_k", -1) or -1)
+    stop = {*eos_ids, *(sampling_params.get("stop_token_ids") or [])}
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new,
+        "eos_token_id": sorted(stop),
+        "pad_token_id": pad_id,
+        "do_sample": temperature > 0,
+    }
+    if temperature > 0:
+        kwargs.update(
+            temperature=temperature,
+            top_p=float(sampling_params.get("top_p", 1.0)),
+            top_k=top_k if top_k > 0 else 0,
+        )
+    return kwargs
+
+
 class HFGenerateServer:
     """Stands in for verl's LLM server with real sampling from a HF causal LM (CPU smoke runs).
 
@@ -96,26 +119,12 @@ class HFGenerateServer:
     def _generate(self, prompt_ids: list[int], sampling_params: dict[str, Any]) -> list[int]:
         import torch
 
-        temperature = float(sampling_params.get("temperature", 1.0) or 0.0)
-        top_k = int(sampling_params.get("top_k", -1) or -1)
-        stop = [self.tokenizer.eos_token_id, *(sampling_params.get("stop_token_ids") or [])]
         max_new = min(
             int(sampling_params.get("max_tokens") or self.max_new_tokens), self.max_new_tokens
         )
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new,
-            "eos_token_id": sorted(set(stop)),
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-        if temperature > 0:
-            kwargs.update(
-                do_sample=True,
-                temperature=temperature,
-                top_p=float(sampling_params.get("top_p", 1.0)),
-                top_k=top_k if top_k > 0 else 0,
-            )
-        else:
-            kwargs.update(do_sample=False)
+        kwargs = generate_kwargs(
+            sampling_params, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id, max_new
+        )
         torch.manual_seed(self.seed + self.calls)
         self.calls += 1
         input_ids = torch.tensor([prompt_ids], dtype=torch.long)

@@ -9,9 +9,10 @@ CPU-only). Output lands in ``./runs/<timestamp>/`` laid out exactly like the Mod
               with ``print(2+2)``
 4. sft      - verl's SFT trainer through ``stages.run_sft`` (the code Modal's ``train`` runs)
 5. dapo     - the latest SFT checkpoint found by the code ``train_dapo`` uses; the full DAPO
-              config composed against verl; on CPU, rollouts through verl's tool agent loop with
-              the SFT model generating, the sandbox executing and the reward scoring
-              (verl 0.9.1 PPO needs vLLM/SGLang, i.e. a GPU; with one, real main_ppo steps run)
+              config composed against verl; two real main_ppo steps (vLLM rollouts on a GPU,
+              the hf_cpu rollout of rollout_replica_cpu.py on a CPU), reported from verl's
+              metrics; plus one scripted tool-call rollout through verl's tool agent loop, which
+              proves the tool path (the tiny model rarely writes a well-formed call)
 6. eval     - AIME-format evaluation of the SFT checkpoint with the evaluation code
 
 It prints one summary table and exits non-zero if any stage failed.
@@ -36,8 +37,8 @@ from recipe.retool.constants import TOOL_NAME
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TINY_MODEL_ID = "local/tiny-qwen2"
 # Small SFT settings for a 2-core laptop; everything else comes from config/sft.yaml.
-# Where a GPU and vLLM exist, real main_ppo steps with the tiny model on one GPU: the production
-# DAPO config with only sizes scaled down.
+# Real main_ppo steps with the tiny model on one GPU or the CPU: the production DAPO config with
+# only sizes scaled down.
 SMOKE_DAPO_ARGS = (
     "--experiment-name=smoke",
     "actor_rollout_ref.rollout.n=2",
@@ -54,6 +55,7 @@ SMOKE_DAPO_ARGS = (
     "trainer.total_epochs=100",  # 3 rows at batch 2: the step count, not the data, ends the run
     "algorithm.filter_groups.max_num_gen_batches=2",  # a barely trained model's groups score alike
     "trainer.val_before_train=False",
+    "actor_rollout_ref.rollout.val_kwargs.n=1",  # the last step validates: one answer a problem
     "trainer.logger=[console,file]",
 )
 SMOKE_SFT_ARGS = (
@@ -96,10 +98,9 @@ def sandbox_server(allow_insecure: bool) -> Iterator[str]:
 class Smoke:
     """Runs the stages in order against one ``runs/<ts>`` root, recording a report per stage."""
 
-    def __init__(self, root: Path, *, rollouts: int, allow_insecure: bool) -> None:
+    def __init__(self, root: Path, *, allow_insecure: bool) -> None:
         self.root = root
         self.layout = paths.Layout.local(root)
-        self.rollouts = rollouts
         self.allow_insecure = allow_insecure
         self.reports: list[StageReport] = []
         self.sandbox_url = ""
@@ -161,55 +162,31 @@ class Smoke:
         overrides = launch.dapo_overrides(self.layout, "smoke", start_from, topo)
         launch.validate("dapo", overrides, topo)
         report.notes.append(f"DAPO config composed ({len(overrides)} overrides, 8-GPU layout)")
-        if _gpu_rollout_available():
-            result = stages.run_dapo(
-                self.layout, launch.Topology(gpus_per_node=1), SMOKE_DAPO_ARGS,
-                sandbox_url=self.sandbox_url,
-            )  # fmt: skip
-            logged = run_metrics.read_run(self.layout.experiment_dir("dapo", "smoke"))
-            report.notes.append(run_metrics.describe(run_metrics.summarize(logged)))
-            if result.returncode != 0:
-                raise RuntimeError(f"main_ppo exited with {result.returncode}")
-            return
-        rewards, turns, scripted = asyncio.run(self._cpu_rollouts(start_from))
-        report.notes.append(
-            f"{len(rewards)} model rollouts via verl ToolAgentLoop: mean reward "
-            f"{sum(rewards) / len(rewards):+.2f}, mean turns {sum(turns) / len(turns):.1f}"
+        where = launch.Topology(
+            gpus_per_node=1, device="cuda" if _gpu_rollout_available() else "cpu"
         )
+        result = stages.run_dapo(self.layout, where, SMOKE_DAPO_ARGS, sandbox_url=self.sandbox_url)
+        logged = run_metrics.read_run(self.layout.experiment_dir("dapo", "smoke"))
+        report.notes.append(run_metrics.describe(run_metrics.summarize(logged)))
+        if result.returncode != 0:
+            raise RuntimeError(f"main_ppo exited with {result.returncode}")
+        scripted = asyncio.run(self._scripted_tool_rollout(start_from))
         if scripted < 1.0:
             raise RuntimeError(f"scripted tool-call rollout scored {scripted}, expected +1")
         report.notes.append("scripted tool-call rollout: code ran in the sandbox, reward +1")
 
-    async def _cpu_rollouts(self, model_dir: Path) -> tuple[list[float], list[int], float]:
-        """Rollouts with the SFT model generating, plus one scripted policy that calls the tool.
-
-        The tiny model cannot solve anything; the scripted turn proves the tool path (hermes
-        parser -> our tool -> sandbox -> tool response -> reward) end to end.
-        """
+    async def _scripted_tool_rollout(self, model_dir: Path) -> float:
+        """One rollout through verl's tool agent loop with a scripted policy that calls the tool:
+        hermes parser -> our tool -> sandbox -> tool response -> reward, end to end."""
         import json
 
         import pandas as pd
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from recipe.retool.local.rollout_cpu import (
-            HFGenerateServer,
-            ScriptedServer,
-            run_tool_agent,
-            score_rollout,
-        )
+        from recipe.retool.local.rollout_cpu import ScriptedServer, run_tool_agent, score_rollout
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        server = HFGenerateServer(model, tokenizer, max_new_tokens=48)
-        rows = pd.read_parquet(self.layout.rl_file("train"))
-        rewards, turns = [], []
-        for row in rows.head(self.rollouts).itertuples():
-            messages = [dict(m) for m in row.prompt]
-            output = await run_tool_agent(messages, server=server, tokenizer=tokenizer)
-            score = score_rollout(output, tokenizer, row.reward_model["ground_truth"])
-            rewards.append(float(score["score"]))
-            turns.append(int(output.num_turns))
-        first = rows.iloc[0]
+        first = pd.read_parquet(self.layout.rl_file("train")).iloc[0]
         truth = first["reward_model"]["ground_truth"]
         call = {"name": TOOL_NAME, "arguments": {"code": f"print({truth!r})"}}
         script = [
@@ -222,8 +199,7 @@ class Smoke:
         response = tokenizer.decode(output.response_ids)
         if f"<tool_response>\n{truth}" not in response:
             raise RuntimeError("the sandbox's output did not reach the tool response")
-        scripted_score = float(score_rollout(output, tokenizer, truth)["score"])
-        return rewards, turns, scripted_score
+        return float(score_rollout(output, tokenizer, truth)["score"])
 
     def evaluate(self, report: StageReport) -> None:
         """The evaluation code, on the SFT checkpoint, with settings small enough for a CPU."""
@@ -319,7 +295,6 @@ def _gpu_rollout_available() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, help="output root (default: runs/<timestamp>)")
-    parser.add_argument("--rollouts", type=int, default=2, help="CPU DAPO rollouts to run")
     parser.add_argument(
         "--allow-insecure",
         action="store_true",
@@ -329,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = args.root or REPO_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
-    return Smoke(root.resolve(), rollouts=args.rollouts, allow_insecure=args.allow_insecure).run()
+    return Smoke(root.resolve(), allow_insecure=args.allow_insecure).run()
 
 
 if __name__ == "__main__":

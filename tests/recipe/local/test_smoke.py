@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from recipe.retool import run_metrics
 from recipe.retool.local import smoke
 from recipe.retool.paths import Layout, latest_checkpoint, read_checkpoint_info
 
@@ -14,7 +15,7 @@ from recipe.retool.paths import Layout, latest_checkpoint, read_checkpoint_info
 @pytest.mark.slow
 def test_local_smoke_runs_every_stage(tmp_path: Path, local_endpoint, monkeypatch, capsys) -> None:
     monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", local_endpoint + "/run_code")
-    assert smoke.main(["--root", str(tmp_path), "--rollouts", "1"]) == 0
+    assert smoke.main(["--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     table = out[out.rindex("local smoke:") :]
     for stage in ("model", "prep", "sandbox", "sft", "dapo", "eval"):
@@ -24,7 +25,12 @@ def test_local_smoke_runs_every_stage(tmp_path: Path, local_endpoint, monkeypatc
     assert read_checkpoint_info(layout, "sft", "smoke").step == sft.step
     assert (sft.hf_dir / "model.safetensors").exists()
     assert "scripted tool-call rollout: code ran in the sandbox, reward +1" in table
-    evals = list((layout.checkpoints / "eval").glob("sft-smoke-step*/summary.json"))
+    assert read_checkpoint_info(layout, "dapo", "smoke").step == 2  # main_ppo ran, CPU or GPU
+    logged = run_metrics.read_run(layout.experiment_dir("dapo", "smoke"))
+    assert run_metrics.describe(run_metrics.summarize(logged)).startswith("2 main_ppo steps")
+    assert run_metrics.describe(run_metrics.summarize(logged)) in table
+    assert "tool calls/trajectory in validation" in table
+    evals = list((layout.checkpoints / "eval").glob("dapo-smoke-step2/summary.json"))
     assert len(evals) == 1 and set(json.loads(evals[0].read_text())["datasets"]) == {
         "aime_2024",
         "aime_2025",
@@ -56,26 +62,32 @@ def test_gpu_smoke_dapo_settings_compose_for_one_gpu() -> None:
     assert cfg.reward.reward_kwargs.max_resp_len == cfg.data.max_response_length
 
 
-def test_gpu_path_reports_what_main_ppo_logged(tmp_path: Path, monkeypatch) -> None:
-    """The dapo row on a GPU is read from verl's metrics file, not written by hand."""
-    from recipe.retool import paths, run_metrics, stages
+@pytest.mark.parametrize("gpu", [True, False])
+def test_dapo_row_reports_what_main_ppo_logged(tmp_path: Path, monkeypatch, gpu: bool) -> None:
+    """The dapo row is read from verl's metrics file, not written by hand; main_ppo runs on
+    the GPU where vLLM can, else on the CPU."""
+    from recipe.retool import paths, stages
 
     runs = []
 
     def fake_run_dapo(layout, topo, args, *, sandbox_url):
-        runs.append((topo.gpus_per_node, list(args)))
+        runs.append(topo)
         log = run_metrics.metrics_dir(layout.experiment_dir("dapo", "smoke"))
         log.mkdir(parents=True)
         rows = [{"step": s, "data": {"critic/score/mean": r}} for s, r in ((1, -1.0), (2, 0.0))]
         (log / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return stages.StageResult("dapo", "smoke", 0, None, 1.0)
 
-    monkeypatch.setattr(smoke, "_gpu_rollout_available", lambda: True)
+    async def scripted(self, model_dir):
+        return 1.0
+
+    monkeypatch.setattr(smoke, "_gpu_rollout_available", lambda: gpu)
     monkeypatch.setattr(smoke.stages, "run_dapo", fake_run_dapo)
     monkeypatch.setattr(smoke.stages, "resolve_sft_checkpoint", lambda layout, req: tmp_path)
-    run = smoke.Smoke(tmp_path, rollouts=1, allow_insecure=True)
+    monkeypatch.setattr(smoke.Smoke, "_scripted_tool_rollout", scripted)
+    run = smoke.Smoke(tmp_path, allow_insecure=True)
     report = smoke.StageReport("dapo")
     run.dapo(report)
-    assert runs and runs[0][0] == 1
-    assert report.notes[-1] == "2 main_ppo steps, mean reward -0.50"
+    assert [(t.gpus_per_node, t.device) for t in runs] == [(1, "cuda" if gpu else "cpu")]
+    assert report.notes[-2] == "2 main_ppo steps, mean reward -0.50"
     assert paths.Layout.local(tmp_path).experiment_dir("dapo", "smoke").exists()
