@@ -258,11 +258,14 @@ def dapo_overrides(
         "trainer.nnodes": topo.nnodes,
         tp_key: scaled_parallelism(stage.overrides[tp_key], topo.gpus_per_node),
         sp_key: scaled_parallelism(stage.overrides[sp_key], topo.world_size),
-        "++actor_rollout_ref.model.override_config.attn_implementation": (
-            attention_implementation()
-        ),
     }
-    device = cpu_ppo_overrides(topo.gpus_per_node, topo.nnodes) if topo.device == "cpu" else []
+    if topo.device == "cpu":
+        device = cpu_ppo_overrides(topo.gpus_per_node, topo.nnodes)
+    else:
+        device = [
+            f"++actor_rollout_ref.model.override_config.attn_implementation="
+            f"{attention_implementation()}"
+        ]
     return [*to_overrides(stage.overrides), *to_overrides(filled), *device, *user_overrides]
 
 

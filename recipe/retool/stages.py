@@ -152,6 +152,13 @@ def _record(
     return ckpt
 
 
+def _production_sized(args: Sequence[str], model_path: Path | None = None) -> bool:
+    """Whether a run trains the configured model on the prepared data: the cost line's estimate
+    (``estimate_hours``) is for that run only, and would be wrong by orders of magnitude for the
+    smoke's or the learning curve's small models and data."""
+    return model_path is None and not any(a.startswith("data.train_files=") for a in args)
+
+
 def run_sft(
     layout: Layout,
     topo: launch.Topology,
@@ -177,7 +184,7 @@ def run_sft(
         )
     if not (Path(model) / "config.json").exists():
         raise launch.LaunchError(f"no model at {model}: run download_model first")
-    if topo.device == "cuda":
+    if topo.device == "cuda" and _production_sized(args, model_path):
         print(launch.estimate_cost("sft", topo), flush=True)
     command = launch.sft_command(overrides, topo)
     env = dict(TRAINING_ENV) if topo.device == "cuda" else {}
@@ -219,7 +226,7 @@ def run_dapo(
     overrides = launch.dapo_overrides(layout, experiment, start_from, topo, parsed.overrides)
     launch.validate("dapo", overrides, topo)
     print(f"DAPO starts from {start_from}", flush=True)
-    if topo.device == "cuda":
+    if topo.device == "cuda" and _production_sized(args):
         print(launch.estimate_cost("dapo", topo), flush=True)
     env = dapo_env(sandbox_url) | metrics_file_env(layout, "dapo", experiment)
     if topo.nnodes > 1:  # join the Ray cluster that join_ray_cluster started

@@ -107,6 +107,9 @@ def test_gpu_runs_ask_for_the_varlen_attention_the_trainer_plugins_register() ->
     sft = launch.validate("sft", launch.sft_overrides(LAYOUT, "e", MODEL, topo), topo)
     assert sft.model.override_config.attn_implementation == varlen_attention.NAME
     assert sft.model.use_remove_padding
+    cpu = launch.Topology(gpus_per_node=1, device="cpu")  # plain SDPA: no varlen kernel on CPU
+    cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, cpu), cpu)
+    assert cfg.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
 
 
 def test_dapo_sampler_is_bounded_by_the_filter_settings() -> None:

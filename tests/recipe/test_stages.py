@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 from transformers import AutoModelForCausalLM
 
-from recipe.retool import stages
+from recipe.retool import run_metrics, stages
 from recipe.retool.constants import TOOL_SCHEMA
 from recipe.retool.launch import LaunchError, Topology
 from recipe.retool.paths import CheckpointNotFound, Layout, read_checkpoint_info
@@ -71,6 +72,19 @@ def test_run_sft_validates_runs_and_records_checkpoint_info(layout: Layout, tiny
     info = read_checkpoint_info(layout, "sft", "a")
     assert info.step == 7 and info.path.endswith("global_step_7/huggingface")
     assert info.base_model == str(tiny_model_dir)
+
+
+def test_cost_line_only_for_the_configured_model_and_data(
+    layout: Layout, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The estimate is for Qwen2.5-7B on ReTool-SFT; a small model's run must not print "$47"."""
+    two_gpus = Topology(gpus_per_node=2)
+    stages.run_sft(layout, two_gpus, ["--experiment-name=small"], model_path=tiny_model_dir,
+                   runner=FakeRunner(layout, "sft"))  # fmt: skip
+    assert "GPU-h" not in capsys.readouterr().out
+    shutil.copytree(tiny_model_dir, layout.model_dir())
+    stages.run_sft(layout, two_gpus, ["--experiment-name=big"], runner=FakeRunner(layout, "sft"))
+    assert "sft: ~" in capsys.readouterr().out
 
 
 class LoggingRunner:
@@ -387,10 +401,25 @@ def test_the_default_name_follows_the_launch_not_the_clock(monkeypatch) -> None:
 class KillAfterCheckpoint:
     """Runs the real command in its own process group; the first run is SIGKILLed once verl's
     tracker file names ``step`` (a preemption right after a save), later ones run to the end.
-    Records what each run printed."""
+    Records what each run printed.
 
-    def __init__(self, tracker: Path, step: int, timeout_s: float = 300) -> None:
+    ``metrics_dir``: also wait until verl's file logger has written ``step``'s row there. verl
+    logs a step's metrics after saving its checkpoint, so a kill in between loses that row for
+    good (the relaunch resumes after the step); under load that window is seconds wide."""
+
+    def __init__(
+        self, tracker: Path, step: int, timeout_s: float = 300, metrics_dir: Path | None = None
+    ) -> None:
         self.tracker, self.step, self.timeout_s, self.outputs = tracker, step, timeout_s, []
+        self.metrics_dir = metrics_dir
+
+    def _logged(self) -> bool:
+        if self.metrics_dir is None:
+            return True
+        try:
+            return any(step == self.step for step, _ in run_metrics.read_steps(self.metrics_dir))
+        except ValueError:  # a row being written
+            return False
 
     def __call__(self, command: Sequence[str], env: dict[str, str]) -> int:
         import os
@@ -411,7 +440,7 @@ class KillAfterCheckpoint:
             deadline = time.monotonic() + self.timeout_s
             while proc.poll() is None and time.monotonic() < deadline:
                 tracked = self.tracker.exists() and self.tracker.read_text().strip()
-                if not self.outputs and tracked == str(self.step):
+                if not self.outputs and tracked == str(self.step) and self._logged():
                     # the whole tree: torchrun's workers live in sessions of their own
                     for child in psutil.Process(proc.pid).children(recursive=True):
                         child.send_signal(signal.SIGKILL)

@@ -87,7 +87,8 @@ def preempted_run(tmp_path_factory, tiny_model_dir: Path, local_endpoint: str) -
         f"trainer.rollout_data_dir={root / 'rollouts'}",
     ]
     exp_dir = layout.experiment_dir("dapo", EXPERIMENT)
-    killer = KillAfterCheckpoint(exp_dir / "latest_checkpointed_iteration.txt", 1, timeout_s=900)
+    killer = KillAfterCheckpoint(exp_dir / "latest_checkpointed_iteration.txt", 1, timeout_s=900,
+                                 metrics_dir=run_metrics.metrics_dir(exp_dir))  # fmt: skip
     url = local_endpoint + "/run_code"
     first = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
     info_after_kill = read_checkpoint_info(layout, "dapo", EXPERIMENT)
