@@ -29,6 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import trace_summary
 
 from recipe.retool import launch, stages
 from recipe.retool.constants import TOOL_NAME, TOOL_SCHEMA
@@ -176,8 +179,32 @@ def bench_args(args: argparse.Namespace) -> list[str]:
         f"trainer.total_training_steps={args.steps + 1}",
         *([] if args.liger is None else [f"model.use_liger={args.liger}"]),
         *(["engine.use_torch_compile=False"] if args.no_compile else []),
+        *profile_args(getattr(args, "profile_step", 0), args.out.with_suffix(".profile")),
         *args.override,
     ]
+
+
+def profile_args(step: int, save_path: Path) -> list[str]:
+    """verl's torch profiler around SFT step ``step`` on rank 0 (0: no profiling); the chrome
+    trace lands in ``save_path`` and ``trace_summary.py`` reads it."""
+    if step <= 0:
+        return []
+    return [
+        "profiler.enable=true",
+        "profiler.tool=torch",
+        "profiler.ranks=[0]",
+        f"profiler.save_path={save_path}",
+        f"trainer.profile_interval=[{step},{step}]",
+    ]
+
+
+def profile_summary(save_path: Path) -> dict:
+    """The summary of the trace verl wrote (the newest, if several)."""
+    traces = sorted(save_path.glob("*.json*"), key=lambda p: p.stat().st_mtime)
+    if not traces:
+        raise SystemExit(f"no profiler trace in {save_path}: did the run reach the profiled step?")
+    newest = traces[-1]
+    return {"trace": str(newest), **trace_summary.summarize(trace_summary.load_events(newest))}
 
 
 def measured_settings(layout: Layout, topo: Topology, args: Sequence[str], model: Path) -> dict:
@@ -235,6 +262,8 @@ def run(args: argparse.Namespace) -> dict:
         "wall_s": round(time.time() - start),
         "steps_measured": len(measured),
     }
+    if getattr(args, "profile_step", 0) > 0:
+        row["profile"] = profile_summary(args.out.with_suffix(".profile"))
     args.out.write_text(json.dumps(row) + "\n")
     print(json.dumps(row))
     return row
@@ -296,6 +325,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="model.use_liger on/off (default: as sft.yaml sets it)",
     )
     r.add_argument("--no-compile", action="store_true")
+    r.add_argument(
+        "--profile-step", type=int, default=0,
+        help="trace this step with torch's profiler; the row gets where its GPU time went",
+    )  # fmt: skip
     r.add_argument("--override", action="append", default=[])
     r.add_argument("--out", type=Path, required=True)
     m = sub.add_parser("matrix", help="prepare, then every SP that divides --gpus, ± liger")

@@ -108,3 +108,37 @@ def test_liger_off_is_a_flag_and_the_matrix_passes_it(monkeypatch, tmp_path: Pat
     monkeypatch.setattr(bench, "table", lambda rows: "")
     bench.main(["matrix", "--root", str(tmp_path), "--gpus", "2"])
     assert parser_args[2:] == [False, True, False]  # SP 1 without and with liger, SP 2 without
+
+
+@pytest.mark.slow
+def test_profile_step_makes_verl_write_a_trace_of_that_step(tmp_path: Path, tiny_model_dir) -> None:
+    """The overrides of ``--profile-step`` compose against verl's SFT config and, run (here on
+    CPU, so the trace holds host ops only), make verl write the chrome trace the row reads."""
+    from recipe.retool import stages
+    from recipe.retool.launch import Topology
+    from recipe.retool.paths import Layout
+    from tests.recipe.test_stages import sft_rows
+
+    layout = Layout.local(tmp_path)
+    layout.sft_train_file().parent.mkdir(parents=True)
+    sft_rows(4).to_parquet(layout.sft_train_file())
+    save = tmp_path / "r.profile"
+    assert bench.profile_args(0, save) == []
+    args = [
+        "--experiment-name=profiled",
+        "data.max_length=512",
+        "data.train_batch_size=1",
+        "data.micro_batch_size_per_gpu=1",
+        "trainer.total_training_steps=3",
+        "trainer.save_freq=-1",
+        "trainer.logger=[console]",
+        *bench.profile_args(2, save),
+    ]
+    cpu = Topology(gpus_per_node=1, device="cpu")
+    result = stages.run_sft(layout, cpu, args, model_path=tiny_model_dir)
+    assert result.returncode == 0
+    (trace,) = save.glob("*.json*")
+    events = bench.trace_summary.load_events(trace)
+    assert any(e.get("cat") == "cpu_op" for e in events)
+    with pytest.raises(SystemExit, match="no profiler trace"):
+        bench.profile_summary(tmp_path / "elsewhere")
