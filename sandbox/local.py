@@ -1,7 +1,8 @@
 """Start an HTTP server as a subprocess on a free 127.0.0.1 port and wait until it answers.
 
 The one way the smoke run, the benchmarks and the tests bring up a sandbox (ours, the naive
-baseline, or a stub): ``GET /v1/ping`` must answer 200 before anyone sends code.
+baseline, or a stub): ``GET /v1/ping`` must answer 200 before anyone sends code. The server's
+stderr still reaches ours as it comes; its last lines also explain a server that did not start.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import contextlib
 import os
 import socket
 import subprocess
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -26,6 +30,41 @@ INHERITED_PREFIX = "SANDBOX_"
 
 class ServerDidNotStart(RuntimeError):
     """The server exited or did not answer /v1/ping in time."""
+
+
+class StderrTail:
+    """Copy a child's stderr to our fd 2 line by line, as the child writing there itself would,
+    keeping the last lines: a server that exits at start says why on stderr (a bad option, an
+    interpreter that is not there), and that belongs in the one line the caller reports."""
+
+    def __init__(self, stream: IO[bytes], keep: int = 20) -> None:
+        self.lines: deque[str] = deque(maxlen=keep)
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        with stream:
+            for raw in iter(stream.readline, b""):
+                os.write(2, raw)
+                self.lines.append(raw.decode(errors="replace").rstrip())
+
+    def last(self, n: int = 3, wait_s: float = 2.0) -> str:
+        """The last ``n`` non-blank lines, joined into one; waits up to ``wait_s`` for the stream
+        to end (an exited child's last words may still be in the pipe)."""
+        self._thread.join(wait_s)
+        shown = [line.strip() for line in self.lines if line.strip()][-n:]
+        return " | ".join(shown) if shown else "(nothing on stderr)"
+
+
+def program(argv: Sequence[str]) -> str:
+    """What ran, as a reader names it: ``python3 -m sandbox serve``, not the interpreter's full
+    path or the options after it."""
+    words = [Path(argv[0]).name]
+    for arg in argv[1:]:
+        if arg.startswith("--") or any(ch.isspace() for ch in arg):
+            break
+        words.append(arg)
+    return " ".join(words)
 
 
 def free_port() -> int:
@@ -68,17 +107,23 @@ def start_server(
     merged = {key: value for key, value in merged.items() if value is not None}
     # The repo first, and whatever else the caller's imports need (an offline site dir, say).
     merged["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), merged.get("PYTHONPATH")]))
-    proc = subprocess.Popen(list(argv), cwd=REPO, env=merged)
+    proc = subprocess.Popen(list(argv), cwd=REPO, env=merged, stderr=subprocess.PIPE)
+    stderr = StderrTail(proc.stderr)
     deadline = time.monotonic() + wait_s
     while True:
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"http://127.0.0.1:{port}/v1/ping", timeout=1).status_code == 200:
                 return proc
         if proc.poll() is not None:
-            raise ServerDidNotStart(f"{argv[-1]} exited with code {proc.returncode}")
+            raise ServerDidNotStart(
+                f"{program(argv)} exited with code {proc.returncode}; stderr: {stderr.last()}"
+            )
         if time.monotonic() > deadline:
             stop(proc)
-            raise ServerDidNotStart(f"{' '.join(argv)} did not answer /v1/ping in {wait_s:.0f} s")
+            raise ServerDidNotStart(
+                f"{program(argv)} did not answer /v1/ping in {wait_s:.0f} s; "
+                f"stderr: {stderr.last()}"
+            )
         time.sleep(0.1)
 
 

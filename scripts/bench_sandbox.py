@@ -3,7 +3,9 @@
 Starts both servers on free 127.0.0.1 ports, drives each with ``sandbox.client.SandboxClient`` at
 concurrency 1, 8 and 32 for three workloads, and writes the table into ``docs/benchmarks.md``
 (section "Sandbox"). Each cell runs for at most ``--seconds`` (and ``--max-requests``), so the
-whole bench stays under ~5 minutes on 2 cores.
+whole bench stays under ~5 minutes on 2 cores. The table names the isolation mode our server ran
+in: the one this machine gives it (detected here, from the same ``SANDBOX_*`` settings the server
+inherits), pinned with ``--isolation`` so the server runs exactly that mode or refuses to start.
 
 ``--sandbox-fusion-url URL`` (off by default) adds an already running SandboxFusion as a third
 server in the same run (each cell: ours, naive, SandboxFusion) and writes that table to the
@@ -31,7 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sandbox.client import SandboxClient  # noqa: E402
+from sandbox.isolation import WEAKNESS, InsecureIsolation, Isolation, detect  # noqa: E402
 from sandbox.local import free_port, start_server  # noqa: E402
+from sandbox.settings import Settings, SettingsError  # noqa: E402
 
 WORKLOADS = {
     "print(2+2)": "print(2+2)",
@@ -48,6 +52,25 @@ CONCURRENCY = (1, 8, 32)
 
 def start(argv: list[str], port: int) -> subprocess.Popen:
     return start_server([*argv, "--port", str(port)], port)
+
+
+def start_ours(port: int) -> tuple[subprocess.Popen, Isolation]:
+    """Our server, and the isolation it runs in: detected with the settings it inherits, then
+    pinned, so that a table never names a mode that did not run (it once said "bubblewrap"
+    whatever ran)."""
+    isolation = detect(Settings.from_env())
+    argv = [sys.executable, "-m", "sandbox", "serve", "--log-level", "warning"]
+    return start([*argv, "--isolation", isolation.mode], port), isolation
+
+
+def ours_description(isolation: Isolation) -> str:
+    """How *ours* ran, for the tables: the mode, its weakness if any, the user code's python."""
+    strength = "secure" if isolation.secure else f"INSECURE: {WEAKNESS[isolation.mode]}"
+    python = isolation.probe.get("python", "?")
+    return (
+        f"`python -m sandbox serve --isolation {isolation.mode}` ({strength}; warm zygote, "
+        f"default slots, user code on python {python})"
+    )
 
 
 async def cell(url: str, code: str, conc: int, seconds: float, max_requests: int) -> dict:
@@ -102,15 +125,15 @@ SF_HEADING = "### Against the real SandboxFusion (run from source)"
 NEXT_HEADING = r"(?=\n#{2,} |\Z)"  # a section ends where any heading of level >= 2 starts
 
 
-def write_markdown(rows: list[tuple], out: Path, seconds: float) -> str:
+def write_markdown(rows: list[tuple], out: Path, seconds: float, isolation: Isolation) -> str:
     lines = [
         "## Sandbox",
         "",
         f"Machine: {machine()}.",
         "",
         "Produced by `make bench-sandbox` (`scripts/bench_sandbox.py`); each cell runs up to",
-        f"{seconds:g} s. *ours*: `python -m sandbox serve` (bubblewrap + warm zygote, default",
-        "slots); *naive*: `scripts/naive_sandbox_server.py` (the seed's subprocess per request).",
+        f"{seconds:g} s. *ours*: {ours_description(isolation)}; *naive*:",
+        "`scripts/naive_sandbox_server.py` (the seed's subprocess per request).",
         "Latency is client-side, HTTP included.",
         "",
         "| workload | conc | ours req/s | naive req/s | speed-up | ours p50 ms | ours p99 ms "
@@ -136,7 +159,9 @@ def write_markdown(rows: list[tuple], out: Path, seconds: float) -> str:
     return section
 
 
-def write_sf_markdown(rows: list[tuple], out: Path, seconds: float, note: str) -> str:
+def write_sf_markdown(
+    rows: list[tuple], out: Path, seconds: float, note: str, isolation: Isolation
+) -> str:
     """The 3-way table, in its own subsection under "## Sandbox" (the main table is kept)."""
     lines = [
         SF_HEADING,
@@ -144,7 +169,8 @@ def write_sf_markdown(rows: list[tuple], out: Path, seconds: float, note: str) -
         f"Machine: {machine()}.",
         "",
         "Produced by `scripts/bench_sandbox.py --sandbox-fusion-url URL` (one run, the three",
-        f"servers driven in turn for each cell, up to {seconds:g} s a cell). *SF*: {note}",
+        f"servers driven in turn for each cell, up to {seconds:g} s a cell). *ours*:",
+        f"{ours_description(isolation)}. *SF*: {note}",
         "",
         "| workload | conc | ours req/s | naive req/s | SF req/s | ours/SF | ours p50 ms "
         "| ours p99 ms | naive p50 ms | SF p50 ms | SF p99 ms | errors ours/naive/SF |",
@@ -177,7 +203,7 @@ def write_sf_markdown(rows: list[tuple], out: Path, seconds: float, note: str) -
 
 async def bench(args: argparse.Namespace) -> None:
     ours_port, naive_port = free_port(), free_port()
-    ours = start([sys.executable, "-m", "sandbox", "serve", "--log-level", "warning"], ours_port)
+    ours, isolation = start_ours(ours_port)
     naive = start([sys.executable, "scripts/naive_sandbox_server.py"], naive_port)
     sf_url = args.sandbox_fusion_url.rstrip("/") if args.sandbox_fusion_url else None
     rows = []
@@ -203,9 +229,10 @@ async def bench(args: argparse.Namespace) -> None:
             proc.terminate()
             proc.wait(10)
     if sf_url:
-        print(write_sf_markdown(rows, Path(args.out), args.seconds, args.sandbox_fusion_note))
+        note = args.sandbox_fusion_note
+        print(write_sf_markdown(rows, Path(args.out), args.seconds, note, isolation))
     else:
-        print(write_markdown(rows, Path(args.out), args.seconds))
+        print(write_markdown(rows, Path(args.out), args.seconds, isolation))
 
 
 def main() -> None:
@@ -224,7 +251,11 @@ def main() -> None:
         default="SandboxFusion at the given URL.",
         help="which SandboxFusion that is and how it runs (commit, config), for the docs",
     )
-    asyncio.run(bench(parser.parse_args()))
+    args = parser.parse_args()
+    try:
+        asyncio.run(bench(args))
+    except (InsecureIsolation, SettingsError) as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

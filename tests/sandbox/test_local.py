@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import sys
+
 import pytest
 
 from sandbox import local
@@ -15,8 +18,9 @@ def test_server_keeps_the_callers_import_path(monkeypatch) -> None:
     class Exited:
         returncode = 1
 
-        def __init__(self, argv, cwd, env):
+        def __init__(self, argv, cwd, env, stderr):
             seen.update(env)
+            self.stderr = io.BytesIO(b"")
 
         def poll(self):
             return 1
@@ -27,6 +31,31 @@ def test_server_keeps_the_callers_import_path(monkeypatch) -> None:
         local.start_server(["python", "-m", "sandbox"], local.free_port(), env={"X": None})
     assert seen["PYTHONPATH"].split(":") == [str(local.REPO), "/opt/site"]
     assert "X" not in seen
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "why"),
+    [
+        ({"SANDBOX_PYTHON": "/nonexistent"}, (), "python='/nonexistent' is not an executable file"),
+        ({}, ("--bogus",), "unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_server_that_exits_at_start_is_named_with_its_stderr(env, args, why: str) -> None:
+    """The line names the program (it once named the last argument: "warning exited with code
+    3") and ends with what the server said on stderr, here argparse's and Settings' own errors."""
+    server = local.sandbox_service(*args, "--log-level", "warning", env=env)
+    with pytest.raises(local.ServerDidNotStart) as caught, server:
+        pass
+    message = str(caught.value)
+    assert message.startswith(f"{local.program([sys.executable])} -m sandbox serve exited with")
+    assert "code 2; stderr: " in message and why in message, message
+
+
+def test_program_is_what_a_reader_recognises() -> None:
+    assert local.program(["/opt/venv/bin/python3", "-m", "sandbox", "serve", "--port", "9"]) == (
+        "python3 -m sandbox serve"
+    )
+    assert local.program(["/usr/bin/python", "-c", "import x\nx.run()", "8"]) == "python -c"
 
 
 @pytest.mark.parametrize("mode", ["none", "unshare", "bwrap-userns", "bwrap"])

@@ -48,6 +48,16 @@ def test_a_failing_stage_fails_the_run_and_is_reported(tmp_path: Path, monkeypat
     assert "sft" not in table.split("local smoke:")[1]  # later stages did not run
 
 
+def test_a_sandbox_that_did_not_start_says_which_and_why(monkeypatch) -> None:
+    """The smoke's sandbox line names the server and its own last words."""
+    monkeypatch.setenv("SANDBOX_PYTHON", "/nonexistent")
+    with pytest.raises(RuntimeError) as caught, smoke.sandbox_server(allow_insecure=False):
+        pass
+    message = str(caught.value)
+    assert message.startswith("the sandbox did not start: python"), message
+    assert "-m sandbox serve exited with code 2; stderr: error: python='/nonexistent'" in message
+
+
 def test_gpu_smoke_dapo_settings_compose_for_one_gpu() -> None:
     """What the smoke runs as real main_ppo steps where a GPU and vLLM exist."""
     from recipe.retool import launch
