@@ -170,6 +170,8 @@ def parse_metrics(text: str) -> dict[str, float]:
 def bench_args(args: argparse.Namespace) -> list[str]:
     """``run_sft``'s arguments: sft.yaml's settings but for the knobs under test. ``liger`` is
     passed only when asked for (``--liger`` / ``--no-liger``), else sft.yaml's value holds."""
+    step = args.profile_step
+    profiled = profile_args(step, args.out.with_suffix(".profile")) if step else []
     return [
         "--experiment-name=bench",
         f"engine.ulysses_sequence_parallel_size={args.sp}",
@@ -179,16 +181,14 @@ def bench_args(args: argparse.Namespace) -> list[str]:
         f"trainer.total_training_steps={args.steps + 1}",
         *([] if args.liger is None else [f"model.use_liger={args.liger}"]),
         *(["engine.use_torch_compile=False"] if args.no_compile else []),
-        *profile_args(getattr(args, "profile_step", 0), args.out.with_suffix(".profile")),
+        *profiled,
         *args.override,
     ]
 
 
 def profile_args(step: int, save_path: Path) -> list[str]:
-    """verl's torch profiler around SFT step ``step`` on rank 0 (0: no profiling); the chrome
-    trace lands in ``save_path`` and ``trace_summary.py`` reads it."""
-    if step <= 0:
-        return []
+    """verl's torch profiler around SFT step ``step`` on rank 0; the chrome trace lands in
+    ``save_path`` and ``trace_summary.py`` reads it."""
     return [
         "profiler.enable=true",
         "profiler.tool=torch",
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
         "wall_s": round(time.time() - start),
         "steps_measured": len(measured),
     }
-    if getattr(args, "profile_step", 0) > 0:
+    if args.profile_step:
         row["profile"] = profile_summary(args.out.with_suffix(".profile"))
     args.out.write_text(json.dumps(row) + "\n")
     print(json.dumps(row))
@@ -279,6 +279,7 @@ def matrix(args: argparse.Namespace) -> None:
             run(argparse.Namespace(
                 root=args.root, gpus=args.gpus, sp=sp, tokens_per_gpu=16384, batch=32,
                 steps=args.steps, liger=liger, no_compile=False, override=args.override, out=out,
+                profile_step=0,
             ))  # fmt: skip
             rows.append(out)
     print(table(rows))

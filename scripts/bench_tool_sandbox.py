@@ -5,9 +5,10 @@ sequential code-interpreter calls (4) of ReTool-like snippets (sympy, numpy, int
 next call only after the previous answer, as the tool agent loop does. One ``SandboxClient``
 carries them all (the tool's client: retries, bounded concurrency, keep-alive connections).
 Two loads: back to back (no time between a rollout's calls: the sandbox saturated, its queue
-sets the latency), and with the model's generation between calls (``--think-ms``, uniform within
-+-50% of a mean of 4 s: on 2 cores the sandbox has headroom, as on a node with many cores; there
-``calls_per_s`` is the offered load, not a capacity).
+sets the latency), and with the model's generation before each call (uniform within +-50% of a
+mean chosen so that the offered load is ``--utilization`` of what the node sandbox served back
+to back: a sandbox with headroom, as on a node with many cores, where latency is service time
+plus distance; there ``calls_per_s`` is the offered load, not a capacity).
 
 - **node**: the project's sandbox on loopback, as every DAPO node now runs it.
 - **remote (simulated)**: the *same* sandbox behind a delay proxy. Modal cannot be reached from
@@ -93,8 +94,8 @@ def quantile_ms(values: list[float], q: int) -> float:
 
 async def drive(url: str, rollouts: int, calls: int, think_s: float = 0.0) -> dict:
     """Every rollout makes ``calls`` sequential calls, ``think_s`` apart on average (generation
-    between tool calls); all rollouts at once. Seeded: both arms see the same pauses."""
-    rng = random.Random(0)
+    before each tool call); all rollouts at once. Rollout ``i`` draws its pauses from its own
+    seeded generator, so both arms see the same pauses whatever order the calls finish in."""
     client = SandboxClient(url, max_concurrency=rollouts, timeout_s=120, max_retries=4)
     latencies: list[float] = []
     per_rollout: list[float] = []
@@ -102,6 +103,7 @@ async def drive(url: str, rollouts: int, calls: int, think_s: float = 0.0) -> di
 
     async def rollout(i: int) -> None:
         nonlocal wrong
+        rng = random.Random(i)
         spent = 0.0
         for j in range(calls):
             if think_s:
@@ -137,7 +139,8 @@ def write_docs(row: dict, out: Path) -> str:
         f"{row['rollouts']} concurrent rollouts x {row['calls']} sequential calls of ReTool-like "
         "snippets (sympy solve, numpy det, `comb` sum, integer loop), one shared tool client; "
         "back to back, and with a pause for generation before each call (uniform, mean "
-        f"{row['think_ms'] / 1000:g} s +-50%; there calls_per_s is the offered load). "
+        f"{row['think_ms'] / 1000:g} s +-50%, for an offered load of {row['utilization']:.0%} of "
+        "what the node sandbox served back to back; there calls_per_s is the offered load). "
         "**remote is simulated**, Modal being out of reach: the "
         f"same sandbox behind a delay proxy adding {row['rtt_ms']:g} ms per round trip and "
         f"{row['handshake_rtts']:g} round trips (TCP + TLS) per new connection; its CPUs are "
@@ -168,6 +171,7 @@ async def bench(args: argparse.Namespace) -> None:
         port = int(base.rsplit(":", 1)[1])
         proxy = await delay_proxy(port, args.rtt_ms / 1000, args.handshake_rtts)
         remote = f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+        arms = (("node", base), ("remote", remote))
         await drive(base, 16, 2)  # warm-up: the zygote's first runs, sympy's caches
         row = {
             "machine": machine(),
@@ -175,15 +179,17 @@ async def bench(args: argparse.Namespace) -> None:
             "calls": args.calls,
             "rtt_ms": args.rtt_ms,
             "handshake_rtts": args.handshake_rtts,
-            "think_ms": args.think_ms,
+            "utilization": args.utilization,
             "loads": {},
         }
-        for load, think_s in (("back to back", 0.0), ("with generation", args.think_ms / 1000)):
-            row["loads"][load] = {
-                arm: await drive(url, args.rollouts, args.calls, think_s)
-                for arm, url in (("node", base), ("remote", remote))
-            }
-            print(load, row["loads"][load], flush=True)
+        saturated = {arm: await drive(url, args.rollouts, args.calls) for arm, url in arms}
+        row["loads"]["back to back"] = saturated
+        print("back to back", saturated, flush=True)
+        think_s = args.rollouts / (args.utilization * saturated["node"]["calls_per_s"])
+        row["think_ms"] = round(think_s * 1000)
+        paused = {arm: await drive(url, args.rollouts, args.calls, think_s) for arm, url in arms}
+        row["loads"]["with generation"] = paused
+        print("with generation", paused, flush=True)
         proxy.close()
     print(json.dumps(row, indent=2))
     raw = REPO / "docs" / "cpu-runs" / "tool_sandbox.json"
@@ -198,13 +204,16 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=4, help="sequential tool calls per rollout")
     parser.add_argument("--rtt-ms", type=float, default=30.0, help="simulated round trip")
     parser.add_argument("--handshake-rtts", type=float, default=2.0, help="per new connection")
-    parser.add_argument("--think-ms", type=float, default=4000.0, help="mean pause between calls")
+    parser.add_argument(
+        "--utilization", type=float, default=0.5,
+        help="paused load: offered calls/s as a share of the node sandbox's back-to-back rate",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     if min(args.rollouts, args.calls) < 1 or min(args.rtt_ms, args.handshake_rtts) < 0:
         parser.error("--rollouts and --calls must be >= 1, --rtt-ms and --handshake-rtts >= 0")
-    if args.think_ms <= 0:
-        parser.error("--think-ms must be > 0 (the back-to-back load is always run)")
+    if not 0 < args.utilization <= 1:
+        parser.error("--utilization must be in (0, 1] (the back-to-back load is always run)")
     asyncio.run(bench(args))
 
 

@@ -71,7 +71,7 @@ def test_table_estimates_h100_headroom(tmp_path: Path, peak: float, h100: str) -
 
 def bench_namespace(**kw) -> argparse.Namespace:
     defaults = {"sp": 1, "tokens_per_gpu": 16384, "batch": 32, "steps": 3, "liger": None,
-                "no_compile": False, "override": []}  # fmt: skip
+                "no_compile": False, "override": [], "profile_step": 0}  # fmt: skip
     return argparse.Namespace(**(defaults | kw))
 
 
@@ -123,7 +123,6 @@ def test_profile_step_makes_verl_write_a_trace_of_that_step(tmp_path: Path, tiny
     layout.sft_train_file().parent.mkdir(parents=True)
     sft_rows(4).to_parquet(layout.sft_train_file())
     save = tmp_path / "r.profile"
-    assert bench.profile_args(0, save) == []
     args = [
         "--experiment-name=profiled",
         "data.max_length=512",
