@@ -282,12 +282,23 @@ def ray_node_command(topo: Topology) -> list[str]:
     """``ray start`` for one node of a multi-node DAPO job: node 0 is the head, others join it.
 
     ``main_ppo`` then runs on node 0 only, with ``RAY_ADDRESS`` pointing at the head, and verl
-    places its workers across every GPU the cluster reports.
+    places its workers across every GPU the cluster reports. On CPU the GPUs are logical (one per
+    training rank, ``local/cpu_compat.py``) and each node declares the logical CPUs main_ppo's
+    actors reserve (``local/cpu_ppo.RAY_CPUS``), however few cores it has.
     """
     ray = [sys.executable, "-m", "ray.scripts.scripts", "start", f"--num-gpus={topo.gpus_per_node}"]
+    if topo.device == "cpu":
+        from recipe.retool.local.cpu_ppo import RAY_CPUS
+
+        ray.append(f"--num-cpus={RAY_CPUS}")
     if topo.node_rank == 0:
         return [*ray, "--head", f"--node-ip-address={topo.master_addr}", f"--port={RAY_PORT}"]
-    return [*ray, f"--address={topo.master_addr}:{RAY_PORT}", "--block"]
+    return [*ray, f"--address={ray_address(topo)}", "--block"]
+
+
+def ray_address(topo: Topology) -> str:
+    """The Ray head's GCS address: node 0's, on :data:`RAY_PORT`."""
+    return f"{topo.master_addr}:{RAY_PORT}"
 
 
 # ---------------------------------------------------------------------------------------------

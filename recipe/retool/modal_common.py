@@ -8,6 +8,7 @@ never rebuilds the CUDA layers.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -29,6 +30,23 @@ def trainer_image() -> modal.Image:
     for package in ("recipe", "sandbox"):
         image = image.add_local_dir(REPO_ROOT / package, str(REMOTE_ROOT / package), ignore=_IGNORE)
     return image
+
+
+def ray_cluster_secret() -> modal.Secret:
+    """``RAY_AUTH_TOKEN`` for every node of a multi-node DAPO launch (``stages.join_ray_cluster``).
+
+    The containers of a Modal cluster share no home directory, so the token Ray's head writes to
+    its ``~/.ray/auth_token`` reaches no worker. A fresh 256-bit token is made where ``modal run``
+    runs, once per launch, and Modal delivers it to every container of the cluster as it does
+    the ``.env`` secrets: nothing to configure, no rendezvous a stranger could answer first, and
+    never on a volume or in a log. Inside a container this returns an empty stand-in, as
+    ``Secret.from_local_environ`` does: the function's secrets are the ones bound at launch.
+    """
+    from recipe.retool.stages import RAY_TOKEN_ENV
+
+    return modal.Secret.from_dict(
+        {RAY_TOKEN_ENV: secrets.token_hex(32)} if modal.is_local() else {}
+    )
 
 
 def env_count(name: str, default: int) -> int:

@@ -288,6 +288,8 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
 # The same stages on a Modal cluster of `RETOOL_NODES` containers with `RETOOL_GPUS` GPUs each,
 # linked by RDMA: SFT uses torchrun's static rendezvous on node 0's address; DAPO starts a Ray head
 # on node 0 and Ray workers on the others, then runs `main_ppo` on node 0 over the whole cluster.
+# The Ray nodes authenticate with one token made for each launch and handed to every container
+# as a secret (`modal_common.ray_cluster_secret`).
 
 
 @app.function(**GPU_FUNCTION)
@@ -297,7 +299,7 @@ def train_multinode(*arglist: str) -> None:
     _run_stage("sft", arglist)
 
 
-@app.function(**GPU_FUNCTION)
+@app.function(**(GPU_FUNCTION | {"secrets": [*secrets, modal_common.ray_cluster_secret()]}))
 @modal.clustered(size=N_NODES, rdma=True)
 def train_dapo_multinode(*arglist: str) -> None:
     """DAPO across nodes (Ray head on node 0). Options and overrides as `train_dapo`."""

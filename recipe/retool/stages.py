@@ -230,7 +230,7 @@ def run_dapo(
         print(launch.estimate_cost("dapo", topo), flush=True)
     env = dapo_env(sandbox_url) | metrics_file_env(layout, "dapo", experiment)
     if topo.nnodes > 1:  # join the Ray cluster that join_ray_cluster started
-        env |= RAY_CLUSTER_ENV | {"RAY_ADDRESS": f"{topo.master_addr}:{launch.RAY_PORT}"}
+        env |= RAY_CLUSTER_ENV | {"RAY_ADDRESS": launch.ray_address(topo)}
     start = time.time()
     code = runner(launch.dapo_command(overrides, topo), env)
     ckpt = _record(layout, "dapo", experiment, str(start_from), code)
@@ -271,17 +271,21 @@ def dapo_env(sandbox_url: str) -> dict[str, str]:
 
 # Ray 2.60 turns token authentication on by itself only for a process that starts a cluster
 # (`ray start --head`, a local ray.init); a node joining with `ray start --address`, or a driver
-# connecting, leaves it off and sends no token, and the head refuses it ("InvalidAuthToken"),
-# even with the head's token in ~/.ray/auth_token or RAY_AUTH_TOKEN
+# connecting, leaves it off and sends no token, and the head refuses it ("InvalidAuthToken")
 # (ray/_private/authentication/authentication_token_setup.py). Every process of a multi-node run
-# names the mode; the token is the one file or RAY_AUTH_TOKEN the nodes share.
+# names the mode, and every node holds the same token in RAY_AUTH_TOKEN, which Ray reads before
+# ~/.ray/auth_token: the containers of a Modal cluster share no home directory, so a token the
+# head generated there would reach no other node. The Modal app hands every node the same
+# per-launch token as a secret (modal_common.ray_cluster_secret).
 RAY_CLUSTER_ENV = {"RAY_AUTH_MODE": "token"}
+RAY_TOKEN_ENV = "RAY_AUTH_TOKEN"
 
 
-def _alive_ray_nodes() -> int:
-    probe = "import ray; ray.init(address='auto'); print(sum(n['Alive'] for n in ray.nodes()))"
+def _alive_ray_nodes(env: dict[str, str]) -> int:
+    """Alive nodes of the cluster at ``RAY_ADDRESS`` (0 while it does not answer)."""
+    probe = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         env={**os.environ, **RAY_CLUSTER_ENV}, check=False)  # fmt: skip
+                         env={**os.environ, **env}, check=False)  # fmt: skip
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout else 0
 
 
@@ -290,19 +294,26 @@ def join_ray_cluster(
     env: dict[str, str],
     *,
     runner: Runner = run_subprocess,
-    alive_nodes: Callable[[], int] = _alive_ray_nodes,
+    alive_nodes: Callable[[dict[str, str]], int] = _alive_ray_nodes,
     timeout_s: float = 900,
     poll_s: float = 5,
 ) -> None:
     """Multi-node DAPO: node 0 starts the Ray head and waits for every node; the others join
-    (retrying while the head comes up) and serve until the cluster ends."""
+    (retrying while the head comes up) and serve until the cluster ends. Every node must hold
+    the same ``RAY_AUTH_TOKEN`` (in ``env`` or this process's environment)."""
+    if not (env.get(RAY_TOKEN_ENV) or os.environ.get(RAY_TOKEN_ENV)):
+        raise launch.LaunchError(
+            f"multi-node DAPO needs {RAY_TOKEN_ENV}, the same on every node (the Modal app's "
+            "train_dapo_multinode sets it)"
+        )
     command = launch.ray_node_command(topo)
     env = {**env, **RAY_CLUSTER_ENV}
     deadline = time.monotonic() + timeout_s
     if topo.node_rank == 0:
         if runner(command, env) != 0:
             raise RuntimeError("the Ray head did not start")
-        while (alive := alive_nodes()) < topo.nnodes:
+        head_env = env | {"RAY_ADDRESS": launch.ray_address(topo)}
+        while (alive := alive_nodes(head_env)) < topo.nnodes:
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"{alive} of {topo.nnodes} nodes joined within {timeout_s:.0f} s"

@@ -70,10 +70,16 @@ FAMILIES: dict[str, Callable[[random.Random], Problem]] = {
 }
 
 
-def problems(n: int, seed: int, *, exclude: frozenset[str] = frozenset()) -> list[Problem]:
-    """``n`` distinct problems, families in turn, none of whose questions is in ``exclude``."""
+def problems(
+    n: int,
+    seed: int,
+    *,
+    exclude: frozenset[str] = frozenset(),
+    families: tuple[str, ...] = tuple(FAMILIES),
+) -> list[Problem]:
+    """``n`` distinct problems, ``families`` in turn, none of whose questions is in ``exclude``."""
     rng = random.Random(seed)
-    makers = list(FAMILIES.values())
+    makers = [FAMILIES[name] for name in families]
     seen = set(exclude)
     out: list[Problem] = []
     for maker in _cycle(makers):
@@ -129,14 +135,20 @@ class SyntheticSizes:
     rl_val: int = 64
 
 
-def write_dataset(out: Path, sizes: SyntheticSizes = SyntheticSizes(), seed: int = 0) -> dict:
+def write_dataset(
+    out: Path,
+    sizes: SyntheticSizes = SyntheticSizes(),
+    seed: int = 0,
+    families: tuple[str, ...] = tuple(FAMILIES),
+) -> dict:
     """Write ``sft.parquet``, ``rl_train.parquet`` and ``rl_val.parquet``; validation problems
-    never appear in training (SFT or RL). Returns the paths by name."""
+    never appear in training (SFT or RL). ``families``: which templates (one short family is
+    what a CPU can teach the tiny model in CI). Returns the paths by name."""
     from recipe.retool.data.prep import RL_SCHEMA, SFT_SCHEMA, _write_atomic
 
-    val = problems(sizes.rl_val, seed + 1)
+    val = problems(sizes.rl_val, seed + 1, families=families)
     held_out = frozenset(p.question for p in val)
-    train = problems(sizes.sft + sizes.rl_train, seed, exclude=held_out)
+    train = problems(sizes.sft + sizes.rl_train, seed, exclude=held_out, families=families)
     files = {
         "sft": (out / "sft.parquet", [sft_row(p) for p in train[: sizes.sft]], SFT_SCHEMA),
         "rl_train": (out / "rl_train.parquet", rl_rows(train[sizes.sft :], "train"), RL_SCHEMA),

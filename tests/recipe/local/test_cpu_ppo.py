@@ -10,16 +10,27 @@ actor update, the weight sync into the rollout, and a checkpoint with HF weights
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recipe.retool import run_metrics, stages
+from recipe.retool import launch, run_metrics, stages
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
 from recipe.retool.launch import Topology
 from recipe.retool.paths import Layout, read_checkpoint_info
@@ -48,44 +59,68 @@ class PreemptedRun:
         return dict(run_metrics.read_run(self.exp_dir))
 
 
+@dataclass(frozen=True)
+class ToolSft:
+    """The synthetic data and the SFT checkpoint every DAPO run here starts from."""
+
+    files: dict[str, Path]
+    weights: Path  # the SFT checkpoint's HF directory
+
+
 @pytest.fixture(scope="module")
-def preempted_run(tmp_path_factory, tiny_model_dir: Path, local_endpoint: str) -> PreemptedRun:
-    root = tmp_path_factory.mktemp("cpu-ppo")
-    layout = Layout.local(root)
-    files = write_dataset(root / "synthetic", SyntheticSizes(sft=16, rl_train=8, rl_val=2))
-    # A short SFT with a high learning rate: the random model learns to end its turns, so
-    # rollouts differ in length, the overlong shaping makes their rewards differ and GRPO has
-    # advantages to train on (a model that never stops scores every rollout alike).
-    sft = stages.run_sft(layout, CPU, [
+def tool_sft(tmp_path_factory, tiny_model_dir: Path) -> ToolSft:
+    """The tiny model learns the ReTool turn shape from one short family of synthetic traces:
+    96 steps of 16 at a high learning rate (measured: ~90 % of first turns sampled at T=1 are a
+    valid code_interpreter call after 96 steps, none after 32). It rarely gets the digits right,
+    so rollouts that call the tool, answer, or run long score differently and GRPO gets
+    advantages; the tool calls are what the sandbox must execute inside main_ppo."""
+    root = tmp_path_factory.mktemp("tool-sft")
+    files = write_dataset(
+        root / "synthetic", SyntheticSizes(sft=512, rl_train=8, rl_val=2), families=("product",)
+    )
+    sft = stages.run_sft(Layout.local(root), CPU, [
         "--experiment-name=warm", f"data.train_files={files['sft']}", "data.max_length=512",
-        "data.train_batch_size=4", "data.micro_batch_size_per_gpu=2", "trainer.total_epochs=3",
-        "optim.lr=3e-3", "trainer.logger=[console]",
+        "data.train_batch_size=16", "data.micro_batch_size_per_gpu=16", "trainer.total_epochs=3",
+        "optim.lr=1e-2", "trainer.save_freq=-1", "trainer.logger=[console]",
     ], model_path=tiny_model_dir)  # fmt: skip
     assert sft.returncode == 0
-    args = [
-        f"--experiment-name={EXPERIMENT}",
-        "--sft-checkpoint=warm",
-        f"data.train_files={files['rl_train']}",
-        f"data.val_files=[{files['rl_val']}]",
+    return ToolSft(files, sft.checkpoint.hf_dir)
+
+
+def dapo_args(sft: ToolSft, experiment: str, steps: int, rollouts: Path) -> list[str]:
+    """The production DAPO config with sizes for a CPU: 2 prompts x 2 rollouts a step."""
+    return [
+        f"--experiment-name={experiment}",
+        f"--sft-checkpoint={sft.weights}",
+        f"data.train_files={sft.files['rl_train']}",
+        f"data.val_files=[{sft.files['rl_val']}]",
         "data.shuffle=false",  # which rows a step trains on shows the dataloader's position
         "data.train_batch_size=2",
         "data.max_prompt_length=512",
-        "data.max_response_length=48",
+        "data.max_response_length=96",  # a call, its output and a boxed answer: ~80 tokens
         "actor_rollout_ref.rollout.n=2",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         "actor_rollout_ref.actor.optim.lr=1e-3",  # updates large enough to see in log-probs
         "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=3",
-        "reward.reward_kwargs.max_resp_len=48",
-        "reward.reward_kwargs.overlong_buffer_cfg.len=48",
+        "reward.reward_kwargs.max_resp_len=96",
+        "reward.reward_kwargs.overlong_buffer_cfg.len=16",
         "algorithm.filter_groups.max_num_gen_batches=1",  # one batch a step, no refills
-        "trainer.total_training_steps=3",
+        f"trainer.total_training_steps={steps}",
         "trainer.total_epochs=100",
         "trainer.save_freq=1",
-        "trainer.test_freq=-1",
+        f"trainer.test_freq={steps}",  # the last step validates: verl's tool-call metrics
         "trainer.val_before_train=false",
+        "actor_rollout_ref.rollout.val_kwargs.n=2",
         "trainer.logger=[console,file]",
-        f"trainer.rollout_data_dir={root / 'rollouts'}",
+        f"trainer.rollout_data_dir={rollouts}",
     ]
+
+
+@pytest.fixture(scope="module")
+def preempted_run(tmp_path_factory, tool_sft: ToolSft, local_endpoint: str) -> PreemptedRun:
+    root = tmp_path_factory.mktemp("cpu-ppo")
+    layout = Layout.local(root)
+    args = dapo_args(tool_sft, EXPERIMENT, 3, root / "rollouts")
     exp_dir = layout.experiment_dir("dapo", EXPERIMENT)
     killer = KillAfterCheckpoint(exp_dir / "latest_checkpointed_iteration.txt", 1, timeout_s=900,
                                  metrics_dir=run_metrics.metrics_dir(exp_dir))  # fmt: skip
@@ -94,8 +129,8 @@ def preempted_run(tmp_path_factory, tiny_model_dir: Path, local_endpoint: str) -
     info_after_kill = read_checkpoint_info(layout, "dapo", EXPERIMENT)
     second = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
     return PreemptedRun(
-        layout, pd.read_parquet(files["rl_train"]), first, info_after_kill, second,
-        killer.outputs, sft.checkpoint.hf_dir,
+        layout, pd.read_parquet(tool_sft.files["rl_train"]), first, info_after_kill, second,
+        killer.outputs, tool_sft.weights,
     )  # fmt: skip
 
 
@@ -118,6 +153,33 @@ def test_main_ppo_runs_dapo_steps_and_saves_hf_weights(preempted_run: PreemptedR
     info = read_checkpoint_info(run.layout, "dapo", EXPERIMENT)
     assert info.step == 3 and info.metrics["steps"] == 3
     assert info.metrics["reward_mean"] == pytest.approx(metrics[3]["critic/rewards/mean"])
+
+
+# A product-family call (what the SFT taught) and the tool response main_ppo put after it.
+_PRODUCT_CALL = re.compile(
+    r'<tool_call>\n\{"name": "code_interpreter", "arguments": \{"code": '
+    r'"print\((\d+) \* (\d+) \+ (\d+)\)"\}\}\n</tool_call>'
+    r"(?:(?!<tool_call>).)*?<tool_response>\n(.*?)\n</tool_response>",
+    re.DOTALL,
+)
+
+
+def test_rollouts_call_the_tool_and_the_sandbox_runs_the_code(preempted_run: PreemptedRun) -> None:
+    """main_ppo's rollouts write tool calls, verl's agent loop hands them to the sandbox, and the
+    sandbox's output is what comes back: each response holds the value of the expression the
+    model wrote (no model writes the product of its own random digits). verl logs the calls too:
+    turns beyond prompt + answer in training, ``tool_calls`` in the last step's validation."""
+    run = preempted_run
+    dumps = sorted((run.layout.data.parent / "rollouts").glob("*.jsonl"))
+    outputs = [json.loads(line)["output"] for d in dumps for line in d.read_text().splitlines()]
+    calls = [m for text in outputs for m in _PRODUCT_CALL.findall(text)]
+    assert len(calls) >= len(outputs) // 2, (len(calls), len(outputs), outputs[:3])
+    for a, b, c, response in calls:
+        assert response == str(int(a) * int(b) + int(c)), (a, b, c, response)
+    metrics = run.metrics()
+    assert all(metrics[step]["training/num_turns/max"] >= 4 for step in metrics)
+    summary = run_metrics.summarize(run_metrics.read_run(run.exp_dir))
+    assert summary.val_steps == [3] and summary.val_tool_calls[0] > 0.5, summary
 
 
 def _max_logprob_gap(a: Path, b: Path, token_ids: list[int]) -> float:
@@ -175,3 +237,126 @@ def test_killed_run_resumes_from_its_checkpoint(preempted_run: PreemptedRun) -> 
     inputs = [json.loads(line)["input"] for line in dumped]
     trained = {i for i, q in enumerate(questions) if any(q in text for text in inputs)}
     assert trained and min(trained) >= drawn, (trained, drawn)
+
+
+# ---- Two Ray nodes on one machine ------------------------------------------------------------
+
+
+class CapturingRunner:
+    """``stages.run_subprocess`` that keeps what every command printed, in one log."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def __call__(self, command: Sequence[str], env: dict[str, str]) -> int:
+        merged = {**os.environ, **env, "PYTHONPATH": str(Path(stages.__file__).parents[2])}
+        with self.log.open("a") as out:
+            return subprocess.run(
+                list(command), env=merged, stdout=out, stderr=subprocess.STDOUT, check=False
+            ).returncode
+
+
+_NODES_PROBE = (
+    "import json, ray; ray.init(); "
+    "print(json.dumps([[n['Alive'], n['Resources'].get('GPU', 0)] for n in ray.nodes()]))"
+)
+
+
+def _driver(probe: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A Ray driver connecting to the cluster at ``RAY_ADDRESS`` with ``env``'s token."""
+    return subprocess.run([sys.executable, "-c", probe], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TwoNodeRun:
+    layout: Layout
+    result: stages.StageResult
+    nodes: list[list]  # [alive, logical GPUs] of each Ray node, from the head
+    wrong_token: subprocess.CompletedProcess  # a driver that sent another token
+    printed: str  # everything `ray start` and main_ppo printed
+    token: str
+    home: Path
+    ray_files_with_token: list[Path]
+
+
+def _stop_cluster(ray_tmp: Path) -> None:
+    """Kill this test's Ray processes only: those whose command line names its temp dir."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if str(ray_tmp) in " ".join(proc.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def two_node_run(tmp_path_factory, tool_sft: ToolSft, local_endpoint: str) -> TwoNodeRun:
+    """A Ray head and one worker started by ``join_ray_cluster`` on localhost, each declaring one
+    logical GPU, then one DAPO step of main_ppo on that cluster (world size 2: one actor rank on
+    each node). HOME is empty, so no ``~/.ray/auth_token`` exists to share: the nodes and the
+    driver authenticate only with the ``RAY_AUTH_TOKEN`` every node is given, as on Modal."""
+    root = tmp_path_factory.mktemp("two-nodes")
+    layout = Layout.local(root)
+    home = root / "home"
+    home.mkdir()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # Ray's socket paths must be short
+    token = secrets.token_hex(32)
+    env = stages.dapo_env(local_endpoint + "/run_code")
+    runner = CapturingRunner(root / "printed.log")
+
+    def node(rank: int) -> Topology:
+        return Topology(gpus_per_node=1, nnodes=2, node_rank=rank, device="cpu")
+
+    address = {"RAY_ADDRESS": launch.ray_address(node(0)), **stages.RAY_CLUSTER_ENV}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(home))
+        patch.setenv("RAY_TMPDIR", str(ray_tmp))
+        patch.setenv(stages.RAY_TOKEN_ENV, token)
+        worker = threading.Thread(
+            target=stages.join_ray_cluster, args=(node(1), env),
+            kwargs={"runner": runner, "poll_s": 1, "timeout_s": 300}, daemon=True,
+        )  # fmt: skip
+        try:
+            worker.start()  # retries until the head is up, then serves until the cluster ends
+            stages.join_ray_cluster(node(0), env, runner=runner, poll_s=1, timeout_s=300)
+            nodes = json.loads(_driver(_NODES_PROBE, address).stdout.splitlines()[-1])
+            wrong = _driver("import ray; ray.init()", {**address, "RAY_AUTH_TOKEN": "0" * 64})
+            args = dapo_args(tool_sft, "two-nodes", 1, root / "rollouts")
+            result = stages.run_dapo(
+                layout, node(0), args, sandbox_url=env["SANDBOX_FUSION_ENDPOINT"], runner=runner
+            )
+            leaked = [
+                p for p in ray_tmp.rglob("*")
+                if p.is_file() and token.encode() in p.read_bytes()
+            ]  # fmt: skip
+        finally:
+            _stop_cluster(ray_tmp)
+            worker.join(timeout=60)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    printed = runner.log.read_text()
+    return TwoNodeRun(layout, result, nodes, wrong, printed, token, home, leaked)
+
+
+def test_dapo_runs_on_a_two_node_ray_cluster(two_node_run: TwoNodeRun) -> None:
+    """Both nodes joined, each with one logical GPU; main_ppo trained with one actor rank per
+    node (the checkpoint has both ranks' shards) and its rollouts called the tool."""
+    run = two_node_run
+    assert run.nodes == [[True, 1.0], [True, 1.0]]
+    assert run.result.returncode == 0, run.printed[-3000:]
+    assert run.result.checkpoint is not None and run.result.checkpoint.step == 1
+    actor = run.result.checkpoint.path / "actor"
+    assert {p.name for p in actor.glob("model_world_size_2_rank_*.pt")} == {
+        "model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt",
+    }  # fmt: skip
+    ((step, metrics),) = run_metrics.read_run(run.layout.experiment_dir("dapo", "two-nodes"))
+    assert step == 1 and metrics["training/num_turns/max"] >= 4
+
+
+def test_the_nodes_share_a_token_that_is_never_written_or_printed(two_node_run) -> None:
+    """The head refuses a driver with another token, so the worker and main_ppo got in with the
+    shared one; Ray wrote no token file for it and nothing printed or logged it."""
+    run = two_node_run
+    assert run.wrong_token.returncode != 0
+    assert "auth" in (run.wrong_token.stderr + run.wrong_token.stdout).lower()
+    assert not (run.home / ".ray" / "auth_token").exists()
+    assert run.token not in run.printed
+    assert run.ray_files_with_token == []
