@@ -9,6 +9,7 @@ so verl's own entry points run unmodified.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -289,18 +290,29 @@ def _alive_ray_nodes(env: dict[str, str]) -> int:
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout else 0
 
 
+def _head_listens(topo: launch.Topology) -> bool:
+    """Whether the Ray head's GCS port accepts connections yet."""
+    try:
+        with socket.create_connection((topo.master_addr, launch.RAY_PORT), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def join_ray_cluster(
     topo: launch.Topology,
     env: dict[str, str],
     *,
     runner: Runner = run_subprocess,
     alive_nodes: Callable[[dict[str, str]], int] = _alive_ray_nodes,
+    head_listens: Callable[[launch.Topology], bool] | None = None,
     timeout_s: float = 900,
     poll_s: float = 5,
 ) -> None:
     """Multi-node DAPO: node 0 starts the Ray head and waits for every node; the others join
-    (retrying while the head comes up) and serve until the cluster ends. Every node must hold
-    the same ``RAY_AUTH_TOKEN`` (in ``env`` or this process's environment)."""
+    once the head listens (a ``ray start`` aimed at no head waits minutes for the GCS before it
+    fails, measured with Ray 2.60) and serve until the cluster ends. Every node must hold the
+    same ``RAY_AUTH_TOKEN`` (in ``env`` or this process's environment)."""
     if not (env.get(RAY_TOKEN_ENV) or os.environ.get(RAY_TOKEN_ENV)):
         raise launch.LaunchError(
             f"multi-node DAPO needs {RAY_TOKEN_ENV}, the same on every node (the Modal app's "
@@ -321,9 +333,10 @@ def join_ray_cluster(
             time.sleep(poll_s)
         return
     while True:
-        started = time.monotonic()
-        if runner(command, env) == 0 or time.monotonic() - started > 60:
-            return  # joined and served until the cluster went away
+        if (head_listens or _head_listens)(topo):
+            started = time.monotonic()
+            if runner(command, env) == 0 or time.monotonic() - started > 60:
+                return  # joined and served until the cluster went away
         if time.monotonic() > deadline:
             raise RuntimeError(f"could not join the Ray head at {topo.master_addr}")
         time.sleep(poll_s)

@@ -358,12 +358,31 @@ class RayRunner:
         return 1 if len(self.calls) <= self.fail_first else 0
 
 
+@pytest.fixture
+def ray_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token every node of a multi-node run holds (the Modal app's per-launch secret)."""
+    monkeypatch.setenv(stages.RAY_TOKEN_ENV, "t" * 64)
+
+
+def test_joining_a_ray_cluster_needs_the_shared_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without RAY_AUTH_TOKEN the nodes could not authenticate to each other (Modal containers
+    share no ~/.ray): one line, before any `ray start`."""
+    monkeypatch.delenv(stages.RAY_TOKEN_ENV, raising=False)
+    runner = RayRunner()
+    for rank in (0, 1):
+        node = Topology(gpus_per_node=8, nnodes=2, node_rank=rank, master_addr="10.0.0.5")
+        with pytest.raises(LaunchError, match="needs RAY_AUTH_TOKEN, the same on every node"):
+            stages.join_ray_cluster(node, {}, runner=runner)
+    assert runner.calls == []
+
+
+@pytest.mark.usefixtures("ray_token")
 def test_ray_head_waits_for_every_node_and_passes_the_sandbox_to_workers() -> None:
     head = Topology(gpus_per_node=8, nnodes=3, node_rank=0, master_addr="10.0.0.5")
     counts = iter([1, 2, 3])
     runner = RayRunner()
     stages.join_ray_cluster(head, stages.dapo_env("http://sb/run_code"), runner=runner,
-                            alive_nodes=lambda: next(counts), poll_s=0)  # fmt: skip
+                            alive_nodes=lambda env: next(counts), poll_s=0)  # fmt: skip
     ((command, env),) = runner.calls
     assert "--head" in command
     assert env["SANDBOX_FUSION_ENDPOINT"] == "http://sb/run_code"  # reaches the tool's actors
@@ -371,23 +390,27 @@ def test_ray_head_waits_for_every_node_and_passes_the_sandbox_to_workers() -> No
     assert env["RAY_AUTH_MODE"] == "token"  # Ray 2.60 leaves it off for joining nodes
 
 
+@pytest.mark.usefixtures("ray_token")
 def test_ray_head_gives_up_when_nodes_never_join() -> None:
     head = Topology(gpus_per_node=8, nnodes=2, node_rank=0, master_addr="10.0.0.5")
     with pytest.raises(RuntimeError, match="1 of 2 nodes joined"):
-        stages.join_ray_cluster(head, {}, runner=RayRunner(), alive_nodes=lambda: 1,
+        stages.join_ray_cluster(head, {}, runner=RayRunner(), alive_nodes=lambda env: 1,
                                 timeout_s=0, poll_s=0)  # fmt: skip
 
 
+@pytest.mark.usefixtures("ray_token")
 def test_ray_worker_retries_until_the_head_is_up() -> None:
     worker = Topology(gpus_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5")
+    listens = iter([False, False, True, True, True])  # no `ray start` before the head listens
     runner = RayRunner(fail_first=2)
-    stages.join_ray_cluster(worker, {"X": "1"}, runner=runner, poll_s=0)
+    stages.join_ray_cluster(worker, {"X": "1"}, runner=runner, poll_s=0,
+                            head_listens=lambda topo: next(listens))  # fmt: skip
     assert len(runner.calls) == 3
     assert all("--address=10.0.0.5:6379" in c for c, _ in runner.calls)
     assert all(e["RAY_AUTH_MODE"] == "token" and e["X"] == "1" for _, e in runner.calls)
     with pytest.raises(RuntimeError, match="could not join"):
         stages.join_ray_cluster(worker, {}, runner=RayRunner(fail_first=99), timeout_s=0,
-                                poll_s=0)  # fmt: skip
+                                poll_s=0, head_listens=lambda topo: True)  # fmt: skip
 
 
 def test_the_default_name_follows_the_launch_not_the_clock(monkeypatch) -> None:

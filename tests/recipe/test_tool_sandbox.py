@@ -63,9 +63,13 @@ def node_sandbox_answers() -> bool:
         return False
 
 
-def test_a_ray_worker_node_starts_its_sandbox_first_and_its_tools_use_it(layout) -> None:
+def test_a_ray_worker_node_starts_its_sandbox_first_and_its_tools_use_it(
+    layout, monkeypatch
+) -> None:
     """Node 1 of 2: by the time ``ray start`` runs, the node's sandbox answers at the loopback
     URL that the node's Ray workers inherit; it stops when the node's part of the job ends."""
+    monkeypatch.setenv(stages.RAY_TOKEN_ENV, "t" * 64)
+    monkeypatch.setattr(stages, "_head_listens", lambda topo: True)  # the head at 10.0.0.5
     worker = Topology(gpus_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5")
     node = NodeProcesses(layout)
     result = stages.dapo_on_node(

@@ -1,11 +1,15 @@
 """verl's real DAPO trainer loop on CPU (``local/cpu_ppo.py`` + ``local/rollout_replica_cpu.py``).
 
+Every run starts from one SFT of the tiny model on synthetic tool traces (:func:`tool_sft`), so
+its rollouts write tool calls that the sandbox executes inside main_ppo.
+
 One experiment serves every test here, run the way a preempted Modal job runs: ``main_ppo`` is
 SIGKILLed (its whole process tree, Ray included) right after step 1's checkpoint, then launched
 again with the same experiment name and runs steps 2 and 3. Each step is the production DAPO
 config with sizes scaled down: multi-turn tool rollouts through the hf_cpu replica with the
 sandbox serving the tool, the ReTool reward manager, bounded dynamic sampling, GRPO, an FSDP2
-actor update, the weight sync into the rollout, and a checkpoint with HF weights.
+actor update, the weight sync into the rollout, and a checkpoint with HF weights. A second
+experiment runs one step on a two-node Ray cluster on localhost, started by ``join_ray_cluster``.
 """
 
 from __future__ import annotations
