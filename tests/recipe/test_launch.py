@@ -8,6 +8,7 @@ import pytest
 
 from recipe.retool import launch
 from recipe.retool.launch import LaunchError, Topology
+from recipe.retool.local.cpu_ppo import RAY_CPUS
 from recipe.retool.paths import Layout
 from recipe.retool.verl_plugins import varlen_attention
 from tests.cli import assert_one_line_error, run_module
@@ -218,6 +219,10 @@ def test_ray_head_and_workers_for_multinode_dapo() -> None:
     assert "--head" in head and "--node-ip-address=10.0.0.5" in head and "--num-gpus=8" in head
     assert "--address=10.0.0.5:6379" in worker and "--block" in worker
     assert head[1:4] == ["-m", "ray.scripts.scripts", "start"]
+    assert not any(arg.startswith("--num-cpus") for arg in head + worker)  # Ray counts the cores
+    # On CPU every node declares the logical CPUs main_ppo's actors reserve, beyond its cores.
+    cpu_node = launch.ray_node_command(Topology(gpus_per_node=1, nnodes=2, device="cpu"))
+    assert "--num-gpus=1" in cpu_node and f"--num-cpus={RAY_CPUS}" in cpu_node
 
 
 @pytest.mark.parametrize(

@@ -238,6 +238,20 @@ def test_multinode_functions_are_rdma_clusters_of_8_gpu_nodes(app_module, name) 
     assert (info.cluster_info.size, info.cluster_info.rdma) == (2, True)
 
 
+def test_multinode_dapo_hands_every_node_one_ray_token_per_launch(app_module, monkeypatch) -> None:
+    """Modal's containers share no ~/.ray, so the Ray nodes authenticate with RAY_AUTH_TOKEN:
+    made where `modal run` runs and bound to the function as a secret, which every container
+    of the cluster receives. Inside a container the app's import makes no token of its own."""
+    from recipe.retool import modal_common
+
+    assert app_module.train_dapo_multinode.info().secrets == [
+        "Secret.from_dotenv()", "Secret.from_dict([RAY_AUTH_TOKEN])",
+    ]  # fmt: skip
+    assert app_module.train_multinode.info().secrets == ["Secret.from_dotenv()"]  # no Ray
+    monkeypatch.setattr(modal_common.modal, "is_local", lambda: False)
+    assert repr(modal_common.ray_cluster_secret()) == "Secret.from_dict([])"
+
+
 def test_topology_comes_from_the_modal_cluster(app_module, monkeypatch) -> None:
     class Cluster:
         rank = 1
