@@ -224,14 +224,23 @@ def run_dapo(
     parsed = launch.parse_launch_args(args)
     experiment = parsed.experiment or default_experiment("dapo", launch_id)
     start_from = resolve_sft_checkpoint(layout, parsed.sft_checkpoint)
-    overrides = launch.dapo_overrides(layout, experiment, start_from, topo, parsed.overrides)
+    metrics_env = metrics_file_env(layout, "dapo", experiment)
+    env = dapo_env(sandbox_url) | metrics_env
+    job_env: list[str] = []
+    if topo.nnodes > 1:  # join the Ray cluster that join_ray_cluster started
+        env |= RAY_CLUSTER_ENV | {"RAY_ADDRESS": launch.ray_address(topo)}
+        # verl logs from a Ray actor, which on a cluster inherits its node's `ray start`
+        # environment, not main_ppo's: the metrics path travels in the job's runtime env.
+        job_env = [
+            f"++ray_kwargs.ray_init.runtime_env.env_vars.{k}={v}" for k, v in metrics_env.items()
+        ]
+    overrides = launch.dapo_overrides(
+        layout, experiment, start_from, topo, [*parsed.overrides, *job_env]
+    )
     launch.validate("dapo", overrides, topo)
     print(f"DAPO starts from {start_from}", flush=True)
     if topo.device == "cuda" and _production_sized(args):
         print(launch.estimate_cost("dapo", topo), flush=True)
-    env = dapo_env(sandbox_url) | metrics_file_env(layout, "dapo", experiment)
-    if topo.nnodes > 1:  # join the Ray cluster that join_ray_cluster started
-        env |= RAY_CLUSTER_ENV | {"RAY_ADDRESS": launch.ray_address(topo)}
     start = time.time()
     code = runner(launch.dapo_command(overrides, topo), env)
     ckpt = _record(layout, "dapo", experiment, str(start_from), code)

@@ -323,6 +323,10 @@ def test_multinode_dapo_joins_the_ray_cluster(layout: Layout) -> None:
     assert runner.envs[0]["RAY_ADDRESS"] == "10.0.0.5:6379"
     assert runner.envs[0]["RAY_AUTH_MODE"] == "token"
     assert "trainer.nnodes=2" in runner.commands[0]
+    # The Ray actor that logs inherits its node's `ray start` env: the path goes in the job's.
+    logger_path = runner.envs[0]["VERL_FILE_LOGGER_PATH"]
+    job_env = f"++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH={logger_path}"
+    assert job_env in runner.commands[0]
 
 
 def test_failed_run_keeps_its_checkpoint_but_writes_no_done_marker(layout, tiny_model_dir) -> None:

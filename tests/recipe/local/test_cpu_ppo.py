@@ -104,7 +104,7 @@ def dapo_args(sft: ToolSft, experiment: str, steps: int, rollouts: Path) -> list
         "data.max_response_length=96",  # a call, its output and a boxed answer: ~80 tokens
         "actor_rollout_ref.rollout.n=2",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-        "actor_rollout_ref.actor.optim.lr=1e-3",  # updates large enough to see in log-probs
+        "actor_rollout_ref.actor.optim.lr=1e-4",  # large enough to see, small enough to keep calls
         "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=3",
         "reward.reward_kwargs.max_resp_len=96",
         "reward.reward_kwargs.overlong_buffer_cfg.len=16",
