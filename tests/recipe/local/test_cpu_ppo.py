@@ -109,7 +109,10 @@ def dapo_args(sft: ToolSft, experiment: str, steps: int, rollouts: Path) -> list
         "actor_rollout_ref.actor.optim.lr=1e-3",  # updates large enough to see in log-probs
         "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=3",
         "reward.reward_kwargs.max_resp_len=96",
-        "reward.reward_kwargs.overlong_buffer_cfg.len=16",
+        # The whole response is the overlong buffer: every token costs a little, so rollouts of
+        # different lengths score differently and every group has advantages, even when all of
+        # them call the tool and all answers are wrong.
+        "reward.reward_kwargs.overlong_buffer_cfg.len=96",
         "algorithm.filter_groups.max_num_gen_batches=1",  # one batch a step, no refills
         f"trainer.total_training_steps={steps}",
         "trainer.total_epochs=100",
