@@ -94,7 +94,7 @@ def tool_sft(tmp_path_factory, tiny_model_dir: Path) -> ToolSft:
 
 
 def dapo_args(sft: ToolSft, experiment: str, steps: int, rollouts: Path) -> list[str]:
-    """The production DAPO config with sizes for a CPU: 2 prompts x 2 rollouts a step."""
+    """The production DAPO config with sizes for a CPU: 2 prompts x 4 rollouts a step."""
     return [
         f"--experiment-name={experiment}",
         f"--sft-checkpoint={sft.weights}",
@@ -104,7 +104,9 @@ def dapo_args(sft: ToolSft, experiment: str, steps: int, rollouts: Path) -> list
         "data.train_batch_size=2",
         "data.max_prompt_length=512",
         "data.max_response_length=96",  # a call, its output and a boxed answer: ~80 tokens
-        "actor_rollout_ref.rollout.n=2",
+        # 4 a group: rollouts with the same turns often have the same length, and with 2 a
+        # group every group of a step sometimes scores alike (no advantage, no gradient).
+        "actor_rollout_ref.rollout.n=4",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         "actor_rollout_ref.actor.optim.lr=1e-3",  # updates large enough to see in log-probs
         "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=3",
