@@ -452,6 +452,7 @@ class KillAfterCheckpoint:
         import os
         import signal
         import subprocess
+        import contextlib
         import time
 
         import psutil
@@ -470,7 +471,8 @@ class KillAfterCheckpoint:
                 if not self.outputs and tracked == str(self.step) and self._logged():
                     # the whole tree: torchrun's workers live in sessions of their own
                     for child in psutil.Process(proc.pid).children(recursive=True):
-                        child.send_signal(signal.SIGKILL)
+                        with contextlib.suppress(psutil.NoSuchProcess):  # exited meanwhile
+                            child.send_signal(signal.SIGKILL)
                     os.killpg(proc.pid, signal.SIGKILL)
                     break
                 time.sleep(0.05)
