@@ -449,10 +449,10 @@ class KillAfterCheckpoint:
             return False
 
     def __call__(self, command: Sequence[str], env: dict[str, str]) -> int:
+        import contextlib
         import os
         import signal
         import subprocess
-        import contextlib
         import time
 
         import psutil
