@@ -41,7 +41,9 @@ from recipe.retool.launch import Topology
 from recipe.retool.paths import Layout, read_checkpoint_info
 from tests.recipe.test_stages import KillAfterCheckpoint
 
-pytestmark = pytest.mark.slow
+# The first test's setup is an SFT and two main_ppo launches (~2.5 min on 2 idle cores; more
+# than the suite's 300 s default when other jobs share the cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 CPU = Topology(gpus_per_node=1, device="cpu")
 EXPERIMENT = "cpu-dapo"
 
