@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from recipe.retool import launch, learning_curve
 from recipe.retool.paths import Layout
 
@@ -32,20 +34,18 @@ def test_settings_compose_on_one_gpu_with_the_production_dapo_config() -> None:
     assert "file" in cfg.trainer.logger
 
 
-def test_report_is_written_from_the_row(tmp_path: Path) -> None:
-    row = json.loads(
-        (Path(__file__).resolve().parents[2] / "docs/gpu-runs/dapo_curve_h200.json").read_text()
-    )
+@pytest.mark.parametrize(
+    ("run", "expected"),
+    [
+        ("dapo_curve_h200", ("step 0: 0.016", "step 12: 0.023", "(exit 0)")),
+        # cut when the device budget ran out: no exit code, the reason instead
+        ("dapo_curve_h100", ("19 steps, cut after step 19", "step 15: 0.856")),
+    ],
+)
+def test_report_is_written_from_the_row(tmp_path: Path, run: str, expected: tuple[str, ...]):
+    runs = Path(__file__).resolve().parents[2] / "docs" / "gpu-runs"
+    row = json.loads((runs / f"{run}.json").read_text())
     learning_curve.write_report(tmp_path, row)
     text = (tmp_path / "curve.md").read_text()
-    assert "step 0: 0.016" in text and "step 12: 0.023" in text
+    assert all(part in text for part in expected), text
     assert (tmp_path / "curve.png").stat().st_size > 0
-
-
-def test_report_of_a_run_cut_short_says_so(tmp_path: Path) -> None:
-    row = json.loads(
-        (Path(__file__).resolve().parents[2] / "docs/gpu-runs/dapo_curve_h100.json").read_text()
-    )
-    learning_curve.write_report(tmp_path, row)
-    text = (tmp_path / "curve.md").read_text()
-    assert "19 steps, cut after step 19" in text and "step 15: 0.856" in text

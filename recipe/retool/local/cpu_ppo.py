@@ -14,9 +14,8 @@ rollout backend); sizes are the caller's.
 
 from __future__ import annotations
 
-import sys
-
 from recipe.retool.local import cpu_compat
+from recipe.retool.verl_plugins import trainer_setup
 
 CPU_PPO_OVERRIDES: tuple[str, ...] = (
     "trainer.device=cpu",
@@ -72,8 +71,7 @@ def main() -> None:
     install_worker()
     from verl.trainer import main_ppo
 
-    sys.argv[0] = main_ppo.__file__
-    main_ppo.main()
+    trainer_setup.run_verl(main_ppo)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ the models are built:
 from __future__ import annotations
 
 import sys
+from types import ModuleType
 
 from recipe.retool.verl_plugins import fast_logprobs, varlen_attention
 
@@ -26,13 +27,20 @@ def install() -> None:
     varlen_attention.install()
 
 
+def run_verl(entry: ModuleType) -> None:
+    """Run a verl entry module's Hydra ``main`` from a wrapper module, as ``python -m <entry>``
+    would: ``sys.argv[0]`` names the entry's file, not the wrapper's (Hydra reads the script it
+    runs from it). The overrides stay in ``sys.argv[1:]``."""
+    sys.argv[0] = entry.__file__
+    entry.main()
+
+
 def main() -> None:
     """``torchrun -m recipe.retool.verl_plugins.trainer_setup <overrides>``: verl's SFT trainer."""
     install()
     from verl.trainer import sft_trainer
 
-    sys.argv[0] = sft_trainer.__file__
-    sft_trainer.main()
+    run_verl(sft_trainer)
 
 
 if __name__ == "__main__":

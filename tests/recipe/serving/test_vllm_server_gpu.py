@@ -4,7 +4,6 @@ the key in vLLM's environment and every tool call run in the local sandbox."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -20,14 +19,9 @@ from recipe.retool.serving.vllm_server import (
     wait_until_serving,
 )
 from sandbox.client import SandboxClient
+from sandbox.local import free_port
 
 KEY = "gpu-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.gpu
