@@ -123,7 +123,9 @@ def dapo_args(sft: ToolSft, experiment: str, steps: int, rollouts: Path) -> list
         "trainer.save_freq=1",
         f"trainer.test_freq={steps}",  # the last step validates: verl's tool-call metrics
         "trainer.val_before_train=false",
-        "actor_rollout_ref.rollout.val_kwargs.n=2",
+        # 2 problems x 8: with 2 x 2, a policy that still calls the tool in most training
+        # rollouts logged 0.0 validation calls in 2 of 3 runs (the samples, not the policy)
+        "actor_rollout_ref.rollout.val_kwargs.n=8",
         "trainer.logger=[console,file]",
         f"trainer.rollout_data_dir={rollouts}",
     ]
