@@ -153,3 +153,14 @@ def sandbox_service(
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def run_code_url(url: str | None) -> Iterator[str]:
+    """``url`` when given (a deployed sandbox), else the project's own sandbox started on loopback
+    for the duration: the ``/run_code`` URL a tool config points at."""
+    if url:
+        yield url
+        return
+    with sandbox_service("--log-level", "warning") as base:
+        yield f"{base}/run_code"

@@ -1,6 +1,7 @@
-"""Benchmark the production SFT launcher on GPUs at Qwen2.5-7B-Instruct's exact shape.
+"""Benchmark the production SFT launcher on GPUs at Qwen2.5-7B-Instruct's exact shape (or
+Qwen2.5-1.5B's, ``--shape``).
 
-No weights are downloaded: the model is random-init from Qwen2.5-7B-Instruct's architecture (its
+No weights are downloaded: the model is random-init from the architecture (``qwen_shapes.py``;
 speed and memory do not depend on the values), the data is synthetic multi-turn tool-calling
 conversations at the real lengths. Training runs through ``recipe.retool.stages.run_sft`` — the
 same code path and ``config/sft.yaml`` as ``modal run ...::train`` — with only the GPU count and
@@ -9,6 +10,7 @@ checkpoint is written).
 
     python scripts/bench_sft_gpu.py prepare --root /tmp/bench
     python scripts/bench_sft_gpu.py run --root /tmp/bench --gpus 4 --sp 1 --out r.json
+    python scripts/bench_sft_gpu.py run ... --profile-step 3   # + where step 3's GPU time went
     python scripts/bench_sft_gpu.py table r1.json r2.json ...   # markdown for docs/benchmarks.md
     python scripts/bench_sft_gpu.py matrix --root /tmp/bench --gpus 4   # all of the above
 """
@@ -16,6 +18,7 @@ checkpoint is written).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -32,33 +35,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trace_summary
+from qwen_shapes import SHAPES, model_params
 
 from recipe.retool import launch, stages
 from recipe.retool.constants import TOOL_NAME, TOOL_SCHEMA
 from recipe.retool.launch import Topology
 from recipe.retool.paths import Layout
 
-# Qwen2.5-7B-Instruct's config.json, architecture fields only.
-QWEN25_7B = {
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}
 H100_BF16_DENSE_FLOPS = 989e12
 H100_MEMORY_GB = 81559 * 2**20 / 1e9  # what nvidia-smi reports for an H100 80GB HBM3
 STEP_LINE = re.compile(r"step:(\d+) - (.*)")
 WORDS = ["the", "of", "and", "to", "in", "is", "we", "compute", "sum", "value", "answer"]
 
 
-def prepare(root: Path, samples: int, min_tokens: int, max_tokens: int, seed: int) -> None:
-    """Write the random-init 7B model (bf16 safetensors) and the synthetic SFT parquet."""
+def prepare(
+    root: Path, samples: int, min_tokens: int, max_tokens: int, seed: int, shape: str = "qwen2.5-7b"
+) -> None:
+    """Write the random-init model of ``shape`` (bf16 safetensors) and the synthetic SFT parquet."""
     import pandas as pd
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -67,7 +60,7 @@ def prepare(root: Path, samples: int, min_tokens: int, max_tokens: int, seed: in
 
     model_dir = root / "model"
     if not (model_dir / "model.safetensors.index.json").exists():
-        config = Qwen2Config(**QWEN25_7B, torch_dtype="bfloat16")
+        config = Qwen2Config(**SHAPES[shape], torch_dtype="bfloat16")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
@@ -220,6 +213,18 @@ def measured_settings(layout: Layout, topo: Topology, args: Sequence[str], model
     }
 
 
+def measured_steps(
+    records: Sequence[tuple[float, dict[str, float]]], profile_step: int
+) -> list[tuple[float, dict[str, float]]]:
+    """``(seconds, metrics)`` of each step but the first (compilation, allocator warm-up) and the
+    profiled one (the profiler slows it); a step's seconds run from the previous step's line."""
+    return [
+        (now - before, metrics)
+        for number, ((before, _), (now, metrics)) in enumerate(itertools.pairwise(records), start=2)
+        if number != profile_step
+    ]
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -233,18 +238,19 @@ def run(args: argparse.Namespace) -> dict:
     result = stages.run_sft(
         layout, topo, overrides, model_path=args.root / "model", runner=collector
     )
-    measured = collector.records[1:]  # step 1 includes compilation and allocator warm-up
+    measured = measured_steps(collector.records, args.profile_step)
     if result.returncode != 0 or len(measured) < 1:
         tail = args.out.with_suffix(".log").read_text()[-3000:]
         raise SystemExit(f"run failed (rc {result.returncode}); log tail:\n{tail}")
-    times = [b[0] - a[0] for a, b in zip(collector.records, collector.records[1:], strict=False)]
-    step_s = statistics.median(times)
+    step_s = statistics.median(seconds for seconds, _ in measured)
     tokens_per_step = statistics.median(m.get("train/global_tokens", 0.0) for _, m in measured)
     peak = max(m.get("perf/max_memory_reserved_gb", 0.0) for _, m in collector.records)
     peak_alloc = max(m.get("perf/max_memory_allocated_gb", 0.0) for _, m in collector.records)
     total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    params = model_params(args.root / "model")
     row = {
         "gpu": torch.cuda.get_device_name(0),
+        "params_b": round(params / 1e9, 2),
         "gpus": world,
         "sp": args.sp,
         "tokens_per_gpu": args.tokens_per_gpu,
@@ -255,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
         "tokens_per_step": int(tokens_per_step),
         "tokens_per_s_per_gpu": round(tokens_per_step / step_s / world),
         "mfu_verl": round(statistics.mean(m.get("train/mfu", 0.0) for _, m in measured), 3),
-        "mfu_6n": round(6 * 7.62e9 * tokens_per_step / step_s / world / H100_BF16_DENSE_FLOPS, 3),
+        "mfu_6n": round(6 * params * tokens_per_step / step_s / world / H100_BF16_DENSE_FLOPS, 3),
         "peak_reserved_gb": round(peak, 1),
         "peak_allocated_gb": round(peak_alloc, 1),
         "headroom": round(1 - peak / total_gb, 3),
@@ -271,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def matrix(args: argparse.Namespace) -> None:
     """The benchmark matrix of docs/benchmarks.md for one machine; prints the table last."""
-    prepare(args.root, 192, 4096, 16000, 0)
+    prepare(args.root, 192, 4096, 16000, 0, args.shape)
     rows = []
     for sp in (s for s in (1, 2, 4, 8) if args.gpus % s == 0):
         for liger in (False, True) if sp == 1 else (False,):
@@ -306,12 +312,13 @@ def table(files: Sequence[Path]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare", help="write the random-init 7B model and synthetic data")
+    p = sub.add_parser("prepare", help="write the random-init model and synthetic data")
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--min-tokens", type=int, default=4096)
     p.add_argument("--max-tokens", type=int, default=16000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-7b")
     r = sub.add_parser("run", help="train a few steps and write one JSON row")
     r.add_argument("--root", type=Path, required=True)
     r.add_argument("--gpus", type=int, required=True)
@@ -336,12 +343,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     m.add_argument("--root", type=Path, required=True)
     m.add_argument("--gpus", type=int, required=True)
     m.add_argument("--steps", type=int, default=4)
+    m.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-7b")
     m.add_argument("--override", action="append", default=[])
     t = sub.add_parser("table", help="markdown table from JSON rows")
     t.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
     if args.cmd == "prepare":
-        prepare(args.root, args.samples, args.min_tokens, args.max_tokens, args.seed)
+        prepare(args.root, args.samples, args.min_tokens, args.max_tokens, args.seed, args.shape)
     elif args.cmd == "run":
         run(args)
     elif args.cmd == "matrix":

@@ -16,18 +16,17 @@ Writes under ``--root``: the Modal-volume layout, ``curve.json`` (the ``docs/gpu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from recipe.retool import launch, paths, run_metrics, stages
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
 from recipe.retool.local.tiny_model import TinySpec, build
+from sandbox.local import run_code_url
 
 MODEL_ID = "local/tool-qwen2"
 EXPERIMENT = "curve"
@@ -138,7 +137,7 @@ def run(root: Path, settings: CurveSettings, gpus: int, sandbox_url: str | None)
     start = layout.experiment_dir("sft", EXPERIMENT) / f"global_step_{settings.dapo_from_sft_step}"
     if not start.is_dir():
         raise SystemExit(f"no SFT checkpoint at step {settings.dapo_from_sft_step}: {start}")
-    with _sandbox(sandbox_url) as url:
+    with run_code_url(sandbox_url) as url:
         dapo = stages.run_dapo(layout, topo, dapo_args(files, settings, start), sandbox_url=url)
     summary = run_metrics.summarize(run_metrics.read_run(layout.experiment_dir("dapo", EXPERIMENT)))
     row = {
@@ -164,18 +163,6 @@ def _param_count(model_dir: Path) -> int:
     from safetensors.torch import load_file
 
     return sum(t.numel() for f in model_dir.glob("*.safetensors") for t in load_file(f).values())
-
-
-@contextlib.contextmanager
-def _sandbox(url: str | None) -> Iterator[str]:
-    """The sandbox at ``url``, or the project's own started on loopback for the run."""
-    if url:
-        yield url
-        return
-    from sandbox.local import sandbox_service
-
-    with sandbox_service("--log-level", "warning") as base:
-        yield f"{base}/run_code"
 
 
 def write_report(root: Path, row: dict) -> None:

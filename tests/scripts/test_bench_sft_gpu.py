@@ -141,3 +141,10 @@ def test_profile_step_makes_verl_write_a_trace_of_that_step(tmp_path: Path, tiny
     assert any(e.get("cat") == "cpu_op" for e in events)
     with pytest.raises(SystemExit, match="no profiler trace"):
         bench.profile_summary(tmp_path / "elsewhere")
+
+
+def test_measured_steps_leave_out_the_first_and_the_profiled_step() -> None:
+    records = [(10.0, {"s": 1}), (13.0, {"s": 2}), (20.0, {"s": 3}), (22.5, {"s": 4})]
+    assert bench.measured_steps(records, 0) == [(3.0, {"s": 2}), (7.0, {"s": 3}), (2.5, {"s": 4})]
+    assert bench.measured_steps(records, 3) == [(3.0, {"s": 2}), (2.5, {"s": 4})]
+    assert bench.measured_steps(records[:1], 0) == []

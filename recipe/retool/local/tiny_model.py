@@ -104,6 +104,7 @@ class TinySpec:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 32768
     seed: int = 0
+    dtype: str = "float32"  # of the saved weights; GPU benchmarks save bfloat16 (half the bytes)
 
     def fingerprint(self) -> str:
         """Cache key: changes whenever the spec or the template changes."""
@@ -159,10 +160,10 @@ def build(out_dir: Path, spec: TinySpec = TinySpec()) -> Path:
         bos_token_id=eot,
         eos_token_id=im_end,
         pad_token_id=eot,
-        torch_dtype="float32",
+        torch_dtype=spec.dtype,
     )
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, spec.dtype))
     model.generation_config = GenerationConfig(
         bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot
     )
