@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -103,13 +104,20 @@ def layout_settings(root: Path, gpus: int, args: Sequence[str]) -> dict:
     }
 
 
+def visible_gpus_option(visible: str | None) -> list[str]:
+    """nvidia-smi's ``--id`` for the GPUs this run may use: other jobs on the machine's other GPUs
+    are not this run's memory (the first 2-GPU run's row counted two GPUs another job used)."""
+    ids = [part.strip() for part in (visible or "").split(",") if part.strip()]
+    return [f"--id={','.join(ids)}"] if ids and all(i.isdigit() for i in ids) else []
+
+
 class GpuMemoryPeak:
     """The highest ``memory.used`` nvidia-smi reports per GPU while the block runs, sampled every
     ``interval_s``: the rollout engine and the FSDP actor are separate processes, so no single
     process's allocator sees the whole card."""
 
     def __init__(self, command: Sequence[str] = NVIDIA_SMI, interval_s: float = 1.0) -> None:
-        self.command = list(command)
+        self.command = [*command, *visible_gpus_option(os.environ.get("CUDA_VISIBLE_DEVICES"))]
         self.interval_s = interval_s
         self.peak_mib: dict[int, int] = {}
         self._stop = threading.Event()

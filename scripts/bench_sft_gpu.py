@@ -171,6 +171,10 @@ def bench_args(args: argparse.Namespace) -> list[str]:
         f"data.max_token_len_per_gpu={args.tokens_per_gpu}",
         f"data.train_batch_size={args.batch}",
         "trainer.logger=[console]",
+        # A fresh run that writes nothing: a bench that resumed an earlier one's checkpoint ran one
+        # step of four, and a 7B checkpoint save (optimizer included) lands inside a step's time.
+        "trainer.resume_mode=disable",
+        "trainer.save_freq=-1",
         f"trainer.total_training_steps={args.steps + 1}",
         *([] if args.liger is None else [f"model.use_liger={args.liger}"]),
         *(["engine.use_torch_compile=False"] if args.no_compile else []),

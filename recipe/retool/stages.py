@@ -139,6 +139,7 @@ def _record(
     The info file is the pipeline's "stage done" marker, so an interrupted run (whose partial
     progress verl resumes from) never writes it.
     """
+    _make_portable(layout.experiment_dir(stage, experiment))
     try:
         ckpt = latest_checkpoint(layout, stage, experiment)
     except CheckpointNotFound:
@@ -153,11 +154,30 @@ def _record(
     return ckpt
 
 
+def _make_portable(experiment_dir: Path) -> None:
+    """Every checkpoint's Hugging Face config loads with plain transformers, whatever attention
+    the run trained with (``varlen_attention.make_portable``)."""
+    from recipe.retool.verl_plugins.varlen_attention import make_portable
+
+    for config in experiment_dir.glob("global_step_*/**/huggingface/config.json"):
+        make_portable(config.parent)
+
+
 def _production_sized(args: Sequence[str], model_path: Path | None = None) -> bool:
     """Whether a run trains the configured model on the prepared data: the cost line's estimate
     (``estimate_hours``) is for that run only, and would be wrong by orders of magnitude for the
     smoke's or the learning curve's small models and data."""
     return model_path is None and not any(a.startswith("data.train_files=") for a in args)
+
+
+def _from_configured_model(layout: Layout, sft_step: Path) -> bool:
+    """Whether an SFT checkpoint was trained from the configured base model, as its run's
+    ``checkpoint_info.json`` records (the smoke's DAPO starts from an SFT of a tiny model)."""
+    root = layout.stage_root("sft")
+    if not sft_step.is_relative_to(root):
+        return False
+    info = read_checkpoint_info(layout, "sft", sft_step.relative_to(root).parts[0])
+    return info is not None and info.base_model == str(layout.model_dir())
 
 
 def run_sft(
@@ -239,7 +259,11 @@ def run_dapo(
     )
     launch.validate("dapo", overrides, topo)
     print(f"DAPO starts from {start_from}", flush=True)
-    if topo.device == "cuda" and _production_sized(args):
+    if (
+        topo.device == "cuda"
+        and _production_sized(args)
+        and _from_configured_model(layout, start_from)
+    ):
         print(launch.estimate_cost("dapo", topo), flush=True)
     start = time.time()
     code = runner(launch.dapo_command(overrides, topo), env)

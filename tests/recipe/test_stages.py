@@ -15,6 +15,7 @@ from recipe.retool import run_metrics, stages
 from recipe.retool.constants import TOOL_SCHEMA
 from recipe.retool.launch import LaunchError, Topology
 from recipe.retool.paths import CheckpointNotFound, Layout, read_checkpoint_info
+from recipe.retool.verl_plugins.varlen_attention import NAME
 from tests.recipe.test_paths import make_step, mark_tracked
 
 CPU = Topology(gpus_per_node=1, device="cpu")
@@ -85,6 +86,11 @@ def test_cost_line_only_for_the_configured_model_and_data(
     shutil.copytree(tiny_model_dir, layout.model_dir())
     stages.run_sft(layout, two_gpus, ["--experiment-name=big"], runner=FakeRunner(layout, "sft"))
     assert "sft: ~" in capsys.readouterr().out
+    dapo = FakeRunner(layout, "dapo")
+    for start, line in (("small", False), ("big", True)):
+        stages.run_dapo(layout, two_gpus, [f"--sft-checkpoint={start}"], sandbox_url="http://sb",
+                        runner=dapo)  # fmt: skip
+        assert ("dapo: ~" in capsys.readouterr().out) is line, start
 
 
 class LoggingRunner:
@@ -335,6 +341,34 @@ def test_failed_run_keeps_its_checkpoint_but_writes_no_done_marker(layout, tiny_
                             runner=runner)  # fmt: skip
     assert result.returncode == 1 and result.checkpoint.step == 7
     assert read_checkpoint_info(layout, "sft", "crash") is None
+
+
+class VarlenConfigRunner(FakeRunner):
+    """Writes the checkpoint's HF config as verl does after training with the varlen plugin."""
+
+    def __call__(self, command: Sequence[str], env: dict[str, str]) -> int:
+        code = super().__call__(command, env)
+        for config in self.layout.stage_root(self.stage).glob("*/global_step_7/**/config.json"):
+            config.write_text(json.dumps({"attn_implementation": NAME, "hidden_size": 8}))
+        return code
+
+
+@pytest.mark.parametrize(("stage", "returncode"), [("sft", 0), ("sft", 1), ("dapo", 0)])
+def test_checkpoints_load_without_the_attention_plugin(layout, tiny_model_dir, stage, returncode):
+    """A GPU run's checkpoint names the project's varlen attention in config.json, which plain
+    transformers refuses (the CPU evaluation of a GPU smoke run failed on it): every stage run,
+    finished or not, leaves its checkpoints' configs without it."""
+    runner = VarlenConfigRunner(layout, stage, returncode)
+    if stage == "sft":
+        stages.run_sft(layout, CPU, ["--experiment-name=v"], model_path=tiny_model_dir,
+                       runner=runner)  # fmt: skip
+    else:
+        stages.run_sft(layout, CPU, ["--experiment-name=s"], model_path=tiny_model_dir,
+                       runner=FakeRunner(layout, "sft"))  # fmt: skip
+        stages.run_dapo(layout, CPU, ["--experiment-name=v"], sandbox_url="http://sb/run_code",
+                        runner=runner)  # fmt: skip
+    (config,) = layout.experiment_dir(stage, "v").glob("global_step_7/**/config.json")
+    assert json.loads(config.read_text()) == {"hidden_size": 8}
 
 
 def test_sft_checkpoint_option_takes_experiments_and_paths_but_not_weightless_steps(layout) -> None:

@@ -63,6 +63,19 @@ def test_memory_peak_keeps_each_gpus_highest_reading(tmp_path: Path) -> None:
     assert peak.peak_gb() == {"0": 1.0, "1": 73.4}
 
 
+@pytest.mark.parametrize(
+    ("visible", "option"),
+    [("0,1", ["--id=0,1"]), (" 2 ", ["--id=2"]), (None, []), ("", []), ("GPU-7b4b,GPU-a69e", [])],
+)
+def test_memory_is_read_for_the_visible_gpus_only(monkeypatch, visible, option) -> None:
+    assert bench.visible_gpus_option(visible) == option
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert bench.GpuMemoryPeak(["smi"]).command == ["smi", *option]
+
+
 def test_memory_peak_samples_while_the_block_runs_and_survives_no_nvidia_smi(tmp_path) -> None:
     with bench.GpuMemoryPeak(fake_smi(tmp_path, ["0, 2048\n"]), interval_s=0.01) as peak:
         pass

@@ -91,6 +91,7 @@ def test_rows_record_what_the_composed_config_runs(tmp_path: Path, flags, liger_
     from recipe.retool.paths import Layout
 
     args = bench.bench_args(bench_namespace(**flags))
+    assert {"trainer.resume_mode=disable", "trainer.save_freq=-1"} <= set(args)
     liger_args = [a for a in args if a.startswith("model.use_liger=")]
     assert liger_args == ([liger_arg] if liger_arg else [])
     settings = bench.measured_settings(Layout.local(tmp_path), Topology(gpus_per_node=4), args,

@@ -9,8 +9,8 @@ Both only replace verl/transformers functions in the running process, so they ar
 the models are built:
 - SFT: ``torchrun -m recipe.retool.verl_plugins.trainer_setup <overrides>`` runs verl's SFT trainer
   after :func:`install` (``launch.sft_command``; the CPU shim runs it too);
-- DAPO: every Ray worker, through ``ray_kwargs.ray_init.runtime_env.worker_process_setup_hook``
-  (``config/dapo.yaml``).
+- DAPO: every worker that builds a model, through verl's ``actor_rollout_ref.model.external_lib``
+  (``config/dapo.yaml`` names :mod:`install_on_import`).
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -177,3 +179,21 @@ def install() -> None:
 
     lazy_imports.serves = NAME  # type: ignore[attr-defined]
     fa_utils._lazy_imports = lazy_imports
+
+
+def make_portable(hf_dir: Path) -> bool:
+    """Remove :data:`NAME` from a saved ``config.json`` (``True`` if it was there).
+
+    verl writes the attention it trained with into each checkpoint's Hugging Face config, and
+    ``from_pretrained`` refuses a name it does not know: without this, a checkpoint trained on a
+    GPU would load only in a process that installed this plugin (the CPU evaluation of a GPU
+    smoke run failed so). Without the key, transformers picks its default attention."""
+    path = hf_dir / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("attn_implementation") != NAME:
+        return False
+    del config["attn_implementation"]
+    staged = path.with_suffix(".json.tmp")
+    staged.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    staged.replace(path)
+    return True

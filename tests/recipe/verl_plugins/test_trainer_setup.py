@@ -1,42 +1,47 @@
-"""The trainer plugins reach every process verl trains in: SFT's launcher and DAPO's Ray workers."""
+"""The trainer plugins reach every process verl trains in: SFT's launcher and DAPO's workers."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from recipe.retool import launch
 from recipe.retool.paths import Layout
 
-HOOK = "recipe.retool.verl_plugins.trainer_setup.install"
+MODULE = "recipe.retool.verl_plugins.install_on_import"
+REPO = Path(__file__).resolve().parents[3]
 
 
-def test_sft_launches_through_it_and_dapo_workers_run_its_install() -> None:
-    gpu = launch.Topology(gpus_per_node=1)
+def test_sft_launches_through_it_and_dapo_workers_import_its_installer() -> None:
+    """On a GPU, DAPO installs the plugins through verl's model ``external_lib``, never through a
+    Ray worker_process_setup_hook: that runs before Ray sets the actor's CUDA_VISIBLE_DEVICES and
+    its imports initialise CUDA, so every actor trained on GPU 0 (seen on 2 H200s)."""
+    gpu = launch.Topology(gpus_per_node=2)
     sft = launch.sft_command(launch.sft_overrides(Layout.modal(), "e", Path("/m"), gpu), gpu)
     assert sft[sft.index("-m", 3) + 1] == "recipe.retool.verl_plugins.trainer_setup"
     cfg = launch.validate("dapo", launch.dapo_overrides(Layout.modal(), "e", Path("/m"), gpu), gpu)
-    assert cfg.ray_kwargs.ray_init.runtime_env.worker_process_setup_hook == HOOK
+    assert cfg.actor_rollout_ref.model.external_lib == MODULE
+    assert "worker_process_setup_hook" not in cfg.ray_kwargs.ray_init.get("runtime_env", {})
 
 
-def test_ray_workers_run_the_setup_hook_dapo_configures() -> None:
-    """The hook string in dapo.yaml is what Ray imports and calls in each worker process: after it,
-    verl's log-prob fallback is the fused one and transformers knows the varlen attention."""
-    import ray
-
-    repo = str(Path(__file__).resolve().parents[3])
-    env = {"worker_process_setup_hook": HOOK, "env_vars": {"PYTHONPATH": repo}}
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env=env)
-    try:
-
-        @ray.remote
-        def installed() -> tuple[str, bool]:
-            from transformers import AttentionInterface
-            from verl.utils import torch_functional as tf
-
-            from recipe.retool.verl_plugins.varlen_attention import NAME
-
-            return tf.logprobs_from_logits_v2.__qualname__, NAME in AttentionInterface()
-
-        assert ray.get(installed.remote(), timeout=120) == ("chunked_logprobs", True)
-    finally:
-        ray.shutdown()
+def test_building_verls_model_config_installs_the_plugins(tiny_model_dir: Path) -> None:
+    """What a DAPO worker does with dapo.yaml's ``external_lib``: verl's HFModelConfig imports
+    it, and after that verl's log-prob fallback is the fused one and transformers knows the varlen
+    attention (a fresh interpreter, so nothing was installed before)."""
+    code = f"""
+from transformers import AttentionInterface
+from verl.utils import torch_functional as tf
+from verl.workers.config import HFModelConfig
+from recipe.retool.verl_plugins.varlen_attention import NAME
+before = (tf.logprobs_from_logits_v2.__qualname__, NAME in AttentionInterface())
+HFModelConfig(path={str(tiny_model_dir)!r}, external_lib={MODULE!r})
+print(before, (tf.logprobs_from_logits_v2.__qualname__, NAME in AttentionInterface()))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = out.stdout.strip().splitlines()[-1].split(") (")
+    assert "chunked_logprobs" not in before and "True" not in before
+    assert after == "'chunked_logprobs', True)"
