@@ -299,8 +299,8 @@ def table(files: Sequence[Path]) -> str:
     """Markdown rows; headroom is also given against an 80 GB H100, the card Modal runs."""
     rows = [json.loads(Path(f).read_text()) for f in files]
     head = ("| GPUs | SP | tokens/GPU | liger | grad ckpt | s/step | tokens/s/GPU | MFU (verl) "
-            "| MFU (6N) | peak reserved GB | headroom | est. headroom on 80 GB H100 |")  # fmt: skip
-    lines = [head, "|" + "---|" * 12]
+            "| MFU (6N) | peak reserved GB | headroom | est. headroom on 80 GB H100 | params (B) |")  # fmt: skip
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         h100 = 1 - r["peak_reserved_gb"] / H100_MEMORY_GB
         lines.append(
@@ -308,7 +308,7 @@ def table(files: Sequence[Path]) -> str:
             f"| {'on' if r['liger'] else 'off'} | {'on' if r.get('grad_ckpt', True) else 'off'} "
             f"| {r['step_s']} | {r['tokens_per_s_per_gpu']} | {r['mfu_verl']} | {r['mfu_6n']} "
             f"| {r['peak_reserved_gb']} | {r['headroom']:.0%} "
-            f"| {f'{h100:.0%}' if h100 > 0 else 'OOM'} |"
+            f"| {f'{h100:.0%}' if h100 > 0 else 'OOM'} | {r.get('params_b', '-')} |"
         )
     return "\n".join(lines)
 

@@ -66,7 +66,7 @@ def test_table_estimates_h100_headroom(tmp_path: Path, peak: float, h100: str) -
     path.write_text(json.dumps(row))
     last = bench.table([path]).splitlines()[-1]
     assert last.startswith("| 4× H200 | 1 | 16384 | on | on |")
-    assert last.endswith(f"| {h100} |")
+    assert last.endswith(f"| {h100} | - |")
 
 
 def bench_namespace(**kw) -> argparse.Namespace:
