@@ -299,7 +299,8 @@ def table(files: Sequence[Path]) -> str:
     """Markdown rows; headroom is also given against an 80 GB H100, the card Modal runs."""
     rows = [json.loads(Path(f).read_text()) for f in files]
     head = ("| GPUs | SP | tokens/GPU | liger | grad ckpt | s/step | tokens/s/GPU | MFU (verl) "
-            "| MFU (6N) | peak reserved GB | headroom | est. headroom on 80 GB H100 | params (B) |")  # fmt: skip
+            "| MFU (6N) | peak reserved GB | headroom | est. headroom on 80 GB H100 "
+            "| params (B) |")  # fmt: skip
     lines = [head, "|" + "---|" * 13]
     for r in rows:
         h100 = 1 - r["peak_reserved_gb"] / H100_MEMORY_GB
