@@ -21,13 +21,19 @@ tensors and hands them to its replica's server over Ray, which loads them into i
 server stamps every output with the weights' ``global_steps`` as vLLM does, and returns the
 sampled tokens' log-probs under the weights it sampled with, so verl's own
 ``training/rollout_probs_diff_*`` metrics compare the rollout's policy with the actor's.
+
+Sampling is seeded as vLLM's is, from ``rollout.seed`` plus the replica's rank, but per request
+(:func:`request_seed`): the agent loop sends a step's requests concurrently, so a seed drawn in
+arrival order would still vary from run to run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import ray
@@ -48,14 +54,32 @@ def _server_name(replica_rank: int) -> str:
     return f"{NAME}_server_{replica_rank}"
 
 
+def request_seed(
+    seed: int, global_steps: int | None, prompt_ids: Sequence[int], occurrence: int
+) -> int:
+    """The sampling seed of one request: a hash of what the request is, not of when it arrived.
+
+    ``occurrence`` counts earlier requests with the same prompt under the same weights
+    (``global_steps``), so a group's n rollouts of one prompt draw n different samples, and two
+    rollouts whose contexts are identical so far go on differently. Which of them gets which
+    count depends on arrival order, but identical prompts make that order immaterial.
+    """
+    step = -1 if global_steps is None else global_steps
+    key = ",".join(map(str, (seed, step, occurrence, *prompt_ids))).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
 class HFRolloutServer:
     """The server actor: one HF causal LM on CPU, sampling one request at a time.
 
     Requests are serialised with a lock: on a CPU, concurrent ``generate`` calls only fight over
-    the same cores, and a weight update must never land in the middle of one.
+    the same cores, and a weight update must never land in the middle of one. The lock also
+    keeps each request's seeded RNG (:meth:`_sample`) to itself.
     """
 
-    def __init__(self, model_path: str, prompt_length: int, response_length: int) -> None:
+    def __init__(
+        self, model_path: str, prompt_length: int, response_length: int, seed: int
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -65,6 +89,15 @@ class HFRolloutServer:
         self.response_length = response_length
         self.global_steps: int | None = None
         self.lock = asyncio.Lock()
+        self.seed = seed
+        self.occurrences: Counter[tuple[int, ...]] = Counter()
+
+    def _next_seed(self, prompt_ids: list[int]) -> int:
+        """:func:`request_seed` for this prompt's next occurrence under the current weights."""
+        key = tuple(prompt_ids)
+        occurrence = self.occurrences[key]
+        self.occurrences[key] += 1
+        return request_seed(self.seed, self.global_steps, prompt_ids, occurrence)
 
     def _max_tokens(self, prompt_ids: list[int], sampling_params: dict[str, Any]) -> int:
         """vLLM's rule (``vllm_async_server.generate``): the caller's ``max_tokens``, else what is
@@ -75,7 +108,11 @@ class HFRolloutServer:
         return max(1, int(limit))
 
     @torch.no_grad()
-    def _sample(self, prompt_ids: list[int], sampling_params: dict[str, Any]) -> dict[str, Any]:
+    def _sample(
+        self, prompt_ids: list[int], sampling_params: dict[str, Any], seed: int
+    ) -> dict[str, Any]:
+        """``generate`` under ``seed``: HF samples from torch's global RNG, which is forked so
+        that nothing else in this process draws from the seeded stream or sees it changed."""
         config = self.model.generation_config
         eos = config.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -83,7 +120,9 @@ class HFRolloutServer:
         kwargs = generate_kwargs(sampling_params, eos_ids, config.pad_token_id or 0, max_new)
         temperature = float(sampling_params.get("temperature", 1.0) or 0.0)
         prompt = torch.tensor([prompt_ids], dtype=torch.long)
-        out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
         token_ids = out[0, len(prompt_ids) :].tolist()
         # The actor's definition of a token's log-prob: log_softmax(logits / temperature).
         logits = self.model(out).logits[0, len(prompt_ids) - 1 : -1].float()
@@ -103,8 +142,11 @@ class HFRolloutServer:
         """verl's token-in-token-out call (the signature ``LLMServerClient.generate`` uses)."""
         if image_data is not None or video_data is not None:
             raise ValueError(f"the {NAME} rollout is text-only")
-        async with self.lock:
-            sample = await asyncio.to_thread(self._sample, list(prompt_ids), dict(sampling_params))
+        async with self.lock:  # the seed reads the weights' global_steps: inside the lock
+            seed = self._next_seed(list(prompt_ids))
+            sample = await asyncio.to_thread(
+                self._sample, list(prompt_ids), dict(sampling_params), seed
+            )
         return TokenOutput(
             token_ids=sample["token_ids"],
             log_probs=sample["log_probs"] if sampling_params.get("logprobs") else None,
@@ -122,6 +164,7 @@ class HFRolloutServer:
             self.model.load_state_dict(weights, strict=False)
             if global_steps is not None:
                 self.global_steps = global_steps
+            self.occurrences.clear()  # new weights, new seeds (global_steps is in the key)
         return len(weights)
 
     async def set_global_steps(self, global_steps: int) -> None:
@@ -163,6 +206,7 @@ class CpuReplica(RolloutReplica):
                 str(self.model_config.path),
                 int(self.config.prompt_length),
                 int(self.config.response_length),
+                int(self.config.seed) + self.replica_rank,  # vLLM's engine seed
             )
         )
         self.servers = [server]
