@@ -88,8 +88,8 @@ def test_cost_line_only_for_the_configured_model_and_data(
     assert "sft: ~" in capsys.readouterr().out
     dapo = FakeRunner(layout, "dapo")
     for start, line in (("small", False), ("big", True)):
-        stages.run_dapo(layout, two_gpus, [f"--sft-checkpoint={start}"], sandbox_url="http://sb",
-                        runner=dapo)  # fmt: skip
+        args = [f"--sft-checkpoint={start}", f"--experiment-name=rl-{start}"]
+        stages.run_dapo(layout, two_gpus, args, sandbox_url="http://sb", runner=dapo)
         assert ("dapo: ~" in capsys.readouterr().out) is line, start
 
 
