@@ -77,6 +77,7 @@ def bench_args(root: Path, gpus: int, steps: int) -> list[str]:
         "algorithm.filter_groups.enable=false",
         "trainer.val_before_train=false",
         "trainer.save_freq=-1",  # no checkpoint of a random model
+        "trainer.resume_mode=disable",
         f"trainer.total_training_steps={steps}",
         "trainer.total_epochs=100",
         "trainer.logger=[console,file]",

@@ -35,6 +35,7 @@ def test_the_batch_scales_with_the_gpus_in_four_mini_batches(tmp_path: Path) -> 
     args = bench.bench_args(tmp_path, 2, 3)
     assert "data.train_batch_size=16" in args
     assert "actor_rollout_ref.actor.ppo_mini_batch_size=4" in args
+    assert {"trainer.save_freq=-1", "trainer.resume_mode=disable"} <= set(args)
 
 
 def fake_smi(tmp_path: Path, outputs: list[str]) -> list[str]:
