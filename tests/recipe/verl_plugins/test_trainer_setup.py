@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,18 +31,19 @@ def test_building_verls_model_config_installs_the_plugins(tiny_model_dir: Path) 
     it, and after that verl's log-prob fallback is the fused one and transformers knows the varlen
     attention (a fresh interpreter, so nothing was installed before)."""
     code = f"""
+import json
 from transformers import AttentionInterface
 from verl.utils import torch_functional as tf
 from verl.workers.config import HFModelConfig
 from recipe.retool.verl_plugins.varlen_attention import NAME
 before = (tf.logprobs_from_logits_v2.__qualname__, NAME in AttentionInterface())
 HFModelConfig(path={str(tiny_model_dir)!r}, external_lib={MODULE!r})
-print(before, (tf.logprobs_from_logits_v2.__qualname__, NAME in AttentionInterface()))
+print(json.dumps([before, (tf.logprobs_from_logits_v2.__qualname__, NAME in AttentionInterface())]))
 """
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    before, after = out.stdout.strip().splitlines()[-1].split(") (")
-    assert "chunked_logprobs" not in before and "True" not in before
-    assert after == "'chunked_logprobs', True)"
+    (fused_before, varlen_before), after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert fused_before != "chunked_logprobs" and varlen_before is False
+    assert after == ["chunked_logprobs", True]
