@@ -1,16 +1,29 @@
-"""Proof that DAPO learns: SFT a small model to use the tool, then DAPO it and watch held-out
-accuracy rise. ``make dapo-curve`` on any GPU box; the same stage functions run on Modal.
+"""Proof that DAPO learns: SFT a small model to use the tool, measure where its held-out accuracy
+leaves room to learn, then DAPO it from there with several seeds and a control whose reward
+carries no information. ``make dapo-curve`` on a GPU box; the Modal ``learning_curve`` function
+runs the same code.
 
-Every piece is the production code path: the SFT stage (``stages.run_sft``), the DAPO stage
-(``stages.run_dapo`` → verl ``main_ppo`` with vLLM rollouts, the code-interpreter tool in the
-project's sandbox, the ReTool reward manager, the bounded dynamic sampler), and verl's own
-metrics (``run_metrics.py``). Only sizes differ: a random-init Qwen2 of a few million parameters
-(``local/tiny_model.py``), synthetic problems whose answers the code computes
-(``data/synthetic.py``), and step counts that fit a short GPU lease. If rewards, advantages,
-tool-response loss masks or weight sync were wrong, validation accuracy would not rise.
+Every piece is the production code path: the SFT stage (``stages.run_sft``), evaluation's
+rollouts and scoring (``eval/sweep.py``: one vLLM engine, each saved SFT step's weights swapped
+in), the DAPO stage (``stages.run_dapo`` → verl ``main_ppo`` with vLLM rollouts, the tool in the
+project's sandbox, the ReTool reward manager, the bounded dynamic sampler) and verl's own metrics
+and validation dumps. Only sizes differ: a random-init Qwen2 of a few million parameters, synthetic
+problems whose answers the code computes, and step counts that fit a short GPU lease.
 
-Writes under ``--root``: the Modal-volume layout, ``curve.json`` (the ``docs/gpu-runs`` row),
-``curve.md`` and ``curve.png``.
+1. **SFT** saves every ``sft_save_every`` steps, often enough to bracket the abrupt jump in
+   accuracy (where it lands differs from run to run).
+2. **Calibration** scores the saved steps in order on the held-out problems and stops at the
+   first one inside the band (``curve_stats.pick_start``); none: one line, exit 3, no DAPO.
+3. **Arms**, from that step with the same settings and number of updates: one per seed, and the
+   control (rewards shuffled across each batch: ``dapo_sampler.shuffle_rewards``), run side by
+   side on the GPU.
+4. **Rise** of each arm: last validation minus first (at the start), with a paired bootstrap
+   interval over the held-out problems from verl's validation dumps. The proof holds when every
+   seed rises above the control and the control's interval includes 0.
+
+Writes under ``--root``: the volume layout, ``calibration.json``, ``arms/<arm>.json`` (the
+``docs/gpu-runs`` rows), ``curve.json`` (all of it), ``curve.md`` and ``curve.png``. A rerun
+keeps the SFT, the calibration and finished arms.
 """
 
 from __future__ import annotations
@@ -20,46 +33,87 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from recipe.retool import launch, paths, run_metrics, stages
+from recipe.retool.curve_stats import (
+    Band,
+    NoStartInBand,
+    paired_bootstrap,
+    past_band,
+    pick_start,
+    read_validation_dump,
+    validation_dumps,
+)
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
 from recipe.retool.local.tiny_model import TinySpec, build
 from sandbox.local import run_code_url
 
 MODEL_ID = "local/tool-qwen2"
-EXPERIMENT = "curve"
+SFT_EXPERIMENT = "curve"
 # Wide enough to learn to copy digits between question, code and answer in a few hundred steps.
 MODEL_SPEC = TinySpec(
     hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4
 )
-
-
-# 8,000 SFT traces, RL prompts, and enough held-out problems that x 8 samples a rise of ~2 points
-# is visible in paired validations.
+# 8,000 SFT traces, RL prompts, and enough held-out problems that x 8 samples a rise of a few
+# points is visible in paired validations.
 CURVE_DATA = SyntheticSizes(sft=8000, rl_train=1024, rl_val=128)
+EXIT_NO_START = 3
 
 
 @dataclass(frozen=True)
 class CurveSettings:
-    """Sizes measured on an H100 (docs/benchmarks.md, "DAPO on a GPU"): held-out accuracy after
-    SFT steps 250/500/750/1000/1500/2000 was 1/1/5/74/90/90 %. DAPO starts from step 1000 of
-    that run, where the model uses the tool every time but is wrong a quarter of the time."""
+    """Sizes for one H100/H200. On the H100 run that first set a start, held-out accuracy after
+    SFT steps 250/500/750/1000/1500 was 1/1/5/74/90 %; on an H200 rerun step 1000 already scored
+    99 %: the jump lands between steps 500 and 1000, so the start is measured, not fixed."""
 
     data: SyntheticSizes = CURVE_DATA
-    sft_epochs: int = 4  # 2,000 steps of 16 traces (~12 steps/s on an H100)
-    dapo_from_sft_step: int = 1000
-    dapo_steps: int = 40
+    sft_epochs: int = 3  # 1,500 steps of 16 traces
+    sft_save_every: int = 50
+    band: Band = field(default_factory=Band)
+    calibration_n: int = 4  # samples per held-out problem for each SFT step
+    seeds: tuple[int, ...] = (1, 2)
+    control: bool = True
+    dapo_steps: int = 15
     dapo_lr: float = 1e-4
     test_freq: int = 5
     val_n: int = 8
+    max_response_tokens: int = 384
+    parallel: bool = True  # arms side by side on the GPU (each its own Ray and vLLM)
+
+
+DEFAULTS = CurveSettings()
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One DAPO run of the proof. The control shares the first seed: same data order and
+    sampling as that seed's arm, the reward's information removed."""
+
+    name: str
+    seed: int
+    control: bool
+
+    @property
+    def experiment(self) -> str:
+        return f"curve-{self.name}"
+
+
+def arms(settings: CurveSettings) -> list[Arm]:
+    found = [Arm(f"seed{s}", s, control=False) for s in settings.seeds]
+    if settings.control:
+        found.append(Arm("control", settings.seeds[0], control=True))
+    return found
 
 
 def sft_args(data: Path, settings: CurveSettings) -> list[str]:
     """The SFT stage's sizes for a small model trained from scratch (hence the high lr)."""
     return [
-        f"--experiment-name={EXPERIMENT}",
+        f"--experiment-name={SFT_EXPERIMENT}",
         f"data.train_files={data}",
         "data.max_length=640",
         # Many small steps: verl's SFT step costs ~60-80 ms per sample on the host even for a
@@ -76,26 +130,32 @@ def sft_args(data: Path, settings: CurveSettings) -> list[str]:
         "model.enable_gradient_checkpointing=false",
         "model.use_liger=false",
         f"trainer.total_epochs={settings.sft_epochs}",
-        # The DAPO start and the end of SFT (verl saves only at multiples of save_freq).
-        f"trainer.save_freq={settings.dapo_from_sft_step}",
+        f"trainer.save_freq={settings.sft_save_every}",  # the candidates for the DAPO start
         "trainer.max_ckpt_to_keep=null",
         "trainer.logger=[console]",
     ]
 
 
-def dapo_args(files: dict[str, Path], settings: CurveSettings, sft_start: Path) -> list[str]:
-    """The production DAPO config with sizes for one GPU and a model of a few MB."""
-    return [
-        f"--experiment-name={EXPERIMENT}",
+def dapo_args(
+    files: dict[str, Path], settings: CurveSettings, sft_start: Path, arm: Arm, val_dir: Path
+) -> list[str]:
+    """The production DAPO config with sizes for a model of a few MB sharing one GPU."""
+    args = [
+        f"--experiment-name={arm.experiment}",
         f"--sft-checkpoint={sft_start}",
         f"data.train_files={files['rl_train']}",
         f"data.val_files=[{files['rl_val']}]",
+        f"data.seed={arm.seed}",
         "data.train_batch_size=16",
         "data.max_prompt_length=512",
-        "data.max_response_length=384",
+        f"data.max_response_length={settings.max_response_tokens}",
+        f"actor_rollout_ref.rollout.seed={arm.seed}",
         "actor_rollout_ref.rollout.n=8",
         f"actor_rollout_ref.rollout.val_kwargs.n={settings.val_n}",
-        "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
+        # Arms share the GPU: a small fixed KV cache each, and no memory profiling (vLLM would
+        # count the other arms' allocations during its profile as its own).
+        "actor_rollout_ref.rollout.gpu_memory_utilization=0.15",
+        "++actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes=4294967296",
         "actor_rollout_ref.rollout.enforce_eager=true",  # minutes of CUDA-graph capture saved
         "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=4",
         "actor_rollout_ref.rollout.multi_turn.max_user_turns=4",
@@ -104,15 +164,20 @@ def dapo_args(files: dict[str, Path], settings: CurveSettings, sft_start: Path) 
         "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=16384",
         "actor_rollout_ref.actor.fsdp_config.param_offload=false",
         "actor_rollout_ref.actor.fsdp_config.optimizer_offload=false",
-        "algorithm.filter_groups.max_num_gen_batches=4",
-        "reward.reward_kwargs.max_resp_len=384",
+        # From a start inside the band most groups carry signal: 2 batches bound a step's cost.
+        "algorithm.filter_groups.max_num_gen_batches=2",
+        f"reward.reward_kwargs.max_resp_len={settings.max_response_tokens}",
         "reward.reward_kwargs.overlong_buffer_cfg.len=64",
         f"trainer.total_training_steps={settings.dapo_steps}",
         f"trainer.test_freq={settings.test_freq}",
         f"trainer.save_freq={settings.dapo_steps}",
         "trainer.total_epochs=100",
         "trainer.logger=[console,file]",
+        f"trainer.validation_data_dir={val_dir}",  # per-problem scores for the paired interval
     ]
+    if arm.control:
+        args.append(f"++trainer.v1.sampler.sampler_kwargs.shuffle_rewards_seed={arm.seed}")
+    return args
 
 
 def gpu_name() -> str:
@@ -121,42 +186,230 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def run(root: Path, settings: CurveSettings, gpus: int, sandbox_url: str | None) -> dict:
-    """Model → data → SFT → DAPO; returns the summary row (also written to curve.json)."""
-    layout = paths.Layout.local(root)
-    topo = launch.Topology(gpus_per_node=gpus)
-    model = build(layout.model_dir(MODEL_ID), MODEL_SPEC)
-    files = write_dataset(root / "synthetic", settings.data)
-    started = time.time()
-    if paths.read_checkpoint_info(layout, "sft", EXPERIMENT) is None:  # a rerun keeps its SFT
-        sft = stages.run_sft(layout, topo, sft_args(files["sft"], settings), model_path=model)
-        if sft.returncode != 0 or sft.checkpoint is None:
-            raise SystemExit(f"SFT failed (exit {sft.returncode})")
-    sft_step = paths.latest_checkpoint(layout, "sft", EXPERIMENT).step
-    sft_s = time.time() - started
-    start = layout.experiment_dir("sft", EXPERIMENT) / f"global_step_{settings.dapo_from_sft_step}"
-    if not start.is_dir():
-        raise SystemExit(f"no SFT checkpoint at step {settings.dapo_from_sft_step}: {start}")
-    with run_code_url(sandbox_url) as url:
-        dapo = stages.run_dapo(layout, topo, dapo_args(files, settings, start), sandbox_url=url)
-    summary = run_metrics.summarize(run_metrics.read_run(layout.experiment_dir("dapo", EXPERIMENT)))
-    row = {
-        "kind": "dapo",
-        "what": "learning curve: tiny Qwen2 SFT on synthetic tool traces, then DAPO",
-        "gpus": gpus,
-        "gpu": gpu_name(),
-        "model_params_m": round(_param_count(model) / 1e6, 2),
-        "sft_steps": sft_step,
-        "dapo_from_sft_step": settings.dapo_from_sft_step,
-        "dapo_lr": settings.dapo_lr,
-        "sft_s": round(sft_s, 1),
-        "dapo_exit": dapo.returncode,
-        "dapo_s": round(dapo.seconds, 1),
-        **summary.to_json(),
+# ---------------------------------------------------------------------------------------------
+# Stages of the proof
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Curve:
+    """One proof under ``root``: what it was given and where it writes."""
+
+    root: Path
+    settings: CurveSettings
+    gpus: int
+    runner: stages.Runner | None = None  # None: stages.run_subprocess, output to the arm's log
+    proof: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
+
+    def __post_init__(self) -> None:
+        self.layout = paths.Layout.local(self.root)
+        self.topo = launch.Topology(gpus_per_node=self.gpus)
+
+    def sft(self, files: dict[str, Path], model: Path) -> float:
+        """SFT unless a finished one is here; returns its seconds (0 when kept)."""
+        if paths.read_checkpoint_info(self.layout, "sft", SFT_EXPERIMENT) is not None:
+            return 0.0
+        result = stages.run_sft(
+            self.layout, self.topo, sft_args(files["sft"], self.settings), model_path=model
+        )
+        if result.returncode != 0 or result.checkpoint is None:
+            raise SystemExit(f"SFT failed (exit {result.returncode})")
+        return result.seconds
+
+    def saved_sft_steps(self) -> list[tuple[int, Path]]:
+        steps = paths.list_checkpoints(self.layout, "sft", SFT_EXPERIMENT)
+        return sorted((c.step, c.hf_dir) for c in steps if c.complete)
+
+    def calibrate(self, problems_file: Path, sandbox_url: str, backend: str) -> dict[int, float]:
+        """Held-out accuracy of the saved SFT steps in order, until one scores above the band
+        (kept in ``calibration.json``: a rerun measures nothing again)."""
+        cache = self.root / "calibration.json"
+        if cache.is_file():
+            return {int(k): v for k, v in json.loads(cache.read_text()).items()}
+        from recipe.retool.eval.evaluate import EvalConfig, load_problems
+        from recipe.retool.eval.sweep import score_steps
+
+        cfg = EvalConfig(
+            n=self.settings.calibration_n,
+            top_p=0.6,  # as DAPO's validation (config/dapo.yaml val_kwargs)
+            max_response_tokens=self.settings.max_response_tokens,
+            max_prompt_tokens=512,
+            max_assistant_turns=4,
+            max_user_turns=4,
+            max_concurrency=512,
+            save_samples=False,
+            gpu_memory_utilization=0.3,
+            enforce_eager=True,
+        )
+        problems = load_problems(problems_file)
+        band = self.settings.band
+        acc = score_steps(
+            self.saved_sft_steps(),
+            problems,
+            cfg,
+            sandbox_url,
+            backend,
+            stop=lambda a: a in band or past_band(a, band),
+        )
+        cache.write_text(json.dumps(acc, indent=1) + "\n")
+        return acc
+
+    def run_arm(self, arm: Arm, files: dict[str, Path], start: Path, sandbox_url: str) -> dict:
+        """One DAPO run (its output in ``arms/<arm>.log``); its row, also in ``arms/<arm>.json``."""
+        out = self.root / "arms"
+        out.mkdir(parents=True, exist_ok=True)
+        row_file = out / f"{arm.name}.json"
+        if row_file.is_file():
+            return json.loads(row_file.read_text())
+        val_dir = out / f"{arm.name}-validation"
+        args = dapo_args(files, self.settings, start, arm, val_dir)
+        log = out / f"{arm.name}.log"
+        print(f"arm {arm.name}: DAPO from {start.name} (log: {log})", flush=True)
+        result = stages.run_dapo(
+            self.layout,
+            self.topo,
+            args,
+            sandbox_url=sandbox_url,
+            runner=self.runner or _logged(log),
+        )
+        summary = run_metrics.summarize(
+            run_metrics.read_run(self.layout.experiment_dir("dapo", arm.experiment))
+        )
+        row: dict[str, Any] = {
+            "kind": "dapo",
+            "proof": self.proof,
+            "arm": arm.name,
+            "seed": arm.seed,
+            "control": arm.control,
+            "gpus": self.gpus,
+            "gpu": gpu_name(),
+            "dapo_exit": result.returncode,
+            "dapo_s": round(result.seconds, 1),
+            **summary.to_json(),
+        }
+        row.update(rise_of(val_dir))
+        if result.returncode == 0:
+            row_file.write_text(json.dumps(row, indent=1) + "\n")
+        return row
+
+    def run_arms(self, files: dict[str, Path], start: Path, sandbox_url: str) -> list[dict]:
+        todo = arms(self.settings)
+        if not self.settings.parallel:
+            return [self.run_arm(a, files, start, sandbox_url) for a in todo]
+        # Staggered starts: each arm's Ray and vLLM come up while the previous one trains.
+        with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+            futures = []
+            for i, arm in enumerate(todo):
+                if i:
+                    time.sleep(ARM_STAGGER_S)
+                futures.append(pool.submit(self.run_arm, arm, files, start, sandbox_url))
+            return [f.result() for f in futures]
+
+
+ARM_STAGGER_S = 20.0
+
+
+def _logged(log: Path) -> stages.Runner:
+    """The stage runner with the child's output in ``log``: arms run side by side."""
+
+    def run(command: Sequence[str], env: dict[str, str]) -> int:
+        with log.open("ab") as sink:
+            return stages.run_subprocess(command, env, stdout=sink)
+
+    return run
+
+
+def rise_of(val_dir: Path) -> dict[str, Any]:
+    """The arm's rise from its first and last validation dumps, with the paired interval."""
+    dumps = validation_dumps(val_dir) if val_dir.is_dir() else {}
+    if len(dumps) < 2:
+        return {"rise": None, "rise_ci95": None}
+    first, last = min(dumps), max(dumps)
+    rise = paired_bootstrap(read_validation_dump(dumps[first]), read_validation_dump(dumps[last]))
+    return {
+        "rise": round(rise.rise, 4),
+        "rise_ci95": [round(rise.ci95[0], 4), round(rise.ci95[1], 4)],
+        "rise_steps": [first, last],
+        "rise_problems": rise.problems,
     }
-    (root / "curve.json").write_text(json.dumps(row, indent=1) + "\n")
-    write_report(root, row)
-    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole proof
+# ---------------------------------------------------------------------------------------------
+
+
+def verdict(rows: Sequence[dict]) -> dict[str, Any]:
+    """What the arms show together, each line derived from their rows."""
+    seeds = [r for r in rows if not r["control"] and r.get("rise") is not None]
+    control = next((r for r in rows if r["control"] and r.get("rise") is not None), None)
+    out: dict[str, Any] = {
+        "seeds": len(seeds),
+        "mean_rise": round(sum(r["rise"] for r in seeds) / len(seeds), 4) if seeds else None,
+    }
+    if control is not None and seeds:
+        lo, hi = control["rise_ci95"]
+        out["control_rise"] = control["rise"]
+        out["control_below_every_seed"] = all(control["rise"] < r["rise"] for r in seeds)
+        out["control_ci_includes_0"] = lo <= 0.0 <= hi
+        out["holds"] = out["control_below_every_seed"] and out["control_ci_includes_0"]
+    return out
+
+
+def run(
+    root: Path,
+    settings: CurveSettings,
+    gpus: int,
+    sandbox_url: str | None,
+    *,
+    backend: str = "vllm",
+    runner: stages.Runner | None = None,
+) -> dict:
+    """Model → data → SFT → calibration → arms → report; returns ``curve.json``'s content.
+    Raises :class:`NoStartInBand` when no saved SFT step scores inside the band."""
+    curve = Curve(root, settings, gpus, runner=runner)
+    model = build(curve.layout.model_dir(MODEL_ID), MODEL_SPEC)
+    files = write_dataset(root / "synthetic", settings.data)
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    timings["sft_s"] = round(curve.sft(files, model), 1)
+    with run_code_url(sandbox_url) as url:
+        mark = time.monotonic()
+        acc_by_step = curve.calibrate(files["rl_val"], url, backend)
+        timings["calibration_s"] = round(time.monotonic() - mark, 1)
+        start_step = pick_start(acc_by_step, settings.band)
+        start = curve.layout.experiment_dir("sft", SFT_EXPERIMENT) / f"global_step_{start_step}"
+        print(
+            f"DAPO starts from SFT step {start_step} "
+            f"(held-out accuracy {acc_by_step[start_step]:.3f}, band {settings.band})",
+            flush=True,
+        )
+        mark = time.monotonic()
+        rows = curve.run_arms(files, start, url)
+        timings["arms_s"] = round(time.monotonic() - mark, 1)
+    timings["total_s"] = round(time.monotonic() - started, 1)
+    shared = {
+        "start_step": start_step,
+        "start_acc": round(acc_by_step[start_step], 4),
+        "sft_acc_by_step": {str(k): round(v, 4) for k, v in sorted(acc_by_step.items())},
+        "band": [settings.band.lo, settings.band.hi],
+        "model_params_m": round(_param_count(model) / 1e6, 2),
+        "settings": _settings_json(settings),
+    }
+    rows = [{**row, **shared} for row in rows]
+    for row in rows:
+        (root / "arms" / f"{row['arm']}.json").write_text(json.dumps(row, indent=1) + "\n")
+    result = {"proof": curve.proof, "timing_s": timings, **shared, "arms": rows}
+    result["verdict"] = verdict(rows)
+    (root / "curve.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_report(root, result)
+    return result
+
+
+def _settings_json(settings: CurveSettings) -> dict[str, Any]:
+    out = asdict(settings)
+    out["band"] = [settings.band.lo, settings.band.hi]
+    return json.loads(json.dumps(out))  # tuples as the lists a reader of the row gets
 
 
 def _param_count(model_dir: Path) -> int:
@@ -165,30 +418,52 @@ def _param_count(model_dir: Path) -> int:
     return sum(t.numel() for f in model_dir.glob("*.safetensors") for t in load_file(f).values())
 
 
-def write_report(root: Path, row: dict) -> None:
+def write_report(root: Path, result: dict) -> None:
     """``curve.md`` always; ``curve.png`` where matplotlib is installed."""
-    acc = row["val_acc"]
+    rows = result["arms"]
     lines = [
-        f"# DAPO learning curve ({row['gpus']}× {row['gpu']})",
+        f"# Does DAPO learn? (proof {result['proof']}, {rows[0]['gpus']}× {rows[0]['gpu']})",
         "",
-        f"- SFT: {row['sft_steps']} steps in {row['sft_s']} s; DAPO: {row['steps']} steps, "
-        + (row["ended"] if "ended" in row else f"{row['dapo_s']} s (exit {row['dapo_exit']})"),
-        "- validation accuracy (mean@k, held-out problems), in order: "
-        + ", ".join(f"step {s}: {a:.3f}" for s, a in zip(row["val_steps"], acc, strict=True)),
+        "SFT held-out accuracy by step: "
+        + ", ".join(f"{s}: {a:.2f}" for s, a in result["sft_acc_by_step"].items())
+        + f". DAPO starts from step {result['start_step']} ({result['start_acc']:.3f}, the first "
+        f"inside the band [{result['band'][0]:.0%}, {result['band'][1]:.0%}]).",
+        "",
+        "| arm | seed | reward | validation accuracy (first → last) | rise | 95 % CI | exit |",
+        "|---|---|---|---|---|---|---|",
     ]
-    if row["val_tool_calls"]:
-        errors = [
-            e / c if c else 0.0
-            for e, c in zip(row["val_tool_errors"], row["val_tool_calls"], strict=True)
-        ]
+    for row in rows:
+        curve_text = " → ".join(f"{a:.3f}" for a in row["val_acc"]) or "none"
+        ci = row.get("rise_ci95")
         lines.append(
-            "- tool calls per trajectory (validation): "
-            + ", ".join(f"{c:.2f}" for c in row["val_tool_calls"])
-            + "; tool error rate: "
-            + ", ".join(f"{e:.3f}" for e in errors)
+            f"| {row['arm']} | {row['seed']} | {'shuffled' if row['control'] else 'ReTool'} | "
+            f"{curve_text} | {_signed(row.get('rise'))} | "
+            f"{f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else 'n/a'} | {row['dapo_exit']} |"
         )
-    lines.append(f"- mean step time split (s): {row['timing_s']}")
+    v = result["verdict"]
+    lines.append("")
+    lines.append(f"- mean rise over {v['seeds']} seeds: {_signed(v['mean_rise'])}")
+    if "holds" in v:
+        lines.append(
+            f"- control rise {_signed(v['control_rise'])}: below every seed's: "
+            f"{_yes(v['control_below_every_seed'])}; its interval includes 0: "
+            f"{_yes(v['control_ci_includes_0'])}. The proof "
+            + ("holds." if v["holds"] else "does NOT hold.")
+        )
+    lines.append(f"- time (s): {result['timing_s']}")
     (root / "curve.md").write_text("\n".join(lines) + "\n")
+    _plot(root, result)
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _plot(root: Path, result: dict) -> None:
     try:
         import matplotlib
 
@@ -196,16 +471,21 @@ def write_report(root: Path, row: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(row["val_steps"], acc, marker="o")
-    left.set(xlabel="DAPO step", ylabel="validation accuracy", title="held-out synthetic problems")
-    right.plot(row["train_steps"], row["reward_mean"], label="mean reward")
-    if row["tool_calls_per_traj"]:
-        right.plot(row["train_steps"], row["tool_calls_per_traj"], label="tool calls / trajectory")
-    right.set(xlabel="DAPO step", title="training batches")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [int(s) for s in result["sft_acc_by_step"]]
+    left.plot(steps, list(result["sft_acc_by_step"].values()), marker="o")
+    left.axhspan(*result["band"], alpha=0.15, label="band")
+    left.axvline(result["start_step"], linestyle="--", color="gray", label="DAPO start")
+    left.set(xlabel="SFT step", ylabel="held-out accuracy", title="calibration")
+    left.legend()
+    for row in result["arms"]:
+        style = "--" if row["control"] else "-"
+        right.plot(row["val_steps"], row["val_acc"], style, marker="o", label=row["arm"])
+    right.set(xlabel="DAPO step", ylabel="validation accuracy", title="arms")
     right.legend()
     fig.tight_layout()
     fig.savefig(root / "curve.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,8 +494,14 @@ def main(argv: list[str] | None = None) -> int:
         "--root", type=Path, default=Path("runs") / f"curve-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     parser.add_argument("--gpus", type=int, default=1)
-    parser.add_argument("--dapo-steps", type=int, default=CurveSettings.dapo_steps)
-    parser.add_argument("--sft-epochs", type=int, default=CurveSettings.sft_epochs)
+    parser.add_argument("--dapo-steps", type=int, default=DEFAULTS.dapo_steps)
+    parser.add_argument("--sft-epochs", type=int, default=DEFAULTS.sft_epochs)
+    parser.add_argument(
+        "--seeds", default=",".join(map(str, DEFAULTS.seeds)), help="comma-separated"
+    )
+    parser.add_argument("--no-control", action="store_true", help="seeds only (not a proof)")
+    parser.add_argument("--sequential", action="store_true", help="one arm at a time")
+    parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
     parser.add_argument(
         "--report-only", action="store_true", help="redo curve.md/png from curve.json"
     )
@@ -224,11 +510,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         write_report(root, json.loads((root / "curve.json").read_text()))
         return 0
-    settings = replace(CurveSettings(), sft_epochs=args.sft_epochs, dapo_steps=args.dapo_steps)
-    row = run(root, settings, args.gpus, os.environ.get("SANDBOX_FUSION_ENDPOINT"))
-    print(json.dumps(row, indent=1))
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        parser.error(f"--seeds takes integers separated by commas, got {args.seeds!r}")
+    if not seeds or args.dapo_steps < 1 or args.sft_epochs < 1:
+        parser.error("--seeds needs one seed at least; --dapo-steps and --sft-epochs must be >= 1")
+    settings = replace(
+        DEFAULTS,
+        sft_epochs=args.sft_epochs,
+        dapo_steps=args.dapo_steps,
+        seeds=seeds,
+        control=not args.no_control,
+        parallel=not args.sequential,
+    )
+    try:
+        result = run(
+            root,
+            settings,
+            args.gpus,
+            os.environ.get("SANDBOX_FUSION_ENDPOINT"),
+            backend=args.backend,
+        )
+    except NoStartInBand as exc:
+        print(f"learning curve: {exc}; not running DAPO (see {root / 'calibration.json'})")
+        return EXIT_NO_START
+    print(json.dumps(result["verdict"], indent=1))
     print(f"report: {root / 'curve.md'}")
-    return 0 if row["dapo_exit"] == 0 else 1
+    failed = [r["arm"] for r in result["arms"] if r["dapo_exit"] != 0]
+    if failed:
+        print(f"learning curve: arms {failed} failed (logs in {root / 'arms'})")
+        return 1
+    return 0 if result["verdict"].get("holds", True) else 1
 
 
 if __name__ == "__main__":

@@ -255,8 +255,10 @@ def train_dapo(*arglist: str) -> None:
 
 # ## Does DAPO learn?
 #
-# `make dapo-curve` on Modal: a small model SFT'd on synthetic tool-use problems, then DAPO with
-# the production config on one GPU, with held-out accuracy, tool calls and timings written to
+# `make dapo-curve` on Modal: a small model SFT'd on synthetic tool-use problems; its saved steps
+# scored on held-out problems to pick a DAPO start with room to learn; then DAPO with the
+# production config from there, two seeds and a control whose rewards are shuffled, side by side
+# on one GPU. Rises with paired bootstrap intervals go to
 # `/checkpoints/learning-curve/<timestamp>/curve.{json,md,png}` (see docs/benchmarks.md).
 #
 #     modal run recipe/retool/retool_modal_sft.py::learning_curve --dapo-steps 30
@@ -264,7 +266,8 @@ def train_dapo(*arglist: str) -> None:
 
 @app.function(**(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 2 * HOURS}))
 def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
-    """SFT → DAPO → curve on one GPU; the deployed sandbox runs every tool call."""
+    """SFT → calibration → DAPO arms → curve on one GPU; the deployed sandbox runs every tool
+    call. No SFT step inside the band: the function fails with that one line."""
     import time
     from dataclasses import replace
 
@@ -279,6 +282,8 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
     root = paths.Layout.from_env().checkpoints / "learning-curve" / time.strftime("%Y%m%d-%H%M%S")
     try:
         return curve.run(root, settings, gpus=1, sandbox_url=modal_common.sandbox_url())
+    except curve.NoStartInBand as exc:
+        raise SystemExit(f"learning curve: {exc}") from None
     finally:
         _commit(checkpoints_volume)
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from recipe.retool import launch, run_metrics
 from recipe.retool.paths import (
@@ -54,12 +54,16 @@ def default_experiment(stage: Stage, launch_id: str | None = None) -> str:
     return f"{stage}-{launch_id or time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_subprocess(command: Sequence[str], env: dict[str, str]) -> int:
-    """Run a training command with the project importable, streaming its output."""
+def run_subprocess(command: Sequence[str], env: dict[str, str], stdout: IO | None = None) -> int:
+    """Run a training command with the project importable, streaming its output (to ``stdout``,
+    stderr included, when given)."""
     repo_root = str(Path(__file__).resolve().parents[2])
     merged = {**os.environ, **env}
     merged["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, merged.get("PYTHONPATH")]))
-    return subprocess.run(list(command), env=merged, check=False).returncode
+    stderr = subprocess.STDOUT if stdout is not None else None
+    return subprocess.run(
+        list(command), env=merged, check=False, stdout=stdout, stderr=stderr
+    ).returncode
 
 
 def check_credentials(env: dict[str, str] | os._Environ = os.environ) -> list[str]:

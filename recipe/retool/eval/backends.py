@@ -7,6 +7,8 @@ A backend is what verl's ``ToolAgentLoop`` calls its ``server_manager``: an obje
 (token ids in, token ids out; ``prompt_ids`` is the whole running context on every turn), plus
 ``max_concurrency`` (how many rollouts it can usefully serve at once; None: no limit of its own)
 and ``close()``. Any object with that shape works, e.g. ``rollout_cpu.ScriptedServer`` in tests.
+Both engines also ``load_weights(model_dir)``: another checkpoint of the same model, swapped in
+without building a new engine (``sweep.py`` scores many SFT steps with one vLLM start).
 
 * ``hf``: :class:`recipe.retool.local.rollout_cpu.HFGenerateServer` (``model.generate`` on CPU; the
   tiny model in tests and the local smoke run). One rollout generates at a time.
@@ -80,6 +82,13 @@ class HFBackend:
     async def generate(self, request_id: str, **kwargs: Any):
         return await self.server.generate(request_id, **kwargs)
 
+    async def load_weights(self, model_dir: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        model.eval()
+        self.server.model = model
+
     def close(self) -> None:
         pass
 
@@ -103,6 +112,7 @@ class VLLMBackend:
         gpu_memory_utilization: float = 0.9,
         dtype: str = "bfloat16",
         seed: int = 0,
+        enforce_eager: bool = False,
     ) -> None:
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -120,6 +130,7 @@ class VLLMBackend:
             max_model_len=max_model_len,
             seed=seed,
             enable_prefix_caching=True,  # every turn re-sends the whole context
+            enforce_eager=enforce_eager,  # no compile or CUDA graphs: starts in seconds
         )
         # vLLM forks its engine process by default, and a forked child cannot use CUDA once this
         # process has touched it (seen on an H100: "Cannot re-initialize CUDA in forked
@@ -159,6 +170,12 @@ class VLLMBackend:
         if final is None or not final.outputs:
             return TokenOutput(token_ids=[], stop_reason="aborted")
         return TokenOutput(token_ids=list(final.outputs[0].token_ids), stop_reason="completed")
+
+    async def load_weights(self, model_dir: Path) -> None:
+        """vLLM's in-place reload (the worker's ``reload_weights`` from a path), then a cleared
+        prefix cache: cached KV blocks were computed by the old weights."""
+        await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        await self.engine.reset_prefix_cache()
 
     def close(self) -> None:
         self.engine.shutdown()

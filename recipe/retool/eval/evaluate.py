@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -28,7 +29,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -114,6 +115,7 @@ class EvalConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     dtype: str = "bfloat16"
+    enforce_eager: bool = False  # True: no torch.compile or CUDA graphs (small models start fast)
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
@@ -529,8 +531,34 @@ def make_backend(backend: str, model_dir: Path, tokenizer: Any, cfg: EvalConfig)
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             dtype=cfg.dtype,
             seed=cfg.seed,
+            enforce_eager=cfg.enforce_eager,
         )
     raise EvalError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+@contextlib.asynccontextmanager
+async def rollout_context(
+    model_dir: Path, cfg: EvalConfig, sandbox_url: str, backend: Any
+) -> AsyncIterator[_Context]:
+    """Tokenizer, tools and engine for rollouts of ``model_dir``; closed on exit (the engine only
+    when built here from a backend name). Enter it inside the running event loop: vLLM's
+    AsyncLLM and verl's loop bind to it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tools = build_tools(cfg, sandbox_url)
+    engine = (
+        make_backend(backend, model_dir, tokenizer, cfg) if isinstance(backend, str) else backend
+    )
+    try:
+        yield _Context(cfg, engine, tokenizer, tools, loop_config(cfg), sampling_params(cfg))
+    finally:
+        for tool in tools:
+            client = getattr(tool, "client", None)
+            if client is not None:
+                await client.aclose()
+        if isinstance(backend, str):
+            engine.close()
 
 
 async def _evaluate_async(
@@ -540,28 +568,12 @@ async def _evaluate_async(
     sandbox_url: str,
     backend: Any,
 ) -> dict[str, list[SampleResult]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    tools = build_tools(cfg, sandbox_url)
-    # built inside the running loop: vLLM's AsyncLLM and verl's loop bind to it
-    engine = (
-        make_backend(backend, model_dir, tokenizer, cfg) if isinstance(backend, str) else backend
-    )
-    ctx = _Context(cfg, engine, tokenizer, tools, loop_config(cfg), sampling_params(cfg))
-    try:
+    async with rollout_context(model_dir, cfg, sandbox_url, backend) as ctx:
         results = {}
         for name, problems in datasets.items():
             print(f"{name}: {len(problems)} problems × {cfg.n} samples", flush=True)
             results[name] = await run_samples(problems, ctx)
         return results
-    finally:
-        for tool in tools:
-            client = getattr(tool, "client", None)
-            if client is not None:
-                await client.aclose()
-        if isinstance(backend, str):
-            engine.close()
 
 
 def evaluate_checkpoint(
