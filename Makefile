@@ -140,7 +140,7 @@ bench-dapo-gpu: $(PY) ## On a GPU box with vLLM: main_ppo at the production layo
 CURVE_GPUS ?= 1
 
 .PHONY: dapo-curve
-dapo-curve: $(PY) ## On a GPU box with vLLM: SFT a tiny model on synthetic tool traces, then DAPO; plots held-out accuracy (runs/curve-*)
+dapo-curve: $(PY) ## On a GPU box with vLLM: SFT a tiny model, pick a start by held-out accuracy, DAPO 2 seeds + a shuffled-reward control (runs/curve-*)
 	$(PY) -m recipe.retool.learning_curve --gpus $(CURVE_GPUS)
 
 .PHONY: checkpoints

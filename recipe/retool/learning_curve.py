@@ -221,11 +221,19 @@ class Curve:
         return sorted((c.step, c.hf_dir) for c in steps if c.complete)
 
     def calibrate(self, problems_file: Path, sandbox_url: str, backend: str) -> dict[int, float]:
-        """Held-out accuracy of the saved SFT steps in order, until one scores above the band
-        (kept in ``calibration.json``: a rerun measures nothing again)."""
+        """Held-out accuracy of the saved SFT steps in order, until one scores inside or above
+        the band. Kept in ``calibration.json``: a rerun scores only steps saved since (an SFT
+        trained further when no step reached the band)."""
         cache = self.root / "calibration.json"
-        if cache.is_file():
-            return {int(k): v for k, v in json.loads(cache.read_text()).items()}
+        acc = (
+            {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
+        )
+        band = self.settings.band
+        if any(a in band or past_band(a, band) for a in acc.values()):
+            return acc
+        todo = [(s, d) for s, d in self.saved_sft_steps() if s > max(acc, default=-1)]
+        if not todo:
+            return acc
         from recipe.retool.eval.evaluate import EvalConfig, load_problems
         from recipe.retool.eval.sweep import score_steps
 
@@ -241,11 +249,9 @@ class Curve:
             gpu_memory_utilization=0.3,
             enforce_eager=True,
         )
-        problems = load_problems(problems_file)
-        band = self.settings.band
-        acc = score_steps(
-            self.saved_sft_steps(),
-            problems,
+        acc |= score_steps(
+            todo,
+            load_problems(problems_file),
             cfg,
             sandbox_url,
             backend,
@@ -499,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", default=",".join(map(str, DEFAULTS.seeds)), help="comma-separated"
     )
+    parser.add_argument(
+        "--band",
+        default=f"{DEFAULTS.band.lo},{DEFAULTS.band.hi}",
+        help="LO,HI: held-out accuracies a DAPO start may have",
+    )
     parser.add_argument("--no-control", action="store_true", help="seeds only (not a proof)")
     parser.add_argument("--sequential", action="store_true", help="one arm at a time")
     parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
@@ -514,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
         parser.error(f"--seeds takes integers separated by commas, got {args.seeds!r}")
+    try:
+        band = Band(*(float(x) for x in args.band.split(",")))
+    except (TypeError, ValueError):
+        parser.error(f"--band takes LO,HI with 0 <= LO < HI <= 1, got {args.band!r}")
     if not seeds or args.dapo_steps < 1 or args.sft_epochs < 1:
         parser.error("--seeds needs one seed at least; --dapo-steps and --sft-epochs must be >= 1")
     settings = replace(
@@ -521,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         sft_epochs=args.sft_epochs,
         dapo_steps=args.dapo_steps,
         seeds=seeds,
+        band=band,
         control=not args.no_control,
         parallel=not args.sequential,
     )
