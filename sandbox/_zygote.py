@@ -19,7 +19,8 @@ one at a time over its own socket (4-byte length + JSON frames). Per run:
 
 The run child is a fork of the worker, never the other way round, so user code cannot change the
 state the next run starts from. Isolation from the host (no network, read-only minimal filesystem,
-pid namespace) is the job of bubblewrap around this process (see ``sandbox/isolation.py``).
+pid namespace) is the job of bubblewrap around this process, or, in ``unshare`` mode, of
+``enter_sandbox`` below, which builds the same root itself (see ``sandbox/isolation.py``).
 
 Usage: python _zygote.py '<json config>' — fds named in the config are the slot sockets.
 """
@@ -45,9 +46,14 @@ import traceback
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
@@ -91,6 +97,18 @@ def unshare(flags):
 def mount(src, target, fstype, flags, data):
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
     _check(_libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)), "mount " + target)
+
+
+def try_mount(src, target, fstype, flags, data):
+    """``mount``, False where this kernel refuses it with EINVAL (gVisor of 2022: recursive binds,
+    remounts, propagation of a whole tree)."""
+    try:
+        mount(src, target, fstype, flags, data)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    return True
 
 
 def umount(target):
@@ -251,13 +269,16 @@ def open_beneath(workdir, target):
 
 
 def loopback_up():
-    """Bring ``lo`` up in a fresh network namespace (it starts down), as bubblewrap does."""
+    """Bring ``lo`` up in a fresh network namespace (it starts down), as bubblewrap does.
+
+    gVisor's starts up already and refuses SIOCSIFFLAGS (ENOTTY): set the flag only if missing."""
     import fcntl
 
     ifreq = struct.Struct("16sH22x")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         flags = ifreq.unpack(fcntl.ioctl(s, SIOCGIFFLAGS, ifreq.pack(b"lo", 0)))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, ifreq.pack(b"lo", flags | IFF_UP))
+        if not flags & IFF_UP:
+            fcntl.ioctl(s, SIOCSIFFLAGS, ifreq.pack(b"lo", flags | IFF_UP))
 
 
 def clear_sysv_ipc():
@@ -350,6 +371,101 @@ def has_children():
             return bool(fh.read().strip())
     except OSError:
         return True  # unknown: assume the worst and sweep
+
+
+# -- unshare mode: the sandbox bubblewrap builds, built here --------------------------------------
+NEW_ROOT = "/tmp"  # staging: a tmpfs over /tmp in our own mount namespace becomes the root
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_LINKS = (
+    ("/proc/self/fd", "fd"),
+    ("/proc/self/fd/0", "stdin"),
+    ("/proc/self/fd/1", "stdout"),
+    ("/proc/self/fd/2", "stderr"),
+)
+RO_REMOUNT = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+READONLY = {"held": True}  # False once this kernel refused to make a mount read-only
+
+
+def remount_ro(point):
+    """Make the mount at ``point`` read-only; where the kernel cannot (gVisor of 2022 has no
+    remount), note it: the probe reports it and the mode is not called secure."""
+    if not try_mount(None, point, None, RO_REMOUNT, None):
+        READONLY["held"] = False
+
+
+def ro_bind(src, dst):
+    """Show host path ``src`` at ``dst``, read-only, with every mount below it (bwrap --ro-bind)."""
+    if not try_mount(src, dst, None, MS_BIND | MS_REC, None):
+        mount(src, dst, None, MS_BIND, None)  # gVisor of 2022: no recursive binds
+    with open("/proc/self/mountinfo") as fh:
+        points = [line.split()[4] for line in fh]
+    for point in points:
+        if point == dst or point.startswith(dst + "/"):
+            remount_ro(point)
+
+
+def build_root(layout):
+    """Mount a tmpfs over ``NEW_ROOT`` holding only ``layout`` (read-only binds and symlinks of
+    the host's system directories, interpreter and site dirs, from sandbox/isolation.py), a
+    minimal /dev, our own /proc, and empty /tmp, /var/tmp and /dev/shm (each run mounts its own);
+    then make it the root."""
+    new = NEW_ROOT
+    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for src in layout["binds"]:
+        dst = new + src
+        os.makedirs(os.path.dirname(dst), 0o755, exist_ok=True)
+        if os.path.isdir(src):
+            os.mkdir(dst, 0o755)
+        else:
+            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o644))
+        ro_bind(src, dst)
+    for target, path in layout["symlinks"]:
+        os.symlink(target, new + path)
+    dev = new + "/dev"
+    os.mkdir(dev, 0o755)
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755")
+    for name in DEV_NODES:
+        if os.path.exists("/dev/" + name):
+            os.close(os.open(dev + "/" + name, os.O_WRONLY | os.O_CREAT, 0o644))
+            mount("/dev/" + name, dev + "/" + name, None, MS_BIND, None)
+    for target, name in DEV_LINKS:
+        os.symlink(target, dev + "/" + name)
+    for path in ("/dev/shm", "/tmp", "/var/tmp", "/proc"):
+        os.makedirs(new + path, 0o755)
+    mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    os.chdir(new)
+    pivot_root = SECCOMP_ARCH.get(os.uname().machine, (0, 0, 0, {}))[3].get("pivot_root")
+    if pivot_root is not None and _libc.syscall(pivot_root, b".", b".") == 0:
+        umount(".")  # the old root, stacked on the new one: the host is gone from this namespace
+    else:  # gVisor of 2022 has no pivot_root; only our root-run code could leave a chroot
+        _check(_libc.chroot(b"."), "chroot")
+    os.chdir("/")
+    remount_ro("/")
+    remount_ro("/dev")
+
+
+def enter_sandbox(cfg):
+    """``unshare`` mode: do what bubblewrap does around the zygote in ``bwrap`` mode.
+
+    New mount, pid, network, IPC and UTS namespaces; this process stays outside the pid namespace
+    and only waits (as bwrap's does), its child is pid 1 there, builds the root and goes on as the
+    zygote. Dies with the server (``--die-with-parent``); the namespace dies with its pid 1."""
+    os.umask(0o022)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+    _check(_libc.sethostname(b"sandbox", 7), "sethostname")
+    pid = os.fork()
+    if pid:
+        for fd in cfg.get("fds", []):
+            os.close(fd)  # the server sees the slots close when the zygote dies
+        status = os.waitpid(pid, 0)[1]
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(code if code >= 0 else 128 - code)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.setsid()
+    if not try_mount(None, "/", None, MS_REC | MS_PRIVATE, None):
+        mount(None, "/", None, MS_PRIVATE, None)  # gVisor of 2022: one mount at a time
+    build_root(cfg["root"])
 
 
 # -- the run child -----------------------------------------------------------------------------
@@ -509,6 +625,10 @@ def exit_status(exc):
 
 
 # -- the slot worker ---------------------------------------------------------------------------
+# A run's writable places: one size-capped tmpfs, mounted over /tmp, holding a directory for each
+# (the run's own uid, 0700), bound at its place; /tmp last, so the tmpfs's own root is hidden.
+SCRATCH_VIEWS = (("var-tmp", "/var/tmp"), ("shm", "/dev/shm"), ("tmp", "/tmp"))
+
 class Prepared:
     """A run child forked ahead of time, blocked on its "go" pipe, with a fresh empty scratch."""
 
@@ -529,13 +649,12 @@ def prepare(cfg, slot, uid):
     if cfg["mountns"]:
         workdir = "/tmp"
         unshare(CLONE_NEWNS)
-        mount(
-            "tmpfs",
-            workdir,
-            "tmpfs",
-            MS_NOSUID | MS_NODEV,
-            "size=%d,mode=0700,uid=%d,gid=%d" % (cfg["scratch_bytes"], uid, uid),
-        )
+        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=%d,mode=0700" % cfg["scratch_bytes"])
+        for name, _ in SCRATCH_VIEWS:
+            os.mkdir("/tmp/" + name, 0o700)
+            os.chown("/tmp/" + name, uid, uid)
+        for name, target in SCRATCH_VIEWS:
+            mount("/tmp/" + name, target, None, MS_BIND, None)
     else:
         workdir = os.path.join(cfg["scratch_root"], "slot%d" % slot)
         os.makedirs(workdir, mode=0o700, exist_ok=True)
@@ -568,8 +687,15 @@ def prepare(cfg, slot, uid):
 
 
 def release_scratch(cfg, workdir):
+    """Unmount the run's tmpfs (all its views): its pages are freed and uncharged from the slot's
+    cgroup, so nothing a run wrote to /tmp, /var/tmp or /dev/shm outlives it."""
     if cfg["mountns"]:
-        umount(workdir)
+        for target in ("/tmp", "/tmp", "/var/tmp", "/dev/shm"):
+            try:
+                umount(target)
+            except OSError as exc:  # a prepare that failed half-way mounted less
+                if exc.errno != errno.EINVAL:
+                    raise
     else:
         import shutil
 
@@ -811,14 +937,9 @@ def warm_sympy():
 
 def probe(cfg):
     """Report what isolation works from here (run by sandbox/isolation.py at server start)."""
-    out = {"euid": os.geteuid(), "python": sys.version.split()[0]}
-    if cfg.get("unshare_net"):
-        try:
-            unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
-            out["unshare_net"] = True
-        except OSError as exc:
-            out["unshare_net"] = False
-            out["unshare_error"] = str(exc)
+    out = {"euid": os.geteuid(), "python": sys.version.split()[0], "pid": os.getpid()}
+    out["hostname"] = socket.gethostname()
+    out["readonly"] = READONLY["held"]
     try:
         out["net_ifaces"] = sorted(name for _, name in socket.if_nameindex())
     except OSError:
@@ -883,15 +1004,20 @@ def add_site_dirs(cfg):
 
 
 def main():
-    if sys.argv[1] == "--probe":
-        cfg = json.loads(sys.argv[2])
-        add_site_dirs(cfg)
+    probing = sys.argv[1] == "--probe"
+    cfg = json.loads(sys.argv[2] if probing else sys.argv[1])
+    if cfg.get("unshare"):  # "unshare" mode: no bubblewrap around us, build its sandbox here
+        try:
+            enter_sandbox(cfg)
+        except OSError as exc:
+            if not probing:
+                raise
+            print(json.dumps({"euid": os.geteuid(), "sandbox_error": str(exc)}), flush=True)
+            os._exit(0)
+    add_site_dirs(cfg)
+    if probing:
         probe(cfg)
         return
-    cfg = json.loads(sys.argv[1])
-    add_site_dirs(cfg)
-    if cfg.get("unshare_net"):  # "unshare" mode: no bubblewrap around us, do what we can
-        unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
     loaded = []
     for name in cfg["preload"]:
         try:

@@ -8,27 +8,46 @@ import shutil
 import pytest
 
 from sandbox import isolation
-from sandbox.isolation import InsecureIsolation, Isolation, detect
+from sandbox.isolation import InsecureIsolation, Isolation, IsolationUnavailable, detect
 from sandbox.settings import Settings
 
 UNSHARE_ONLY = {
     "euid": 0,
-    "unshare_net": True,
+    "pid": 1,
+    "hostname": "sandbox",
+    "readonly": False,  # gVisor of 2022: no read-only remount
     "net_ifaces": ["lo"],
     "mountns": True,
     "setuid": True,
     "slot_ns": True,
+    "seccomp": True,
     "preloaded": [],
 }
 
 
 def test_bwrap_args_hide_host() -> None:
-    argv = isolation.bwrap_prefix()
+    argv = isolation.bwrap_prefix(isolation.root_layout("/usr/bin/python3"))
     for flag in ("--unshare-net", "--unshare-pid", "--clearenv", "--die-with-parent"):
         assert flag in argv
     binds = {argv[i + 1] for i, a in enumerate(argv) if a in ("--bind", "--ro-bind")}
     assert "/" not in binds and "/root" not in binds and "/work" not in binds
     assert "--bind" not in argv  # nothing of the host is writable
+
+
+def test_root_layout_shows_the_interpreter_and_site_only(tmp_path) -> None:
+    """A venv interpreter outside /usr brings its own tree, SANDBOX_SITE its dirs; nothing else
+    of the host (and nothing twice: a site dir inside the venv is already there)."""
+    venv = tmp_path / "opt" / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python3").symlink_to("/usr/bin/python3")
+    site = venv / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    other = tmp_path / "site2"
+    other.mkdir()
+    layout = isolation.root_layout(str(venv / "bin" / "python3"), (str(site), str(other)))
+    extra = [b for b in layout["binds"] if not isolation.under(b, ("/usr", "/etc", "/lib"))]
+    assert sorted(extra) == sorted([str(venv), str(other)])
+    assert layout["binds"][0] == "/usr"
 
 
 def test_refuses_insecure_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,6 +59,24 @@ def test_refuses_insecure_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> Non
         detect(Settings(isolation="auto"))
     chosen = detect(Settings(isolation="auto", allow_insecure=True))
     assert chosen.mode == "unshare" and not chosen.secure
+    monkeypatch.setattr(isolation, "run_probe", lambda iso, s: {**UNSHARE_ONLY, "readonly": True})
+    assert detect(Settings(isolation="unshare")).secure  # read-only binds: as strong as bwrap
+
+
+def test_nothing_works_is_one_error_naming_each_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gVisor of 2022 without the ioctl fix: the unshare probe failed, and detect raised a bare
+    RuntimeError whose traceback the CLI printed."""
+    monkeypatch.setattr(isolation.shutil, "which", lambda name: None)
+    failing = {**UNSHARE_ONLY, "slot_ns": False, "slot_ns_error": "[Errno 25] ENOTTY"}
+    monkeypatch.setattr(isolation, "run_probe", lambda iso, s: failing)
+    with pytest.raises(IsolationUnavailable) as err:
+        detect(Settings(isolation="unshare", allow_insecure=True))
+    assert str(err.value) == (
+        "no isolation mode works here (unshare: no network + IPC namespace per slot "
+        "([Errno 25] ENOTTY))"
+    )
+    with pytest.raises(IsolationUnavailable, match="bwrap: no bwrap on PATH"):
+        detect(Settings(isolation="bwrap"))
 
 
 def test_probe_without_network_isolation_is_not_unshare(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,4 +109,5 @@ def test_non_root_gets_bubblewrap_in_a_user_namespace(monkeypatch: pytest.Monkey
         detect(Settings(isolation="auto"))
     chosen = detect(Settings(isolation="auto", allow_insecure=True))
     assert chosen.mode == "bwrap-userns" and not chosen.secure
-    assert chosen.zygote_argv()[0] == "bwrap" and not chosen.drop_uid and not chosen.mountns
+    assert chosen.zygote_argv()[0] == "/usr/bin/bwrap"  # as found on PATH, not the zygote's
+    assert not chosen.drop_uid and not chosen.mountns

@@ -342,7 +342,7 @@ def _zygote_runs_as_nobody(mode: str, code: str) -> dict:
         "fds": [theirs.fileno()],
         "base_uid": 61000,
         "preload": ["math"],
-        "unshare_net": False,
+        **iso.zygote_cfg(),
         "mountns": iso.mountns,
         "drop_uid": iso.drop_uid,
         "scratch_root": f"/tmp/sandbox-nobody-{uuid.uuid4().hex[:8]}",
