@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from sandbox import isolation
 from sandbox.isolation import InsecureIsolation, Isolation, IsolationUnavailable, detect
 from sandbox.settings import Settings
+from tests.sandbox.conftest import REPO, demanded_modes
 
 UNSHARE_ONLY = {
     "euid": 0,
@@ -111,3 +118,60 @@ def test_non_root_gets_bubblewrap_in_a_user_namespace(monkeypatch: pytest.Monkey
     assert chosen.mode == "bwrap-userns" and not chosen.secure
     assert chosen.zygote_argv()[0] == "/usr/bin/bwrap"  # as found on PATH, not the zygote's
     assert not chosen.drop_uid and not chosen.mountns
+
+
+READ_PLANTED = """
+import sys
+for path in sys.stdin.read().split():
+    try:
+        print(open(path).read())
+    except OSError as exc:
+        print(type(exc).__name__)
+"""
+
+
+@pytest.fixture
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A fake RL parquet with its answers in a data dir outside /tmp, and a file in the project,
+    both world-readable: only the sandbox's root can keep them from a run."""
+    data = Path(tempfile.mkdtemp(prefix="sandbox-plant-", dir="/var/tmp"))
+    secrets = {}
+    try:
+        (data / "rl").mkdir()
+        for path in (data / "rl" / "x.parquet", REPO / f".sandbox-plant-{uuid.uuid4().hex}"):
+            secrets[str(path)] = f"answer-{uuid.uuid4().hex}"
+            path.write_text(secrets[str(path)])
+            path.chmod(0o644)
+        for d in (data, data / "rl"):
+            d.chmod(0o755)
+        yield secrets
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+        for path in secrets:
+            Path(path).unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the modes with a sandbox of their own need root")
+def test_no_mode_but_none_reads_files_outside_the_sandbox(planted: dict[str, str]) -> None:
+    """``unshare`` mode showed the whole host: the project, /etc/passwd, the RL parquet with its
+    ground-truth answers. Every mode that starts here is tried; only ``none`` may read them."""
+    readable, started, why = {}, [], {}
+    for mode in isolation.MODES:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sandbox", "run", "--isolation", mode, "--allow-insecure",
+             "--code", READ_PLANTED, "--stdin", " ".join(planted)],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+            env={**os.environ, "SANDBOX_PRELOAD": "math", "SANDBOX_SLOTS": "1"},
+        )
+        if proc.returncode == 3:  # this mode does not work here: one line says why
+            why[mode] = proc.stderr.strip().splitlines()[-1]
+            continue
+        assert proc.returncode in (0, 1), proc.stderr[-2000:]
+        started.append(mode)
+        readable[mode] = [s for s in planted.values() if s in proc.stdout]
+    assert "none" in started, why  # none always starts: it proves the files can be read
+    assert readable == {m: list(planted.values()) if m == "none" else [] for m in started}
+    assert demanded_modes() <= set(started), why
