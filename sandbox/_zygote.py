@@ -303,7 +303,8 @@ def clear_sysv_ipc():
 
 
 def kill_uid(uid):
-    """Send SIGKILL to every process of ``uid``, from that uid, so nothing else can be hit."""
+    """Send SIGKILL to every process of ``uid``, from that uid, so nothing else can be hit;
+    False if there was none (zombies not yet reaped count as there)."""
     pid = os.fork()
     if pid == 0:
         try:
@@ -313,43 +314,49 @@ def kill_uid(uid):
             for _ in range(3):  # a fork bomb may respawn while we sweep; NPROC bounds it
                 os.kill(-1, signal.SIGKILL)
         except ProcessLookupError:
-            pass
+            os._exit(3)
         except BaseException:
             os._exit(2)
         os._exit(0)
-    os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 3
 
 
 def kill_children():
-    """SIGKILL our direct children. Without a uid of its own (modes without root) a run cannot
-    be swept by uid; as we are a child subreaper, its orphans become our children in turn."""
+    """SIGKILL our direct children; whether there were any. Without a uid of its own (modes
+    without root) a run cannot be swept by uid; as we are a child subreaper, its orphans become
+    our children in turn."""
     try:
         with open("/proc/self/task/%d/children" % os.getpid()) as fh:
             pids = [int(p) for p in fh.read().split()]
     except OSError:
-        return
+        return False
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    return bool(pids)
 
 
 def kill_all(uid):
     """Kill and reap the whole process tree of a run (we are its subreaper); {pid: status}.
 
     ``uid`` None: the run shares our uid (no per-run uid here), so kill by descent instead.
+    Where we cannot be a subreaper (gVisor of 2022) orphans go to an ancestor, which reaps
+    them: the sweep goes on until none of the uid is left.
     """
     reaped = {}
     for _ in range(100):
-        if uid is None:
-            kill_children()
-        else:
-            kill_uid(uid)
+        found = kill_uid(uid) if uid is not None else kill_children()
         reaped.update(reap_all())
-        if not has_children():
+        if not has_children() and not (found and not SUBREAPER["held"]):
             break
     return reaped
+
+
+def stragglers():
+    """Whether processes of the run may be left: our children, or (no subreaper) anyone's."""
+    return has_children() or not SUBREAPER["held"]
 
 
 def reap_all():
@@ -366,11 +373,13 @@ def reap_all():
 
 
 def has_children():
+    """Whether any child, running or exited, is not reaped yet (reaps none; gVisor has no
+    /proc/<pid>/task/<tid>/children)."""
     try:
-        with open("/proc/self/task/%d/children" % os.getpid()) as fh:
-            return bool(fh.read().strip())
-    except OSError:
-        return True  # unknown: assume the worst and sweep
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
 
 # -- unshare mode: the sandbox bubblewrap builds, built here --------------------------------------
@@ -444,6 +453,32 @@ def build_root(layout):
     remount_ro("/dev")
 
 
+def check_mount_ns():
+    """Raise unless a mount made in a new mount namespace stays in it. gVisor of 2022 accepts
+    ``unshare(CLONE_NEWNS)`` but every process keeps seeing every mount: runs would share one
+    /tmp and the sandbox's root would cover the server's. Tried on a fresh empty directory."""
+    import tempfile
+
+    where = tempfile.mkdtemp(prefix="sandbox-mountns-")
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                unshare(CLONE_NEWNS)
+                mount("tmpfs", where, "tmpfs", MS_NOSUID | MS_NODEV, "size=4k")
+                os.close(os.open(where + "/inside", os.O_WRONLY | os.O_CREAT, 0o600))
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+            raise OSError(errno.EPERM, "no mount namespace with a tmpfs")
+        if os.path.exists(where + "/inside"):
+            umount(where)
+            raise OSError(errno.EPERM, "mounts made in a new mount namespace show outside it")
+    finally:
+        os.rmdir(where)
+
+
 def enter_sandbox(cfg):
     """``unshare`` mode: do what bubblewrap does around the zygote in ``bwrap`` mode.
 
@@ -451,6 +486,7 @@ def enter_sandbox(cfg):
     and only waits (as bwrap's does), its child is pid 1 there, builds the root and goes on as the
     zygote. Dies with the server (``--die-with-parent``); the namespace dies with its pid 1."""
     os.umask(0o022)
+    check_mount_ns()
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
     _check(_libc.sethostname(b"sandbox", 7), "sethostname")
@@ -629,6 +665,7 @@ def exit_status(exc):
 # (the run's own uid, 0700), bound at its place; /tmp last, so the tmpfs's own root is hidden.
 SCRATCH_VIEWS = (("var-tmp", "/var/tmp"), ("shm", "/dev/shm"), ("tmp", "/tmp"))
 
+
 class Prepared:
     """A run child forked ahead of time, blocked on its "go" pipe, with a fresh empty scratch."""
 
@@ -649,7 +686,13 @@ def prepare(cfg, slot, uid):
     if cfg["mountns"]:
         workdir = "/tmp"
         unshare(CLONE_NEWNS)
-        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=%d,mode=0700" % cfg["scratch_bytes"])
+        mount(
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            MS_NOSUID | MS_NODEV,
+            "size=%d,mode=0700" % cfg["scratch_bytes"],
+        )
         for name, _ in SCRATCH_VIEWS:
             os.mkdir("/tmp/" + name, 0o700)
             os.chown("/tmp/" + name, uid, uid)
@@ -657,7 +700,8 @@ def prepare(cfg, slot, uid):
             mount("/tmp/" + name, target, None, MS_BIND, None)
     else:
         workdir = os.path.join(cfg["scratch_root"], "slot%d" % slot)
-        os.makedirs(workdir, mode=0o700, exist_ok=True)
+        release_scratch(cfg, workdir)  # what a killed zygote left before its cleanup
+        os.makedirs(workdir, mode=0o700)
         if cfg["drop_uid"]:
             os.chown(workdir, uid, uid)
     try:
@@ -710,7 +754,7 @@ def cleanup(cfg, uid, child):
         except ProcessLookupError:
             pass
         os.waitpid(child.pid, 0)
-    if has_children():
+    if stragglers():
         kill_all(uid if cfg["drop_uid"] else None)
     reap_all()
     for fd in child.fds.values():
@@ -776,8 +820,11 @@ def execute(req, cfg, uid, child):
     cap = limits["output_cap"]
     bufs = {out_r: bytearray(), err_r: bytearray()}
     open_fds = [out_r, err_r]
-    pidfd = os.pidfd_open(child.pid)
-    watch = [out_r, err_r, status_r, pidfd]
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except OSError:  # gVisor of 2022 (ENOSYS): look at the child every CHILD_POLL_S instead
+        pidfd = None
+    watch = [out_r, err_r, status_r] + ([pidfd] if pidfd is not None else [])
     deadline = start + req["run_timeout"]
     reported = None
     said = b""
@@ -788,7 +835,12 @@ def execute(req, cfg, uid, child):
             if remaining <= 0:
                 timed_out = True
                 break
-            ready, _, _ = select.select(watch, [], [], remaining)
+            wait = remaining if pidfd is not None else min(remaining, CHILD_POLL_S)
+            ready, _, _ = select.select(watch, [], [], wait)
+            if pidfd is None:
+                pid, status = os.waitpid(child.pid, os.WNOHANG)
+                if pid:
+                    child.status = status
             for fd in ready:
                 if fd == pidfd:
                     child.status = os.waitpid(child.pid, 0)[1]
@@ -806,10 +858,11 @@ def execute(req, cfg, uid, child):
                     open_fds.remove(fd)
                     watch.remove(fd)
     finally:
-        os.close(pidfd)
+        if pidfd is not None:
+            os.close(pidfd)
     elapsed = time.monotonic() - start
     mark("done")
-    if timed_out or (child.status is not None and has_children()):
+    if timed_out or (child.status is not None and stragglers()):
         reaped = kill_all(
             uid if cfg["drop_uid"] else None
         )  # stragglers may hold the pipes: kill them first, then drain
@@ -855,6 +908,8 @@ def execute(req, cfg, uid, child):
 
 
 MARKS = []
+SUBREAPER = {"held": True}  # False where the kernel refuses PR_SET_CHILD_SUBREAPER
+CHILD_POLL_S = 0.005  # without pidfd_open: how often the worker looks whether the child exited
 
 
 def mark(name):
@@ -864,7 +919,10 @@ def mark(name):
 
 def worker_main(cfg, slot, fd):
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    try:
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+    except OSError:  # gVisor of 2022: EINVAL; see kill_all
+        SUBREAPER["held"] = False
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     uid = cfg["base_uid"] + slot
     if cfg["mountns"]:
@@ -950,6 +1008,8 @@ def probe(cfg):
         os.close(r)
         result = {}
         try:
+            if not cfg.get("unshare"):  # enter_sandbox checked it before it made the root
+                check_mount_ns()
             unshare(CLONE_NEWNS)
             mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1048576,mode=0700")
             result["mountns"] = True

@@ -6,7 +6,8 @@ get the ``contract`` marker, so ``pytest tests/sandbox -m contract`` (or ``-k co
 exactly them. Soak and compatibility tests use ``local_endpoint`` (always our server, in the
 mode it detects). The hostile programs (test_security, test_redteam) use ``isolated_endpoint``:
 our server in each secure mode in turn (``bwrap``, ``unshare``), a mode this machine lacks
-skipped with its reason, unless ``SANDBOX_TEST_MODES`` (e.g. ``bwrap,unshare`` in CI) demands it.
+skipped with its reason; ``SANDBOX_TEST_MODES`` (e.g. ``bwrap,unshare`` in CI) names the modes
+that must run, the others are skipped.
 The servers are started with fake secrets in their environment so the tests can prove they never
 reach user code.
 """
@@ -58,6 +59,8 @@ def isolated_endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
     mode = request.param
     if os.geteuid() != 0:
         pytest.skip(f"{mode} needs root (per-run uids); run the tests as root")
+    if demanded_modes() and mode not in demanded_modes():
+        pytest.skip(f"{mode} is not in {MODES_ENV}={os.environ[MODES_ENV]}")
     try:
         with sandbox_service("--isolation", mode, "--log-level", "warning", env=SERVER_ENV) as url:
             yield url

@@ -123,9 +123,9 @@ def test_sysv_ipc_does_not_outlive_its_run(http: httpx.Client, isolated_endpoint
     """SysV shared memory, message queues and semaphores live in the IPC namespace, not in a
     process: they survived the run (state for the next run, and memory never given back)."""
     with ThreadPoolExecutor(8) as pool:
-        assert set(pool.map(lambda _: out(run(http, isolated_endpoint, SYSV_POISON)), range(16))) == {
-            "True\n"
-        }
+        assert set(
+            pool.map(lambda _: out(run(http, isolated_endpoint, SYSV_POISON)), range(16))
+        ) == {"True\n"}
         results = set(pool.map(lambda _: out(run(http, isolated_endpoint, SYSV_CHECK)), range(16)))
     assert results == {"[0, 0, 0] -1 -1 -1\n"}, results
     assert_healthy(http, isolated_endpoint)
@@ -214,6 +214,25 @@ print('fork', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
     assert_healthy(http, isolated_endpoint)
 
 
+def forks_holding(processes: int, mib: int, hold_s: float) -> str:
+    """A program whose ``processes`` children each touch ``mib`` MiB, hold it ``hold_s`` and
+    exit; it ends with ``codes``, their exit codes (-9: killed by the memory cgroup)."""
+    return f"""
+import os, time
+kids = []
+for _ in range({processes}):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray({mib} * 1024**2)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep({hold_s})
+        os._exit(0)
+    kids.append(pid)
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
+"""
+
+
 def test_memory_limit_covers_all_processes_of_a_run(
     http: httpx.Client, isolated_endpoint: str
 ) -> None:
@@ -224,25 +243,12 @@ def test_memory_limit_covers_all_processes_of_a_run(
     if probe is None:
         pytest.skip("no memory cgroup can be made on this host")
     probe.close()
-    code = """
-import os, time
-kids = []
-for _ in range(6):
-    pid = os.fork()
-    if pid == 0:
-        block = bytearray(200 * 1024**2)
-        for i in range(0, len(block), 4096):
-            block[i] = 1
-        time.sleep(1)
-        os._exit(0)
-    kids.append(pid)
-codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
-print(codes.count(0), 'of 6 held 200 MiB')
-"""
+    code = forks_holding(6, 200, hold_s=1) + "print(codes.count(0), 'of 6 held 200 MiB')\n"
     body = run(http, isolated_endpoint, code, memory_limit_MB=256, run_timeout=20)
     held = int(out(body).split()[0])
     assert held <= 2, body  # 256 MiB + 256 MiB scratch: at most two at once
-    body = run(http, isolated_endpoint, code.replace("200 *", "20 *"), memory_limit_MB=256)
+    code = forks_holding(6, 20, hold_s=1) + "print(codes.count(0), 'of 6 held 20 MiB')\n"
+    body = run(http, isolated_endpoint, code, memory_limit_MB=256)
     assert out(body).startswith("6 of 6"), body  # many small processes are fine
     memfd = """
 import os
@@ -417,21 +423,11 @@ for i in range(4):  # 240 MiB in the shared-memory and /var/tmp dirs (60 MiB a f
 time.sleep(0.5)  # hold the slot, so the 8 poisons land on 8 slots
 print('filled')
 """
-SCRATCH_CHECK = """
-import os, time
-kids = []
-for _ in range(2):  # 2 x 150 MiB: fits a 256 + 256 MiB slot only if the poison left no charge
-    pid = os.fork()
-    if pid == 0:
-        block = bytearray(150 * 1024**2)
-        for i in range(0, len(block), 4096):
-            block[i] = 1
-        os._exit(0)
-    kids.append(pid)
-codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
-time.sleep(0.3)
-print(os.listdir('/dev/shm'), os.listdir('/var/tmp'), codes)
-"""
+# 2 x 150 MiB: fits a 256 + 256 MiB slot only if the poison left no charge
+SCRATCH_CHECK = (
+    forks_holding(2, 150, hold_s=0)
+    + "print(os.listdir('/dev/shm'), os.listdir('/var/tmp'), codes)\n"
+)
 
 
 def test_var_tmp_and_dev_shm_are_per_run_and_uncharged(

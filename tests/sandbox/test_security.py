@@ -315,7 +315,9 @@ print('tried')
     assert done.is_set()
 
 
-def test_prefork_next_run_sees_nothing_of_the_last(http: httpx.Client, isolated_endpoint: str) -> None:
+def test_prefork_next_run_sees_nothing_of_the_last(
+    http: httpx.Client, isolated_endpoint: str
+) -> None:
     """A slot's next run child is forked ahead of its request: it must still start clean.
 
     The poison replies at once but leaves work behind: a detached daemon that keeps creating files,
@@ -370,7 +372,9 @@ print(sorted(os.listdir('.')), procs, stdin)
     with ThreadPoolExecutor(8) as pool:
         bodies = list(
             pool.map(
-                lambda i: run(http, isolated_endpoint, f"SPOOF = {i % 2}\n" + poison, run_timeout=5),
+                lambda i: run(
+                    http, isolated_endpoint, f"SPOOF = {i % 2}\n" + poison, run_timeout=5
+                ),
                 range(16),
             )
         )
