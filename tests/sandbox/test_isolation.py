@@ -187,3 +187,19 @@ def test_unshare_is_as_strong_as_bwrap_here() -> None:
     chosen = detect(Settings(isolation="unshare", preload="math"))
     assert chosen.secure and chosen.probe["readonly"]
     assert chosen.probe["pid"] == 1 and chosen.probe["hostname"] == "sandbox"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("bwrap") is None, reason="needs root and bubblewrap"
+)
+def test_the_bwrap_first_on_path_is_the_one_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lent GPU machines have bubblewrap only as a ``dpkg -x`` copy (/tmp/bw/usr/bin): the
+    server must run the one its PATH finds, not look it up on the zygote's fixed PATH."""
+    copy = tmp_path / "bwrap"
+    shutil.copy2(shutil.which("bwrap"), copy)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    chosen = detect(Settings(isolation="bwrap", preload="math"))
+    assert chosen.bwrap == str(copy) and chosen.zygote_argv()[0] == str(copy)
+    assert chosen.secure
