@@ -7,12 +7,13 @@ Modes, strongest first:
   (:func:`root_layout`: ``/usr`` and the system tops, a few ``/etc`` files, the interpreter and
   ``SANDBOX_SITE``; no project, no ``/root``, no data), an empty environment; each run also gets a
   private tmpfs (its ``/tmp``, ``/var/tmp`` and ``/dev/shm``) and an unprivileged per-slot uid.
-- ``unshare``: no bubblewrap (gVisor of 2022 refuses it, GPU machines may lack it), but we are
-  root: the zygote builds the same sandbox itself (``enter_sandbox`` in ``_zygote.py``: its own
-  mount, pid, net, ipc and uts namespaces, the same root from :func:`root_layout`, its own
-  ``/proc``), with the same per-run tmpfs, uid and seccomp filter. Secure where the kernel can
-  make the binds read-only (Linux); where it cannot (gVisor of 2022) the root is read-only only
-  by permissions, and the mode needs ``allow_insecure``.
+- ``unshare``: no bubblewrap (an image without it, a gVisor that refuses it), but we are root:
+  the zygote builds the same sandbox itself (``enter_sandbox`` in ``_zygote.py``: its own mount,
+  pid, net, ipc and uts namespaces, the same root from :func:`root_layout`, its own ``/proc``),
+  with the same per-run tmpfs, uid and seccomp filter. Secure where the kernel can make the binds
+  read-only (Linux); where it cannot (the probe's ``readonly``) the root is read-only only by
+  permissions, and the mode needs ``allow_insecure``. It refuses to start where mount namespaces
+  do not isolate (gVisor of 2022; docs/sandbox-security.md).
 - ``bwrap-userns``: bubblewrap without root (an unprivileged user namespace, e.g. ``make
   local-smoke`` on a laptop): the same network, pid and filesystem isolation as ``bwrap`` (no
   network, no home directory, no project, empty environment), but no per-run uid or private
