@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from sandbox.isolation import InsecureIsolation
+from sandbox.isolation import IsolationUnavailable
 from sandbox.settings import Settings, SettingsError
 
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except InsecureIsolation as exc:
+    except IsolationUnavailable as exc:  # none works, or only an insecure one not allowed
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:

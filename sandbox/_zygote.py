@@ -19,7 +19,8 @@ one at a time over its own socket (4-byte length + JSON frames). Per run:
 
 The run child is a fork of the worker, never the other way round, so user code cannot change the
 state the next run starts from. Isolation from the host (no network, read-only minimal filesystem,
-pid namespace) is the job of bubblewrap around this process (see ``sandbox/isolation.py``).
+pid namespace) is the job of bubblewrap around this process, or, in ``unshare`` mode, of
+``enter_sandbox`` below, which builds the same root itself (see ``sandbox/isolation.py``).
 
 Usage: python _zygote.py '<json config>' — fds named in the config are the slot sockets.
 """
@@ -45,9 +46,14 @@ import traceback
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
@@ -91,6 +97,18 @@ def unshare(flags):
 def mount(src, target, fstype, flags, data):
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
     _check(_libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)), "mount " + target)
+
+
+def try_mount(src, target, fstype, flags, data):
+    """``mount``, False where this kernel refuses it with EINVAL (gVisor of 2022: recursive binds,
+    remounts, propagation of a whole tree)."""
+    try:
+        mount(src, target, fstype, flags, data)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    return True
 
 
 def umount(target):
@@ -251,13 +269,16 @@ def open_beneath(workdir, target):
 
 
 def loopback_up():
-    """Bring ``lo`` up in a fresh network namespace (it starts down), as bubblewrap does."""
+    """Bring ``lo`` up in a fresh network namespace (it starts down), as bubblewrap does.
+
+    gVisor's starts up already and refuses SIOCSIFFLAGS (ENOTTY): set the flag only if missing."""
     import fcntl
 
     ifreq = struct.Struct("16sH22x")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         flags = ifreq.unpack(fcntl.ioctl(s, SIOCGIFFLAGS, ifreq.pack(b"lo", 0)))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, ifreq.pack(b"lo", flags | IFF_UP))
+        if not flags & IFF_UP:
+            fcntl.ioctl(s, SIOCSIFFLAGS, ifreq.pack(b"lo", flags | IFF_UP))
 
 
 def clear_sysv_ipc():
@@ -282,7 +303,8 @@ def clear_sysv_ipc():
 
 
 def kill_uid(uid):
-    """Send SIGKILL to every process of ``uid``, from that uid, so nothing else can be hit."""
+    """Send SIGKILL to every process of ``uid``, from that uid, so nothing else can be hit;
+    False if there was none (zombies not yet reaped count as there)."""
     pid = os.fork()
     if pid == 0:
         try:
@@ -292,43 +314,49 @@ def kill_uid(uid):
             for _ in range(3):  # a fork bomb may respawn while we sweep; NPROC bounds it
                 os.kill(-1, signal.SIGKILL)
         except ProcessLookupError:
-            pass
+            os._exit(3)
         except BaseException:
             os._exit(2)
         os._exit(0)
-    os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 3
 
 
 def kill_children():
-    """SIGKILL our direct children. Without a uid of its own (modes without root) a run cannot
-    be swept by uid; as we are a child subreaper, its orphans become our children in turn."""
+    """SIGKILL our direct children; whether there were any. Without a uid of its own (modes
+    without root) a run cannot be swept by uid; as we are a child subreaper, its orphans become
+    our children in turn."""
     try:
         with open("/proc/self/task/%d/children" % os.getpid()) as fh:
             pids = [int(p) for p in fh.read().split()]
     except OSError:
-        return
+        return False
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    return bool(pids)
 
 
 def kill_all(uid):
     """Kill and reap the whole process tree of a run (we are its subreaper); {pid: status}.
 
     ``uid`` None: the run shares our uid (no per-run uid here), so kill by descent instead.
+    Where we cannot be a subreaper (gVisor of 2022) orphans go to an ancestor, which reaps
+    them: the sweep goes on until none of the uid is left.
     """
     reaped = {}
     for _ in range(100):
-        if uid is None:
-            kill_children()
-        else:
-            kill_uid(uid)
+        found = kill_uid(uid) if uid is not None else kill_children()
         reaped.update(reap_all())
-        if not has_children():
+        if not has_children() and not (found and not SUBREAPER["held"]):
             break
     return reaped
+
+
+def stragglers():
+    """Whether processes of the run may be left: our children, or (no subreaper) anyone's."""
+    return has_children() or not SUBREAPER["held"]
 
 
 def reap_all():
@@ -345,11 +373,135 @@ def reap_all():
 
 
 def has_children():
+    """Whether any child, running or exited, is not reaped yet (reaps none; gVisor has no
+    /proc/<pid>/task/<tid>/children)."""
     try:
-        with open("/proc/self/task/%d/children" % os.getpid()) as fh:
-            return bool(fh.read().strip())
-    except OSError:
-        return True  # unknown: assume the worst and sweep
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+# -- unshare mode: the sandbox bubblewrap builds, built here --------------------------------------
+NEW_ROOT = "/tmp"  # staging: a tmpfs over /tmp in our own mount namespace becomes the root
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_LINKS = (
+    ("/proc/self/fd", "fd"),
+    ("/proc/self/fd/0", "stdin"),
+    ("/proc/self/fd/1", "stdout"),
+    ("/proc/self/fd/2", "stderr"),
+)
+RO_REMOUNT = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+READONLY = {"held": True}  # False once this kernel refused to make a mount read-only
+
+
+def remount_ro(point):
+    """Make the mount at ``point`` read-only; where the kernel cannot (gVisor of 2022 has no
+    remount), note it: the probe reports it and the mode is not called secure."""
+    if not try_mount(None, point, None, RO_REMOUNT, None):
+        READONLY["held"] = False
+
+
+def ro_bind(src, dst):
+    """Show host path ``src`` at ``dst``, read-only, with every mount below it (bwrap --ro-bind)."""
+    if not try_mount(src, dst, None, MS_BIND | MS_REC, None):
+        mount(src, dst, None, MS_BIND, None)  # gVisor of 2022: no recursive binds
+    with open("/proc/self/mountinfo") as fh:
+        points = [line.split()[4] for line in fh]
+    for point in points:
+        if point == dst or point.startswith(dst + "/"):
+            remount_ro(point)
+
+
+def build_root(layout):
+    """Mount a tmpfs over ``NEW_ROOT`` holding only ``layout`` (read-only binds and symlinks of
+    the host's system directories, interpreter and site dirs, from sandbox/isolation.py), a
+    minimal /dev, our own /proc, and empty /tmp, /var/tmp and /dev/shm (each run mounts its own);
+    then make it the root."""
+    new = NEW_ROOT
+    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for src in layout["binds"]:
+        dst = new + src
+        os.makedirs(os.path.dirname(dst), 0o755, exist_ok=True)
+        if os.path.isdir(src):
+            os.mkdir(dst, 0o755)
+        else:
+            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o644))
+        ro_bind(src, dst)
+    for target, path in layout["symlinks"]:
+        os.symlink(target, new + path)
+    dev = new + "/dev"
+    os.mkdir(dev, 0o755)
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755")
+    for name in DEV_NODES:
+        if os.path.exists("/dev/" + name):
+            os.close(os.open(dev + "/" + name, os.O_WRONLY | os.O_CREAT, 0o644))
+            mount("/dev/" + name, dev + "/" + name, None, MS_BIND, None)
+    for target, name in DEV_LINKS:
+        os.symlink(target, dev + "/" + name)
+    for path in ("/dev/shm", "/tmp", "/var/tmp", "/proc"):
+        os.makedirs(new + path, 0o755)
+    mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    os.chdir(new)
+    pivot_root = SECCOMP_ARCH.get(os.uname().machine, (0, 0, 0, {}))[3].get("pivot_root")
+    if pivot_root is not None and _libc.syscall(pivot_root, b".", b".") == 0:
+        umount(".")  # the old root, stacked on the new one: the host is gone from this namespace
+    else:  # gVisor of 2022 has no pivot_root; only our root-run code could leave a chroot
+        _check(_libc.chroot(b"."), "chroot")
+    os.chdir("/")
+    remount_ro("/")
+    remount_ro("/dev")
+
+
+def check_mount_ns():
+    """Raise unless a mount made in a new mount namespace stays in it. gVisor of 2022 accepts
+    ``unshare(CLONE_NEWNS)`` but every process keeps seeing every mount: runs would share one
+    /tmp and the sandbox's root would cover the server's. Tried on a fresh empty directory."""
+    import tempfile
+
+    where = tempfile.mkdtemp(prefix="sandbox-mountns-")
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                unshare(CLONE_NEWNS)
+                mount("tmpfs", where, "tmpfs", MS_NOSUID | MS_NODEV, "size=4k")
+                os.close(os.open(where + "/inside", os.O_WRONLY | os.O_CREAT, 0o600))
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+            raise OSError(errno.EPERM, "no mount namespace with a tmpfs")
+        if os.path.exists(where + "/inside"):
+            umount(where)
+            raise OSError(errno.EPERM, "mounts made in a new mount namespace show outside it")
+    finally:
+        os.rmdir(where)
+
+
+def enter_sandbox(cfg):
+    """``unshare`` mode: do what bubblewrap does around the zygote in ``bwrap`` mode.
+
+    New mount, pid, network, IPC and UTS namespaces; this process stays outside the pid namespace
+    and only waits (as bwrap's does), its child is pid 1 there, builds the root and goes on as the
+    zygote. Dies with the server (``--die-with-parent``); the namespace dies with its pid 1."""
+    os.umask(0o022)
+    check_mount_ns()
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+    _check(_libc.sethostname(b"sandbox", 7), "sethostname")
+    pid = os.fork()
+    if pid:
+        for fd in cfg.get("fds", []):
+            os.close(fd)  # the server sees the slots close when the zygote dies
+        status = os.waitpid(pid, 0)[1]
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(code if code >= 0 else 128 - code)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.setsid()
+    if not try_mount(None, "/", None, MS_REC | MS_PRIVATE, None):
+        mount(None, "/", None, MS_PRIVATE, None)  # gVisor of 2022: one mount at a time
+    build_root(cfg["root"])
 
 
 # -- the run child -----------------------------------------------------------------------------
@@ -509,6 +661,11 @@ def exit_status(exc):
 
 
 # -- the slot worker ---------------------------------------------------------------------------
+# A run's writable places: one size-capped tmpfs, mounted over /tmp, holding a directory for each
+# (the run's own uid, 0700), bound at its place; /tmp last, so the tmpfs's own root is hidden.
+SCRATCH_VIEWS = (("var-tmp", "/var/tmp"), ("shm", "/dev/shm"), ("tmp", "/tmp"))
+
+
 class Prepared:
     """A run child forked ahead of time, blocked on its "go" pipe, with a fresh empty scratch."""
 
@@ -531,14 +688,20 @@ def prepare(cfg, slot, uid):
         unshare(CLONE_NEWNS)
         mount(
             "tmpfs",
-            workdir,
+            "/tmp",
             "tmpfs",
             MS_NOSUID | MS_NODEV,
-            "size=%d,mode=0700,uid=%d,gid=%d" % (cfg["scratch_bytes"], uid, uid),
+            "size=%d,mode=0700" % cfg["scratch_bytes"],
         )
+        for name, _ in SCRATCH_VIEWS:
+            os.mkdir("/tmp/" + name, 0o700)
+            os.chown("/tmp/" + name, uid, uid)
+        for name, target in SCRATCH_VIEWS:
+            mount("/tmp/" + name, target, None, MS_BIND, None)
     else:
         workdir = os.path.join(cfg["scratch_root"], "slot%d" % slot)
-        os.makedirs(workdir, mode=0o700, exist_ok=True)
+        release_scratch(cfg, workdir)  # what a killed zygote left before its cleanup
+        os.makedirs(workdir, mode=0o700)
         if cfg["drop_uid"]:
             os.chown(workdir, uid, uid)
     try:
@@ -568,8 +731,15 @@ def prepare(cfg, slot, uid):
 
 
 def release_scratch(cfg, workdir):
+    """Unmount the run's tmpfs (all its views): its pages are freed and uncharged from the slot's
+    cgroup, so nothing a run wrote to /tmp, /var/tmp or /dev/shm outlives it."""
     if cfg["mountns"]:
-        umount(workdir)
+        for target in ("/tmp", "/tmp", "/var/tmp", "/dev/shm"):
+            try:
+                umount(target)
+            except OSError as exc:  # a prepare that failed half-way mounted less
+                if exc.errno != errno.EINVAL:
+                    raise
     else:
         import shutil
 
@@ -584,7 +754,7 @@ def cleanup(cfg, uid, child):
         except ProcessLookupError:
             pass
         os.waitpid(child.pid, 0)
-    if has_children():
+    if stragglers():
         kill_all(uid if cfg["drop_uid"] else None)
     reap_all()
     for fd in child.fds.values():
@@ -650,8 +820,11 @@ def execute(req, cfg, uid, child):
     cap = limits["output_cap"]
     bufs = {out_r: bytearray(), err_r: bytearray()}
     open_fds = [out_r, err_r]
-    pidfd = os.pidfd_open(child.pid)
-    watch = [out_r, err_r, status_r, pidfd]
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except OSError:  # gVisor of 2022 (ENOSYS): look at the child every CHILD_POLL_S instead
+        pidfd = None
+    watch = [out_r, err_r, status_r] + ([pidfd] if pidfd is not None else [])
     deadline = start + req["run_timeout"]
     reported = None
     said = b""
@@ -662,7 +835,12 @@ def execute(req, cfg, uid, child):
             if remaining <= 0:
                 timed_out = True
                 break
-            ready, _, _ = select.select(watch, [], [], remaining)
+            wait = remaining if pidfd is not None else min(remaining, CHILD_POLL_S)
+            ready, _, _ = select.select(watch, [], [], wait)
+            if pidfd is None:
+                pid, status = os.waitpid(child.pid, os.WNOHANG)
+                if pid:
+                    child.status = status
             for fd in ready:
                 if fd == pidfd:
                     child.status = os.waitpid(child.pid, 0)[1]
@@ -680,10 +858,11 @@ def execute(req, cfg, uid, child):
                     open_fds.remove(fd)
                     watch.remove(fd)
     finally:
-        os.close(pidfd)
+        if pidfd is not None:
+            os.close(pidfd)
     elapsed = time.monotonic() - start
     mark("done")
-    if timed_out or (child.status is not None and has_children()):
+    if timed_out or (child.status is not None and stragglers()):
         reaped = kill_all(
             uid if cfg["drop_uid"] else None
         )  # stragglers may hold the pipes: kill them first, then drain
@@ -729,6 +908,8 @@ def execute(req, cfg, uid, child):
 
 
 MARKS = []
+SUBREAPER = {"held": True}  # False where the kernel refuses PR_SET_CHILD_SUBREAPER
+CHILD_POLL_S = 0.005  # without pidfd_open: how often the worker looks whether the child exited
 
 
 def mark(name):
@@ -738,7 +919,10 @@ def mark(name):
 
 def worker_main(cfg, slot, fd):
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    try:
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+    except OSError:  # gVisor of 2022: EINVAL; see kill_all
+        SUBREAPER["held"] = False
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     uid = cfg["base_uid"] + slot
     if cfg["mountns"]:
@@ -811,14 +995,9 @@ def warm_sympy():
 
 def probe(cfg):
     """Report what isolation works from here (run by sandbox/isolation.py at server start)."""
-    out = {"euid": os.geteuid(), "python": sys.version.split()[0]}
-    if cfg.get("unshare_net"):
-        try:
-            unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
-            out["unshare_net"] = True
-        except OSError as exc:
-            out["unshare_net"] = False
-            out["unshare_error"] = str(exc)
+    out = {"euid": os.geteuid(), "python": sys.version.split()[0], "pid": os.getpid()}
+    out["hostname"] = socket.gethostname()
+    out["readonly"] = READONLY["held"]
     try:
         out["net_ifaces"] = sorted(name for _, name in socket.if_nameindex())
     except OSError:
@@ -829,6 +1008,8 @@ def probe(cfg):
         os.close(r)
         result = {}
         try:
+            if not cfg.get("unshare"):  # enter_sandbox checked it before it made the root
+                check_mount_ns()
             unshare(CLONE_NEWNS)
             mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1048576,mode=0700")
             result["mountns"] = True
@@ -883,15 +1064,20 @@ def add_site_dirs(cfg):
 
 
 def main():
-    if sys.argv[1] == "--probe":
-        cfg = json.loads(sys.argv[2])
-        add_site_dirs(cfg)
+    probing = sys.argv[1] == "--probe"
+    cfg = json.loads(sys.argv[2] if probing else sys.argv[1])
+    if cfg.get("unshare"):  # "unshare" mode: no bubblewrap around us, build its sandbox here
+        try:
+            enter_sandbox(cfg)
+        except OSError as exc:
+            if not probing:
+                raise
+            print(json.dumps({"euid": os.geteuid(), "sandbox_error": str(exc)}), flush=True)
+            os._exit(0)
+    add_site_dirs(cfg)
+    if probing:
         probe(cfg)
         return
-    cfg = json.loads(sys.argv[1])
-    add_site_dirs(cfg)
-    if cfg.get("unshare_net"):  # "unshare" mode: no bubblewrap around us, do what we can
-        unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
     loaded = []
     for name in cfg["preload"]:
         try:

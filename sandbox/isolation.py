@@ -3,12 +3,17 @@
 Modes, strongest first:
 
 - ``bwrap``: the zygote runs inside bubblewrap with new net/pid/ipc/uts namespaces (only ``lo``,
-  so not even the host's loopback services are reachable), a read-only minimal filesystem (``/usr``
-  and a few ``/etc`` files; no project, no ``/root``), an empty environment; each run also gets a
-  private tmpfs and an unprivileged per-slot uid. This is the only mode called *secure*.
-- ``unshare``: no bubblewrap (e.g. gVisor on Modal may refuse it), but we are root and may
-  ``unshare``: the zygote leaves the network namespace itself and runs still get a private tmpfs
-  and a per-slot uid. The host filesystem stays visible (read-only by permissions only).
+  so not even the host's loopback services are reachable), a read-only minimal root
+  (:func:`root_layout`: ``/usr`` and the system tops, a few ``/etc`` files, the interpreter and
+  ``SANDBOX_SITE``; no project, no ``/root``, no data), an empty environment; each run also gets a
+  private tmpfs (its ``/tmp``, ``/var/tmp`` and ``/dev/shm``) and an unprivileged per-slot uid.
+- ``unshare``: no bubblewrap (an image without it, a gVisor that refuses it), but we are root:
+  the zygote builds the same sandbox itself (``enter_sandbox`` in ``_zygote.py``: its own mount,
+  pid, net, ipc and uts namespaces, the same root from :func:`root_layout`, its own ``/proc``),
+  with the same per-run tmpfs, uid and seccomp filter. Secure where the kernel can make the binds
+  read-only (Linux); where it cannot (the probe's ``readonly``) the root is read-only only by
+  permissions, and the mode needs ``allow_insecure``. It refuses to start where mount namespaces
+  do not isolate (gVisor of 2022; docs/sandbox-security.md).
 - ``bwrap-userns``: bubblewrap without root (an unprivileged user namespace, e.g. ``make
   local-smoke`` on a laptop): the same network, pid and filesystem isolation as ``bwrap`` (no
   network, no home directory, no project, empty environment), but no per-run uid or private
@@ -16,8 +21,10 @@ Modes, strongest first:
 - ``none``: fork + rlimits only. Runs share the server's uid: they could signal it or read its
   files. For development only.
 
-Anything weaker than ``bwrap`` refuses to start unless ``allow_insecure`` (``--allow-insecure``
-or ``SANDBOX_ALLOW_INSECURE=1``) is given; the chosen mode is always logged.
+Anything not secure refuses to start unless ``allow_insecure`` (``--allow-insecure`` or
+``SANDBOX_ALLOW_INSECURE=1``) is given; ``SANDBOX_ISOLATION=<mode>`` (``--isolation``) tries that
+mode only and refuses to start without it. The chosen mode, and why each stronger one was not
+taken, are always logged.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import json
 import logging
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +48,8 @@ ZYGOTE_IN_SANDBOX = "/opt/sandbox/_zygote.py"
 PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
 MODES = ("bwrap", "unshare", "bwrap-userns", "none")
 WEAKNESS = {
-    "unshare": "the host filesystem is visible (read-only by permissions), no pid namespace",
+    "unshare": "this kernel cannot make bind mounts read-only: the host directories shown are "
+    "read-only by their permissions only",
     "bwrap-userns": "no per-run uid or private /tmp: runs could signal the zygote or one another",
     "none": "user code runs as this user, with its files, its processes and the network",
 }
@@ -59,8 +68,12 @@ SYSTEM_TOPS = ("/usr", "/bin", "/lib", "/lib64", "/sbin")
 ETC_FILES = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d")
 
 
-class InsecureIsolation(RuntimeError):
-    """Only a mode weaker than ``bwrap`` is available and insecure modes were not allowed."""
+class IsolationUnavailable(RuntimeError):
+    """No mode asked for works here; the message says why for each one tried."""
+
+
+class InsecureIsolation(IsolationUnavailable):
+    """Only a mode that is not secure is available and insecure modes were not allowed."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +84,14 @@ class Isolation:
     python: str
     probe: dict[str, Any] = field(default_factory=dict)
     site_dirs: tuple[str, ...] = ()  # Settings.site: import dirs added in the zygote
+    # bubblewrap's path, found on the server's PATH (e.g. a `dpkg -x` copy in /tmp/bw/usr/bin):
+    # the zygote's environment has a PATH of its own.
+    bwrap: str = "bwrap"
 
     @property
     def secure(self) -> bool:
+        if self.mode == "unshare":
+            return bool(self.probe.get("readonly"))
         return self.mode == "bwrap"
 
     @property
@@ -86,18 +104,62 @@ class Isolation:
 
     def zygote_argv(self, *args: str) -> list[str]:
         if self.mode in ("bwrap", "bwrap-userns"):
-            prefix = bwrap_prefix(self.site_dirs)
+            prefix = bwrap_prefix(root_layout(self.python, self.site_dirs), self.bwrap)
             return [*prefix, self.python, "-I", "-B", ZYGOTE_IN_SANDBOX, *args]
         return [self.python, "-I", "-B", str(ZYGOTE_SRC), *args]
+
+    def zygote_cfg(self) -> dict[str, Any]:
+        """What the zygote's config says of the isolation (probe and pool alike)."""
+        unshare = self.mode == "unshare"
+        return {
+            "unshare": unshare,
+            "root": root_layout(self.python, self.site_dirs) if unshare else None,
+            "site": list(self.site_dirs),
+        }
 
     def zygote_env(self) -> dict[str, str]:
         """The whole environment of the zygote: nothing of the server's (no HF_TOKEN etc.)."""
         return dict(ZYGOTE_ENV)
 
 
-def bwrap_prefix(site_dirs: tuple[str, ...] = ()) -> list[str]:
+def under(path: str | Path, tops: Iterable[str]) -> bool:
+    return any(Path(path).is_relative_to(top) for top in tops)
+
+
+def interpreter_dirs(python: str) -> list[str]:
+    """The installation of ``python`` and of the file it links to (``<prefix>/bin/python3`` ->
+    ``<prefix>``), where outside the system directories: a venv's or an /opt interpreter needs
+    its own tree (pyvenv.cfg, lib/) inside the sandbox."""
+    dirs = []
+    for path in (Path(python), Path(python).resolve()):
+        prefix = path.parent.parent
+        if path.parent.name == "bin" and prefix != Path("/") and not under(prefix, SYSTEM_TOPS):
+            dirs.append(str(prefix))
+    return dirs
+
+
+def root_layout(python: str, site_dirs: tuple[str, ...] = ()) -> dict[str, list]:
+    """Everything of the host the sandbox's root shows, read-only at the same paths: the system
+    tops (symlinks where the host has symlinks), a few /etc files, the interpreter's installation
+    and ``SANDBOX_SITE``. Nothing else: no /data, /checkpoints, /models, /root, /work, project.
+    One list for both bubblewrap's arguments and ``unshare`` mode's own root."""
+    binds, symlinks = ["/usr"], []
+    for top in SYSTEM_TOPS[1:]:
+        p = Path(top)
+        if p.is_symlink():
+            symlinks.append([str(p.readlink()), top])
+        elif p.exists():
+            binds.append(top)
+    binds += [etc for etc in ETC_FILES if Path(etc).exists()]
+    for extra in sorted({*interpreter_dirs(python), *site_dirs}, key=len):  # parents first
+        if not under(extra, binds):
+            binds.append(extra)
+    return {"binds": binds, "symlinks": symlinks}
+
+
+def bwrap_prefix(layout: dict[str, list], bwrap: str = "bwrap") -> list[str]:
     argv = [
-        "bwrap",
+        bwrap,
         "--unshare-net",
         "--unshare-pid",
         "--unshare-ipc",
@@ -108,41 +170,23 @@ def bwrap_prefix(site_dirs: tuple[str, ...] = ()) -> list[str]:
         "--clearenv",
         "--hostname",
         "sandbox",
-        "--ro-bind",
-        "/usr",
-        "/usr",
     ]
-    for top in SYSTEM_TOPS[1:]:
-        p = Path(top)
-        if p.is_symlink():
-            argv += ["--symlink", str(p.readlink()), top]
-        elif p.exists():
-            argv += ["--ro-bind", top, top]
-    for etc in ETC_FILES:
-        argv += ["--ro-bind-try", etc, etc]
-    argv += site_binds(site_dirs)
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-    argv += ["--ro-bind", str(ZYGOTE_SRC), ZYGOTE_IN_SANDBOX, "--chdir", "/tmp"]
-    for key, value in ZYGOTE_ENV.items():
-        argv += ["--setenv", key, value]
-    return argv
-
-
-def site_binds(site_dirs: tuple[str, ...]) -> list[str]:
-    """bubblewrap arguments that show each SANDBOX_SITE directory read-only at its own path.
-
-    Directories bubblewrap makes on the way are 0700 unless told, which the per-run uids could
-    not traverse; ones under the bound system tops are visible already."""
-    argv: list[str] = []
+    # Directories bubblewrap makes on the way are 0700 unless told, which the per-run uids could
+    # not traverse.
     made: set[Path] = set()
-    for site in map(Path, site_dirs):
-        if any(site.is_relative_to(top) for top in SYSTEM_TOPS):
-            continue
-        for parent in reversed(site.parents[:-1]):  # from the top, without "/"
+    for src in layout["binds"]:
+        for parent in reversed(Path(src).parents[:-1]):  # from the top, without "/"
             if parent not in made:
                 made.add(parent)
                 argv += ["--perms", "0755", "--dir", str(parent)]
-        argv += ["--ro-bind", str(site), str(site)]
+        argv += ["--ro-bind", src, src]
+    for target, path in layout["symlinks"]:
+        argv += ["--symlink", target, path]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    argv += ["--perms", "0755", "--dir", "/var", "--perms", "0755", "--dir", "/var/tmp"]
+    argv += ["--ro-bind", str(ZYGOTE_SRC), ZYGOTE_IN_SANDBOX, "--chdir", "/tmp"]
+    for key, value in ZYGOTE_ENV.items():
+        argv += ["--setenv", key, value]
     return argv
 
 
@@ -157,12 +201,9 @@ def pick_python(settings: Settings) -> str:
 
 
 def run_probe(iso: Isolation, settings: Settings) -> dict[str, Any] | None:
-    cfg = {
-        "base_uid": settings.base_uid,
-        "preload": settings.preload.split(","),
-        "site": list(iso.site_dirs),
-        "unshare_net": iso.mode == "unshare",
-    }
+    """What the zygote finds it can do in ``iso``'s mode; ``{"probe_error": ...}`` if it failed."""
+    cfg = {"base_uid": settings.base_uid, "preload": settings.preload.split(",")}
+    cfg |= iso.zygote_cfg()
     try:
         proc = subprocess.run(
             iso.zygote_argv("--probe", json.dumps(cfg)),
@@ -173,31 +214,58 @@ def run_probe(iso: Isolation, settings: Settings) -> dict[str, Any] | None:
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.info("isolation probe %s failed: %s", iso.mode, exc)
-        return None
-    if proc.returncode != 0:
+        return {"probe_error": str(exc)}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
         log.info("isolation probe %s failed (rc %s): %s", iso.mode, proc.returncode, proc.stderr)
-        return None
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        return {"probe_error": last}
     try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return None
+        return json.loads(lines[-1])
+    except ValueError:
+        return {"probe_error": f"unreadable probe output {lines[-1][:200]!r}"}
+
+
+CHECKS = (  # what each probe key's absence means, in the order worth reporting
+    ("mountns", "no mount namespace with a tmpfs"),
+    ("slot_ns", "no network + IPC namespace per slot"),
+    ("setuid", "cannot switch to the slot uids"),
+    ("seccomp", "no seccomp filter"),
+)
+
+
+def why_not(mode: str, probe: dict[str, Any] | None) -> str:
+    """One phrase: why ``mode`` does not work here, from its probe (see :func:`works`)."""
+    if probe is None:
+        return "the probe did not run"
+    error = probe.get("probe_error") or probe.get("sandbox_error")
+    if error:
+        return str(error)
+    if probe.get("net_ifaces") != ["lo"]:
+        return f"network interfaces {probe.get('net_ifaces')}, not only lo"
+    if mode == "bwrap-userns":
+        return "no seccomp filter"
+    if probe.get("euid") != 0:
+        return "not root"
+    for key, meaning in CHECKS:
+        if not probe.get(key):
+            return f"{meaning} ({probe.get(key + '_error', 'refused')})"
+    return f"no pid or uts namespace (pid {probe.get('pid')}, host {probe.get('hostname')!r})"
 
 
 def works(mode: str, probe: dict[str, Any] | None) -> bool:
-    if probe is None:
+    if probe is None or "probe_error" in probe or "sandbox_error" in probe:
         return False
     if mode == "none":
         return True
     isolated_net = probe.get("net_ifaces") == ["lo"]
     if mode == "bwrap-userns":
         return bool(isolated_net and probe.get("seccomp"))
-    ok = probe.get("euid") == 0 and probe.get("mountns") and probe.get("setuid") and isolated_net
-    ok = ok and probe.get("slot_ns")  # a network + IPC namespace per slot
-    if mode == "bwrap":
-        ok = ok and probe.get("seccomp")  # user code cannot create namespaces
-    if mode == "unshare":
-        ok = ok and probe.get("unshare_net")
+    # root, a mount namespace, the slot uids, a network + IPC namespace per slot, and a seccomp
+    # filter (user code cannot create namespaces)
+    ok = probe.get("euid") == 0 and isolated_net and all(probe.get(key) for key, _ in CHECKS)
+    if mode == "unshare":  # the zygote is pid 1 of its own pid namespace, in its own uts
+        ok = ok and probe.get("pid") == 1 and probe.get("hostname") == "sandbox"
     return bool(ok)
 
 
@@ -209,18 +277,24 @@ def detect(settings: Settings) -> Isolation:
         raise ValueError(f"unknown isolation mode {wanted!r}; choose auto, {', '.join(MODES)}")
     candidates = MODES if wanted == "auto" else (wanted,)
     chosen: Isolation | None = None
+    tried = []
     for mode in candidates:
-        if mode.startswith("bwrap") and shutil.which("bwrap") is None:
-            log.info("isolation bwrap unavailable: no bwrap on PATH")
-            continue
         iso = Isolation(mode, python, site_dirs=settings.site_dirs)
+        if mode.startswith("bwrap"):
+            found = shutil.which("bwrap")
+            if found is None:
+                tried.append(f"{mode}: no bwrap on PATH")
+                log.info("isolation %s unavailable: no bwrap on PATH", mode)
+                continue
+            iso = replace(iso, bwrap=found)
         probe = run_probe(iso, settings)
         if works(mode, probe):
-            chosen = Isolation(mode, python, probe or {}, settings.site_dirs)
+            chosen = replace(iso, probe=probe or {})
             break
-        log.info("isolation %s unavailable: probe %s", mode, probe)
+        tried.append(f"{mode}: {why_not(mode, probe)}")
+        log.info("isolation %s unavailable: %s; probe %s", mode, tried[-1], probe)
     if chosen is None:
-        raise RuntimeError(f"no isolation mode works here (tried {', '.join(candidates)})")
+        raise IsolationUnavailable(f"no isolation mode works here ({'; '.join(tried)})")
     missing = set(settings.preload.split(",")) - set(chosen.probe.get("preloaded", []))
     if missing:
         log.warning("%s", missing_message(python, missing))
@@ -234,11 +308,12 @@ def detect(settings: Settings) -> Isolation:
         log.warning("sandbox isolation %s: %s", chosen.mode, WEAKNESS[chosen.mode])
     log.log(
         logging.INFO if chosen.secure else logging.WARNING,
-        "sandbox isolation: %s (%s) python %s %s, preloaded %s",
+        "sandbox isolation: %s (%s) python %s %s, preloaded %s%s",
         chosen.mode,
         "secure" if chosen.secure else "INSECURE, explicitly allowed",
         python,
         chosen.probe.get("python"),
         ",".join(chosen.probe.get("preloaded", [])),
+        f"; not taken: {'; '.join(tried)}" if tried else "",
     )
     return chosen

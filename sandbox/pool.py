@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import struct
 from typing import Any
@@ -79,12 +80,12 @@ class ZygotePool:
             "fds": child_fds,
             "base_uid": self.settings.base_uid,
             "preload": self.settings.preload.split(","),
-            "site": list(self.isolation.site_dirs),
-            "unshare_net": self.isolation.mode == "unshare",
+            **self.isolation.zygote_cfg(),
             "mountns": self.isolation.mountns,
             "drop_uid": self.isolation.drop_uid,
             "seccomp": bool(self.isolation.probe.get("seccomp")),
-            "scratch_root": "/tmp/sandbox-scratch",
+            # modes without a mount namespace: one per server (not shared with another's slots)
+            "scratch_root": f"/tmp/sandbox-scratch-{os.getpid()}",
             "scratch_bytes": self.settings.scratch_mb * MiB,
             "profile": self.profile,
             "cgroups": cgroup_fds,

@@ -9,10 +9,12 @@ change does not rebuild the image.
 
 ## Isolation on Modal
 
-Modal containers run under gVisor, where bubblewrap's namespaces may be refused. The service
-detects what works at start and logs it; here we explicitly opt in to the best mode available
-(``SANDBOX_ALLOW_INSECURE=1``): ``bwrap`` if gVisor allows it, else ``unshare`` (own network
-namespace, per-slot uid, private tmpfs per run), and the container itself is the outer boundary.
+Modal containers run under gVisor, where bubblewrap may not start. The service detects what
+works at start and logs it in one line (``sandbox isolation: <mode> (secure|INSECURE ...)``, and
+which stronger modes were not taken and why: docs/sandbox-security.md says how to read it); here
+we explicitly opt in to the best mode available (``SANDBOX_ALLOW_INSECURE=1``): ``bwrap`` if gVisor
+allows it, else ``unshare`` (the same sandbox built by the zygote itself), and the container
+itself is the outer boundary.
 
 ## Access
 

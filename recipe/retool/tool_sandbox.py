@@ -16,8 +16,11 @@ else (``--sandbox=node``) this node's sandbox starts.
 
 **Isolation.** The node's sandbox takes the strongest mode the node allows (Modal's gVisor:
 docs/sandbox-security.md) but never ``none``: there user code would run as the trainer's uid and
-could read its secrets. It gets no token (loopback only, and user code has its own network
-namespace in every other mode), so the deployed endpoint's token stays out of it.
+could read its secrets. ``SANDBOX_ISOLATION=bwrap`` (or ``unshare``) makes that mode a
+requirement: the node then refuses to start without it (the lent GPU machines run ``bwrap`` from
+a ``dpkg -x`` copy put first on ``PATH``, e.g. ``/tmp/bw/usr/bin``). Only a mode that is not
+secure is started with ``--allow-insecure``. It gets no token (loopback only, and user code has
+its own network namespace in every other mode), so the deployed endpoint's token stays out of it.
 """
 
 from __future__ import annotations
@@ -41,17 +44,22 @@ class NodeSandboxError(RuntimeError):
 @contextlib.contextmanager
 def node_sandbox() -> Iterator[str]:
     """The project's sandbox on this node's loopback for the duration; yields its ``/run_code``."""
-    from sandbox.isolation import detect
+    from sandbox.isolation import IsolationUnavailable, detect
     from sandbox.settings import Settings
 
-    mode = detect(Settings.from_env(allow_insecure=True)).mode
-    if mode == "none":
+    try:
+        iso = detect(Settings.from_env(allow_insecure=True))  # SANDBOX_ISOLATION: auto or one
+    except IsolationUnavailable as exc:
+        raise NodeSandboxError(f"node sandbox: {exc}; or run with --sandbox=deployed") from None
+    if iso.mode == "none":
         raise NodeSandboxError(
             "no isolation stronger than 'none' on this node (user code could read the trainer's "
             "secrets); run with --sandbox=deployed"
         )
-    print(f"node sandbox: {NODE_SANDBOX_URL}, isolation {mode}", flush=True)
-    args = ("--isolation", mode, "--allow-insecure", "--log-level", "warning")
+    strength = "secure" if iso.secure else "INSECURE, allowed on nodes"
+    print(f"node sandbox: {NODE_SANDBOX_URL}, isolation {iso.mode} ({strength})", flush=True)
+    insecure = () if iso.secure else ("--allow-insecure",)
+    args = ("--isolation", iso.mode, *insecure, "--log-level", "warning")
     with contextlib.ExitStack() as stack:
         try:
             service = sandbox_service(*args, port=NODE_SANDBOX_PORT, env={TOKEN_ENV: None})

@@ -124,6 +124,22 @@ def test_the_node_sandbox_refuses_mode_none(monkeypatch) -> None:
         pass
 
 
+def test_a_required_mode_the_node_lacks_is_one_line(monkeypatch) -> None:
+    """SANDBOX_ISOLATION=bwrap (the lent GPUs): no weaker mode, and no traceback, without it."""
+    import sandbox.isolation
+
+    monkeypatch.setenv("SANDBOX_ISOLATION", "bwrap")
+    monkeypatch.setattr(sandbox.isolation.shutil, "which", lambda name: None)
+    with (
+        pytest.raises(
+            tool_sandbox.NodeSandboxError,
+            match=r"^node sandbox: no isolation mode works here \(bwrap: no bwrap on PATH\); or",
+        ),
+        tool_sandbox.node_sandbox(),
+    ):
+        pass
+
+
 def test_a_taken_node_port_is_one_line_not_someone_elses_server() -> None:
     with socket.socket() as other:
         other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

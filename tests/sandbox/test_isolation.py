@@ -4,31 +4,57 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from sandbox import isolation
-from sandbox.isolation import InsecureIsolation, Isolation, detect
+from sandbox.isolation import InsecureIsolation, Isolation, IsolationUnavailable, detect
 from sandbox.settings import Settings
+from tests.sandbox.conftest import REPO, demanded_modes
 
 UNSHARE_ONLY = {
     "euid": 0,
-    "unshare_net": True,
+    "pid": 1,
+    "hostname": "sandbox",
+    "readonly": False,  # gVisor of 2022: no read-only remount
     "net_ifaces": ["lo"],
     "mountns": True,
     "setuid": True,
     "slot_ns": True,
+    "seccomp": True,
     "preloaded": [],
 }
 
 
 def test_bwrap_args_hide_host() -> None:
-    argv = isolation.bwrap_prefix()
+    argv = isolation.bwrap_prefix(isolation.root_layout("/usr/bin/python3"))
     for flag in ("--unshare-net", "--unshare-pid", "--clearenv", "--die-with-parent"):
         assert flag in argv
     binds = {argv[i + 1] for i, a in enumerate(argv) if a in ("--bind", "--ro-bind")}
     assert "/" not in binds and "/root" not in binds and "/work" not in binds
     assert "--bind" not in argv  # nothing of the host is writable
+
+
+def test_root_layout_shows_the_interpreter_and_site_only(tmp_path) -> None:
+    """A venv interpreter outside /usr brings its own tree, SANDBOX_SITE its dirs; nothing else
+    of the host (and nothing twice: a site dir inside the venv is already there)."""
+    venv = tmp_path / "opt" / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python3").symlink_to("/usr/bin/python3")
+    site = venv / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    other = tmp_path / "site2"
+    other.mkdir()
+    layout = isolation.root_layout(str(venv / "bin" / "python3"), (str(site), str(other)))
+    extra = [b for b in layout["binds"] if not isolation.under(b, ("/usr", "/etc", "/lib"))]
+    assert sorted(extra) == sorted([str(venv), str(other)])
+    assert layout["binds"][0] == "/usr"
 
 
 def test_refuses_insecure_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,6 +66,24 @@ def test_refuses_insecure_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> Non
         detect(Settings(isolation="auto"))
     chosen = detect(Settings(isolation="auto", allow_insecure=True))
     assert chosen.mode == "unshare" and not chosen.secure
+    monkeypatch.setattr(isolation, "run_probe", lambda iso, s: {**UNSHARE_ONLY, "readonly": True})
+    assert detect(Settings(isolation="unshare")).secure  # read-only binds: as strong as bwrap
+
+
+def test_nothing_works_is_one_error_naming_each_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gVisor of 2022 without the ioctl fix: the unshare probe failed, and detect raised a bare
+    RuntimeError whose traceback the CLI printed."""
+    monkeypatch.setattr(isolation.shutil, "which", lambda name: None)
+    failing = {**UNSHARE_ONLY, "slot_ns": False, "slot_ns_error": "[Errno 25] ENOTTY"}
+    monkeypatch.setattr(isolation, "run_probe", lambda iso, s: failing)
+    with pytest.raises(IsolationUnavailable) as err:
+        detect(Settings(isolation="unshare", allow_insecure=True))
+    assert str(err.value) == (
+        "no isolation mode works here (unshare: no network + IPC namespace per slot "
+        "([Errno 25] ENOTTY))"
+    )
+    with pytest.raises(IsolationUnavailable, match="bwrap: no bwrap on PATH"):
+        detect(Settings(isolation="bwrap"))
 
 
 def test_probe_without_network_isolation_is_not_unshare(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,4 +116,90 @@ def test_non_root_gets_bubblewrap_in_a_user_namespace(monkeypatch: pytest.Monkey
         detect(Settings(isolation="auto"))
     chosen = detect(Settings(isolation="auto", allow_insecure=True))
     assert chosen.mode == "bwrap-userns" and not chosen.secure
-    assert chosen.zygote_argv()[0] == "bwrap" and not chosen.drop_uid and not chosen.mountns
+    assert chosen.zygote_argv()[0] == "/usr/bin/bwrap"  # as found on PATH, not the zygote's
+    assert not chosen.drop_uid and not chosen.mountns
+
+
+READ_PLANTED = """
+import sys
+for path in sys.stdin.read().split():
+    try:
+        print(open(path).read())
+    except OSError as exc:
+        print(type(exc).__name__)
+"""
+
+
+@pytest.fixture
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A fake RL parquet with its answers in a data dir outside /tmp, and a file in the project,
+    both world-readable: only the sandbox's root can keep them from a run."""
+    data = Path(tempfile.mkdtemp(prefix="sandbox-plant-", dir="/var/tmp"))
+    secrets = {}
+    try:
+        (data / "rl").mkdir()
+        for path in (data / "rl" / "x.parquet", REPO / f".sandbox-plant-{uuid.uuid4().hex}"):
+            secrets[str(path)] = f"answer-{uuid.uuid4().hex}"
+            path.write_text(secrets[str(path)])
+            path.chmod(0o644)
+        for d in (data, data / "rl"):
+            d.chmod(0o755)
+        yield secrets
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+        for path in secrets:
+            Path(path).unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the modes with a sandbox of their own need root")
+def test_no_mode_but_none_reads_files_outside_the_sandbox(planted: dict[str, str]) -> None:
+    """``unshare`` mode showed the whole host: the project, /etc/passwd, the RL parquet with its
+    ground-truth answers. Every mode that starts here is tried; only ``none`` may read them."""
+    readable, started, why = {}, [], {}
+    for mode in isolation.MODES:
+        argv = ["-m", "sandbox", "run", "--isolation", mode, "--allow-insecure"]
+        argv += ["--code", READ_PLANTED, "--stdin", " ".join(planted)]
+        proc = subprocess.run(
+            [sys.executable, *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+            env={**os.environ, "SANDBOX_PRELOAD": "math", "SANDBOX_SLOTS": "1"},
+        )
+        if proc.returncode == 3:  # this mode does not work here: one line says why
+            why[mode] = proc.stderr.strip().splitlines()[-1]
+            continue
+        assert proc.returncode in (0, 1), proc.stderr[-2000:]
+        started.append(mode)
+        readable[mode] = [s for s in planted.values() if s in proc.stdout]
+        why[mode] = proc.stdout[-300:] + proc.stderr[-300:]
+    assert "none" in started, why  # none always starts: it proves the files can be read
+    want = {m: list(planted.values()) if m == "none" else [] for m in started}
+    assert readable == want, why
+    assert demanded_modes() <= set(started), why
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare mode needs root")
+def test_unshare_is_as_strong_as_bwrap_here() -> None:
+    """Root on Linux: the zygote's own root is read-only like bubblewrap's, it is pid 1 of its
+    own pid namespace, and the mode needs no --allow-insecure (gVisor: test_gvisor.py)."""
+    chosen = detect(Settings(isolation="unshare", preload="math"))
+    assert chosen.secure and chosen.probe["readonly"]
+    assert chosen.probe["pid"] == 1 and chosen.probe["hostname"] == "sandbox"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("bwrap") is None, reason="needs root and bubblewrap"
+)
+def test_the_bwrap_first_on_path_is_the_one_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lent GPU machines have bubblewrap only as a ``dpkg -x`` copy (/tmp/bw/usr/bin): the
+    server must run the one its PATH finds, not look it up on the zygote's fixed PATH."""
+    copy = tmp_path / "bwrap"
+    shutil.copy2(shutil.which("bwrap"), copy)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    chosen = detect(Settings(isolation="bwrap", preload="math"))
+    assert chosen.bwrap == str(copy) and chosen.zygote_argv()[0] == str(copy)
+    assert chosen.secure

@@ -32,7 +32,7 @@ from tests.sandbox.test_security import assert_healthy, out
 
 
 def test_fetch_files_cannot_follow_symlinks_into_other_runs(
-    http: httpx.Client, local_endpoint: str
+    http: httpx.Client, isolated_endpoint: str
 ) -> None:
     """The worker reads ``fetch_files`` as root: a symlinked directory pointing at another slot's
     mount namespace (``/proc/<pid>/root/tmp``) used to read that run's scratch."""
@@ -57,28 +57,28 @@ print('links made')
 """
     fetch = [f"{kind}{i}/secret.txt" for kind in "rc" for i in range(1, 64)]
     with ThreadPoolExecutor(2) as pool:
-        fut_v = pool.submit(run, http, local_endpoint, victim)
+        fut_v = pool.submit(run, http, isolated_endpoint, victim)
         time.sleep(1)
-        body = run(http, local_endpoint, attacker, fetch_files=[*fetch, "self/main.py"])
+        body = run(http, isolated_endpoint, attacker, fetch_files=[*fetch, "self/main.py"])
         assert fut_v.result()["status"] == "Success"
     assert out(body) == "links made\n", body
     assert body["files"] == {}, {k: base64.b64decode(v) for k, v in body["files"].items()}
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
 
 
 def test_fetch_files_of_a_fifo_does_not_hang_the_slot(
-    http: httpx.Client, local_endpoint: str
+    http: httpx.Client, isolated_endpoint: str
 ) -> None:
     """Opening a FIFO blocks until a writer comes: the worker hung past its reply deadline and
     the server restarted the whole zygote, failing every other run in flight."""
     bystander = "import time\ntime.sleep(2)\nprint('bystander done')"
     with ThreadPoolExecutor(2) as pool:
-        fut = pool.submit(run, http, local_endpoint, bystander)
+        fut = pool.submit(run, http, isolated_endpoint, bystander)
         time.sleep(0.3)
         start = time.monotonic()
         body = run(
             http,
-            local_endpoint,
+            isolated_endpoint,
             "import os\nos.mkfifo('f')\nopen('plain.txt', 'w').write('ok')",
             fetch_files=["f", "plain.txt"],
             run_timeout=1,
@@ -87,14 +87,14 @@ def test_fetch_files_of_a_fifo_does_not_hang_the_slot(
         assert body["status"] == "Success", body
         assert body["files"] == {"plain.txt": base64.b64encode(b"ok").decode()}
         assert out(fut.result()) == "bystander done\n"
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
 
 
 def test_fetch_files_still_reads_nested_regular_files(
-    http: httpx.Client, local_endpoint: str
+    http: httpx.Client, isolated_endpoint: str
 ) -> None:
     code = "import os\nos.makedirs('a/b')\nopen('a/b/c.txt', 'w').write('deep')"
-    body = run(http, local_endpoint, code, fetch_files=["a/b/c.txt", "/tmp/a/b/c.txt", "a/b"])
+    body = run(http, isolated_endpoint, code, fetch_files=["a/b/c.txt", "/tmp/a/b/c.txt", "a/b"])
     want = base64.b64encode(b"deep").decode()
     assert body["files"] == {"a/b/c.txt": want, "/tmp/a/b/c.txt": want}
 
@@ -119,20 +119,20 @@ print(left, libc.shmget(0x5EC, 0, 0), libc.msgget(0x5ED, 0), libc.semget(0x5EE, 
 """
 
 
-def test_sysv_ipc_does_not_outlive_its_run(http: httpx.Client, local_endpoint: str) -> None:
+def test_sysv_ipc_does_not_outlive_its_run(http: httpx.Client, isolated_endpoint: str) -> None:
     """SysV shared memory, message queues and semaphores live in the IPC namespace, not in a
     process: they survived the run (state for the next run, and memory never given back)."""
     with ThreadPoolExecutor(8) as pool:
-        assert set(pool.map(lambda _: out(run(http, local_endpoint, SYSV_POISON)), range(16))) == {
-            "True\n"
-        }
-        results = set(pool.map(lambda _: out(run(http, local_endpoint, SYSV_CHECK)), range(16)))
+        assert set(
+            pool.map(lambda _: out(run(http, isolated_endpoint, SYSV_POISON)), range(16))
+        ) == {"True\n"}
+        results = set(pool.map(lambda _: out(run(http, isolated_endpoint, SYSV_CHECK)), range(16)))
     assert results == {"[0, 0, 0] -1 -1 -1\n"}, results
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
 
 
 def test_concurrent_runs_share_no_network_namespace(
-    http: httpx.Client, local_endpoint: str
+    http: httpx.Client, isolated_endpoint: str
 ) -> None:
     """All slots shared one network namespace: a run could listen on ``lo`` or an abstract UNIX
     socket and a concurrent run connect to it (a channel between runs)."""
@@ -160,9 +160,9 @@ for family, addr in ((socket.AF_INET, ('127.0.0.1', 47321)), (socket.AF_UNIX, '\
 print(sorted(n for _, n in socket.if_nameindex()))
 """
     with ThreadPoolExecutor(2) as pool:
-        fut = pool.submit(run, http, local_endpoint, listener, run_timeout=10)
+        fut = pool.submit(run, http, isolated_endpoint, listener, run_timeout=10)
         time.sleep(0.3)
-        body_d = run(http, local_endpoint, dialer)
+        body_d = run(http, isolated_endpoint, dialer)
         body_l = fut.result()
     assert "CONNECTED" not in out(body_d) and "GOT" not in out(body_l), (body_d, body_l)
     assert out(body_d).splitlines()[-1] == "['lo']"
@@ -172,11 +172,11 @@ srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
 c = socket.create_connection(srv.getsockname(), timeout=2); c.send(b'loop')
 print(srv.accept()[0].recv(4))
 """
-    assert out(run(http, local_endpoint, selfloop)) == "b'loop'\n"  # lo still works in a run
-    assert_healthy(http, local_endpoint)
+    assert out(run(http, isolated_endpoint, selfloop)) == "b'loop'\n"  # lo still works in a run
+    assert_healthy(http, isolated_endpoint)
 
 
-def test_no_new_namespaces_from_user_code(http: httpx.Client, local_endpoint: str) -> None:
+def test_no_new_namespaces_from_user_code(http: httpx.Client, isolated_endpoint: str) -> None:
     """An unprivileged user namespace gave user code every capability inside it (then a network
     namespace: nf_tables and friends, the usual way to a kernel exploit). A seccomp filter now
     refuses namespace creation and a few syscalls math code never needs; threads, fork,
@@ -195,7 +195,7 @@ if pid == 0:
     os._exit(7)
 print('fork', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
-    text = out(run(http, local_endpoint, code))
+    text = out(run(http, isolated_endpoint, code))
     assert text.splitlines() == [
         "user -1 1",
         "net -1 1",
@@ -207,15 +207,34 @@ print('fork', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
         "fork 7",
     ], text
     body = http.post(
-        f"{local_endpoint}/run_code",
+        f"{isolated_endpoint}/run_code",
         json={"code": "unshare -Ur id || echo refused; echo bash ok", "language": "bash"},
     ).json()
     assert body["run_result"]["stdout"].splitlines() == ["refused", "bash ok"], body
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
+
+
+def forks_holding(processes: int, mib: int, hold_s: float) -> str:
+    """A program whose ``processes`` children each touch ``mib`` MiB, hold it ``hold_s`` and
+    exit; it ends with ``codes``, their exit codes (-9: killed by the memory cgroup)."""
+    return f"""
+import os, time
+kids = []
+for _ in range({processes}):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray({mib} * 1024**2)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep({hold_s})
+        os._exit(0)
+    kids.append(pid)
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
+"""
 
 
 def test_memory_limit_covers_all_processes_of_a_run(
-    http: httpx.Client, local_endpoint: str
+    http: httpx.Client, isolated_endpoint: str
 ) -> None:
     """RLIMIT_AS bounds one process: 6 children of 200 MiB each held 1.2 GiB under a 256 MiB
     limit (up to max_processes x the limit, plus memfds no rlimit counts). A per-slot memory
@@ -224,25 +243,12 @@ def test_memory_limit_covers_all_processes_of_a_run(
     if probe is None:
         pytest.skip("no memory cgroup can be made on this host")
     probe.close()
-    code = """
-import os, time
-kids = []
-for _ in range(6):
-    pid = os.fork()
-    if pid == 0:
-        block = bytearray(200 * 1024**2)
-        for i in range(0, len(block), 4096):
-            block[i] = 1
-        time.sleep(1)
-        os._exit(0)
-    kids.append(pid)
-codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
-print(codes.count(0), 'of 6 held 200 MiB')
-"""
-    body = run(http, local_endpoint, code, memory_limit_MB=256, run_timeout=20)
+    code = forks_holding(6, 200, hold_s=1) + "print(codes.count(0), 'of 6 held 200 MiB')\n"
+    body = run(http, isolated_endpoint, code, memory_limit_MB=256, run_timeout=20)
     held = int(out(body).split()[0])
     assert held <= 2, body  # 256 MiB + 256 MiB scratch: at most two at once
-    body = run(http, local_endpoint, code.replace("200 *", "20 *"), memory_limit_MB=256)
+    code = forks_holding(6, 20, hold_s=1) + "print(codes.count(0), 'of 6 held 20 MiB')\n"
+    body = run(http, isolated_endpoint, code, memory_limit_MB=256)
     assert out(body).startswith("6 of 6"), body  # many small processes are fine
     memfd = """
 import os
@@ -252,9 +258,9 @@ for fd in fds:  # 50 MiB each: under RLIMIT_FSIZE, and memfds are outside RLIMIT
         os.write(fd, b'x' * 1024**2)
 print('held 2 GiB')
 """
-    body = run(http, local_endpoint, memfd, memory_limit_MB=256)
+    body = run(http, isolated_endpoint, memfd, memory_limit_MB=256)
     assert "held 2 GiB" not in out(body), body
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
 
 
 def test_request_size_limit_holds_without_content_length(
@@ -342,7 +348,7 @@ def _zygote_runs_as_nobody(mode: str, code: str) -> dict:
         "fds": [theirs.fileno()],
         "base_uid": 61000,
         "preload": ["math"],
-        "unshare_net": False,
+        **iso.zygote_cfg(),
         "mountns": iso.mountns,
         "drop_uid": iso.drop_uid,
         "scratch_root": f"/tmp/sandbox-nobody-{uuid.uuid4().hex[:8]}",
@@ -407,3 +413,37 @@ subprocess.Popen(['setsid', 'sleep', 'MARK'])
         assert lines[2] == "[]", reply  # the first run's detached sleep was killed
     if mode == "bwrap-userns":
         assert first["stdout"].splitlines()[:2] == [f"hi {NOBODY} ['lo']", "False False"]
+
+
+SCRATCH_POISON = """
+import os, time
+for i in range(4):  # 240 MiB in the shared-memory and /var/tmp dirs (60 MiB a file: RLIMIT_FSIZE)
+    with open(('/dev/shm/fill%d' if i % 2 else '/var/tmp/fill%d') % i, 'wb') as fh:
+        fh.write(b'x' * (60 * 1024**2))
+time.sleep(0.5)  # hold the slot, so the 8 poisons land on 8 slots
+print('filled')
+"""
+# 2 x 150 MiB: fits a 256 + 256 MiB slot only if the poison left no charge
+SCRATCH_CHECK = (
+    forks_holding(2, 150, hold_s=0)
+    + "print(os.listdir('/dev/shm'), os.listdir('/var/tmp'), codes)\n"
+)
+
+
+def test_var_tmp_and_dev_shm_are_per_run_and_uncharged(
+    http: httpx.Client, isolated_endpoint: str
+) -> None:
+    """In ``unshare`` mode /var/tmp and /dev/shm were the host's: files stayed for later runs,
+    and a 1.3 GB /dev/shm fill stayed charged to the slot's memory cgroup, so a later 600 MB
+    allocation there was killed. Each run now has its own, on its tmpfs, gone after it."""
+    with ThreadPoolExecutor(8) as pool:
+        poisons = list(pool.map(lambda _: run(http, isolated_endpoint, SCRATCH_POISON), range(8)))
+        assert {out(b) for b in poisons} == {"filled\n"}, poisons
+        checks = list(
+            pool.map(
+                lambda _: out(run(http, isolated_endpoint, SCRATCH_CHECK, memory_limit_MB=256)),
+                range(16),
+            )
+        )
+    assert set(checks) == {"[] [] [0, 0]\n"}, checks  # a kill by the cgroup would be -9
+    assert_healthy(http, isolated_endpoint)

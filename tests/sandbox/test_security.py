@@ -26,7 +26,7 @@ def out(body: dict) -> str:
     return (body["run_result"] or {}).get("stdout", "")
 
 
-def test_no_network_not_even_host_loopback(http: httpx.Client, local_endpoint: str) -> None:
+def test_no_network_not_even_host_loopback(http: httpx.Client, isolated_endpoint: str) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -43,7 +43,7 @@ for host in ("127.0.0.1", "10.0.0.1", "1.1.1.1"):
         print("blocked", host, type(exc).__name__)
 """
     try:
-        body = run(http, local_endpoint, code, run_timeout=10)
+        body = run(http, isolated_endpoint, code, run_timeout=10)
         with pytest.raises(BlockingIOError):
             listener.accept()  # nothing reached the host's loopback listener
     finally:
@@ -51,10 +51,10 @@ for host in ("127.0.0.1", "10.0.0.1", "1.1.1.1"):
     assert body["status"] == "Success", body
     assert out(body).splitlines()[0] == "['lo']"
     assert "CONNECTED" not in out(body)
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
 
 
-def test_server_secrets_not_visible(http: httpx.Client, local_endpoint: str) -> None:
+def test_server_secrets_not_visible(http: httpx.Client, isolated_endpoint: str) -> None:
     code = """
 import glob, os
 print(sorted(os.environ))
@@ -64,7 +64,7 @@ for path in glob.glob('/proc/*/environ'):
     except OSError:
         pass
 """
-    body = run(http, local_endpoint, code)
+    body = run(http, isolated_endpoint, code)
     assert body["status"] == "Success"
     for name, value in FAKE_SECRETS.items():
         assert value not in out(body)
@@ -72,19 +72,19 @@ for path in glob.glob('/proc/*/environ'):
 
 
 def test_runs_as_unprivileged_uid_without_capabilities(
-    http: httpx.Client, local_endpoint: str
+    http: httpx.Client, isolated_endpoint: str
 ) -> None:
     code = """
 import os
 caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')][0]
 print(os.getuid(), os.geteuid(), os.getgid(), caps)
 """
-    uid, euid, gid, caps = out(run(http, local_endpoint, code)).split()
+    uid, euid, gid, caps = out(run(http, isolated_endpoint, code)).split()
     assert int(uid) != 0 and int(euid) != 0 and int(gid) != 0
     assert int(caps, 16) == 0
 
 
-def test_no_reads_or_writes_outside_scratch(http: httpx.Client, local_endpoint: str) -> None:
+def test_no_reads_or_writes_outside_scratch(http: httpx.Client, isolated_endpoint: str) -> None:
     code = f"""
 import os
 targets = [{str(REPO / "pyproject.toml")!r}, '/root', '/etc/shadow', '/proc/1/root/etc/hostname']
@@ -106,14 +106,14 @@ for path in ['/usr/evil', '/etc/evil', '/evil', '/opt/sandbox/evil', '/proc/evil
 open('mine.txt', 'w').write('ok')
 print('scratch ok', os.getcwd())
 """
-    text = out(run(http, local_endpoint, code))
+    text = out(run(http, isolated_endpoint, code))
     assert "READ" not in text and "LISTED" not in text and "WROTE" not in text, text
     assert "scratch ok /tmp" in text
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
 
 
 def test_concurrent_runs_cannot_see_or_signal_each_other(
-    http: httpx.Client, local_endpoint: str
+    http: httpx.Client, isolated_endpoint: str
 ) -> None:
     secret = uuid.uuid4().hex
     victim = f"""
@@ -153,17 +153,17 @@ except OSError:
 print('killed', killed)
 """
     with ThreadPoolExecutor(2) as pool:
-        fut_v = pool.submit(run, http, local_endpoint, victim)
-        fut_a = pool.submit(run, http, local_endpoint, attacker)
+        fut_v = pool.submit(run, http, isolated_endpoint, victim)
+        fut_a = pool.submit(run, http, isolated_endpoint, attacker)
         body_v, body_a = fut_v.result(), fut_a.result()
     assert body_v["status"] == "Success", body_v
     assert f"victim survived {secret}" in out(body_v)
     assert "found []" in out(body_a), out(body_a)
     assert "killed []" in out(body_a), out(body_a)
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
 
 
-def test_timeout_kills_whole_process_tree(http: httpx.Client, local_endpoint: str) -> None:
+def test_timeout_kills_whole_process_tree(http: httpx.Client, isolated_endpoint: str) -> None:
     escape = """
 import os, time
 if os.fork() == 0:
@@ -174,7 +174,7 @@ if os.fork() == 0:
     os._exit(0)
 time.sleep(60)
 """
-    body = run(http, local_endpoint, escape, run_timeout=1)
+    body = run(http, isolated_endpoint, escape, run_timeout=1)
     assert body["run_result"]["status"] == "TimeLimitExceeded"
     survivors = """
 import os
@@ -189,11 +189,11 @@ for pid in [p for p in os.listdir('/proc') if p.isdigit()]:
         others.append((pid, uid))
 print(others)
 """
-    assert out(run(http, local_endpoint, survivors)) == "[]\n"
+    assert out(run(http, isolated_endpoint, survivors)) == "[]\n"
 
 
 def test_background_process_killed_after_normal_exit(
-    http: httpx.Client, local_endpoint: str
+    http: httpx.Client, isolated_endpoint: str
 ) -> None:
     code = """
 import os, sys, time
@@ -203,25 +203,25 @@ if os.fork() == 0:
     os._exit(0)
 print('parent done')
 """
-    body = run(http, local_endpoint, code, run_timeout=20)
+    body = run(http, isolated_endpoint, code, run_timeout=20)
     assert body["status"] == "Success"
     assert body["run_result"]["execution_time"] < 5  # did not wait for the orphan
 
 
-def test_memory_limit_default(http: httpx.Client, local_endpoint: str) -> None:
-    body = run(http, local_endpoint, "x = bytearray(2 * 1024**3)\nprint('allocated')")
+def test_memory_limit_default(http: httpx.Client, isolated_endpoint: str) -> None:
+    body = run(http, isolated_endpoint, "x = bytearray(2 * 1024**3)\nprint('allocated')")
     assert body["status"] == "Failed"
     assert "MemoryError" in body["run_result"]["stderr"]
-    body = run(http, local_endpoint, "x = bytearray(200 * 1024**2)\nprint('ok')")
+    body = run(http, isolated_endpoint, "x = bytearray(200 * 1024**2)\nprint('ok')")
     assert out(body) == "ok\n"
     body = run(
-        http, local_endpoint, "x = bytearray(300 * 1024**2)\nprint('ok')", memory_limit_MB=100
+        http, isolated_endpoint, "x = bytearray(300 * 1024**2)\nprint('ok')", memory_limit_MB=100
     )
     assert "MemoryError" in body["run_result"]["stderr"]
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
 
 
-def test_fork_bomb_contained(http: httpx.Client, local_endpoint: str) -> None:
+def test_fork_bomb_contained(http: httpx.Client, isolated_endpoint: str) -> None:
     bomb = """
 import os
 while True:
@@ -230,20 +230,20 @@ while True:
     except OSError:
         pass
 """
-    body = run(http, local_endpoint, bomb, run_timeout=2)
+    body = run(http, isolated_endpoint, bomb, run_timeout=2)
     assert body["status"] == "Failed"
     assert body["run_result"]["status"] == "TimeLimitExceeded"
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
 
 
-def test_rlimits_applied(http: httpx.Client, local_endpoint: str) -> None:
+def test_rlimits_applied(http: httpx.Client, isolated_endpoint: str) -> None:
     code = """
 import resource as r
 for name in ('RLIMIT_CPU', 'RLIMIT_NPROC', 'RLIMIT_FSIZE', 'RLIMIT_AS', 'RLIMIT_NOFILE'):
     print(name, r.getrlimit(getattr(r, name))[0])
 """
     limits = dict(
-        line.split() for line in out(run(http, local_endpoint, code, run_timeout=3)).splitlines()
+        line.split() for line in out(run(http, isolated_endpoint, code, run_timeout=3)).splitlines()
     )
     assert int(limits["RLIMIT_CPU"]) == 4
     assert 0 < int(limits["RLIMIT_NPROC"]) <= 1024
@@ -252,25 +252,25 @@ for name in ('RLIMIT_CPU', 'RLIMIT_NPROC', 'RLIMIT_FSIZE', 'RLIMIT_AS', 'RLIMIT_
     assert 0 < int(limits["RLIMIT_NOFILE"]) <= 4096
 
 
-def test_file_size_limit(http: httpx.Client, local_endpoint: str) -> None:
+def test_file_size_limit(http: httpx.Client, isolated_endpoint: str) -> None:
     code = "open('big.bin', 'wb').write(b'x' * (100 * 1024**2))\nprint('wrote')"
-    body = run(http, local_endpoint, code)
+    body = run(http, isolated_endpoint, code)
     assert body["status"] == "Failed"
     assert "File too large" in body["run_result"]["stderr"]
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
 
 
-def test_output_capped(http: httpx.Client, local_endpoint: str) -> None:
-    body = run(http, local_endpoint, "import sys\nsys.stdout.write('x' * (3 * 1024**2))")
+def test_output_capped(http: httpx.Client, isolated_endpoint: str) -> None:
+    body = run(http, isolated_endpoint, "import sys\nsys.stdout.write('x' * (3 * 1024**2))")
     assert body["status"] == "Success"
     assert len(body["run_result"]["stdout"]) == 1024**2
-    body = run(http, local_endpoint, "while True: print('spam' * 1000)", run_timeout=1)
+    body = run(http, isolated_endpoint, "while True: print('spam' * 1000)", run_timeout=1)
     assert body["run_result"]["status"] == "TimeLimitExceeded"
     assert len(body["run_result"]["stdout"]) <= 1024**2
-    assert_healthy(http, local_endpoint)
+    assert_healthy(http, isolated_endpoint)
 
 
-def test_no_state_leaks_between_runs(http: httpx.Client, local_endpoint: str) -> None:
+def test_no_state_leaks_between_runs(http: httpx.Client, isolated_endpoint: str) -> None:
     poison = """
 import math, sys, builtins, json, os
 math.pi = 3
@@ -287,12 +287,12 @@ print(math.pi == 3.141592653589793, hasattr(builtins, 'LEAK'), json.dumps is Non
 """
     # 8 slots: enough rounds of each that every slot is both poisoned and checked
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda _: run(http, local_endpoint, poison), range(24)))
-        results = list(pool.map(lambda _: out(run(http, local_endpoint, check)), range(24)))
+        list(pool.map(lambda _: run(http, isolated_endpoint, poison), range(24)))
+        results = list(pool.map(lambda _: out(run(http, isolated_endpoint, check)), range(24)))
     assert set(results) == {"True False False False False False\n"}
 
 
-def test_server_survives_killing_attempts(http: httpx.Client, local_endpoint: str) -> None:
+def test_server_survives_killing_attempts(http: httpx.Client, isolated_endpoint: str) -> None:
     code = """
 import os, signal
 for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP):
@@ -303,19 +303,21 @@ for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP):
             pass
 print('tried')
 """
-    run(http, local_endpoint, code)
+    run(http, isolated_endpoint, code)
     done = threading.Event()
 
     def burst() -> None:
         for _ in range(5):
-            assert_healthy(http, local_endpoint)
+            assert_healthy(http, isolated_endpoint)
         done.set()
 
     burst()
     assert done.is_set()
 
 
-def test_prefork_next_run_sees_nothing_of_the_last(http: httpx.Client, local_endpoint: str) -> None:
+def test_prefork_next_run_sees_nothing_of_the_last(
+    http: httpx.Client, isolated_endpoint: str
+) -> None:
     """A slot's next run child is forked ahead of its request: it must still start clean.
 
     The poison replies at once but leaves work behind: a detached daemon that keeps creating files,
@@ -370,17 +372,19 @@ print(sorted(os.listdir('.')), procs, stdin)
     with ThreadPoolExecutor(8) as pool:
         bodies = list(
             pool.map(
-                lambda i: run(http, local_endpoint, f"SPOOF = {i % 2}\n" + poison, run_timeout=5),
+                lambda i: run(
+                    http, isolated_endpoint, f"SPOOF = {i % 2}\n" + poison, run_timeout=5
+                ),
                 range(16),
             )
         )
-        results = list(pool.map(lambda _: out(run(http, local_endpoint, check)), range(32)))
+        results = list(pool.map(lambda _: out(run(http, isolated_endpoint, check)), range(32)))
     assert all(b["status"] == "Success" for b in bodies), bodies
     assert set(results) == {"['main.py'] [] b''\n"}, results
-    body = run(http, local_endpoint, "import sys\nprint(sys.stdin.read())", stdin="one\n")
+    body = run(http, isolated_endpoint, "import sys\nprint(sys.stdin.read())", stdin="one\n")
     assert out(body) == "one\n\n"
-    assert set(pool_results(http, local_endpoint, check)) == {"['main.py'] [] b''\n"}
-    assert_healthy(http, local_endpoint)
+    assert set(pool_results(http, isolated_endpoint, check)) == {"['main.py'] [] b''\n"}
+    assert_healthy(http, isolated_endpoint)
 
 
 def pool_results(http: httpx.Client, url: str, code: str) -> list[str]:
