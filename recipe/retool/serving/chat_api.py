@@ -46,6 +46,7 @@ from recipe.retool.serving.tool_chat import (
     Sampling,
     chat_with_tools,
 )
+from recipe.retool.serving.vllm_server import SERVE_API_KEY_ENV
 from sandbox.asgi import LimitBody, RequireBearer
 from sandbox.client import SandboxClient
 
@@ -56,7 +57,6 @@ MAX_MESSAGES = 256
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # The one route open without the key: Modal's and a load balancer's liveness probe.
 HEALTH_PATH = "/health"
-API_KEY_ENV = "RETOOL_SERVE_API_KEY"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def build_local_app(argv: list[str] | None = None) -> tuple[FastAPI, argparse.Na
     args = parser.parse_args(argv)
     if args.proxy and not args.openai_url:
         parser.error("--proxy relays to --openai-url: give one")
-    api_key = os.environ.get(API_KEY_ENV) or None
+    api_key = os.environ.get(SERVE_API_KEY_ENV) or None
 
     def backend() -> ChatBackend:
         if args.openai_url:

@@ -13,6 +13,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from recipe.retool.serving.chat_api import create_app
+from recipe.retool.serving.vllm_server import (
+    SERVE_API_KEY_ENV,
+    front_when_serving,
+    wait_until_serving,
+)
+from sandbox.local import free_port
 from tests.live_server import live_server, send_headers_then_wait
 from tests.recipe.serving.test_tool_chat import ScriptedBackend, fake_sandbox
 
@@ -146,3 +152,22 @@ def test_an_authenticated_body_over_the_cap_is_413(public: str) -> None:
     chunked = httpx.post(f"{public}/v1/completions", headers=AUTH,
                          content=iter([b"x" * (1 << 20)] * 17))  # fmt: skip
     assert chunked.status_code == 413
+
+
+def test_the_container_starts_the_app_in_front_once_vllm_serves(upstream: FakeVLLM, monkeypatch):
+    """What serve.py's GPU container runs, with the fake vLLM: the app's own process, on its
+    own port, keyed from the environment, relaying to vLLM."""
+    monkeypatch.setenv(SERVE_API_KEY_ENV, KEY)
+    port = free_port()
+    app = front_when_serving(upstream.url, sandbox_url="http://127.0.0.1:9/run_code",
+                             timeout_s=30, port=port)  # fmt: skip
+    try:
+        public = f"http://127.0.0.1:{port}"
+        wait_until_serving(public, timeout_s=60, alive=lambda: app.poll() is None)
+        assert KEY not in " ".join(app.args)  # the key stays out of `ps`
+        assert httpx.get(f"{public}/invocations").status_code == 401
+        resp = httpx.post(f"{public}/invocations", headers=AUTH, json={"prompt": "hi"})
+        assert resp.json()["path"] == "/invocations"
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
