@@ -77,7 +77,8 @@ class Settings:
     pod_name: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "local"))
     # --- access -----------------------------------------------------------------------------------
     # When set, every route needs ``Authorization: Bearer <token>`` (401, before the body is
-    # read, otherwise); only /v1/ping stays open. Unset, loopback SandboxFusion clients work as before. Never shown in a repr or log.
+    # read, otherwise); only /v1/ping stays open. Unset, loopback SandboxFusion clients work as
+    # before. Never shown in a repr or log.
     api_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:

@@ -48,8 +48,9 @@ def flood(url: str, n: int, size: int) -> list[int | str]:
 
     def one() -> None:
         try:
-            statuses.append(httpx.post(url, content=body, timeout=120,
-                                       headers={"content-type": "application/json"}).status_code)  # fmt: skip
+            headers = {"content-type": "application/json"}
+            resp = httpx.post(url, content=body, headers=headers, timeout=120)
+            statuses.append(resp.status_code)
         except httpx.HTTPError as exc:  # a server that closes after its 401 may reset the upload
             statuses.append(type(exc).__name__)
 
@@ -67,8 +68,13 @@ def measure(url: str, port: int, n: int, size: int) -> dict:
     statuses = flood(url, n, size)
     time.sleep(0.5)
     peak = rss_kb(pid, "VmHWM")
-    return {"pid": pid, "rss_before_mb": round(before / 1024, 1), "rss_peak_mb": round(peak / 1024, 1),
-            "growth_mb": round((peak - before) / 1024, 1), "statuses": sorted(map(str, statuses))}  # fmt: skip
+    return {
+        "pid": pid,
+        "rss_before_mb": round(before / 1024, 1),
+        "rss_peak_mb": round(peak / 1024, 1),
+        "growth_mb": round((peak - before) / 1024, 1),
+        "statuses": sorted(map(str, statuses)),
+    }
 
 
 def main() -> None:
@@ -85,8 +91,12 @@ def main() -> None:
     port = free_port()
     argv = [sys.executable, "-m", "recipe.retool.serving.chat_api", "--openai-url",
             "http://127.0.0.1:9", "--port", str(port)]  # fmt: skip
-    proc = subprocess.Popen(argv, env={**os.environ, "RETOOL_SERVE_API_KEY": TOKEN},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv,
+        env={**os.environ, "RETOOL_SERVE_API_KEY": TOKEN},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until_serving(base, timeout_s=60, alive=lambda: proc.poll() is None)

@@ -1,5 +1,6 @@
 """An ASGI app served by uvicorn in a background thread, on a free loopback port, for tests that
-need real sockets: streaming responses, slow request bodies (httpx's ASGI transport buffers both)."""
+need real sockets: streaming responses, slow request bodies (httpx's ASGI transport buffers
+both)."""
 
 from __future__ import annotations
 
@@ -33,11 +34,18 @@ def live_server(app, *, wait_s: float = 20.0) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def send_headers_then_wait(url: str, path: str, headers: dict[str, str], *,
-                           first_bytes: int = 65536, timeout_s: float = 10.0) -> int:
+def send_headers_then_wait(
+    url: str,
+    path: str,
+    headers: dict[str, str],
+    *,
+    first_bytes: int = 65536,
+    timeout_s: float = 10.0,
+) -> int:
     """POST to ``path`` a body announced by ``headers`` (a ``Content-Length``, or chunked where
     they give none), send only its first ``first_bytes``, then read the answer's status. A server
-    that reads the body before answering never answers within ``timeout_s``: ``TimeoutError``."""  # fmt: skip
+    that reads the body before answering never answers within ``timeout_s``: ``TimeoutError``.
+    """  # fmt: skip
     host, port = url.removeprefix("http://").split(":")
     lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json",
              *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip

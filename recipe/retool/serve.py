@@ -24,7 +24,8 @@
 #     RETOOL_SERVE_CHECKPOINT=sft/my-exp modal deploy recipe/retool/serve.py
 #
 # Deploy with `RETOOL_SERVE_API_KEY=<key>`: both endpoints then require `Authorization: Bearer
-# <key>` on every route but `/health`. Without a key the containers refuse to start, unless deployed with
+# <key>` on every route but `/health`. Without a key the containers refuse to start, unless
+# deployed with
 # `RETOOL_SERVE_ALLOW_OPEN=1`. Client examples: `docs/serving.md`.
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ to every interface: Ray 2.60's three Prometheus exporters there stay off."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -78,7 +79,5 @@ def test_a_ray_head_opens_no_port_that_answers_without_the_token(tmp_path, monke
         assert open_ports == {}, f"answer without the token on every interface: {open_ports}"
     finally:
         for proc in procs + processes_with(f"RAY_TMPDIR={marker}"):
-            try:
+            with contextlib.suppress(psutil.Error):
                 proc.kill()
-            except psutil.Error:
-                pass

@@ -142,8 +142,12 @@ def test_vllm_container_resolves_the_checkpoint_at_start(serve, tmp_path, monkey
     mark_tracked(layout, "dapo", "rl", 40)
     started, fronted = [], threading.Event()
     monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw["env"])))
-    monkeypatch.setattr(serve.vllm_server, "front_when_serving",
-                        lambda upstream, **kw: fronted.set() or started.append((upstream, kw)))  # fmt: skip
+
+    def front(upstream, **kw):
+        fronted.set()
+        started.append((upstream, kw))
+
+    monkeypatch.setattr(serve.vllm_server, "front_when_serving", front)
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
     monkeypatch.setenv("RETOOL_SERVE_CHECKPOINT", "latest")
     monkeypatch.setenv("RETOOL_SERVE_API_KEY", "sekrit")
@@ -155,7 +159,9 @@ def test_vllm_container_resolves_the_checkpoint_at_start(serve, tmp_path, monkey
     # the key reaches vLLM in its environment, never on its command line (visible in `ps`)
     assert env["VLLM_API_KEY"] == "sekrit" and "sekrit" not in " ".join(command)
     # vLLM on loopback; the app in front of it, with the sandbox for /chat
-    assert upstream == "http://127.0.0.1:8001" and "--host 127.0.0.1 --port 8001" in " ".join(command)
+    assert upstream == "http://127.0.0.1:8001" and "--host 127.0.0.1 --port 8001" in " ".join(
+        command
+    )
     assert front["sandbox_url"] == "http://sandbox.test/run_code"
 
 

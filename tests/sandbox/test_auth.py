@@ -51,7 +51,9 @@ def test_the_token_never_shows_in_the_settings_repr(monkeypatch) -> None:
     assert settings.api_token == TOKEN and TOKEN not in repr(settings)
 
 
-@pytest.mark.parametrize("length", [{"Content-Length": str(60 << 20)}, {}], ids=["sized", "chunked"])
+@pytest.mark.parametrize(
+    "length", [{"Content-Length": str(60 << 20)}, {}], ids=["sized", "chunked"]
+)
 def test_no_token_is_refused_before_the_body_is_read(guarded: str, length) -> None:
     """The 401 comes back while 64 KB of a 60 MB body has been sent: the server never waits for
     (or holds) the body of a request it refuses."""

@@ -12,9 +12,9 @@ it (already capped by ``LimitBody``), and the answer comes back chunk by chunk, 
 
 from __future__ import annotations
 
-import httpx
 from collections.abc import Awaitable, Callable
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask

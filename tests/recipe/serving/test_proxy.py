@@ -109,8 +109,10 @@ def test_every_route_needs_the_key(public: str, method: str, path: str) -> None:
 def test_vllm_routes_are_relayed_with_query_key_and_body(public: str, method: str, path: str):
     content = b'{"prompt": "hi"}' if method == "POST" else b""
     resp = httpx.request(method, f"{public}{path}?a=1&b=two", headers=AUTH, content=content)
-    assert resp.json() == {"method": method, "path": path, "query": "a=1&b=two",
-                           "authorization": f"Bearer {KEY}", "body_bytes": len(content)}  # fmt: skip
+    assert resp.json() == {
+        "method": method, "path": path, "query": "a=1&b=two",
+        "authorization": f"Bearer {KEY}", "body_bytes": len(content),
+    }  # fmt: skip
 
 
 def test_health_is_the_only_open_route_and_is_the_apps_own(public: str) -> None:
@@ -140,7 +142,9 @@ def test_a_down_model_server_is_a_502(upstream: FakeVLLM) -> None:
     assert resp.status_code == 502 and "the model server failed" in resp.json()["detail"]
 
 
-@pytest.mark.parametrize("length", [{"Content-Length": str(SIXTY_MB)}, {}], ids=["sized", "chunked"])
+@pytest.mark.parametrize(
+    "length", [{"Content-Length": str(SIXTY_MB)}, {}], ids=["sized", "chunked"]
+)
 @pytest.mark.parametrize("path", ["/chat", "/v1/chat/completions", "/invocations"])
 def test_no_key_is_refused_before_the_body_is_read(public: str, path: str, length) -> None:
     assert send_headers_then_wait(public, path, length) == 401
