@@ -4,6 +4,8 @@ HTTP status policy (why these codes):
 - 200 for every executed request, whatever the user's code did, and for ``SandboxError``
   (as SandboxFusion does; its client retries a SandboxError).
 - 4xx for a bad request (422 invalid, 413 too large): retrying cannot help, so no client retries.
+- 401 when the service has a token and the request lacks it, decided from the headers before
+  the body is read (``sandbox/asgi.py``); only ``/v1/ping`` is open.
 - 504 when saturated (queue full, or no slot within ``queue_timeout_s``), with ``Retry-After``.
   504 is the *only* status verl's ``call_sandbox_api`` retries, and the sandbox-fusion
   client retries any non-200, so 504 makes both back off and retry. Requests first queue
@@ -12,15 +14,14 @@ HTTP status policy (why these codes):
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sandbox.asgi import LimitBody, RequireBearer
 from sandbox.executor import BadRequest, Executor
 from sandbox.isolation import Isolation, detect
 from sandbox.pool import Saturated, ZygotePool
@@ -28,6 +29,8 @@ from sandbox.schemas import RunCodeRequest, RunCodeResponse, RunStatus
 from sandbox.settings import Settings
 
 log = logging.getLogger("sandbox.api")
+# The one route open without the token (a liveness probe); every other one needs it.
+PING_PATH = "/v1/ping"
 
 
 def model_response(model: RunCodeResponse) -> Response:
@@ -35,58 +38,6 @@ def model_response(model: RunCodeResponse) -> Response:
     ``response_model`` round trip (validate again, then encode) is skipped; the OpenAPI schema
     still comes from ``response_model``."""
     return Response(model.model_dump_json(), media_type="application/json")
-
-
-class LimitBody:
-    """Reject a body over ``max_bytes`` (413), or a ``Content-Length`` not a number (400).
-
-    With ``Content-Length`` this is decided before reading; without one (chunked) the body is
-    read here, counting, and replayed to the app only if it stays under the limit, so no size
-    of body is ever held whole beyond ``max_bytes``. Plain ASGI, not ``@app.middleware("http")``:
-    Starlette's BaseHTTPMiddleware runs every request through an extra task and memory streams,
-    a measurable share of a ~1 ms request.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit():
-                    reply = JSONResponse({"detail": "invalid Content-Length"}, 400)
-                elif int(value) > self.max_bytes:
-                    reply = self.too_large()
-                else:
-                    await self.app(scope, receive, send)
-                    return
-                await reply(scope, receive, send)
-                return
-        messages: list[Message] = []
-        size = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break  # e.g. http.disconnect: let the app see it
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self.too_large()(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-
-        async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
-
-    def too_large(self) -> JSONResponse:
-        return JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, 413)
 
 
 def create_app(settings: Settings | None = None, isolation: Isolation | None = None) -> FastAPI:
@@ -113,29 +64,23 @@ def create_app(settings: Settings | None = None, isolation: Isolation | None = N
         lifespan=lifespan,
     )
 
+    # Outermost last: the token is checked from the headers before any body byte is read, then
+    # the size (sandbox/asgi.py says why neither can be a FastAPI dependency).
     app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes)
+    if settings.api_token:
+        app.add_middleware(
+            RequireBearer,
+            token=settings.api_token,
+            open_paths={PING_PATH},
+            hint="Authorization: Bearer $SANDBOX_API_TOKEN",
+        )
 
-    @app.get("/v1/ping", summary="Liveness check", response_model=str)
+    @app.get(PING_PATH, summary="Liveness check", response_model=str)
     async def ping() -> str:
         return "pong"
 
-    def authorize(request: Request) -> None:
-        """Bearer-token check (constant time) when the service has a token."""
-        if not settings.api_token:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), settings.api_token.encode()
-        ):
-            raise HTTPException(
-                status_code=401,
-                detail="missing or wrong bearer token (Authorization: Bearer $SANDBOX_API_TOKEN)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
     @app.post(
         "/run_code",
-        dependencies=[Depends(authorize)],
         response_model=RunCodeResponse,
         summary="Run code in the sandbox",
         responses={

@@ -41,7 +41,12 @@ class SandboxUnavailable(RuntimeError):
 
 
 class SandboxRequestError(ValueError):
-    """The service rejected the request as invalid (HTTP 4xx other than 429); not retried."""
+    """The service rejected the request as invalid (HTTP 4xx other than 429); not retried.
+    ``status_code`` tells a refused token (401) from a bad request."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 @dataclass(frozen=True)
@@ -232,7 +237,8 @@ class SandboxClient:
                     else:
                         raise SandboxRequestError(
                             f"{self.url} rejected the request: HTTP {resp.status_code}: "
-                            f"{resp.text[:500]}"
+                            f"{resp.text[:500]}",
+                            resp.status_code,
                         )
                 if attempt < self.max_retries:
                     await asyncio.sleep(self._backoff(attempt, retry_after))

@@ -76,8 +76,9 @@ class Settings:
     preload: str = field(default_factory=preload_default)  # sandbox/runtime.py
     pod_name: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "local"))
     # --- access -----------------------------------------------------------------------------------
-    # When set, /run_code needs ``Authorization: Bearer <token>`` (401 otherwise); /v1/ping stays
-    # open. Unset, loopback SandboxFusion clients work as before. Never shown in a repr or log.
+    # When set, every route needs ``Authorization: Bearer <token>`` (401, before the body is
+    # read, otherwise); only /v1/ping stays open. Unset, loopback SandboxFusion clients work as
+    # before. Never shown in a repr or log.
     api_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:

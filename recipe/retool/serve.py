@@ -4,7 +4,9 @@
 #
 # - `vllm`: an OpenAI-compatible server (vLLM) for a trained checkpoint. vLLM's hermes tool
 #   parser turns the model's `<tool_call>` blocks into OpenAI `tool_calls`, so any OpenAI client
-#   can drive the model and run the code itself.
+#   can drive the model and run the code itself. vLLM listens on 127.0.0.1 only; the public port
+#   is the project's app (`serving/chat_api.py`), which relays vLLM's routes behind the key
+#   (vLLM's own key guards only `/v1`) and serves `POST /chat` there too.
 # - `chat`: `POST /chat` runs the tool loop on the server side - every `code_interpreter` call
 #   goes to the deployed sandbox, exactly as in training - and returns the final answer, the
 #   `\boxed{}` answer and the whole trace.
@@ -22,31 +24,40 @@
 #     RETOOL_SERVE_CHECKPOINT=sft/my-exp modal deploy recipe/retool/serve.py
 #
 # Deploy with `RETOOL_SERVE_API_KEY=<key>`: both endpoints then require `Authorization: Bearer
-# <key>`. Without a key the containers refuse to start, unless deployed with
+# <key>` on every route but `/health`. Without a key the containers refuse to start, unless
+# deployed with
 # `RETOOL_SERVE_ALLOW_OPEN=1`. Client examples: `docs/serving.md`.
 
 from __future__ import annotations
 
 import os
+import subprocess
+import threading
 
 import modal
 
 from recipe.retool import modal_common, paths
 from recipe.retool.modal_fusion_sandbox import deploy_token
 from recipe.retool.serving import vllm_server
-from recipe.retool.serving.vllm_server import SERVED_MODEL_NAME, VLLM_PORT
+from recipe.retool.serving.vllm_server import (
+    LOOPBACK,
+    PUBLIC_PORT,
+    SERVED_MODEL_NAME,
+    VLLM_PORT,
+)
+from recipe.retool.serving.vllm_server import SERVE_API_KEY_ENV as API_KEY_ENV
 
 APP_NAME = "retool-serve"
 GPU_TYPE = os.environ.get("RETOOL_SERVE_GPU", "H100")
 CHECKPOINT = os.environ.get("RETOOL_SERVE_CHECKPOINT", "latest")
 # Qwen2.5-7B's context; the ReTool evaluation budget (16k response tokens) fits with the prompt.
 MAX_MODEL_LEN = modal_common.env_count("RETOOL_SERVE_MAX_MODEL_LEN", 32768)
-API_KEY_ENV = "RETOOL_SERVE_API_KEY"
 # Serving without a key needs this set to 1 at deploy: /chat runs model-written code and vLLM is a
 # paid GPU, so an open endpoint is a choice, never a default.
 ALLOW_OPEN_ENV = "RETOOL_SERVE_ALLOW_OPEN"
 ALLOW_OPEN = os.environ.get(ALLOW_OPEN_ENV) == "1"
 MINUTES = 60
+STARTUP_S = 20 * MINUTES  # weights from the volume and CUDA graphs, then the app in front
 
 app = modal.App(APP_NAME)
 
@@ -93,23 +104,22 @@ def require_key() -> str | None:
 # One H100 holds the 7B model in bf16 with room for a large KV cache; vLLM batches the concurrent
 # requests Modal lets into one container. The container resolves the checkpoint when it starts,
 # so `latest` means the latest at that moment. Startup (weights from the volume, CUDA graphs)
-# takes a few minutes; the first request after an idle period waits for it.
+# takes a few minutes; the first request after an idle period waits for it: the public app
+# starts only once vLLM serves, so Modal routes no request to a container still loading.
 
 
 @app.function(
     image=image,
     gpu=GPU_TYPE,
     volumes=VOLUMES,
-    secrets=secrets,
+    secrets=secrets + sandbox_secrets,
     env={"RETOOL_SERVE_CHECKPOINT": CHECKPOINT, ALLOW_OPEN_ENV: "1" if ALLOW_OPEN else "0"},
     timeout=30 * MINUTES,  # per request: a 16k-token answer, with room
     scaledown_window=15 * MINUTES,
 )
 @modal.concurrent(max_inputs=64)
-@modal.web_server(port=VLLM_PORT, startup_timeout=20 * MINUTES)
+@modal.web_server(port=PUBLIC_PORT, startup_timeout=STARTUP_S)
 def vllm() -> None:
-    import subprocess
-
     layout = paths.Layout.from_env()
     model_dir = paths.resolve_model_dir(layout, os.environ.get("RETOOL_SERVE_CHECKPOINT"))
     print(f"serving {model_dir} as {SERVED_MODEL_NAME!r}", flush=True)
@@ -119,7 +129,16 @@ def vllm() -> None:
     command = vllm_server.vllm_command(
         model_dir, fallback_tokenizer=layout.model_dir(), max_model_len=MAX_MODEL_LEN
     )
-    subprocess.Popen(command, env=env)
+    server = subprocess.Popen(command, env=env)
+    front = {
+        "sandbox_url": modal_common.sandbox_url(),
+        "timeout_s": STARTUP_S,
+        "alive": lambda: server.poll() is None,
+    }
+    upstream = f"http://{LOOPBACK}:{VLLM_PORT}"
+    threading.Thread(
+        target=vllm_server.front_when_serving, args=(upstream,), kwargs=front, daemon=True
+    ).start()
 
 
 # ## The chat endpoint

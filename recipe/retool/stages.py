@@ -303,8 +303,27 @@ def dapo_on_node(
 
 def dapo_env(sandbox_url: str) -> dict[str, str]:
     """Environment of every DAPO process: main_ppo *and* each Ray node, whose workers run the
-    tool (its yaml reads SANDBOX_FUSION_ENDPOINT inside the agent-loop actors)."""
-    return {**TRAINING_ENV, "SANDBOX_FUSION_ENDPOINT": sandbox_url}
+    tool (its yaml reads SANDBOX_FUSION_ENDPOINT inside the agent-loop actors). Whichever of them
+    starts Ray (main_ppo's own ``ray.init`` on one node, ``ray start`` on several) starts it
+    without its open metrics ports (:data:`RAY_METRICS_OFF_ENV`)."""
+    return {**TRAINING_ENV, **RAY_METRICS_OFF_ENV, "SANDBOX_FUSION_ENDPOINT": sandbox_url}
+
+
+# Ray 2.60 serves Prometheus metrics, without its token, on every interface from three processes,
+# whatever --node-ip-address says (a loopback one is replaced by the routable address):
+# - the dashboard agent's exporter (--metrics-export-port): off with enable_metrics_collection=0,
+#   which the raylet turns into the agent's --disable-metrics-collection;
+# - the dashboard head's (44227) and the autoscaler monitor's (44217): Ray offers no host for
+#   them and catches any error starting them (dashboard/head.py, autoscaler/_private/monitor.py),
+#   so a port they cannot bind leaves them off. Nothing in a run reads these metrics.
+# What stays open then (docs/sandbox-security.md, "What stays open"): Ray's gRPC ports (GCS,
+# raylets, workers, the agent), which demand RAY_AUTH_TOKEN; the dashboard on 127.0.0.1 and the
+# agents on the node's own address, which answer 401 without it.
+RAY_METRICS_OFF_ENV = {
+    "RAY_enable_metrics_collection": "0",
+    "DASHBOARD_METRIC_PORT": "-1",
+    "AUTOSCALER_METRIC_PORT": "-1",
+}
 
 
 # Ray 2.60 turns token authentication on by itself only for a process that starts a cluster

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -53,7 +54,7 @@ def test_app_imports_without_a_token_and_has_two_web_endpoints(serve) -> None:
         assert fn.info().web_info is not None
 
 
-def test_vllm_endpoint_one_h100_read_only_volumes_web_server_on_8000(serve) -> None:
+def test_vllm_endpoint_one_h100_read_only_volumes_the_app_public_on_8000(serve) -> None:
     info = serve.vllm.info()
     assert info.gpus == [("H100", 1)]
     assert {path: (v.name, v.read_only) for path, v in info.volumes.items()} == {
@@ -64,7 +65,7 @@ def test_vllm_endpoint_one_h100_read_only_volumes_web_server_on_8000(serve) -> N
     assert info.timeout == 30 * 60
     config = webhook(serve.vllm)
     assert config.type == api_pb2.WEBHOOK_TYPE_WEB_SERVER
-    assert config.web_server_port == 8000 == serve.VLLM_PORT
+    assert config.web_server_port == 8000 == serve.PUBLIC_PORT != serve.VLLM_PORT
     assert config.web_server_startup_timeout == 20 * 60
 
 
@@ -126,7 +127,7 @@ def test_vllm_command_has_the_tool_parser_and_falls_back_to_the_base_tokenizer(s
     assert command[:5] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model)]
     joined = " ".join(command)
     for flag in ("--served-model-name retool", "--enable-auto-tool-choice",
-                 "--tool-call-parser hermes", "--port 8000", "--host 0.0.0.0"):  # fmt: skip
+                 "--tool-call-parser hermes", "--port 8001", "--host 127.0.0.1"):  # fmt: skip
         assert flag in joined
     assert command[-2:] == ["--tokenizer", str(layout.model_dir())]
     (model / "tokenizer_config.json").write_text("{}")
@@ -139,16 +140,29 @@ def test_vllm_container_resolves_the_checkpoint_at_start(serve, tmp_path, monkey
     layout = Layout.local(tmp_path)
     step = make_step(layout, "dapo", "rl", 40)
     mark_tracked(layout, "dapo", "rl", 40)
-    started = []
+    started, fronted = [], threading.Event()
     monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw["env"])))
+
+    def front(upstream, **kw):
+        fronted.set()
+        started.append((upstream, kw))
+
+    monkeypatch.setattr(serve.vllm_server, "front_when_serving", front)
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
     monkeypatch.setenv("RETOOL_SERVE_CHECKPOINT", "latest")
     monkeypatch.setenv("RETOOL_SERVE_API_KEY", "sekrit")
+    monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://sandbox.test/run_code")
     serve.vllm.local()
-    ((command, env),) = started
+    assert fronted.wait(10)
+    (command, env), (upstream, front) = started
     assert command[4] == str(step / "actor" / "huggingface")
     # the key reaches vLLM in its environment, never on its command line (visible in `ps`)
     assert env["VLLM_API_KEY"] == "sekrit" and "sekrit" not in " ".join(command)
+    # vLLM on loopback; the app in front of it, with the sandbox for /chat
+    assert upstream == "http://127.0.0.1:8001" and "--host 127.0.0.1 --port 8001" in " ".join(
+        command
+    )
+    assert front["sandbox_url"] == "http://sandbox.test/run_code"
 
 
 def test_serving_refuses_to_start_without_a_key_unless_opted_out(serve, tmp_path, monkeypatch):
@@ -156,6 +170,7 @@ def test_serving_refuses_to_start_without_a_key_unless_opted_out(serve, tmp_path
     mark_tracked(Layout.local(tmp_path), "dapo", "rl", 40)
     started = []
     monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append(kw["env"]))
+    monkeypatch.setattr(serve.vllm_server, "front_when_serving", lambda *a, **kw: None)
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
     monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://sandbox.test")
     monkeypatch.delenv("RETOOL_SERVE_API_KEY", raising=False)

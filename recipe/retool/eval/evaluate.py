@@ -109,6 +109,9 @@ class EvalConfig:
     max_concurrency: int = 64  # rollouts in flight (the backend may allow fewer)
     max_problems: int | None = None  # first N problems only (smoke runs)
     max_rollout_error_rate: float = 0.0  # fail the run when more rollouts than this crash
+    # Fail the run when the sandbox failed to run more than this share of the tool calls (a
+    # wrong token, a dead service): its scores would measure a model without its tool.
+    max_tool_failure_rate: float = 0.2
     save_samples: bool = True  # samples_<dataset>.jsonl with every response
     seed: int = 0
     # vLLM only
@@ -138,6 +141,8 @@ class EvalConfig:
             problems.append("max_assistant_turns must be >= 1 and max_user_turns >= 0")
         if self.max_concurrency < 1:
             problems.append("max_concurrency must be >= 1")
+        if not 0 <= self.max_tool_failure_rate <= 1:
+            problems.append("max_tool_failure_rate must be in [0, 1]")
         if self.max_problems is not None and self.max_problems < 1:
             problems.append("max_problems must be >= 1")
         if self.tool_config is not None and not Path(self.tool_config).is_file():
@@ -329,9 +334,17 @@ def dataset_paths(data_dir: Path, names: Sequence[str]) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------
 
 
+PROBE_CODE = "print(6 * 7)"  # what the start-up check runs; the sandbox must print 42
+
+
 def check_sandbox(url: str, wait_s: float = 60.0) -> None:
-    """Fail fast, in one line, when nothing answers ``GET /v1/ping`` at ``url``."""
+    """Fail fast, in one line naming the cause, unless the sandbox at ``url`` runs code for this
+    process: wait up to ``wait_s`` for ``GET /v1/ping`` (open, so a starting service is waited
+    for), then run :data:`PROBE_CODE` through ``/run_code`` with the token the tool will send
+    (``SANDBOX_API_TOKEN``). A ping alone passes a sandbox that would refuse every tool call."""
     import httpx
+
+    from sandbox.client import TOKEN_ENV, SandboxClient, SandboxRequestError, SandboxUnavailable
 
     base = url.rstrip("/").removesuffix("/run_code")  # the tool accepts either form
     deadline = time.monotonic() + wait_s
@@ -339,7 +352,7 @@ def check_sandbox(url: str, wait_s: float = 60.0) -> None:
     while True:
         try:
             if httpx.get(f"{base}/v1/ping", timeout=10).status_code == 200:
-                return
+                break
         except httpx.HTTPError as exc:
             if error is None:
                 print(f"waiting up to {wait_s:.0f} s for the sandbox at {url} ...", flush=True)
@@ -350,6 +363,26 @@ def check_sandbox(url: str, wait_s: float = 60.0) -> None:
                 "`python -m sandbox serve` or pass --sandbox-url"
             )
         time.sleep(2.0)
+    client = SandboxClient(base, timeout_s=60.0, max_retries=2)
+    try:
+        result = client.run_code_sync(PROBE_CODE)
+    except SandboxRequestError as exc:
+        if exc.status_code == 401:
+            cause = "is not set" if not os.environ.get(TOKEN_ENV) else "is not its token"
+            raise EvalError(
+                f"sandbox at {url} refused a test run (HTTP 401): {TOKEN_ENV} {cause}; export "
+                "the token the sandbox was started with"
+            ) from None
+        raise EvalError(f"sandbox at {url} refused a test run: {exc}") from None
+    except SandboxUnavailable as exc:
+        raise EvalError(f"sandbox at {url} could not run a test program: {exc}") from None
+    finally:
+        client.close()
+    if result.stdout.strip() != "42":
+        raise EvalError(
+            f"sandbox at {url} ran {PROBE_CODE!r} but answered {result.status} with stdout "
+            f"{result.stdout.strip()[:80]!r} (stderr {result.stderr.strip()[-160:]!r})"
+        )
 
 
 def build_tools(cfg: EvalConfig, sandbox_url: str) -> list[Any]:
@@ -599,7 +632,8 @@ def evaluate_checkpoint(
     success, ``summary.json`` (the returned dict; a pipeline can skip a checkpoint that has one).
     Returns ``{"checkpoint", "backend", "config", "out_dir", "files", "wall_s", "datasets":
     {name: overall}}``. Raises :class:`EvalError` for bad inputs or when more than
-    ``cfg.max_rollout_error_rate`` of the rollouts crashed (after writing the reports).
+    ``cfg.max_rollout_error_rate`` of the rollouts crashed, or when the sandbox failed to run
+    more than ``cfg.max_tool_failure_rate`` of the tool calls (both after writing the reports).
     """
     model_dir = Path(model_dir)
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -642,6 +676,14 @@ def evaluate_checkpoint(
         raise EvalError(
             f"{crashed}/{total} rollouts crashed (first: {first}); reports in {out_dir} count "
             "them as wrong"
+        )
+    calls = sum(r["overall"]["tool_calls"] for r in results.values())
+    failed = sum(r["overall"]["tool_failures"] for r in results.values())
+    if calls and failed / calls > cfg.max_tool_failure_rate:
+        raise EvalError(
+            f"the sandbox at {sandbox_url} failed to run {failed}/{calls} tool calls "
+            f"({failed / calls:.0%}, over max_tool_failure_rate={cfg.max_tool_failure_rate:g}): "
+            f"the scores measure the model without its tool; reports in {out_dir}"
         )
     summary["files"].append(str(Path(out_dir) / SUMMARY_FILE))
     report.write_json(Path(out_dir) / SUMMARY_FILE, summary)  # last: marks the run complete

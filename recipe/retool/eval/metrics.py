@@ -20,6 +20,9 @@ ground truth):
   was not ``Success`` or that timed out (user code that raised, time-outs, sandbox errors,
   invalid arguments). Calls the loop rejected before reaching the tool (unknown tool name, arguments
   that are not JSON) are not recorded and therefore not counted.
+* **tool-failure rate**: the share of those calls the sandbox failed to run (``SandboxError``,
+  ``Unavailable``, ``RequestError``: a wrong token, a dead service), as opposed to the model's
+  own code failing. Evaluation refuses a run whose rate passes ``max_tool_failure_rate``.
 * **response tokens**: ``len(response_ids)`` (model tokens plus tool output, what verl's
   ``response_length`` budget counts); **generated tokens**: the model's own (mask 1) tokens.
 """
@@ -31,6 +34,8 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from recipe.retool.verl_plugins.interpreter import SANDBOX_FAILURES
 
 Matcher = Callable[[str, str], bool]
 
@@ -156,9 +161,15 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+def tool_failures(samples: Iterable[SampleResult]) -> int:
+    """Calls of ``samples`` that the sandbox failed to run (not the model's code failing)."""
+    return sum(status in SANDBOX_FAILURES for s in samples for status in s.tool_statuses)
+
+
 def _sample_stats(samples: Sequence[SampleResult]) -> dict[str, Any]:
     calls = sum(s.tool_calls for s in samples)
     errors = sum(s.tool_errors for s in samples)
+    failures = tool_failures(samples)
     return {
         "mean_tool_turns": _mean(s.tool_turns for s in samples),
         "mean_tool_calls": _mean(s.tool_calls for s in samples),
@@ -166,6 +177,8 @@ def _sample_stats(samples: Sequence[SampleResult]) -> dict[str, Any]:
         "tool_calls": calls,
         "tool_errors": errors,
         "tool_error_rate": _ratio(errors, calls),
+        "tool_failures": failures,
+        "tool_failure_rate": _ratio(failures, calls),
         "mean_response_tokens": _mean(s.response_tokens for s in samples),
         "mean_generated_tokens": _mean(s.generated_tokens for s in samples),
         "no_answer_rate": _mean(float(not s.pred) for s in samples),

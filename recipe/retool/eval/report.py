@@ -99,6 +99,7 @@ _OVERALL_HEADER = (
     "maj@k",
     "tool turns",
     "tool errors",
+    "tool failures",
     "resp. tokens",
     "no answer",
     "rollout errors",
@@ -122,6 +123,7 @@ def _overall_cells(o: dict[str, Any]) -> list[str]:
         _pct(o.get("maj@k")),
         _num(o.get("mean_tool_turns")),
         _pct(o.get("tool_error_rate")),
+        _pct(o.get("tool_failure_rate")),
         _num(o.get("mean_response_tokens"), 0),
         _pct(o.get("no_answer_rate")),
         _crashed(o, o.get("num_samples")),
@@ -152,7 +154,8 @@ def render_checkpoint_markdown(results: dict[str, dict[str, Any]]) -> str:
         "",
         "mean@k is pass@1 averaged over the k samples (± standard error over problems); pass@k "
         "is the unbiased estimator at k = n; maj@k is the majority vote over extracted answers; "
-        "tool errors are the share of sandbox calls that did not succeed or timed out; rollout "
+        "tool errors are the share of sandbox calls that did not succeed or timed out, tool "
+        "failures the share the sandbox failed to run (the tool, not the model's code); rollout "
         "errors count rollouts that crashed (scored wrong, their error in samples_<dataset>.jsonl) "
         "of all rollouts.",
         "",

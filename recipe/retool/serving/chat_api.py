@@ -6,29 +6,37 @@ what it printed). The model and the sandbox are whatever :func:`create_app` is g
 Modal app (``serve.py``) passes the vLLM endpoint and the deployed sandbox, and the tests pass a
 scripted model or the tiny HF model and a local sandbox.
 
-Errors: a malformed request is a 422 (FastAPI's validation body), a missing or wrong API key a
-401, a failing model server a 502. A failing sandbox is not an error: the model reads
-``SandboxError: ...`` as the tool's output, as in training.
+With ``upstream`` (serve.py: the vLLM server on loopback) the same app is the public face of the
+model server too: every route it does not answer itself is relayed there (``proxy.py``), so the
+OpenAI routes, streaming included, are served behind the same key.
+
+Errors: a malformed request is a 422 (FastAPI's validation body), a body over
+:data:`MAX_BODY_BYTES` a 413, a missing or wrong API key a 401 on every route but ``/health``
+(decided from the headers, before the body is read: ``sandbox/asgi.py``), a failing model server
+a 502. A failing sandbox is not an error: the model reads ``SandboxError: ...`` as the tool's
+output, as in training.
 
 Locally, with the sandbox running (``make sandbox``)::
 
     python -m recipe.retool.serving.chat_api --hf-model DIR --sandbox-url http://127.0.0.1:8080
     python -m recipe.retool.serving.chat_api --openai-url http://localhost:8000 --sandbox-url ...
+
+Add ``--proxy`` to relay the other routes to ``--openai-url`` as well (what serve.py runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from recipe.retool.serving.proxy import mount_proxy
 from recipe.retool.serving.tool_chat import (
     BackendError,
     ChatBackend,
@@ -38,10 +46,17 @@ from recipe.retool.serving.tool_chat import (
     Sampling,
     chat_with_tools,
 )
+from recipe.retool.serving.vllm_server import SERVE_API_KEY_ENV
+from sandbox.asgi import LimitBody, RequireBearer
 from sandbox.client import SandboxClient
 
 MAX_TURNS_LIMIT = 32
 MAX_MESSAGES = 256
+# Largest request body (413 beyond): a long /chat trace or an OpenAI request fits with room; a
+# client cannot make the app hold more than this per request.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+# The one route open without the key: Modal's and a load balancer's liveness probe.
+HEALTH_PATH = "/health"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,31 +134,27 @@ def create_app(
     *,
     api_key: str | None = None,
     code_settings: CodeSettings | None = None,
+    upstream: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The chat API. ``backend_factory`` is called once, on the first request (so a Modal
     container can look the model server's URL up lazily); ``api_key``, when set, is required as
-    ``Authorization: Bearer <key>``."""
+    ``Authorization: Bearer <key>`` on every route but ``/health``; ``upstream``, when set, is
+    the model server every other route is relayed to."""
     state: dict[str, Any] = {}
+    closers: list[Callable[[], Any]] = [sandbox.aclose]
 
     def backend() -> ChatBackend:
         if "backend" not in state:
             state["backend"] = backend_factory()
         return state["backend"]
 
-    def authorize(request: Request) -> None:
-        if not api_key:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)")
-
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        closer = getattr(state.get("backend"), "aclose", None)
-        if closer is not None:
-            await closer()
-        await sandbox.aclose()
+        for close in (getattr(state.get("backend"), "aclose", None), *closers):
+            if close is not None:
+                await close()
 
     app = FastAPI(
         title="ReTool chat",
@@ -151,11 +162,21 @@ def create_app(
         lifespan=lifespan,
     )
 
-    @app.get("/health")
+    # Outermost last: the key from the headers first, then the body's size (sandbox/asgi.py).
+    app.add_middleware(LimitBody, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(
+            RequireBearer,
+            token=api_key,
+            open_paths={HEALTH_PATH},
+            hint="Authorization: Bearer <the key the endpoint was deployed with>",
+        )
+
+    @app.get(HEALTH_PATH)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.post("/chat", response_model=ChatResponse, dependencies=[Depends(authorize)])
+    @app.post("/chat", response_model=ChatResponse)
     async def chat(request: ChatRequest) -> dict[str, Any]:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         sampling = Sampling(request.temperature, request.top_p, request.max_tokens)
@@ -172,6 +193,8 @@ def create_app(
             raise HTTPException(502, f"the model server failed: {exc}") from None
         return result.to_dict()
 
+    if upstream:
+        closers.append(mount_proxy(app, upstream))
     return app
 
 
@@ -187,12 +210,17 @@ def build_local_app(argv: list[str] | None = None) -> tuple[FastAPI, argparse.Na
     source.add_argument("--hf-model", type=Path, help="a Hugging Face model directory (CPU)")
     source.add_argument("--openai-url", help="an OpenAI-compatible server, e.g. vLLM's")
     parser.add_argument("--model-name", default="retool", help="model name for --openai-url")
+    parser.add_argument(
+        "--proxy", action="store_true", help="also relay every other route to --openai-url"
+    )
     parser.add_argument("--sandbox-url", default=None, help="default: $SANDBOX_FUSION_ENDPOINT")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="per turn, --hf-model")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args(argv)
-    api_key = os.environ.get("RETOOL_SERVE_API_KEY") or None
+    if args.proxy and not args.openai_url:
+        parser.error("--proxy relays to --openai-url: give one")
+    api_key = os.environ.get(SERVE_API_KEY_ENV) or None
 
     def backend() -> ChatBackend:
         if args.openai_url:
@@ -203,7 +231,9 @@ def build_local_app(argv: list[str] | None = None) -> tuple[FastAPI, argparse.Na
         tokenizer = AutoTokenizer.from_pretrained(args.hf_model)
         return HFChatBackend(model, tokenizer, max_new_tokens=args.max_new_tokens)
 
-    return create_app(backend, SandboxClient(args.sandbox_url), api_key=api_key), args
+    upstream = args.openai_url if args.proxy else None
+    app = create_app(backend, SandboxClient(args.sandbox_url), api_key=api_key, upstream=upstream)
+    return app, args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,10 @@
-"""The OpenAI-compatible vLLM server for one checkpoint: its command, and waiting until it serves.
+"""The OpenAI-compatible vLLM server for one checkpoint: its command, waiting until it serves, and
+the command of the app in front of it.
+
+vLLM listens on loopback only: its own key guards only ``/v1`` (``/invocations``, ``/tokenize``,
+``/metrics``, ``/docs`` answer anyone, vLLM #58144), so the public port is the project's app
+(``chat_api.py --proxy``), which requires the key on every route but ``/health`` and relays the
+rest to vLLM.
 
 Kept apart from the Modal app (``serve.py``) so that the same command runs, and is tested, on any
 GPU box: ``tests/recipe/serving/test_vllm_server_gpu.py`` starts it next to the chat API and the
@@ -9,6 +15,7 @@ script, with the interpreter that runs this code, so it needs no console script 
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +24,12 @@ from pathlib import Path
 import httpx
 
 SERVED_MODEL_NAME = "retool"
-VLLM_PORT = 8000
+# The public port (the app) and vLLM's, on 127.0.0.1 behind it.
+PUBLIC_PORT = 8000
+VLLM_PORT = 8001
+LOOPBACK = "127.0.0.1"
+# The deployer's serving key (serve.py), read by the public app (chat_api.py).
+SERVE_API_KEY_ENV = "RETOOL_SERVE_API_KEY"
 # vLLM reads its API key from this variable and then requires `Authorization: Bearer <key>`; in
 # the environment the key stays out of `ps` and /proc/<pid>/cmdline, where `--api-key` shows it.
 API_KEY_ENV = "VLLM_API_KEY"
@@ -29,7 +41,7 @@ def vllm_command(
     fallback_tokenizer: Path,
     max_model_len: int,
     port: int = VLLM_PORT,
-    host: str = "0.0.0.0",
+    host: str = LOOPBACK,
 ) -> list[str]:
     """``vllm serve`` for ``model_dir`` with the hermes tool parser; ``fallback_tokenizer`` (the
     base model) where the checkpoint was saved without its tokenizer."""
@@ -44,6 +56,17 @@ def vllm_command(
     if not (model_dir / "tokenizer_config.json").is_file():
         command += ["--tokenizer", str(fallback_tokenizer)]
     return command
+
+
+def app_command(upstream: str, *, sandbox_url: str, port: int = PUBLIC_PORT) -> list[str]:
+    """The public app (``chat_api.py``) on every interface at ``port``: ``/chat`` with the tool
+    loop, and every other route relayed to the vLLM server at ``upstream``. It reads the key from
+    its environment (:data:`SERVE_API_KEY_ENV`), never from its arguments."""
+    return [
+        sys.executable, "-m", "recipe.retool.serving.chat_api", "--openai-url", upstream,
+        "--model-name", SERVED_MODEL_NAME, "--proxy", "--sandbox-url", sandbox_url,
+        "--host", "0.0.0.0", "--port", str(port),
+    ]  # fmt: skip
 
 
 def wait_until_serving(
@@ -62,3 +85,18 @@ def wait_until_serving(
             pass
         time.sleep(2.0)
     raise TimeoutError(f"vLLM did not serve at {base_url} within {timeout_s:.0f} s")
+
+
+def front_when_serving(
+    upstream: str,
+    *,
+    sandbox_url: str,
+    timeout_s: float,
+    alive: Callable[[], bool] = lambda: True,
+    port: int = PUBLIC_PORT,
+) -> subprocess.Popen:
+    """Once vLLM serves at ``upstream``, start the public app in front of it (:func:`app_command`)
+    and return its process. Until then nothing listens on the public port, so a platform that
+    routes requests once the port opens (Modal's ``web_server``) sends none to a loading model."""
+    wait_until_serving(upstream, timeout_s=timeout_s, alive=alive)
+    return subprocess.Popen(app_command(upstream, sandbox_url=sandbox_url, port=port))

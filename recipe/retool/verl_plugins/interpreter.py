@@ -113,6 +113,11 @@ def format_result(result: RunResult, run_timeout: float) -> str:
 INVALID_CODE_MESSAGE = "Error: `code` must be a non-empty string of Python code."
 
 
+# Statuses of a call the sandbox failed to run (it never reached a result of the code), as
+# opposed to code that ran and failed (Failed), timed out, or a malformed call (InvalidArguments).
+SANDBOX_FAILURES = frozenset({"SandboxError", "Unavailable", "RequestError"})
+
+
 @dataclass(frozen=True)
 class CodeRun:
     """What one call produced: the text for the model, and how the sandbox fared."""

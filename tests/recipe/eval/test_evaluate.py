@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ from recipe.retool.eval.evaluate import (
 from recipe.retool.local.rollout_cpu import ScriptedServer
 from recipe.retool.local.samples import write_sources
 from recipe.retool.paths import Layout
+from sandbox.client import TOKEN_ENV
+from sandbox.local import sandbox_service
 
 SUMMARY_KEYS = {"checkpoint", "backend", "config", "out_dir", "files", "wall_s", "datasets"}
 
@@ -212,6 +215,7 @@ def test_scripted_rollouts_give_exact_metrics(
     assert mixed["pass@k"] == {"1": 0.75, "2": 1.0}
     assert mixed["maj@k"] == 0.75  # problem 1 is a 32-vs-31 tie: 0.5
     assert (mixed["tool_calls"], mixed["tool_errors"], mixed["tool_error_rate"]) == (2, 1, 0.5)
+    assert mixed["tool_failure_rate"] == 0.0  # the model's code raised; the tool worked
     assert mixed["mean_tool_turns"] == 0.5 and mixed["no_answer_rate"] == 0.0
 
     data = json.loads((out / "eval_aime_2024.json").read_text())
@@ -403,3 +407,79 @@ def test_evaluation_cuts_tool_responses_like_dapo_training():
         training_tool_response_length()
     )
     assert training_tool_response_length() == 4608
+
+
+# ---------------------------------------------------------------------------------------------
+# A broken tool: a sandbox that refuses this process's token
+# ---------------------------------------------------------------------------------------------
+
+SANDBOX_TOKEN = "eval-test-token"
+
+
+@pytest.fixture(scope="module")
+def guarded_sandbox() -> Iterator[str]:
+    env = {TOKEN_ENV: SANDBOX_TOKEN, "SANDBOX_SLOTS": "2"}
+    with sandbox_service("--allow-insecure", "--log-level", "warning", env=env) as base:
+        yield base
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [(None, "HTTP 401.*SANDBOX_API_TOKEN is not set"),
+     ("wrong", "HTTP 401.*SANDBOX_API_TOKEN is not its token"), (SANDBOX_TOKEN, None)],
+)  # fmt: skip
+def test_the_start_up_check_runs_code_with_the_tools_token(
+    guarded_sandbox: str, monkeypatch, token, message
+):
+    from recipe.retool.eval.evaluate import check_sandbox
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    if token:
+        monkeypatch.setenv(TOKEN_ENV, token)
+    if message is None:
+        check_sandbox(guarded_sandbox)  # ran the probe and read its output back
+        return
+    with pytest.raises(EvalError, match=message) as exc:
+        check_sandbox(guarded_sandbox)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_missing_token_fails_the_cli_in_one_line(
+    data_dir: Path, tmp_path: Path, tiny_model_dir: Path, guarded_sandbox: str, capsys, monkeypatch
+):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    argv = ["--checkpoint", str(tiny_model_dir), "--data-dir", str(data_dir),
+            "--out-dir", str(tmp_path / "o"), "--sandbox-url", guarded_sandbox]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SANDBOX_API_TOKEN is not set" in err
+    assert not (tmp_path / "o").exists()  # refused before any rollout
+
+
+def test_a_run_whose_tool_breaks_fails_and_records_the_failure_rate(
+    data_dir: Path, tmp_path: Path, tiny_model_dir: Path, tiny_tokenizer, guarded_sandbox: str,
+    monkeypatch,
+):  # fmt: skip
+    import recipe.retool.eval.evaluate as evaluate
+
+    # The sandbox passed its start-up check, then stopped taking this process's token.
+    monkeypatch.setattr(evaluate, "check_sandbox", lambda url: None)
+    monkeypatch.setenv(TOKEN_ENV, "rotated")
+    script = [call("print(25)"), "\\boxed{25}"] * 2
+    cfg = EvalConfig(n=2, max_problems=1, max_concurrency=1, max_response_tokens=512)
+    files = datasets(data_dir, "aime_2024")
+    server = ScriptedServer(script, tiny_tokenizer)
+    with pytest.raises(EvalError) as exc:
+        evaluate_checkpoint(tiny_model_dir, files, tmp_path / "a", cfg, guarded_sandbox, server)
+    assert str(exc.value).startswith(f"the sandbox at {guarded_sandbox} failed to run 2/2 tool "
+                                     "calls (100%, over max_tool_failure_rate=0.2)")  # fmt: skip
+    overall = json.loads((tmp_path / "a" / "eval_aime_2024.json").read_text())["overall"]
+    assert (overall["tool_failures"], overall["tool_failure_rate"]) == (2, 1.0)
+    assert not (tmp_path / "a" / "summary.json").exists()  # not marked complete
+
+    tolerant = cfg.replace(max_tool_failure_rate=1.0)
+    server = ScriptedServer(script, tiny_tokenizer)
+    summary = evaluate_checkpoint(
+        tiny_model_dir, files, tmp_path / "b", tolerant, guarded_sandbox, server
+    )
+    assert summary["datasets"]["aime_2024"]["tool_failure_rate"] == 1.0

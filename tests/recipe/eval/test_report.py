@@ -35,6 +35,8 @@ OVERALL_KEYS = {
     "tool_use_rate",
     "tool_calls",
     "tool_errors",
+    "tool_failures",
+    "tool_failure_rate",
     "tool_error_rate",
     "mean_response_tokens",
     "mean_generated_tokens",
