@@ -20,6 +20,16 @@ from recipe.retool.paths import (
 )
 
 
+def write_weights(hf_dir: Path, name: str = "model.safetensors") -> Path:
+    """A small safetensors file that loads (two float32 tensors), as verl or its merger write."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors = {"w": np.ones((4, 4), dtype=np.float32), "b": np.zeros(4, dtype=np.float32)}
+    save_file(tensors, str(hf_dir / name))
+    return hf_dir / name
+
+
 def make_step(layout: Layout, stage: str, exp: str, step: int, *, weights: bool = True) -> Path:
     """A step directory as verl writes it (SFT: huggingface/ at the top; PPO: under actor/)."""
     step_dir = layout.experiment_dir(stage, exp) / f"global_step_{step}"
@@ -27,7 +37,7 @@ def make_step(layout: Layout, stage: str, exp: str, step: int, *, weights: bool 
     hf.mkdir(parents=True)
     (hf / "config.json").write_text("{}")
     if weights:
-        (hf / "model.safetensors").write_bytes(b"\0")
+        write_weights(hf)
     return step_dir
 
 

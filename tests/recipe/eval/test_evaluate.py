@@ -31,6 +31,7 @@ from recipe.retool.eval.evaluate import (
 from recipe.retool.local.rollout_cpu import ScriptedServer
 from recipe.retool.local.samples import write_sources
 from recipe.retool.paths import Layout
+from tests.recipe.test_paths import write_weights
 
 SUMMARY_KEYS = {"checkpoint", "backend", "config", "out_dir", "files", "wall_s", "datasets"}
 
@@ -80,7 +81,7 @@ def fake_model(path: Path, weights: bool = True) -> Path:
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
     if weights:
-        (path / "model.safetensors").write_bytes(b"\0")
+        write_weights(path)
     return path
 
 
