@@ -441,7 +441,9 @@ def list_checkpoints() -> str:
 
 
 @app.function(image=trainer_image, volumes=VOLUMES, timeout=2 * HOURS, memory=128 * 1024)
-def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft", force: bool = False) -> str:
+def merge_checkpoint(
+    experiment_name: str, step: int, stage: str = "sft", force: bool = False
+) -> str:
     """Merge a step's FSDP shards into HF safetensors (``<step>/huggingface``), verl's merger.
 
     Atomic: the merged weights are renamed into place once they load. A step that already has

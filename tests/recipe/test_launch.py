@@ -11,7 +11,6 @@ from recipe.retool.launch import LaunchError, Topology
 from recipe.retool.local.cpu_ppo import RAY_CPUS
 from recipe.retool.paths import Layout
 from recipe.retool.verl_plugins import varlen_attention
-from tests.cli import assert_one_line_error, run_module
 
 LAYOUT = Layout.modal()
 MODEL = Path("/models/Qwen/Qwen2.5-7B-Instruct")
@@ -276,21 +275,6 @@ def test_check_cli_is_the_dry_run_make_runs_before_modal(capsys) -> None:
     assert launch.main(["check", "dapo", "--gpus", "4", "--", "trainer.totl=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown key 'trainer.totl'") and "Traceback" not in err
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--gpus", "0"], "0 GPUs per node on 1 node(s): both must be >= 1"),
-        (["--nodes", "0"], "8 GPUs per node on 0 node(s): both must be >= 1"),
-        (["--gpus", "-2"], "-2 GPUs per node"),
-        (["--gpus", "two"], "argument --gpus: invalid int value: 'two'"),
-        (["--experiment-name=a/b"], "invalid experiment name 'a/b'"),
-        (["--experiment-name", ".hidden"], "invalid experiment name '.hidden'"),
-    ],
-)
-def test_check_cli_answers_mistakes_in_one_line(args: list[str], message: str) -> None:
-    assert_one_line_error(run_module("recipe.retool.launch", "check", "sft", *args), message)
 
 
 @pytest.mark.parametrize(
