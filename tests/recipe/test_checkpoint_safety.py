@@ -141,14 +141,16 @@ def write_slowly(target: Path, whole: bytes, started: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     (target / "config.json").write_text("{}")
     with (target / "model.safetensors").open("wb") as out:
-        out.write(whole[: len(whole) // 2])
+        out.write(whole[:-16])  # the header and most tensor bytes
         out.flush()
         started.write_text("writing")
         time.sleep(600)
-        out.write(whole[len(whole) // 2 :])
+        out.write(whole[-16:])
 """
 
-MERGE_SCRIPT = SLOW_WRITER + """
+MERGE_SCRIPT = (
+    SLOW_WRITER
+    + """
 from recipe.retool import paths, stages
 root, started, whole, force = sys.argv[1:]
 
@@ -160,15 +162,19 @@ def merger(command, env):
 stages.merge_checkpoint(paths.Layout.local(Path(root)), "sft", "run", 2, force=force == "1",
                         runner=merger)
 """
+)
 
 # verl writes the tracker after every shard; the worst order (tracker first) is checked too.
-SAVE_SCRIPT = SLOW_WRITER + """
+SAVE_SCRIPT = (
+    SLOW_WRITER
+    + """
 root, started, whole, tracker_first = sys.argv[1:]
 exp = Path(root) / "checkpoints" / "sft-experiments" / "run"
 if tracker_first == "1":
     (exp / "latest_checkpointed_iteration.txt").write_text("3")
 write_slowly(exp / "global_step_3" / "huggingface", Path(whole).read_bytes(), Path(started))
 """
+)
 
 
 def kill_mid_write(script: str, *args: str, started: Path) -> None:
@@ -224,4 +230,7 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_previous_step_chosen(
     assert latest_checkpoint(layout, "sft").step == 2
     assert stages.resolve_sft_checkpoint(layout, None) == latest_checkpoint(layout, "sft").hf_dir
     (partial,) = [c for c in list_checkpoints(layout, "sft") if c.step == 3]
-    assert not partial.complete
+    why = "truncated" if tracker_first else "not saved to the end (verl's tracker is at step 2)"
+    assert why in partial.problem
+    (row,) = [line for line in stages.describe_checkpoints(layout).splitlines() if " 3  " in line]
+    assert "partial" in row and why in row  # what list_checkpoints prints

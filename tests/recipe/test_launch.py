@@ -295,3 +295,20 @@ def test_check_warns_about_overrides_verl_does_not_read(stage, overrides, warned
     lines = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert [line.split()[1] for line in lines] == warned
     assert all("has no effect while" in line for line in lines)
+
+
+def test_check_dapo_says_its_start_is_checked_at_launch_where_the_volume_is_not_mounted(
+    capsys, tmp_path, monkeypatch
+) -> None:
+    assert launch.main(["check", "dapo", "--", "--sft-checkpoint=/nonexistent/path"]) == 0
+    out = capsys.readouterr().out
+    assert "ok: " not in out.splitlines()[-1]  # the cost line stays last
+    assert (
+        "note: DAPO's start (--sft-checkpoint=/nonexistent/path) is checked at launch: "
+        "/checkpoints (the checkpoints volume) is not mounted here"
+    ) in out
+    # where the volume is mounted (in a container), check checks it
+    monkeypatch.setattr(launch.Layout, "modal", classmethod(lambda cls: cls.local(tmp_path)))
+    (tmp_path / "checkpoints").mkdir()
+    assert launch.main(["check", "dapo", "--", "--sft-checkpoint=/nonexistent/path"]) == 2
+    assert capsys.readouterr().err == "error: no checkpoint directory at /nonexistent/path\n"

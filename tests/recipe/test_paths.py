@@ -184,5 +184,7 @@ def test_a_header_that_lies_about_a_tensor_is_caught(tmp_path: Path) -> None:
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32]}}).encode()
     (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 32)
+    (tmp_path / "model.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header + b"\0" * 32
+    )
     assert "w spans 32 bytes, not 16 × 4" in weights_problem(tmp_path)

@@ -263,7 +263,7 @@ def test_cli_with_the_tiny_model_and_hf_generation(
 
 
 def test_cli_latest_writes_under_the_checkpoints_layout(
-    data_dir: Path, tmp_path: Path, local_endpoint: str, tiny_model_dir: Path
+    data_dir: Path, tmp_path: Path, local_endpoint: str, tiny_model_dir: Path, capsys
 ):
     layout = Layout.local(tmp_path)
     hf = layout.experiment_dir("dapo", "rl") / "global_step_20" / "actor" / "huggingface"
@@ -293,6 +293,23 @@ def test_cli_latest_writes_under_the_checkpoints_layout(
     assert (ckpt["stage"], ckpt["experiment"], ckpt["step"]) == ("dapo", "rl", 20)
     progress = layout.checkpoints / "eval" / "progress-dapo-rl"
     assert (progress / "progress.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Evaluating it again never replaces the report: refused, or (--force) written beside it.
+    first = (result / "eval_aime_2025.json").read_bytes()
+    assert main([*argv, "--n", "2"]) == 2
+    assert "already holds a report; pass --force" in capsys.readouterr().err
+    assert main([*argv, "--n", "2", "--force"]) == 0
+    assert (result / "eval_aime_2025.json").read_bytes() == first
+    (again,) = layout.checkpoints.glob("eval/dapo-rl-step20@*")
+    assert json.loads((again / "eval_aime_2025.json").read_text())["config"]["n"] == 2
+    index = [json.loads(line) for line in (layout.checkpoints / "eval" / "index.jsonl")
+             .read_text().splitlines()]  # fmt: skip
+    assert [(e["report"], e["n"], e["max_problems"]) for e in index] == [
+        ("dapo-rl-step20", 1, 1), (again.name, 2, 1)
+    ]  # fmt: skip
+    assert index[1]["checkpoint"]["path"] == str(hf) and "aime_2025" in index[1]["mean@k"]
+    points = json.loads((progress / "progress.json").read_text())["aime_2025"]["dapo/rl"]
+    assert [(p["step"], p["num_samples"]) for p in points] == [(20, 2)]  # the newest, once
 
 
 def test_unreachable_sandbox_is_one_line(data_dir, tmp_path, tiny_model_dir, capsys, monkeypatch):
