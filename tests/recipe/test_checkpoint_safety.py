@@ -19,7 +19,7 @@ from recipe.retool.launch import LaunchError
 from recipe.retool.paths import Layout, latest_checkpoint, list_checkpoints, read_checkpoint_info
 from tests.recipe.test_paths import make_step, mark_tracked, write_weights
 from tests.recipe.test_stages import CPU, FakeRunner
-from tests.recipe.test_stages import layout as layout  # noqa: F401  (the fixture)
+from tests.recipe.test_stages import layout as layout  # the fixture, re-exported
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def test_merge_refuses_to_replace_weights_that_load_and_keeps_them_when_forced(
         stages.merge_checkpoint(layout, "sft", "run", 2, runner=Merger())
     with pytest.raises(RuntimeError, match="model merger failed"):
         stages.merge_checkpoint(layout, "sft", "run", 2, force=True, runner=Merger(returncode=1))
-    with pytest.raises(RuntimeError, match="merged weights do not load: .*truncated"):
+    with pytest.raises(RuntimeError, match=r"merged weights do not load: .*truncated"):
         stages.merge_checkpoint(layout, "sft", "run", 2, force=True, runner=Merger(cut=4))
     assert weights.read_bytes() == before
     assert (step_dir / "huggingface" / "config.json").read_text() == "{}"
@@ -123,7 +123,7 @@ def test_dapo_relaunch_from_another_sft_step_is_refused(layout: Layout) -> None:
     run = ["--experiment-name=d"]
     stages.run_dapo(layout, CPU, run, sandbox_url="x", runner=FakeRunner(layout, "dapo"))
     mark_tracked(layout, "sft", "s", 2)  # a newer SFT step is now the latest
-    with pytest.raises(LaunchError, match="global_step_1/huggingface \\(now .*global_step_2"):
+    with pytest.raises(LaunchError, match=r"global_step_1/huggingface \(now .*global_step_2"):
         stages.run_dapo(layout, CPU, run, sandbox_url="x", runner=lambda c, e: 0)
 
 
@@ -205,8 +205,9 @@ def test_kill_9_during_a_merge_leaves_the_complete_steps_as_they_were(
     expected = 2 if force else 1
     assert latest_checkpoint(layout, "sft").step == expected
     started = tmp_path / "started"
-    kill_mid_write(MERGE_SCRIPT, str(layout.data.parent), str(started),
-                   str(whole_weights(tmp_path)), "1" if force else "0", started=started)  # fmt: skip
+    weights = str(whole_weights(tmp_path))
+    kill_mid_write(MERGE_SCRIPT, str(layout.data.parent), str(started), weights,
+                   "1" if force else "0", started=started)  # fmt: skip
     assert latest_checkpoint(layout, "sft").step == expected
     assert [c.complete for c in list_checkpoints(layout, "sft")] == [True, force]
     # the next merge clears what the killed one left and completes
