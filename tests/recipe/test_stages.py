@@ -278,6 +278,8 @@ def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
         model.named_parameters(), remerged.named_parameters(), strict=True
     ):
         assert (p == q).all(), name
+    with pytest.raises(stages.WeightsExist, match="pass --force"):  # the real merger's too
+        stages.merge_checkpoint(layout, "sft", "cpu", 2)
     with pytest.raises(CheckpointNotFound, match=r"fsdp_config\.json"):
         stages.merge_checkpoint(layout, "sft", "cpu", 99)
 
