@@ -238,7 +238,8 @@ def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -
 
 @app.function(**GPU_FUNCTION)
 def train(*arglist: str) -> None:
-    """Cold-start SFT. Options: --experiment-name=NAME; then any verl override (key=value)."""
+    """Cold-start SFT. Options: --experiment-name=NAME, --allow-other-base (resume a name started
+    from another model or data); then any verl override (key=value)."""
     _run_stage("sft", arglist)
 
 
@@ -249,7 +250,8 @@ def train(*arglist: str) -> None:
 @app.function(**(GPU_FUNCTION | {"retries": modal.Retries(max_retries=3, initial_delay=60.0)}))
 def train_dapo(*arglist: str) -> None:
     """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT
-    --sandbox=node|deployed (default node: a sandbox on each node); then overrides."""
+    --sandbox=node|deployed (default node: a sandbox on each node) --allow-other-base; then
+    overrides."""
     _run_stage("dapo", arglist, retried=True)
 
 
