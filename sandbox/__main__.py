@@ -24,17 +24,38 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+class NoIsolation(Exception):
+    """No isolation mode works on this host (e.g. ``--isolation bwrap`` without bubblewrap)."""
+
+
+def _isolation(settings: Settings):
+    """:func:`sandbox.isolation.detect`, with "nothing works here" as :class:`NoIsolation` (a
+    one-line error at the CLI) and the likely cause named."""
+    import shutil
+
+    from sandbox.isolation import detect
+
+    try:
+        return detect(settings)
+    except InsecureIsolation:
+        raise
+    except RuntimeError as exc:
+        hint = ""
+        if settings.isolation.startswith("bwrap") and shutil.which("bwrap") is None:
+            hint = "; bwrap is not on PATH: install bubblewrap, or pick --isolation auto"
+        raise NoIsolation(f"{exc}{hint}") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sandbox.api import create_app
     from sandbox.client import TOKEN_ENV
     from sandbox.environ import scrub_environ
-    from sandbox.isolation import detect
 
     settings = _settings(args)
     scrub_environ(TOKEN_ENV)  # read; now out of /proc/<pid>/environ before any user code runs
-    isolation = detect(settings)  # fail fast, before binding the port
+    isolation = _isolation(settings)  # fail fast, before binding the port
     app = create_app(settings, isolation)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
@@ -45,7 +66,8 @@ async def _run_in_process(args: argparse.Namespace) -> dict:
 
     from sandbox.api import create_app
 
-    app = create_app(_settings(args))
+    settings = _settings(args)
+    app = create_app(settings, _isolation(settings))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://sandbox") as http:
@@ -135,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return serve(args) if args.cmd == "serve" else run(args)
-    except SettingsError as exc:
+    except (SettingsError, NoIsolation) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except IsolationUnavailable as exc:  # none works, or only an insecure one not allowed

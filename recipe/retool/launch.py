@@ -88,6 +88,8 @@ class LaunchArgs:
     sft_checkpoint: str | None = None
     sandbox: str | None = None  # DAPO's tool sandbox, one of SANDBOX_CHOICES
     overrides: list[str] = field(default_factory=list)
+    # Resume an experiment although it was started from another base model or dataset.
+    allow_other_base: bool = False
 
 
 _OPTION_NAMES = {
@@ -95,6 +97,7 @@ _OPTION_NAMES = {
     "sft-checkpoint": "sft_checkpoint",
     "sandbox": "sandbox",
 }
+_FLAG_NAMES = {"allow-other-base": "allow_other_base"}  # options without a value
 # Where DAPO's tool calls run (recipe/retool/tool_sandbox.py): each node's own sandbox on loopback
 # (the default, chosen by measurement: docs/benchmarks.md), or the deployed Modal endpoint.
 SANDBOX_CHOICES = ("node", "deployed")
@@ -109,10 +112,12 @@ def parse_launch_args(args: Sequence[str]) -> LaunchArgs:
         item = items.pop(0)
         if item == "--":
             continue
-        if item.startswith("--"):
+        if item[2:] in _FLAG_NAMES:
+            values[_FLAG_NAMES[item[2:]]] = True
+        elif item.startswith("--"):
             name, _, value = item[2:].partition("=")
             if name not in _OPTION_NAMES:
-                known = ", ".join(f"--{n}" for n in _OPTION_NAMES)
+                known = ", ".join(f"--{n}" for n in [*_OPTION_NAMES, *_FLAG_NAMES])
                 raise LaunchError(
                     f"unknown option --{name} (known: {known}; Hydra keys: key=value)"
                 )
@@ -344,6 +349,12 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def override_value(overrides: Sequence[str], key: str) -> str | None:
+    """The value the last override of ``key`` sets (the one verl sees), as written."""
+    values = [o.split("=", 1)[1] for o in overrides if "=" in o and _override_key(o) == key]
+    return values[-1] if values else None
+
+
 # Numeric keys for which verl also accepts a word ("after_each_epoch" in its SFT trainer).
 STRING_ALSO_ACCEPTED = frozenset({"trainer.save_freq", "trainer.test_freq"})
 
@@ -383,12 +394,49 @@ def validate(stage: Stage, overrides: Sequence[str], topo: Topology):
         raise LaunchError(_explain_compose_error(str(exc), verl_config)) from None
     errors = _type_errors(_base_config(verl_config), composed, overrides)
     if not errors:  # the checks below read these values as numbers
+        errors += _range_errors(stage, composed)
+    if not errors:
         errors += check_parallelism(stage, composed, topo)
     if not errors and stage == "dapo":
         errors += _verl_ppo_checks(composed)
     if errors:
         raise LaunchError(f"invalid {stage} configuration: " + "; ".join(errors))
     return composed
+
+
+# Counts that verl 0.9.1 takes without complaint below their minimum and then quietly does nothing
+# with (trainer.total_epochs=-5 trains zero epochs): key -> smallest value that works. A null
+# (verl's "unset") passes.
+_MINIMA: dict[Stage, dict[str, int]] = {
+    "sft": {
+        "trainer.total_epochs": 1,
+        "data.train_batch_size": 1,
+        "data.micro_batch_size_per_gpu": 1,
+        "data.max_length": 1,
+        "trainer.total_training_steps": 1,
+    },
+    "dapo": {
+        "trainer.total_epochs": 1,
+        "data.train_batch_size": 1,
+        "trainer.total_training_steps": 1,
+        "actor_rollout_ref.rollout.n": 1,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 1,
+        "data.max_prompt_length": 1,
+        "data.max_response_length": 1,
+    },
+}
+
+
+def _range_errors(stage: Stage, cfg: Any) -> list[str]:
+    """Counts below the least that can train (:data:`_MINIMA`)."""
+    from omegaconf import OmegaConf
+
+    errors = []
+    for key, least in _MINIMA[stage].items():
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < least:
+            errors.append(f"{key}={format_value(value)}: must be >= {least}")
+    return errors
 
 
 # Keys verl 0.9.1 reads in one batching mode only, by the switch that picks the mode: with dynamic
@@ -548,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides = dapo_overrides(layout, experiment, model, topo, parsed.overrides)
             command = dapo_command(overrides, topo)
         composed = validate(ns.stage, overrides, topo)
+        start = _dapo_start_note(layout, parsed.sft_checkpoint) if ns.stage == "dapo" else None
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -555,8 +604,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(render(command))
     print(f"ok: {len(overrides)} overrides compose against verl's config")
+    if start:
+        print(start)
     print(estimate_cost(ns.stage, topo))
     return 0
+
+
+def _dapo_start_note(layout: Layout, requested: str | None) -> str:
+    """What ``check`` can say of DAPO's start: checked here where the checkpoints volume is
+    mounted, else (a laptop) left to the launch, which refuses a missing or broken one in one
+    line (``stages.resolve_sft_checkpoint``)."""
+    what = f"--sft-checkpoint={requested}" if requested else "the latest complete SFT checkpoint"
+    if not layout.checkpoints.is_dir():
+        return (
+            f"note: DAPO's start ({what}) is checked at launch: {layout.checkpoints} (the "
+            "checkpoints volume) is not mounted here"
+        )
+    from recipe.retool.paths import CheckpointNotFound
+    from recipe.retool.stages import resolve_sft_checkpoint
+
+    try:
+        return f"DAPO starts from {resolve_sft_checkpoint(layout, requested)}"
+    except CheckpointNotFound as exc:
+        raise LaunchError(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -7,18 +7,22 @@ is used everywhere; only the roots differ (``/data`` on Modal, ``./runs/<ts>/dat
     <models>/Qwen/Qwen2.5-7B-Instruct/...
     <checkpoints>/sft-experiments/<exp>/global_step_N/huggingface/...   (SFT, verl sft_trainer)
     <checkpoints>/dapo-experiments/<exp>/global_step_N/actor/...         (DAPO, verl main_ppo)
-    <checkpoints>/<stage>-experiments/<exp>/checkpoint_info.json
+    <checkpoints>/<stage>-experiments/<exp>/checkpoint_info.json, origin.json
 
 A step directory is *complete* only when verl's tracker file (``latest_checkpointed_iteration.txt``,
-written after all shards) has reached it and its Hugging Face weights exist; anything else is a
-partial save from an interrupted run and is never picked up by the next stage.
+written after all shards) has reached it and its Hugging Face weights are *loadable*
+(:func:`weights_problem`: the config parses, every safetensors header parses and every tensor's
+bytes are there); anything else is a partial or broken save and is never picked up by the next
+stage, by evaluation or by serving.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,6 +51,7 @@ CHECKPOINTS_MOUNT = Path("/checkpoints")
 EVAL_SETS = ("aime_2024", "aime_2025")  # rl/<name>.parquet: DAPO validation and evaluation
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # written by verl after a complete save
 INFO_FILE = "checkpoint_info.json"
+ORIGIN_FILE = "origin.json"  # what an experiment trains from (base model, data), from its launch
 _STEP_RE = re.compile(r"^global_step_(\d+)$")
 
 
@@ -110,7 +115,11 @@ class Checkpoint:
     experiment: str
     step: int
     path: Path
-    complete: bool
+    problem: str | None  # why the step is not complete; None when it is
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
 
     @property
     def hf_dir(self) -> Path:
@@ -125,8 +134,86 @@ def _tracked_step(experiment_dir: Path) -> int:
         return -1
 
 
-def _has_hf_weights(hf_dir: Path) -> bool:
-    return (hf_dir / "config.json").is_file() and any(hf_dir.glob("*.safetensors"))
+# Bytes per element of each safetensors dtype (the format's spec), to check a tensor's extent.
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+    "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def _safetensors_problem(path: Path) -> tuple[set[str], str | None]:
+    """The tensor names in one safetensors file, and why it would not load (``None``: it would).
+
+    Reads only the header: 8 bytes of length, then the JSON table of tensors and byte ranges,
+    which is checked against each tensor's shape and dtype and against the file's size, so a
+    truncated or half-written file is caught without loading a byte of weights."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return set(), f"{path.name}: {size} bytes, no safetensors header"
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                return set(), f"{path.name}: header of {length} bytes in a {size}-byte file"
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as exc:
+        return set(), f"{path.name}: unreadable safetensors header ({exc})"
+    if not isinstance(header, dict):
+        return set(), f"{path.name}: safetensors header is not a table"
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        try:
+            start, stop = (int(x) for x in entry["data_offsets"])
+            count = math.prod(int(d) for d in entry["shape"])
+            width = _DTYPE_BYTES.get(entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            return set(), f"{path.name}: malformed header entry for {name}"
+        if stop < start or (width is not None and stop - start != count * width):
+            return set(), f"{path.name}: {name} spans {stop - start} bytes, not {count} × {width}"
+        end = max(end, stop)
+    if size < 8 + length + end:
+        return set(), f"{path.name}: truncated ({size} bytes of {8 + length + end})"
+    return set(header), None
+
+
+def weights_problem(hf_dir: Path) -> str | None:
+    """Why ``hf_dir`` would not load with ``from_pretrained``, or ``None`` when it would.
+
+    Cheap (headers only, no weights read): ``config.json`` parses; with an index, every tensor it
+    maps is in the named shard's header; every safetensors file's header parses and its tensors'
+    bytes are all present."""
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except OSError:
+        return f"no config.json in {hf_dir}"
+    except ValueError as exc:
+        return f"{hf_dir / 'config.json'} does not parse ({exc})"
+    if not isinstance(config, dict):
+        return f"{hf_dir / 'config.json'} is not a mapping"
+    index_file = hf_dir / SAFETENSORS_INDEX
+    if index_file.exists():
+        try:
+            weight_map = dict(json.loads(index_file.read_text())["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"{index_file} does not parse ({exc})"
+        files = sorted({hf_dir / str(name) for name in weight_map.values()})
+    else:
+        weight_map, files = {}, sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        return f"no *.safetensors weights in {hf_dir} (config only)"
+    names: set[str] = set()
+    for path in files:
+        found, problem = _safetensors_problem(path)
+        if problem:
+            return f"{hf_dir}: {problem}"
+        names |= found
+    missing = sorted(set(weight_map) - names)
+    if missing:
+        return f"{hf_dir}: {len(missing)} tensor(s) of the index in no shard (first: {missing[0]})"
+    return None
 
 
 def list_checkpoints(
@@ -147,9 +234,13 @@ def list_checkpoints(
             if not match or not step_dir.is_dir():
                 continue
             step = int(match.group(1))
-            ckpt = Checkpoint(stage, exp_dir.name, step, step_dir, complete=False)
-            complete = step <= tracked and _has_hf_weights(ckpt.hf_dir)
-            found.append(Checkpoint(stage, exp_dir.name, step, step_dir, complete))
+            ckpt = Checkpoint(stage, exp_dir.name, step, step_dir, problem=None)
+            problem = (
+                f"not saved to the end (verl's tracker is at step {tracked})"
+                if step > tracked
+                else weights_problem(ckpt.hf_dir)
+            )
+            found.append(Checkpoint(stage, exp_dir.name, step, step_dir, problem))
     return sorted(found, key=lambda c: (c.path.stat().st_mtime, c.step))
 
 
@@ -174,21 +265,53 @@ class CheckpointInfo:
     stage: Stage
     step: int
     path: str
-    base_model: str
+    base_model: str  # what the weights came from: the base model (SFT) or SFT step (DAPO)
     created_at: float = field(default_factory=time.time)
     metrics: dict[str, Any] = field(default_factory=dict)
+    data: str = ""  # the training data (data.train_files); "" in files written before it was kept
+
+
+def _write_json_atomic(target: Path, data: dict[str, Any]) -> Path:
+    """Write JSON to a temp file and rename it into place: readers never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    Path(tmp).replace(target)
+    return target
 
 
 def write_checkpoint_info(layout: Layout, info: CheckpointInfo) -> Path:
     """Write ``checkpoint_info.json`` atomically (temp file + rename): readers never see half."""
     target = layout.experiment_dir(info.stage, info.experiment) / INFO_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{INFO_FILE}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(asdict(info), handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    Path(tmp).replace(target)
-    return target
+    return _write_json_atomic(target, asdict(info))
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What an experiment trains from, written at its first launch (``origin.json``) so that a
+    relaunch under the same name, which resumes its weights, can be checked against it before
+    ``checkpoint_info.json`` (written only at a clean finish) exists."""
+
+    base_model: str  # the model directory the run starts from (DAPO: the SFT step)
+    data: str  # data.train_files
+
+
+def read_origin(layout: Layout, stage: Stage, experiment: str) -> Origin | None:
+    """The experiment's recorded origin: ``origin.json``, else what an older run's
+    ``checkpoint_info.json`` says (its data unknown: ``""``), else ``None``."""
+    try:
+        raw = json.loads((layout.experiment_dir(stage, experiment) / ORIGIN_FILE).read_text())
+        return Origin(str(raw["base_model"]), str(raw["data"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        info = read_checkpoint_info(layout, stage, experiment)
+        return Origin(info.base_model, info.data) if info else None
+
+
+def write_origin(layout: Layout, stage: Stage, experiment: str, origin: Origin) -> Path:
+    target = layout.experiment_dir(stage, experiment) / ORIGIN_FILE
+    return _write_json_atomic(target, asdict(origin))
 
 
 def read_checkpoint_info(layout: Layout, stage: Stage, experiment: str) -> CheckpointInfo | None:
@@ -229,17 +352,21 @@ def resolve_model_dir(layout: Layout, spec: str | None = "latest") -> Path:
         return latest_checkpoint(layout, spec).hf_dir  # type: ignore[arg-type]
     if spec == "base":
         candidate = layout.model_dir()
-        if not _has_hf_weights(candidate):
-            raise CheckpointNotFound(f"no base model at {candidate}; run download_model first")
+        if problem := weights_problem(candidate):
+            raise CheckpointNotFound(f"no base model at {candidate} ({problem}); run "
+                                     "download_model first")  # fmt: skip
         return candidate
     as_path = Path(spec) if Path(spec).is_absolute() else layout.checkpoints / spec
     if as_path.is_dir():
-        for candidate in (as_path / "huggingface", as_path / "actor" / "huggingface", as_path):
-            if _has_hf_weights(candidate):
+        candidates = (as_path / "huggingface", as_path / "actor" / "huggingface", as_path)
+        for candidate in candidates:
+            if weights_problem(candidate) is None:
                 return candidate
+        configured = next((c for c in candidates if (c / "config.json").exists()), as_path)
         raise CheckpointNotFound(
-            f"{as_path} has no Hugging Face weights (config.json + *.safetensors); merge the "
-            "checkpoint first (modal run recipe/retool/retool_modal_sft.py::merge_checkpoint)"
+            f"{as_path} has no Hugging Face weights that load ({weights_problem(configured)}); "
+            "merge the checkpoint first "
+            "(modal run recipe/retool/retool_modal_sft.py::merge_checkpoint)"
         )
     if Path(spec).is_absolute():
         raise CheckpointNotFound(f"no checkpoint directory at {spec}")

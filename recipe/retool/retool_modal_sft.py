@@ -238,7 +238,8 @@ def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -
 
 @app.function(**GPU_FUNCTION)
 def train(*arglist: str) -> None:
-    """Cold-start SFT. Options: --experiment-name=NAME; then any verl override (key=value)."""
+    """Cold-start SFT. Options: --experiment-name=NAME, --allow-other-base (resume a name started
+    from another model or data); then any verl override (key=value)."""
     _run_stage("sft", arglist)
 
 
@@ -249,7 +250,8 @@ def train(*arglist: str) -> None:
 @app.function(**(GPU_FUNCTION | {"retries": modal.Retries(max_retries=3, initial_delay=60.0)}))
 def train_dapo(*arglist: str) -> None:
     """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT
-    --sandbox=node|deployed (default node: a sandbox on each node); then overrides."""
+    --sandbox=node|deployed (default node: a sandbox on each node) --allow-other-base; then
+    overrides."""
     _run_stage("dapo", arglist, retried=True)
 
 
@@ -323,17 +325,28 @@ def train_dapo_multinode(*arglist: str) -> None:
 
 @app.function(**(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 12 * HOURS}))
 def evaluate(
-    checkpoint: str = "latest", n: int = 0, max_problems: int = 0, experiment: str = ""
+    checkpoint: str = "latest",
+    n: int = 0,
+    max_problems: int = 0,
+    experiment: str = "",
+    force: bool = False,
 ) -> dict:
     """Evaluate one checkpoint, or with --experiment base vs its SFT vs its DAPO side by side.
 
     Settings come from config/eval.yaml; ``--n`` (samples per problem) and ``--max-problems``
-    override them when given.
+    override them when given. A checkpoint evaluated before is refused unless ``--force``, which
+    writes a new report directory next to the old (``eval/index.jsonl`` lists them all).
     """
     import sys
     from dataclasses import replace
 
-    from recipe.retool.eval.evaluate import EvalConfig, EvalError, eval_dir, resolve_checkpoint
+    from recipe.retool.eval.evaluate import (
+        EvalConfig,
+        EvalError,
+        eval_dir,
+        report_dir,
+        resolve_checkpoint,
+    )
     from recipe.retool.eval.evaluate import evaluate_checkpoint as run_eval
     from recipe.retool.launch import LaunchError
     from recipe.retool.pipeline import evaluate_experiment
@@ -350,8 +363,9 @@ def evaluate(
         else:
             ref = resolve_checkpoint(checkpoint, layout)
             datasets = {name: layout.rl_file(name) for name in paths.EVAL_SETS}
-            result = run_eval(ref.path, datasets, eval_dir(layout, ref.label), cfg, sandbox_url,
-                              "vllm", checkpoint=ref)  # fmt: skip
+            out_dir = report_dir(eval_dir(layout, ref.label), force=force)
+            result = run_eval(ref.path, datasets, out_dir, cfg, sandbox_url, "vllm",
+                              checkpoint=ref)  # fmt: skip
     except (
         EvalError,
         LaunchError,
@@ -429,16 +443,22 @@ def list_checkpoints() -> str:
 
 
 @app.function(image=trainer_image, volumes=VOLUMES, timeout=2 * HOURS, memory=128 * 1024)
-def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft") -> str:
-    """Merge a step's FSDP shards into HF safetensors (``<step>/huggingface``), verl's merger."""
+def merge_checkpoint(
+    experiment_name: str, step: int, stage: str = "sft", force: bool = False
+) -> str:
+    """Merge a step's FSDP shards into HF safetensors (``<step>/huggingface``), verl's merger.
+
+    Atomic: the merged weights are renamed into place once they load. A step that already has
+    loadable weights is left alone unless ``--force`` (its weights are kept until the new load).
+    """
     import sys
 
     from recipe.retool.stages import merge_checkpoint as merge
 
     _reload(checkpoints_volume)
     try:
-        target = merge(paths.Layout.from_env(), stage, experiment_name, step)
-    except (paths.CheckpointNotFound, ValueError) as exc:  # no such step, stage or name
+        target = merge(paths.Layout.from_env(), stage, experiment_name, step, force=force)
+    except (paths.CheckpointNotFound, ValueError) as exc:  # no such step; weights there already
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     _commit(checkpoints_volume)

@@ -9,6 +9,7 @@ so verl's own entry points run unmodified.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,12 +27,16 @@ from recipe.retool.paths import (
     CheckpointInfo,
     CheckpointNotFound,
     Layout,
+    Origin,
     Stage,
     latest_checkpoint,
     list_checkpoints,
     read_checkpoint_info,
+    read_origin,
     resolve_model_dir,
+    weights_problem,
     write_checkpoint_info,
+    write_origin,
 )
 
 Runner = Callable[[Sequence[str], dict[str, str]], int]
@@ -134,8 +139,36 @@ def run_summary(layout: Layout, stage: Stage, experiment: str) -> dict[str, Any]
     return metrics
 
 
+def check_origin(
+    layout: Layout, stage: Stage, experiment: str, origin: Origin, *, allow_other: bool, write: bool
+) -> None:
+    """Refuse to resume ``experiment`` from another base model or dataset than it was started
+    with (its weights would continue under a record that names the new ones), unless
+    ``allow_other`` (``--allow-other-base``). ``write``: record ``origin`` (the node that runs
+    the trainer; every node checks)."""
+    recorded = read_origin(layout, stage, experiment)
+    if recorded is not None and recorded != origin:
+        changed = [
+            f"{what} {old} (now {new})"
+            for what, old, new in (
+                ("base model", recorded.base_model, origin.base_model),
+                ("data", recorded.data, origin.data),
+            )
+            if old and old != new
+        ]
+        if changed and not allow_other:
+            raise launch.LaunchError(
+                f"experiment {experiment!r} was started from {' and '.join(changed)}: pick "
+                "another --experiment-name, or pass --allow-other-base to resume it anyway"
+            )
+        if changed:
+            print(f"note: {experiment} resumes with {'; '.join(changed)}", flush=True)
+    if write and recorded != origin:
+        write_origin(layout, stage, experiment, origin)
+
+
 def _record(
-    layout: Layout, stage: Stage, experiment: str, base_model: str, returncode: int
+    layout: Layout, stage: Stage, experiment: str, origin: Origin, returncode: int
 ) -> Checkpoint | None:
     """The run's newest complete checkpoint; ``checkpoint_info.json`` only when the run finished,
     with the run's numbers (:func:`run_summary`).
@@ -153,8 +186,9 @@ def _record(
     metrics = run_summary(layout, stage, experiment)
     write_checkpoint_info(
         layout,
-        CheckpointInfo(experiment, stage, ckpt.step, str(ckpt.hf_dir), base_model, metrics=metrics),
-    )
+        CheckpointInfo(experiment, stage, ckpt.step, str(ckpt.hf_dir), origin.base_model,
+                       metrics=metrics, data=origin.data),
+    )  # fmt: skip
     return ckpt
 
 
@@ -209,6 +243,9 @@ def run_sft(
         )
     if not (Path(model) / "config.json").exists():
         raise launch.LaunchError(f"no model at {model}: run download_model first")
+    origin = Origin(str(model), launch.override_value(overrides, "data.train_files") or "")
+    check_origin(layout, "sft", experiment, origin, allow_other=parsed.allow_other_base,
+                 write=topo.node_rank == 0)  # fmt: skip
     if topo.device == "cuda" and _production_sized(args, model_path):
         print(launch.estimate_cost("sft", topo), flush=True)
     command = launch.sft_command(overrides, topo)
@@ -217,7 +254,7 @@ def run_sft(
         env |= metrics_file_env(layout, "sft", experiment)
     start = time.time()
     code = runner(command, env)
-    ckpt = _record(layout, "sft", experiment, str(model), code) if topo.node_rank == 0 else None
+    ckpt = _record(layout, "sft", experiment, origin, code) if topo.node_rank == 0 else None
     return StageResult("sft", experiment, code, ckpt, time.time() - start)
 
 
@@ -262,6 +299,9 @@ def run_dapo(
         layout, experiment, start_from, topo, [*parsed.overrides, *job_env]
     )
     launch.validate("dapo", overrides, topo)
+    origin = Origin(str(start_from), launch.override_value(overrides, "data.train_files") or "")
+    check_origin(layout, "dapo", experiment, origin, allow_other=parsed.allow_other_base,
+                 write=True)  # fmt: skip
     print(f"DAPO starts from {start_from}", flush=True)
     if (
         topo.device == "cuda"
@@ -271,7 +311,7 @@ def run_dapo(
         print(launch.estimate_cost("dapo", topo), flush=True)
     start = time.time()
     code = runner(launch.dapo_command(overrides, topo), env)
-    ckpt = _record(layout, "dapo", experiment, str(start_from), code)
+    ckpt = _record(layout, "dapo", experiment, origin, code)
     return StageResult("dapo", experiment, code, ckpt, time.time() - start)
 
 
@@ -435,8 +475,9 @@ def describe_checkpoints(layout: Layout) -> str:
         ckpts = list_checkpoints(layout, stage)
         for ckpt in sorted(ckpts, key=lambda c: (c.experiment, c.step)):
             status = "complete" if ckpt.complete else "partial"
+            why = f"  ({ckpt.problem})" if ckpt.problem else ""
             lines.append(
-                f"{stage:<5} {ckpt.experiment:<32} {ckpt.step:>6}  {status:<8} {ckpt.path}"
+                f"{stage:<5} {ckpt.experiment:<32} {ckpt.step:>6}  {status:<8} {ckpt.path}{why}"
             )
         for exp in sorted({c.experiment for c in ckpts}):
             if read_checkpoint_info(layout, stage, exp) is None:
@@ -446,17 +487,58 @@ def describe_checkpoints(layout: Layout) -> str:
     return "\n".join(lines)
 
 
-def merge_checkpoint(layout: Layout, stage: Stage, experiment: str, step: int) -> Path:
-    """FSDP shards → HF safetensors with verl's model merger (for steps saved without them)."""
+class WeightsExist(ValueError):
+    """A merge would replace loadable Hugging Face weights and was not forced."""
+
+
+MERGE_STAGING = ".huggingface.merging"  # the merger's output until it is checked and renamed
+MERGE_REPLACED = ".huggingface.replaced"  # forced: the old weights until the new are in place
+
+
+def merge_checkpoint(
+    layout: Layout,
+    stage: Stage,
+    experiment: str,
+    step: int,
+    *,
+    force: bool = False,
+    runner: Runner = run_subprocess,
+) -> Path:
+    """FSDP shards → HF safetensors with verl's model merger (for steps saved without them).
+
+    Never in place: the merger writes to a staging directory next to ``huggingface/``, the result
+    must load (:func:`~recipe.retool.paths.weights_problem`), and only then is it renamed into
+    place, so a merge killed at any moment leaves the step as it was. Loadable weights already
+    there are replaced only with ``force``, and are kept until the new ones are in place."""
     step_dir = layout.experiment_dir(stage, experiment) / f"global_step_{step}"
     shards = step_dir if stage == "sft" else step_dir / "actor"
     if not (shards / "fsdp_config.json").exists():
         raise CheckpointNotFound(f"no FSDP checkpoint at {shards} (missing fsdp_config.json)")
-    target = shards / "huggingface"
+    target, staging, replaced = (shards / n for n in ("huggingface", MERGE_STAGING, MERGE_REPLACED))
+    if replaced.is_dir() and not target.exists():  # a forced merge killed between its renames
+        replaced.rename(target)
+    shutil.rmtree(replaced, ignore_errors=True)
+    if weights_problem(target) is None and not force:
+        raise WeightsExist(
+            f"{target} already holds weights that load; pass --force to merge again (they are "
+            "kept until the new ones load)"
+        )
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed merge left
     command = [
         sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
-        "--local_dir", str(shards), "--target_dir", str(target),
+        "--local_dir", str(shards), "--target_dir", str(staging),
     ]  # fmt: skip
-    if run_subprocess(command, {}) != 0:
+    if runner(command, {}) != 0:
+        shutil.rmtree(staging, ignore_errors=True)
         raise RuntimeError(f"model merger failed for {shards}")
+    if problem := weights_problem(staging):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(f"the merged weights do not load: {problem}")
+    from recipe.retool.verl_plugins.varlen_attention import make_portable
+
+    make_portable(staging)  # loads with plain transformers, like every saved step (_record)
+    if target.exists():
+        target.rename(replaced)
+    staging.rename(target)
+    shutil.rmtree(replaced, ignore_errors=True)
     return target

@@ -10,14 +10,27 @@ from pathlib import Path
 import pytest
 
 from recipe.retool.paths import (
+    SAFETENSORS_INDEX,
     CheckpointInfo,
     CheckpointNotFound,
     Layout,
     latest_checkpoint,
     list_checkpoints,
     read_checkpoint_info,
+    resolve_model_dir,
+    weights_problem,
     write_checkpoint_info,
 )
+
+
+def write_weights(hf_dir: Path, name: str = "model.safetensors") -> Path:
+    """A small safetensors file that loads (two float32 tensors), as verl or its merger write."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors = {"w": np.ones((4, 4), dtype=np.float32), "b": np.zeros(4, dtype=np.float32)}
+    save_file(tensors, str(hf_dir / name))
+    return hf_dir / name
 
 
 def make_step(layout: Layout, stage: str, exp: str, step: int, *, weights: bool = True) -> Path:
@@ -27,7 +40,7 @@ def make_step(layout: Layout, stage: str, exp: str, step: int, *, weights: bool 
     hf.mkdir(parents=True)
     (hf / "config.json").write_text("{}")
     if weights:
-        (hf / "model.safetensors").write_bytes(b"\0")
+        write_weights(hf)
     return step_dir
 
 
@@ -123,3 +136,55 @@ def test_experiment_names_cannot_escape_the_layout(layout: Layout, name: str) ->
 def test_unknown_stage_is_rejected(layout: Layout) -> None:
     with pytest.raises(ValueError, match="unknown stage"):
         layout.stage_root("ppo")  # type: ignore[arg-type]
+
+
+def test_a_step_counts_only_when_its_weights_would_load(layout: Layout) -> None:
+    """Tracked steps whose weights are truncated, headerless, or whose config does not parse are
+    not complete, and neither the latest nor an explicit spec resolves to them."""
+    good = make_step(layout, "sft", "run", 1)
+    for step, damage in [
+        (2, lambda hf: (hf / "model.safetensors").write_bytes(
+            (hf / "model.safetensors").read_bytes()[:-1])),
+        (3, lambda hf: (hf / "model.safetensors").write_bytes(  # the issue's 100 bytes
+            (hf / "model.safetensors").read_bytes()[:100])),
+        (4, lambda hf: (hf / "config.json").write_text("{not json")),
+        (5, lambda hf: (hf / "model.safetensors").unlink()),
+    ]:  # fmt: skip
+        damage(make_step(layout, "sft", "run", step) / "huggingface")
+    mark_tracked(layout, "sft", "run", 5)
+    found = {c.step: c for c in list_checkpoints(layout, "sft", "run")}
+    assert found[1].complete and found[1].problem is None
+    assert "model.safetensors: truncated" in found[2].problem
+    assert "model.safetensors: header of 112 bytes in a 100-byte file" in found[3].problem
+    assert "config.json does not parse" in found[4].problem
+    assert "no *.safetensors weights" in found[5].problem
+    assert latest_checkpoint(layout, "sft").step == 1
+    assert resolve_model_dir(layout, "sft") == good / "huggingface"
+    with pytest.raises(CheckpointNotFound, match="truncated"):
+        resolve_model_dir(layout, str(layout.experiment_dir("sft", "run") / "global_step_2"))
+
+
+def test_sharded_weights_are_checked_against_their_index(layout: Layout) -> None:
+    hf = make_step(layout, "dapo", "rl", 1, weights=False) / "actor" / "huggingface"
+    write_weights(hf, "model-00001-of-00002.safetensors")
+    write_weights(hf, "model-00002-of-00002.safetensors")
+    index = {"w": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (hf / SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": index}))
+    assert weights_problem(hf) is None
+    (hf / SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": {**index, "lm_head": "x"}}))
+    assert "x: unreadable safetensors header" in weights_problem(hf)
+    index["lm_head"] = "model-00002-of-00002.safetensors"
+    (hf / SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": index}))
+    assert "1 tensor(s) of the index in no shard (first: lm_head)" in weights_problem(hf)
+
+
+def test_a_header_that_lies_about_a_tensor_is_caught(tmp_path: Path) -> None:
+    """A tensor whose byte range disagrees with its shape and dtype: the file would not load."""
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32]}}).encode()
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header + b"\0" * 32
+    )
+    assert "w spans 32 bytes, not 16 × 4" in weights_problem(tmp_path)

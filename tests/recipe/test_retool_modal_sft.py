@@ -376,3 +376,15 @@ def test_train_dapo_starts_a_sandbox_on_its_node_and_hands_its_url_to_the_run(
     monkeypatch.setattr(stages, "run_dapo", run_dapo)
     app_module.train_dapo.local("--experiment-name=d")
     assert seen == {"url": tool_sandbox.NODE_SANDBOX_URL, "out": "42\n"}
+
+
+def test_train_dapo_from_a_missing_start_is_one_line_and_not_retried(
+    app_module, tmp_path, monkeypatch, capsys
+) -> None:
+    """What `launch check dapo --sft-checkpoint=...` leaves to the launch (it cannot see the
+    volume): the launch refuses a start that is not there, in one line, before any GPU work."""
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
+    monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://127.0.0.1:9/run_code")
+    assert app_module.train_dapo.local("--sft-checkpoint=/nonexistent/path") is None
+    err = capsys.readouterr().err
+    assert err == "error: no checkpoint directory at /nonexistent/path\n"

@@ -16,7 +16,7 @@ from modal_proto import api_pb2
 
 from recipe.retool import paths
 from recipe.retool.paths import CheckpointNotFound, Layout, resolve_model_dir
-from tests.recipe.test_paths import make_step, mark_tracked
+from tests.recipe.test_paths import make_step, mark_tracked, write_weights
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "recipe.retool.serve"
@@ -253,7 +253,7 @@ def test_base_model(layout: Layout) -> None:
     base = layout.model_dir()
     base.mkdir(parents=True)
     (base / "config.json").write_text("{}")
-    (base / "model.safetensors").write_bytes(b"\0")
+    write_weights(base)
     assert resolve_model_dir(layout, "base") == base
 
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from recipe.retool import run_metrics, stages
 from recipe.retool.constants import TOOL_SCHEMA
 from recipe.retool.launch import LaunchError, Topology
-from recipe.retool.paths import CheckpointNotFound, Layout, read_checkpoint_info
+from recipe.retool.paths import CheckpointNotFound, Layout, Origin, read_checkpoint_info
 from recipe.retool.verl_plugins.varlen_attention import NAME
 from tests.recipe.test_paths import make_step, mark_tracked
 
@@ -161,7 +161,7 @@ def test_checkpoint_info_says_when_no_metrics_were_logged_or_readable(layout, ti
     stages.run_sft(layout, CPU, ["--experiment-name=torn"], model_path=tiny_model_dir,
                    runner=runner)  # fmt: skip
     (layout.experiment_dir("sft", "torn") / "metrics" / "torn.jsonl").write_text('{"step": 2, "da')
-    stages._record(layout, "sft", "torn", "base", 0)
+    stages._record(layout, "sft", "torn", Origin("base", "data"), 0)
     assert "unreadable" in read_checkpoint_info(layout, "sft", "torn").metrics
 
 
@@ -278,6 +278,8 @@ def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
         model.named_parameters(), remerged.named_parameters(), strict=True
     ):
         assert (p == q).all(), name
+    with pytest.raises(stages.WeightsExist, match="pass --force"):  # the real merger's too
+        stages.merge_checkpoint(layout, "sft", "cpu", 2)
     with pytest.raises(CheckpointNotFound, match=r"fsdp_config\.json"):
         stages.merge_checkpoint(layout, "sft", "cpu", 99)
 

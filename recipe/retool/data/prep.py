@@ -276,6 +276,9 @@ def token_length(tokenizer: Any, row: dict[str, Any], group: Group) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+DEDUPE_COLUMNS = ("prompt", "reward_model")  # what _dedupe reads, column-wise
+
+
 def _dedupe(table: pa.Table, summary: PrepSummary) -> list[int]:
     """Indices of each distinct prompt's first occurrence (malformed prompts kept, to be reported).
 
@@ -283,6 +286,12 @@ def _dedupe(table: pa.Table, summary: PrepSummary) -> list[int]:
     prompts, so duplicates are found without materialising 1.79 M Python strings and only the
     survivors go through the Python row mapping.
     """
+    missing = [name for name in DEDUPE_COLUMNS if name not in table.column_names]
+    if missing:
+        raise PrepError(
+            f"{summary.name}: {summary.source} has no {' or '.join(missing)} column (it has "
+            f"{', '.join(table.column_names)}); is it DAPO-Math-17k?"
+        )
     prompts = table.column("prompt").combine_chunks()
     offsets = prompts.offsets.to_numpy()
     valid = prompts.is_valid().to_numpy(zero_copy_only=False)
@@ -412,6 +421,10 @@ def prepare(
         raise PrepError(f"max_rows={max_rows}: read at least 1 row (omit it to read every row)")
     if source_dir is not None and not source_dir.is_dir():
         raise PrepError(f"--source-dir {source_dir} is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file there, or no permission
+        raise PrepError(f"--out-dir {out_dir} cannot be a directory: {exc.strerror}") from None
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(tokenizer)
     groups = set(only or ("sft", "rl", "val"))

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -50,6 +51,7 @@ from recipe.retool.paths import (
     CheckpointNotFound,
     Layout,
     resolve_model_dir,
+    weights_problem,
 )
 
 CONFIG_FILE = Path(__file__).parents[1] / "config" / "eval.yaml"
@@ -57,6 +59,7 @@ DEFAULT_DATASETS = EVAL_SETS
 DEFAULT_SANDBOX_URL = "http://127.0.0.1:8080"
 SCHEMA_VERSION = 1
 SUMMARY_FILE = "summary.json"  # written last, only by a successful run: "this eval is done"
+INDEX_FILE = "index.jsonl"  # next to the report directories: one line per finished evaluation
 
 
 class EvalError(RuntimeError):
@@ -225,14 +228,17 @@ class CheckpointRef:
 
 
 def check_model_dir(path: Path) -> None:
-    """An HF model directory with weights, or a one-line error saying what is missing."""
+    """An HF model directory whose weights load (headers checked, :func:`weights_problem`), or a
+    one-line error saying what is missing or broken."""
     if not path.is_dir():
         raise EvalError(f"checkpoint {path} does not exist")
     if not (path / "config.json").is_file():
         raise EvalError(f"{path} is not a Hugging Face model directory (no config.json)")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+    if any(path.glob("pytorch_model*.bin")) and not any(path.glob("*.safetensors")):
+        return  # pickled weights: no header to check without loading them
+    if problem := weights_problem(path):
         raise EvalError(
-            f"{path} has no weights (config only); merge the checkpoint first "
+            f"{problem}; merge the checkpoint first "
             "(modal run recipe/retool/retool_modal_sft.py::merge_checkpoint)"
         )
 
@@ -687,12 +693,58 @@ def evaluate_checkpoint(
         )
     summary["files"].append(str(Path(out_dir) / SUMMARY_FILE))
     report.write_json(Path(out_dir) / SUMMARY_FILE, summary)  # last: marks the run complete
+    _add_to_index(Path(out_dir), summary)
     return summary
 
 
 def eval_dir(layout: Layout, label: str) -> Path:
-    """Where a checkpoint's reports go: ``<checkpoints>/eval/<label>``."""
+    """Where a checkpoint's reports go by default: ``<checkpoints>/eval/<label>``."""
     return layout.checkpoints / "eval" / label
+
+
+def has_report(directory: Path) -> bool:
+    """Whether an evaluation wrote its reports to ``directory`` (finished or not)."""
+    return (directory / SUMMARY_FILE).exists() or any(directory.glob("eval_*.json"))
+
+
+def report_dir(out_dir: Path, *, force: bool = False) -> Path:
+    """Where this evaluation writes: ``out_dir`` while it holds no report. A report there is
+    never overwritten: without ``force`` the evaluation is refused; with it the new reports go
+    to a sibling ``<out_dir>@<time>`` and both are listed in the index (:data:`INDEX_FILE`)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalError(f"--out-dir {out_dir} is a file, not a directory")
+    if not has_report(out_dir):
+        return out_dir
+    if not force:
+        raise EvalError(
+            f"{out_dir} already holds a report; pass --force to keep it and write a new one "
+            f"next to it (listed in {out_dir.parent / INDEX_FILE}), or choose --out-dir"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    fresh = out_dir.with_name(f"{out_dir.name}@{stamp}")
+    serial = 1
+    while fresh.exists():  # two evaluations in one second
+        serial += 1
+        fresh = out_dir.with_name(f"{out_dir.name}@{stamp}.{serial}")
+    return fresh
+
+
+def _add_to_index(out_dir: Path, summary: dict[str, Any]) -> None:
+    """One JSON line per finished evaluation in ``<parent>/index.jsonl``: which checkpoint, with
+    which settings, which report directory, what it scored (``O_APPEND``: lines never mix)."""
+    cfg = summary["config"]
+    entry = {
+        "report": out_dir.name,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "checkpoint": summary["checkpoint"],
+        "backend": summary["backend"],
+        "n": cfg["n"],
+        "max_problems": cfg["max_problems"],
+        "mean@k": {name: o.get("mean@k") for name, o in summary["datasets"].items()},
+    }
+    with (out_dir.parent / INDEX_FILE).open("a") as index:
+        index.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,6 +790,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, help="data root with rl/<dataset>.parquet")
     parser.add_argument("--datasets", default=",".join(DEFAULT_DATASETS), help="comma-separated")
     parser.add_argument("--out-dir", type=Path, help="default: <checkpoints>/eval/<label>")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="evaluate again although --out-dir holds a report: the new one goes next to it",
+    )
     parser.add_argument("--config", type=Path, default=CONFIG_FILE, help="eval settings yaml")
     parser.add_argument("--n", type=int, help="samples per problem (paper: 32)")
     parser.add_argument("--temperature", type=float)
@@ -786,7 +843,7 @@ def run_cli(argv: Sequence[str]) -> int:
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     datasets = dataset_paths(args.data_dir or layout.data, names)
     ref = resolve_checkpoint(args.checkpoint, layout, args.base_model)
-    out_dir = args.out_dir or eval_dir(layout, ref.label)
+    out_dir = report_dir(args.out_dir or eval_dir(layout, ref.label), force=args.force)
     print(f"evaluating {ref.label} ({ref.path}) → {out_dir}", flush=True)
     summary = evaluate_checkpoint(
         ref.path, datasets, out_dir, cfg, args.sandbox_url, args.backend, checkpoint=ref

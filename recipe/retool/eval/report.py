@@ -309,8 +309,9 @@ def write_progress_report(
     experiment: str | None = None,
 ) -> list[Path]:
     """Accuracy against training step for every training checkpoint among ``result_dirs``
-    (directories of eval results; those without a stage and step, e.g. base, are skipped)."""
-    series: dict[str, dict[str, list[tuple[int, dict[str, Any]]]]] = {}
+    (directories of eval results; those without a stage and step, e.g. base, are skipped). A
+    step evaluated more than once (``--force``) counts once: the last of ``result_dirs``."""
+    by_step: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for directory in result_dirs:
         if not Path(directory).is_dir() or not any(Path(directory).glob("eval_*.json")):
             continue
@@ -323,14 +324,15 @@ def write_progress_report(
             ):
                 continue
             run = f"{ckpt['stage']}/{ckpt['experiment']}"
-            series.setdefault(dataset, {}).setdefault(run, []).append(
-                (int(ckpt["step"]), result["overall"])
-            )
-    if not series:
+            by_step.setdefault(dataset, {}).setdefault(run, {})[int(ckpt["step"])] = result[
+                "overall"
+            ]
+    if not by_step:
         raise ReportError("no evaluated training checkpoints (stage + step) to plot")
-    for runs in series.values():
-        for points in runs.values():
-            points.sort(key=lambda p: p[0])
+    series = {
+        dataset: {run: sorted(steps.items()) for run, steps in runs.items()}
+        for dataset, runs in by_step.items()
+    }
     out_dir = Path(out_dir)
     rows = [
         [dataset, run, str(step), *_overall_cells(overall)]

@@ -207,13 +207,14 @@ class Smoke:
             EvalConfig,
             eval_dir,
             evaluate_checkpoint,
+            report_dir,
             resolve_checkpoint,
         )
 
         ref = resolve_checkpoint("latest", self.layout)  # what `make eval` resolves on Modal
         datasets = {n: self.layout.rl_file(n) for n in paths.EVAL_SETS}
         cfg = EvalConfig(n=2, max_response_tokens=48, max_assistant_turns=2, max_concurrency=1)
-        out = eval_dir(self.layout, ref.label)
+        out = report_dir(eval_dir(self.layout, ref.label), force=True)  # a re-run keeps the old
         summary = evaluate_checkpoint(
             ref.path, datasets, out, cfg, self.sandbox_url, "hf", checkpoint=ref
         )
@@ -303,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     root = args.root or REPO_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file there, or no permission
+        print(f"error: --root {root} cannot be a directory: {exc.strerror}", file=sys.stderr)
+        return 2
     return Smoke(root.resolve(), allow_insecure=args.allow_insecure).run()
 
 

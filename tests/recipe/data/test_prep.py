@@ -23,7 +23,7 @@ from recipe.retool.local.samples import (
     retool_table,
     write_sources,
 )
-from tests.cli import assert_one_line_error, run_module
+from tests.cli import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -201,33 +201,6 @@ def test_hub_loading_passes_token_only_when_set(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     prep.load_source(prep.SOURCES[0], None)
     assert seen["token"] == "hf_x"
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--source-dir", "/nonexistent"], "--source-dir /nonexistent is not a directory"),
-        (["--source-dir", "{empty}"], "no parquet files for JoeYing/ReTool-SFT under"),
-        (["--sft-max-length", "100"], "sft_max_length needs a tokenizer"),
-        (["--tokenizer", "/nonexistent"], "cannot load a tokenizer from '/nonexistent'"),
-        (["--tokenizer", "{empty}"], "cannot load a tokenizer from"),
-        (["--max-rows", "0"], "max_rows=0: read at least 1 row"),
-        (["--max-rows", "-3"], "max_rows=-3"),
-        (["--max-rows", "many"], "argument --max-rows: invalid int value"),
-    ],
-)
-def test_cli_mistakes_are_one_line_and_write_nothing(
-    sources: Path, tmp_path: Path, args: list[str], message: str
-):
-    out = tmp_path / "out"
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    args = [a.format(empty=empty) for a in args]
-    if "--source-dir" not in args:
-        args += ["--source-dir", str(sources)]
-    proc = run_module("recipe.retool.data.prep", "--out-dir", str(out), *args)
-    assert_one_line_error(proc, message)
-    assert not list(out.rglob("*.parquet"))
 
 
 def test_a_set_with_no_rows_left_is_an_error_not_an_empty_file(tmp_path: Path):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from recipe.retool.eval import report
 from recipe.retool.eval.evaluate import CheckpointRef, EvalConfig, Problem, main, score_dataset
 from recipe.retool.eval.metrics import SampleResult
@@ -203,19 +201,3 @@ def test_compare_and_progress_cli(tmp_path: Path, capsys):
     assert_png(tmp_path / "c" / "compare.png")
     assert main(["progress", "--eval-root", str(root), "--out-dir", str(tmp_path / "p")]) == 0
     assert_png(tmp_path / "p" / "progress.png")
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["compare", "--result", "x={missing}", "--out-dir", "{tmp}/c"], "no eval_<dataset>.json"),
-        (["compare", "--result", "nolabel", "--out-dir", "{tmp}/c"], "expects LABEL=DIR"),
-        (["progress", "--eval-root", "{missing}", "--out-dir", "{tmp}/p"], "not a directory"),
-        (["progress", "--eval-root", "{tmp}", "--out-dir", "{tmp}/p"], "no evaluated training"),
-    ],
-)
-def test_report_cli_user_errors_are_one_line(tmp_path: Path, capsys, argv, message):
-    argv = [a.format(missing=tmp_path / "missing", tmp=tmp_path) for a in argv]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
