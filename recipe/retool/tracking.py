@@ -112,6 +112,18 @@ def run_url(project: str, run: str, entity: str | None) -> str:
     return f"https://wandb.ai/{entity or '<your-entity>'}/{project}/runs/{run}"
 
 
+def flat_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a nested result (an evaluation summary), keys joined by ``/``."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out |= flat_numbers(value, name + "/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
 def log_results(
     layout: Layout,
     *,
