@@ -249,5 +249,6 @@ def test_trainer_image_holds_dependencies_only_so_code_edits_never_rebuild_it() 
         "constraints.txt",
         "pyproject.toml",
         "images/trainer_requirements.py",
+        "images/trainer-constraints.txt",
         "sandbox/runtime.py",
     }
