@@ -23,9 +23,13 @@ $(PY):
 test: $(PY) ## Run the test suite (gpu-marked tests skip without CUDA + vLLM; GPU runs: test-gpu, dapo-curve, bench-*)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Only the modules that hold gpu-marked tests are collected: a GPU box with the trainer image's
+# packages lacks the dev-only ones (modal, hypothesis) that other test modules import.
+GPU_TEST_FILES = $(shell grep -rl --include='test_*.py' 'pytest.mark.gpu' tests)
+
 .PHONY: test-gpu
 test-gpu: $(PY) ## On a GPU box with vLLM: the gpu-marked tests (vLLM evaluation, one main_ppo step)
-	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+	$(PY) -m pytest -m gpu $(GPU_TEST_FILES) $(PYTEST_ARGS)
 
 .PHONY: local-smoke
 local-smoke: $(PY) ## The whole pipeline end to end on a tiny model, on CPU (runs/<timestamp>/)
@@ -93,30 +97,53 @@ sandbox-parity: $(PY) ## The sandbox contract tests against the real SandboxFusi
 	exit $$rc
 
 # ---- Modal (needs `modal token new` and a .env; see README) ------------------------------------
+# sft, dapo, eval and pipeline run detached: the run outlives this terminal (Ctrl-C detaches), and
+# each prints how to follow it. `make logs` / `make status` look in later.
 GPUS ?= 8
 ARGS ?=
 MODAL_APP := recipe/retool/retool_modal_sft.py
+MODAL_DETACHED := $(VENV)/bin/modal run --detach
 
 .PHONY: sft
-sft: $(PY) ## SFT on Modal: make sft GPUS=8 ARGS="--experiment-name=x trainer.total_epochs=2"
+sft: $(PY) ## SFT on Modal, detached: make sft GPUS=8 ARGS="--experiment-name=x trainer.total_epochs=2"
 	$(PY) -m recipe.retool.launch check sft --gpus $(GPUS) -- $(ARGS)
-	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::train -- $(ARGS)
+	RETOOL_GPUS=$(GPUS) $(MODAL_DETACHED) $(MODAL_APP)::launch_sft -- $(ARGS)
 
 .PHONY: dapo
-dapo: $(PY) ## DAPO on Modal from the latest SFT checkpoint: make dapo ARGS="..."
+dapo: $(PY) ## DAPO on Modal from the latest SFT checkpoint, detached: make dapo ARGS="..."
 	$(PY) -m recipe.retool.launch check dapo --gpus $(GPUS) -- $(ARGS)
-	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::train_dapo -- $(ARGS)
+	RETOOL_GPUS=$(GPUS) $(MODAL_DETACHED) $(MODAL_APP)::launch_dapo -- $(ARGS)
 
 CHECKPOINT ?= latest
 EXPERIMENT ?= retool
 
 .PHONY: eval
-eval: $(PY) ## Evaluate on AIME 24/25 with tools on Modal: make eval CHECKPOINT=latest|base|sft|PATH
-	$(VENV)/bin/modal run $(MODAL_APP)::evaluate --checkpoint $(CHECKPOINT)
+eval: $(PY) ## Evaluate on AIME 24/25 with tools on Modal, detached: make eval CHECKPOINT=latest|base|sft|PATH
+	$(MODAL_DETACHED) $(MODAL_APP)::launch_eval --checkpoint $(CHECKPOINT)
 
 .PHONY: pipeline
-pipeline: $(PY) ## download → prep → SFT → DAPO → eval on Modal, skipping done stages (EXPERIMENT=retool)
-	RETOOL_GPUS=$(GPUS) $(VENV)/bin/modal run $(MODAL_APP)::pipeline --experiment-name $(EXPERIMENT)
+pipeline: $(PY) ## download → prep → SFT → DAPO → eval on Modal, detached, skipping done stages (EXPERIMENT=retool)
+	RETOOL_GPUS=$(GPUS) $(MODAL_DETACHED) $(MODAL_APP)::pipeline --experiment-name $(EXPERIMENT)
+
+APP ?=
+
+.PHONY: status
+status: $(PY) ## Running and recent Modal apps, and where EXPERIMENT's pipeline stands
+	$(VENV)/bin/modal app list
+	$(VENV)/bin/modal run $(MODAL_APP)::pipeline_status --experiment $(EXPERIMENT)
+
+.PHONY: logs
+logs: $(PY) ## Follow a detached run's logs: make logs APP=ap-... (the id its launch printed)
+	@test -n "$(APP)" || { echo "error: make logs APP=ap-... (the id a launch printed; make status lists them)" >&2; exit 2; }
+	$(VENV)/bin/modal app logs $(APP) --follow
+
+.PHONY: results
+results: $(PY) ## Fetch EXPERIMENT's reports (run reports, metrics, eval reports; no weights) into runs/EXPERIMENT/
+	$(VENV)/bin/modal run $(MODAL_APP)::results --experiment $(EXPERIMENT)
+
+.PHONY: wandb-sync
+wandb-sync: $(PY) ## Upload the offline wandb runs kept on the checkpoints volume (needs WANDB_API_KEY in .env)
+	$(VENV)/bin/modal run $(MODAL_APP)::wandb_sync
 
 .PHONY: deploy-sandbox
 deploy-sandbox: $(PY) ## Deploy the sandbox to Modal (a web endpoint; prints its URL)

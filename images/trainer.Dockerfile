@@ -38,15 +38,17 @@ RUN apt-get update \
 # Only dependencies live in the image, computed from the files that declare them (versions from
 # constraints.txt, the project's list from pyproject.toml, user-code packages from
 # sandbox/runtime.py); the code arrives last (Modal's add_local_dir, compose's bind mount).
+# images/trainer-constraints.txt pins every package the trainer set pulls in, so no indirect
+# version drifts between builds (torch 2.11.0 here; CI's CPU venv runs torch 2.13.0).
 WORKDIR /root/retool-modal
 COPY constraints.txt pyproject.toml /tmp/deps/
-COPY images/trainer_requirements.py /tmp/deps/images/
+COPY images/trainer_requirements.py images/trainer-constraints.txt /tmp/deps/images/
 COPY sandbox/runtime.py /tmp/deps/sandbox/
 RUN python3.12 /tmp/deps/images/trainer_requirements.py trainer --root /tmp/deps \
         > /tmp/deps/trainer.txt \
     && python3.12 /tmp/deps/images/trainer_requirements.py sandbox --root /tmp/deps \
         > /tmp/deps/sandbox.txt \
-    && pip install -r /tmp/deps/trainer.txt \
+    && pip install -c /tmp/deps/images/trainer-constraints.txt -r /tmp/deps/trainer.txt \
     && pip --python /usr/bin/python3 install --break-system-packages -r /tmp/deps/sandbox.txt \
     && python -c "import verl, vllm, torch, transfer_queue, liger_kernel, math_verify, matplotlib; \
 from torch.nn.attention.varlen import varlen_attn; print('torch', torch.__version__, torch.version.cuda)" \

@@ -25,6 +25,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Installed only in the GPU image, at constraints.txt's versions (verl's extra brings the rest).
 GPU_PACKAGES = ("verl[vllm]", "liger-kernel")
+# Where the image must differ from constraints.txt (resolved on CPU with torch 2.13): the vLLM 0.24
+# stack pins these lower; with constraints.txt's versions the trainer set does not resolve.
+GPU_OVERRIDES = {
+    "fastapi": "vllm 0.24.0 requires fastapi<0.137",
+    "numpy": "the vLLM 0.24 stack resolves only below constraints.txt's numpy 2.4.6",
+}
+LOCK_FILE = "images/trainer-constraints.txt"  # every trainer-image package, pinned (pip -c)
 
 
 def canonical(name: str) -> str:

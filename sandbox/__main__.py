@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from sandbox.isolation import IsolationUnavailable
+from sandbox.isolation import InsecureIsolation, IsolationUnavailable
 from sandbox.settings import Settings, SettingsError
 
 
@@ -25,12 +25,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 class NoIsolation(Exception):
-    """No isolation mode works on this host (e.g. ``--isolation bwrap`` without bubblewrap)."""
+    """The mode asked for needs a program this host lacks (``--isolation bwrap`` without
+    bubblewrap): a user mistake (exit 2), unlike a host that cannot isolate at all (exit 3)."""
 
 
 def _isolation(settings: Settings):
-    """:func:`sandbox.isolation.detect`, with "nothing works here" as :class:`NoIsolation` (a
-    one-line error at the CLI) and the likely cause named."""
+    """:func:`sandbox.isolation.detect`, with a missing ``bwrap`` for an explicit bwrap mode as
+    :class:`NoIsolation`, its fix named."""
     import shutil
 
     from sandbox.isolation import detect
@@ -39,11 +40,12 @@ def _isolation(settings: Settings):
         return detect(settings)
     except InsecureIsolation:
         raise
-    except RuntimeError as exc:
-        hint = ""
-        if settings.isolation.startswith("bwrap") and shutil.which("bwrap") is None:
-            hint = "; bwrap is not on PATH: install bubblewrap, or pick --isolation auto"
-        raise NoIsolation(f"{exc}{hint}") from None
+    except IsolationUnavailable as exc:
+        if (settings.isolation or "").startswith("bwrap") and shutil.which("bwrap") is None:
+            raise NoIsolation(
+                f"{exc}; bwrap is not on PATH: install bubblewrap, or pick --isolation auto"
+            ) from None
+        raise
 
 
 def serve(args: argparse.Namespace) -> int:

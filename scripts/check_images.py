@@ -2,15 +2,19 @@
 
     python scripts/check_images.py            # the static checks, then the resolve (~1 min)
     python scripts/check_images.py --static   # the static checks only (no network)
+    python scripts/check_images.py --write-lock   # regenerate images/trainer-constraints.txt
 
 Static: every file a Dockerfile COPYs is in the build context and not dockerignored; every exact
 pin an image installs (Dockerfile text, the trainer's and the sandbox's pip sets) equals
-constraints.txt's where constraints.txt names the package.
+constraints.txt's where constraints.txt names the package; the trainer image installs with
+``-c images/trainer-constraints.txt`` (the lock), whose pins equal constraints.txt's except the
+documented ``GPU_OVERRIDES``.
 Resolve: the trainer's pip set (``images/trainer_requirements.py trainer``) and the sandbox
 interpreter's resolve together for manylinux x86_64 / CPython 3.12, wheels only (pip's dry run:
 metadata, no wheel bodies), whatever Python runs this; the resolved torch's CUDA major (from its
 ``nvidia-*-cuXX`` / ``cuda-toolkit`` requirements) equals the trainer base image's; vLLM and
-transferqueue are in the set. PyPI has only sdists of a few pure-Python packages
+transferqueue are in the set; resolved with the lock, every package of the set is pinned in it
+(nothing indirect can drift). PyPI has only sdists of a few pure-Python packages
 (``SDIST_ONLY``): they are built to wheels here first, as pip builds them in the image.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import re
 import subprocess
@@ -96,11 +101,49 @@ def image_pip_sets(root: Path) -> dict[str, list[str]]:
     return sets
 
 
+def read_pins(path: Path) -> dict[str, str]:
+    """A ``name==version`` file as {canonical name: version} (comments and blanks skipped)."""
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return {reqs.canonical(n): v.strip() for n, _, v in (x.partition("==") for x in lines if x)}
+
+
+def gpu_constraints(root: Path) -> dict[str, str]:
+    """constraints.txt without the packages the GPU image must pin otherwise."""
+    return {n: v for n, v in reqs.constraints(root).items() if n not in reqs.GPU_OVERRIDES}
+
+
+def lock_problems(root: Path) -> list[str]:
+    """The trainer image installs with the lock, and the lock agrees with constraints.txt."""
+    lock = root / reqs.LOCK_FILE
+    if not lock.is_file():
+        return [f"no {reqs.LOCK_FILE}: run scripts/check_images.py --write-lock"]
+    dockerfile = (root / "images" / "trainer.Dockerfile").read_text()
+    problems = []
+    if f"-c /tmp/deps/{reqs.LOCK_FILE}" not in dockerfile:
+        problems.append(
+            f"images/trainer.Dockerfile: the pip install does not use -c {reqs.LOCK_FILE}"
+        )
+    pins = [f"{name}=={version}" for name, version in read_pins(lock).items()]
+    problems += pin_problems({reqs.LOCK_FILE: pins}, gpu_constraints(root))
+    return problems
+
+
 def static_problems(root: Path) -> list[str]:
     problems = []
     for dockerfile in sorted((root / "images").glob("*Dockerfile")):
         problems += dockerfiles.copy_source_problems(dockerfile, root)
-    return problems + pin_problems(image_pip_sets(root), reqs.constraints(root))
+    return (
+        problems + pin_problems(image_pip_sets(root), reqs.constraints(root)) + lock_problems(root)
+    )
+
+
+def unpinned(report: dict[str, Any], lock: dict[str, str]) -> list[str]:
+    """Packages a resolve installs that the lock does not pin at that version."""
+    return [
+        f"{name} {meta['version']} is not pinned in {reqs.LOCK_FILE} ({lock.get(name, 'absent')})"
+        for name, meta in installs(report).items()
+        if lock.get(name) != meta["version"]
+    ]
 
 
 def platforms(glibc_minor: int) -> list[str]:
@@ -195,19 +238,41 @@ def resolve(requirements: list[str], glibc_minor: int, wheels: Path, cache: Path
     return json.loads(proc.stdout)
 
 
+def write_lock(root: Path, cache: Path) -> int:
+    """Resolve the trainer set with constraints.txt (less ``GPU_OVERRIDES``), write the lock."""
+    _, glibc = base_image((root / "images" / "trainer.Dockerfile").read_text())
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as pins:
+        pins.write("".join(f"{n}=={v}\n" for n, v in gpu_constraints(root).items()))
+        pins.flush()
+        report = resolve([*reqs.trainer(root), f"-c {pins.name}"], glibc, sdist_wheels(root, cache),
+                         cache)  # fmt: skip
+    lock = root / reqs.LOCK_FILE
+    old = lock.read_text().splitlines() if lock.exists() else []
+    header = "".join(f"{line}\n" for line in itertools.takewhile(lambda x: x.startswith("#"), old))
+    found = sorted((name, meta["version"]) for name, meta in installs(report).items())
+    body = "".join(f"{name}=={version}\n" for name, version in found)
+    lock.write_text(header + body)
+    print(f"{reqs.LOCK_FILE}: {len(found)} packages")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--static", action="store_true", help="skip the resolve (no network)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "check-images")
+    parser.add_argument("--write-lock", action="store_true", help=f"regenerate {reqs.LOCK_FILE}")
     args = parser.parse_args(argv)
+    if args.write_lock:
+        return write_lock(REPO, args.cache)
     problems = static_problems(REPO)
     base_major, glibc = base_image((REPO / "images" / "trainer.Dockerfile").read_text())
     print(f"static: {len(problems)} problem(s); trainer base: CUDA {base_major}, glibc 2.{glibc}")
     if not args.static and not problems:
         wheels = sdist_wheels(REPO, args.cache)
         for name in ("trainer", "sandbox"):
+            lock = [f"-c {REPO / reqs.LOCK_FILE}"] if name == "trainer" else []
             try:
-                report = resolve(reqs.SETS[name](REPO), glibc, wheels, args.cache)
+                report = resolve([*reqs.SETS[name](REPO), *lock], glibc, wheels, args.cache)
             except RuntimeError as exc:
                 problems.append(f"{name} set does not resolve for linux/cp{PYTHON_VERSION}: {exc}")
                 continue
@@ -218,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch = found.get("torch", {})
                 print(f"trainer: torch's CUDA {sorted(cuda_majors(torch))}")
                 problems += resolve_problems(report, base_major)
+                problems += unpinned(report, read_pins(REPO / reqs.LOCK_FILE))
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     return 1 if problems else 0

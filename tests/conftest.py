@@ -13,6 +13,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_ROOT = Path(os.environ.get("RETOOL_TEST_CACHE", REPO_ROOT / ".cache" / "models"))
 
 
+@pytest.fixture(autouse=True)
+def wandb_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run as a machine without a wandb account should: ``WANDB_MODE=offline``, and no
+    ``.env`` read by a launch check (tests/recipe/test_tracking.py takes these away to test the
+    check itself)."""
+    from recipe.retool import tracking
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(tracking, "DOTENV", REPO_ROOT / ".cache" / "no-such.env")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """Directory of the tiny random-init Qwen2 model + Qwen2.5-format tokenizer."""

@@ -573,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from recipe.retool.paths import BASE_MODEL_ID, MODELS_MOUNT
+    from recipe.retool.tracking import check_wandb, launch_env
 
     parser = argparse.ArgumentParser(
         prog="python -m recipe.retool.launch", description=main.__doc__
@@ -597,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = dapo_command(overrides, topo)
         composed = validate(ns.stage, overrides, topo)
         start = _dapo_start_note(layout, parsed.sft_checkpoint) if ns.stage == "dapo" else None
+        check_wandb(composed, launch_env())
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

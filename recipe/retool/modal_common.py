@@ -26,10 +26,30 @@ def trainer_image() -> modal.Image:
     image = modal.Image.from_dockerfile(
         REPO_ROOT / "images" / "trainer.Dockerfile", context_dir=REPO_ROOT
     )
-    image = image.env({"PYTHONPATH": str(REMOTE_ROOT), "PYTHONUNBUFFERED": "1"})
+    # HF_HOME on the models volume: hub datasets and files download once, not on every prep.
+    image = image.env(
+        {"PYTHONPATH": str(REMOTE_ROOT), "PYTHONUNBUFFERED": "1", "HF_HOME": str(paths.HF_CACHE)}
+    )
     for package in ("recipe", "sandbox"):
         image = image.add_local_dir(REPO_ROOT / package, str(REMOTE_ROOT / package), ignore=_IGNORE)
     return image
+
+
+RESOURCES_FILE = Path(__file__).resolve().parent / "config" / "resources.yaml"
+
+
+def host_resources(stage: str, gpus: int) -> dict[str, float | int]:
+    """``cpu`` (cores) and ``memory`` (MiB) for a GPU function of ``stage`` on ``gpus`` GPUs:
+    the sum of ``config/resources.yaml``'s items, ``per_gpu`` ones times ``gpus``. Modal's
+    default (0.125 core, 128 MiB guaranteed) ignores Ray, the dataloaders and the node sandbox."""
+    import yaml
+
+    spec = yaml.safe_load(RESOURCES_FILE.read_text())[stage]
+
+    def total(items: dict[str, float]) -> float:
+        return sum(v * gpus if k == "per_gpu" else v for k, v in items.items())
+
+    return {"cpu": float(total(spec["cpu"])), "memory": int(total(spec["memory_gib"]) * 1024)}
 
 
 def ray_cluster_secret() -> modal.Secret:

@@ -47,6 +47,7 @@ SANDBOX_FUNCTION_NAME = "serve"
 DATA_MOUNT = Path("/data")
 MODELS_MOUNT = Path("/models")
 CHECKPOINTS_MOUNT = Path("/checkpoints")
+HF_CACHE = MODELS_MOUNT / ".hf-cache"  # HF_HOME in the trainer image: downloads persist
 
 EVAL_SETS = ("aime_2024", "aime_2025")  # rl/<name>.parquet: DAPO validation and evaluation
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # written by verl after a complete save

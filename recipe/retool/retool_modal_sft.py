@@ -17,6 +17,10 @@
 #     modal deploy recipe/retool/modal_fusion_sandbox.py
 #     modal run recipe/retool/retool_modal_sft.py::train_dapo
 #
+# `make sft|dapo|eval|pipeline` launch the same functions detached (`modal run --detach` of the
+# `launch_*` / `pipeline` entry points below): the run outlives the laptop, and the launch prints
+# how to follow it (`make logs`, `make status`, the wandb page).
+#
 # Any verl Hydra override passes through after `--`:
 #
 #     modal run recipe/retool/retool_modal_sft.py::train -- \
@@ -65,7 +69,8 @@ VOLUMES = {
     str(paths.CHECKPOINTS_MOUNT): checkpoints_volume,
 }
 secrets = [modal.Secret.from_dotenv(modal_common.REPO_ROOT)]
-# Every training function: all GPUs of one node, all volumes, the secrets, Modal's 24 h maximum.
+# Every training function: all GPUs of one node, all volumes, the secrets, Modal's 24 h maximum;
+# host CPU and memory per stage from config/resources.yaml (`modal_common.host_resources`).
 GPU_FUNCTION = {
     "image": trainer_image,
     "gpu": f"{GPU_TYPE}:{N_GPUS}",
@@ -157,7 +162,7 @@ def prep_dataset(
     except (PrepError, MalformedRow) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    _commit(data_volume)
+    _commit(data_volume, models_volume)  # the parquet, and the hub cache (HF_HOME) on /models
 
 
 @app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, timeout=2 * HOURS)
@@ -236,7 +241,7 @@ def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -
         raise SystemExit(result.returncode)
 
 
-@app.function(**GPU_FUNCTION)
+@app.function(**GPU_FUNCTION, **modal_common.host_resources("sft", N_GPUS))
 def train(*arglist: str) -> None:
     """Cold-start SFT. Options: --experiment-name=NAME, --allow-other-base (resume a name started
     from another model or data); then any verl override (key=value)."""
@@ -247,7 +252,11 @@ def train(*arglist: str) -> None:
 # (trainer.resume_mode=auto) of the same experiment (named after the function call when no
 # --experiment-name is given), so the run goes on where the previous attempt stopped. A config
 # mistake is not retried: it is reported and the call ends.
-@app.function(**(GPU_FUNCTION | {"retries": modal.Retries(max_retries=3, initial_delay=60.0)}))
+@app.function(
+    **GPU_FUNCTION,
+    **modal_common.host_resources("dapo", N_GPUS),
+    retries=modal.Retries(max_retries=3, initial_delay=60.0),
+)
 def train_dapo(*arglist: str) -> None:
     """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT
     --sandbox=node|deployed (default node: a sandbox on each node) --allow-other-base; then
@@ -299,14 +308,17 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
 # as a secret (`modal_common.ray_cluster_secret`).
 
 
-@app.function(**GPU_FUNCTION)
+@app.function(**GPU_FUNCTION, **modal_common.host_resources("sft", N_GPUS))
 @modal.clustered(size=N_NODES, rdma=True)
 def train_multinode(*arglist: str) -> None:
     """SFT across nodes. Needs --experiment-name (shared by every node); overrides as `train`."""
     _run_stage("sft", arglist)
 
 
-@app.function(**(GPU_FUNCTION | {"secrets": [*secrets, modal_common.ray_cluster_secret()]}))
+@app.function(
+    **(GPU_FUNCTION | {"secrets": [*secrets, modal_common.ray_cluster_secret()]}),
+    **modal_common.host_resources("dapo", N_GPUS),
+)
 @modal.clustered(size=N_NODES, rdma=True)
 def train_dapo_multinode(*arglist: str) -> None:
     """DAPO across nodes (Ray head on node 0). Options and overrides as `train_dapo`."""
@@ -316,14 +328,21 @@ def train_dapo_multinode(*arglist: str) -> None:
 # ## Evaluation
 #
 # AIME 2024 and 2025 with the same multi-turn code-interpreter loop as training (verl's tool agent
-# loop, our tool, the deployed sandbox, our reward), vLLM on one GPU, the ReTool paper's settings
-# by default (n = 32, T = 1.0, top-p 0.7, 16k tokens). Reports (JSON, markdown, plots) go to
-# `/checkpoints/eval/<label>/`.
+# loop, our tool, a sandbox on this container as DAPO's nodes run one, our reward), vLLM on one
+# GPU, the ReTool paper's settings by default (n = 32, T = 1.0, top-p 0.7, 16k tokens). Reports
+# (JSON, markdown, plots) go to `/checkpoints/eval/<label>/`; the summary table is printed and the
+# results are logged to wandb (project `retool-eval`) where it is configured.
 #
 #     modal run recipe/retool/retool_modal_sft.py::evaluate --checkpoint latest  # base, sft, PATH
 
 
-@app.function(**(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 12 * HOURS}))
+EVAL_PROJECT = "retool-eval"
+
+
+@app.function(
+    **(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 12 * HOURS}),
+    **modal_common.host_resources("eval", 1),
+)
 def evaluate(
     checkpoint: str = "latest",
     n: int = 0,
@@ -337,46 +356,55 @@ def evaluate(
     override them when given. A checkpoint evaluated before is refused unless ``--force``, which
     writes a new report directory next to the old (``eval/index.jsonl`` lists them all).
     """
+    import json
     import sys
     from dataclasses import replace
 
+    from recipe.retool import tracking
     from recipe.retool.eval.evaluate import (
         EvalConfig,
         EvalError,
         eval_dir,
         report_dir,
         resolve_checkpoint,
+        show_summary,
     )
     from recipe.retool.eval.evaluate import evaluate_checkpoint as run_eval
     from recipe.retool.launch import LaunchError
     from recipe.retool.pipeline import evaluate_experiment
+    from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
 
     _reload(data_volume, models_volume, checkpoints_volume)
     layout = paths.Layout.from_env()
     try:
         cfg = EvalConfig.from_yaml()
         cfg = replace(cfg, n=n or cfg.n, max_problems=max_problems or cfg.max_problems)
-        sandbox_url = modal_common.sandbox_url()
-        if experiment:
-            files = evaluate_experiment(layout, experiment, sandbox_url, cfg, backend="vllm")
-            result = {"comparison": [str(f) for f in files]}
-        else:
-            ref = resolve_checkpoint(checkpoint, layout)
-            datasets = {name: layout.rl_file(name) for name in paths.EVAL_SETS}
-            out_dir = report_dir(eval_dir(layout, ref.label), force=force)
-            result = run_eval(ref.path, datasets, out_dir, cfg, sandbox_url, "vllm",
-                              checkpoint=ref)  # fmt: skip
-    except (
-        EvalError,
-        LaunchError,
-        paths.CheckpointNotFound,
-        modal_common.SandboxNotDeployed,
-    ) as exc:
+        with tool_sandbox("node", deployed_url=modal_common.sandbox_url) as sandbox_url:
+            if experiment:
+                files = evaluate_experiment(layout, experiment, sandbox_url, cfg, backend="vllm")
+                result = {"comparison": [str(f) for f in files]}
+            else:
+                ref = resolve_checkpoint(checkpoint, layout)
+                datasets = {name: layout.rl_file(name) for name in paths.EVAL_SETS}
+                out_dir = report_dir(eval_dir(layout, ref.label), force=force)
+                result = run_eval(ref.path, datasets, out_dir, cfg, sandbox_url, "vllm",
+                                  checkpoint=ref)  # fmt: skip
+    except (EvalError, LaunchError, paths.CheckpointNotFound, NodeSandboxError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         _commit(checkpoints_volume)
-    print(result)
+    if experiment:
+        compare = Path(result["comparison"][0])
+        print(compare.read_text())
+        plots, run = {"compare": compare.with_suffix(".png")}, experiment
+        numbers = tracking.flat_numbers(json.loads(compare.with_suffix(".json").read_text()))
+    else:
+        plots = {p.stem: p for p in show_summary(result, ref, layout)}
+        run, numbers = ref.label, tracking.flat_numbers(result["datasets"])
+    tracking.log_results(layout, project=EVAL_PROJECT, run=f"eval-{run}", metrics=numbers,
+                         images=plots)  # fmt: skip
+    _commit(checkpoints_volume)  # the progress plot and wandb's files
     return result
 
 
@@ -399,9 +427,10 @@ def pipeline_status(experiment: str) -> dict[str, bool]:
     return done
 
 
-@app.local_entrypoint()
-def pipeline(experiment_name: str = "retool", force: str = "") -> None:
-    """Run (or resume) every stage of one experiment on Modal; ``--force eval,dapo`` re-runs."""
+@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, timeout=24 * HOURS)
+def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
+    """Run (or resume) every stage of one experiment, from a container: the chain outlives the
+    client that launched it. Each stage is its own call (DAPO with its own retries)."""
     import sys
 
     from recipe.retool.pipeline import run_pipeline
@@ -409,7 +438,7 @@ def pipeline(experiment_name: str = "retool", force: str = "") -> None:
     exp = f"--experiment-name={experiment_name}"
     try:
         outcomes = run_pipeline(
-            lambda: pipeline_status.remote(experiment_name),
+            lambda: pipeline_status.local(experiment_name),
             {
                 "download": lambda: download_model.remote(),
                 "prep": lambda: prep_dataset.remote(),
@@ -422,10 +451,147 @@ def pipeline(experiment_name: str = "retool", force: str = "") -> None:
     except ValueError as exc:  # an unknown --force stage, found before anything runs
         print(f"error: --force: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    for outcome in outcomes:
-        print(f"{outcome.stage:<9} {outcome.action}")
+    lines = [f"{outcome.stage:<9} {outcome.action}" for outcome in outcomes]
+    print("\n".join(lines))
     if outcomes and outcomes[-1].action.startswith("failed"):
         raise SystemExit(1)
+    return lines
+
+
+# ## Launching detached
+#
+# `make sft|dapo|eval|pipeline` run these entry points with `modal run --detach`: each spawns its
+# function, prints how to follow it (`recipe/retool/follow.py`) and streams its logs; Ctrl-C or a
+# closed laptop detaches, the run goes on. A bad option fails here, before anything starts.
+
+
+def _spawn(function: modal.Function, *args, what: str, wandb_url=None, **kwargs):
+    """Spawn ``function``, print how to follow it, then wait (the wait is what a detach ends).
+
+    ``wandb_url``: the run's page, or a callable of the call id for runs named after it."""
+    from recipe.retool.follow import follow_lines
+
+    call = function.spawn(*args, **kwargs)
+    url = wandb_url(call.object_id) if callable(wandb_url) else wandb_url
+    print("\n".join(follow_lines(app.app_id, call.object_id, what=what, wandb_url=url)), flush=True)
+    return call.get()
+
+
+def _launch_training(stage: str, function: modal.Function, arglist: tuple[str, ...]) -> None:
+    import sys
+
+    from recipe.retool.follow import project_override, training_wandb_url
+    from recipe.retool.launch import LaunchError, load_stage_config, parse_launch_args
+    from recipe.retool.stages import default_experiment
+
+    try:
+        parsed = parse_launch_args(arglist)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    project = project_override(
+        parsed.overrides, load_stage_config(stage).overrides["trainer.project_name"]
+    )
+
+    def url(call_id: str) -> str:  # the name the container gives a run without one
+        experiment = parsed.experiment or default_experiment(stage, call_id)
+        return training_wandb_url(stage, experiment, project)
+
+    _spawn(function, *arglist, what=f"{stage} on {N_GPUS}x{GPU_TYPE}", wandb_url=url)
+
+
+@app.local_entrypoint()
+def launch_sft(*arglist: str) -> None:
+    """``make sft``: spawn ``train`` with these options and overrides, then follow it."""
+    _launch_training("sft", train, arglist)
+
+
+@app.local_entrypoint()
+def launch_dapo(*arglist: str) -> None:
+    """``make dapo``: spawn ``train_dapo`` with these options and overrides, then follow it."""
+    _launch_training("dapo", train_dapo, arglist)
+
+
+@app.local_entrypoint()
+def launch_eval(checkpoint: str = "latest", n: int = 0, max_problems: int = 0) -> None:
+    """``make eval``: spawn ``evaluate`` for one checkpoint, then follow it."""
+    from recipe.retool.tracking import launch_env, run_url
+
+    entity = launch_env().get("WANDB_ENTITY")
+    url = run_url(EVAL_PROJECT, "", entity).removesuffix("/runs/")
+    _spawn(evaluate, what=f"evaluation of {checkpoint}", wandb_url=url,
+           checkpoint=checkpoint, n=n, max_problems=max_problems)  # fmt: skip
+
+
+@app.local_entrypoint()
+def pipeline(experiment_name: str = "retool", force: str = "") -> None:
+    """``make pipeline``: spawn ``pipeline_run`` (every stage, skipping done ones), then follow."""
+    import sys
+
+    from recipe.retool.pipeline import PIPELINE_STAGES
+
+    unknown = set(filter(None, force.split(","))) - set(PIPELINE_STAGES)
+    if unknown:  # before anything is spawned
+        print(f"error: --force: unknown stage(s) {sorted(unknown)}; stages are {PIPELINE_STAGES}",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+    _spawn(pipeline_run, what=f"pipeline {experiment_name}",
+           experiment_name=experiment_name, force=force)  # fmt: skip
+
+
+# ## Results and offline wandb runs
+#
+# `make results EXPERIMENT=x`: the experiment's reports (run reports, metrics, checkpoint info,
+# evaluation reports; never weights) from the volumes into `runs/<x>/`.
+# `make wandb-sync`: upload the offline wandb runs kept on the checkpoints volume.
+
+
+@app.function(image=trainer_image, volumes=VOLUMES, timeout=10 * MINUTES)
+def result_files(experiment: str) -> dict[str, bytes]:
+    """``{path relative to the checkpoints volume: bytes}`` of ``follow.result_files``."""
+    from recipe.retool.follow import result_files as wanted
+
+    _reload(checkpoints_volume)
+    layout = paths.Layout.from_env()
+    return {
+        str(p.relative_to(layout.checkpoints)): p.read_bytes() for p in wanted(layout, experiment)
+    }
+
+
+@app.local_entrypoint()
+def results(experiment: str = "retool", out: str = "runs") -> None:
+    """Write ``result_files(experiment)`` under ``<out>/<experiment>/``, the volume's layout."""
+    target = Path(out) / experiment
+    files = result_files.remote(experiment)
+    for relative, body in sorted(files.items()):
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+        print(path)
+    if not files:
+        print(f"no reports for {experiment!r} yet (make status EXPERIMENT={experiment})")
+
+
+@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, timeout=2 * HOURS)
+def wandb_sync() -> None:
+    """``wandb sync`` every offline run under the volume's WANDB_DIR (needs WANDB_API_KEY)."""
+    import subprocess
+    import sys
+
+    from recipe.retool import tracking
+
+    _reload(checkpoints_volume)
+    runs = sorted((tracking.wandb_dir(paths.Layout.from_env()) / "wandb").glob("offline-run-*"))
+    if not runs:
+        print("no offline wandb runs on the checkpoints volume")
+        return
+    if not os.environ.get("WANDB_API_KEY"):
+        print("error: wandb sync needs WANDB_API_KEY in .env", file=sys.stderr)
+        raise SystemExit(2)
+    code = subprocess.run(["wandb", "sync", *map(str, runs)], check=False).returncode
+    _commit(checkpoints_volume)  # wandb marks what it synced
+    if code:
+        raise SystemExit(code)
 
 
 # ## Checkpoints

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from recipe.retool import launch, run_metrics
+from recipe.retool import launch, run_metrics, tracking
 from recipe.retool.paths import (
     BASE_MODEL_ID,
     BASE_MODEL_REVISION,
@@ -72,12 +72,11 @@ def run_subprocess(command: Sequence[str], env: dict[str, str], stdout: IO | Non
 
 
 def check_credentials(env: dict[str, str] | os._Environ = os.environ) -> list[str]:
-    """Warnings about missing secrets, by name only (values are never printed)."""
+    """Warnings about missing secrets, by name only (values are never printed). wandb's key is
+    not a warning but a launch error where the run logs to wandb (``tracking.check_wandb``)."""
     notes = []
     if not env.get("HF_TOKEN"):
         notes.append("HF_TOKEN is not set: public models and datasets still download, rate-limited")
-    if env.get("WANDB_MODE", "online") != "offline" and not env.get("WANDB_API_KEY"):
-        notes.append("WANDB_API_KEY is not set: add it to .env, or set WANDB_MODE=offline")
     return notes
 
 
@@ -192,6 +191,17 @@ def _record(
     return ckpt
 
 
+def _report(layout: Layout, stage: Stage, experiment: str) -> None:
+    """The run's ``report.md``/``report.png`` from its metrics, brought up to date whenever the
+    trainer returns (finished, failed or interrupted); a report never fails the run it describes."""
+    from recipe.retool.run_report import write_run_report
+
+    try:
+        write_run_report(layout.experiment_dir(stage, experiment), stage)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"note: no run report ({type(exc).__name__}: {exc})", flush=True)
+
+
 def _make_portable(experiment_dir: Path) -> None:
     """Every checkpoint's Hugging Face config loads with plain transformers, whatever attention
     the run trained with (``varlen_attention.make_portable``)."""
@@ -236,7 +246,7 @@ def run_sft(
     experiment = parsed.experiment or default_experiment("sft", launch_id)
     model = model_path or layout.model_dir()
     overrides = launch.sft_overrides(layout, experiment, model, topo, parsed.overrides)
-    launch.validate("sft", overrides, topo)
+    tracking.check_wandb(launch.validate("sft", overrides, topo), os.environ)
     if not layout.sft_train_file().exists() and not any("data.train_files" in o for o in args):
         raise launch.LaunchError(
             f"no SFT data at {layout.sft_train_file()}: run prep_dataset first"
@@ -251,9 +261,15 @@ def run_sft(
     command = launch.sft_command(overrides, topo)
     env = dict(TRAINING_ENV) if topo.device == "cuda" else {}
     if topo.node_rank == 0:  # verl logs on rank 0 only
-        env |= metrics_file_env(layout, "sft", experiment)
+        env |= metrics_file_env(layout, "sft", experiment) | tracking.run_env(
+            layout, "sft", experiment
+        )
     start = time.time()
-    code = runner(command, env)
+    try:
+        code = runner(command, env)
+    finally:
+        if topo.node_rank == 0:
+            _report(layout, "sft", experiment)
     ckpt = _record(layout, "sft", experiment, origin, code) if topo.node_rank == 0 else None
     return StageResult("sft", experiment, code, ckpt, time.time() - start)
 
@@ -285,7 +301,10 @@ def run_dapo(
     parsed = launch.parse_launch_args(args)
     experiment = parsed.experiment or default_experiment("dapo", launch_id)
     start_from = resolve_sft_checkpoint(layout, parsed.sft_checkpoint)
-    metrics_env = metrics_file_env(layout, "dapo", experiment)
+    # verl's loggers: the metrics file of this attempt, and the experiment's one wandb run.
+    metrics_env = metrics_file_env(layout, "dapo", experiment) | tracking.run_env(
+        layout, "dapo", experiment
+    )
     env = dapo_env(sandbox_url) | metrics_env
     job_env: list[str] = []
     if topo.nnodes > 1:  # join the Ray cluster that join_ray_cluster started
@@ -298,10 +317,11 @@ def run_dapo(
     overrides = launch.dapo_overrides(
         layout, experiment, start_from, topo, [*parsed.overrides, *job_env]
     )
-    launch.validate("dapo", overrides, topo)
+    composed = launch.validate("dapo", overrides, topo)
     origin = Origin(str(start_from), launch.override_value(overrides, "data.train_files") or "")
     check_origin(layout, "dapo", experiment, origin, allow_other=parsed.allow_other_base,
                  write=True)  # fmt: skip
+    tracking.check_wandb(composed, os.environ)
     print(f"DAPO starts from {start_from}", flush=True)
     if (
         topo.device == "cuda"
@@ -310,7 +330,10 @@ def run_dapo(
     ):
         print(launch.estimate_cost("dapo", topo), flush=True)
     start = time.time()
-    code = runner(launch.dapo_command(overrides, topo), env)
+    try:
+        code = runner(launch.dapo_command(overrides, topo), env)
+    finally:
+        _report(layout, "dapo", experiment)
     ckpt = _record(layout, "dapo", experiment, origin, code)
     return StageResult("dapo", experiment, code, ckpt, time.time() - start)
 

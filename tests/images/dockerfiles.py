@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import modal
 import yaml
 
 # Variables a RUN may use without declaring them: set by every base image or by Docker itself.
@@ -152,6 +151,8 @@ def copy_source_problems(dockerfile: Path, context: Path) -> list[str]:
     For a copied directory every file in it counts (only git-tracked ones inside a repository:
     caches like __pycache__ are meant to be ignored).
     """
+    import modal  # its .dockerignore matcher: the one Modal's image builds apply
+
     ignore_file = dockerignore_for(dockerfile, context)
     ignored: Callable[[Path], bool] = (
         modal.FilePatternMatcher(*ignore_file.read_text().splitlines())

@@ -6,8 +6,11 @@ import importlib
 import sys
 from pathlib import Path
 
-import modal
 import pytest
+
+pytest.importorskip("modal")  # dev-only: absent on a GPU box with the trainer image's set
+
+import modal
 
 from recipe.retool import paths
 from tests.recipe.test_paths import make_step, mark_tracked
@@ -388,3 +391,129 @@ def test_train_dapo_from_a_missing_start_is_one_line_and_not_retried(
     assert app_module.train_dapo.local("--sft-checkpoint=/nonexistent/path") is None
     err = capsys.readouterr().err
     assert err == "error: no checkpoint directory at /nonexistent/path\n"
+
+
+# ---- detached launches ---------------------------------------------------------------------
+
+DETACHED_TARGETS = {"sft": "launch_sft", "dapo": "launch_dapo", "eval": "launch_eval",
+                    "pipeline": "pipeline"}  # fmt: skip
+
+
+def make_dry_run(target: str) -> str:
+    import subprocess
+
+    out = subprocess.run(["make", "-n", target, "PY=python"], cwd=REPO, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    return out.stdout
+
+
+@pytest.mark.parametrize(("target", "entrypoint"), sorted(DETACHED_TARGETS.items()))
+def test_make_launches_run_detached_through_a_spawning_entrypoint(
+    app_module, target, entrypoint
+) -> None:
+    modal_line = next(line for line in make_dry_run(target).splitlines() if "modal run" in line)
+    assert "modal run --detach" in modal_line
+    assert f"retool_modal_sft.py::{entrypoint}" in modal_line
+    assert isinstance(getattr(app_module, entrypoint), modal.app.LocalEntrypoint)
+
+
+def test_the_pipeline_is_a_remote_function_that_outlives_the_client(app_module) -> None:
+    # the client side spawns it and follows
+    assert isinstance(app_module.pipeline, modal.app.LocalEntrypoint)
+    info = app_module.pipeline_run.info()  # the chain itself runs in a container
+    assert info.gpus == [] and info.timeout == 24 * 60 * 60
+    assert {v.name for v in info.volumes.values()} == VOLUME_NAMES
+
+
+class FakeCall:
+    object_id = "fc-01ABC"
+
+    def __init__(self, fn: FakeFunction) -> None:
+        self.fn = fn
+
+    def get(self):
+        self.fn.waited = True
+        return None
+
+
+class FakeFunction:
+    """A Modal function as a launch sees it: spawn, then a call to wait on."""
+
+    def __init__(self) -> None:
+        self.spawned: list[tuple[tuple, dict]] = []
+        self.waited = False
+
+    def spawn(self, *args, **kwargs) -> FakeCall:
+        self.spawned.append((args, kwargs))
+        return FakeCall(self)
+
+
+@pytest.fixture
+def spawned(app_module, monkeypatch):
+    """Each launch's function replaced by a recorder; the app has a (fake) running id."""
+    fakes = {name: FakeFunction() for name in ("train", "train_dapo", "evaluate", "pipeline_run")}
+    for name, fake in fakes.items():
+        monkeypatch.setattr(app_module, name, fake)
+    monkeypatch.setattr(app_module, "app", type("App", (), {"app_id": "ap-XYZ"})())
+    monkeypatch.setenv("WANDB_ENTITY", "team")
+    return fakes
+
+
+def test_launch_dapo_spawns_and_prints_how_to_follow_it(app_module, spawned, capsys) -> None:
+    app_module.launch_dapo("--sandbox=node", "trainer.total_epochs=1")
+    fake = spawned["train_dapo"]
+    assert fake.spawned == [(("--sandbox=node", "trainer.total_epochs=1"), {})] and fake.waited
+    out = capsys.readouterr().out
+    assert "modal app logs ap-XYZ --function-call fc-01ABC --follow" in out
+    # no --experiment-name: the run is named after the call, as the container names it
+    assert "wandb:   https://wandb.ai/team/retool-dapo/runs/dapo-dapo-fc-01ABC" in out
+
+
+def test_launch_sft_with_a_name_and_project_links_that_wandb_run(app_module, spawned, capsys):
+    app_module.launch_sft("--experiment-name=big", "trainer.project_name=mine")
+    assert spawned["train"].spawned[0][0] == ("--experiment-name=big", "trainer.project_name=mine")
+    assert "https://wandb.ai/team/mine/runs/sft-big" in capsys.readouterr().out
+
+
+def test_a_bad_launch_option_is_one_line_and_spawns_nothing(app_module, spawned, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        app_module.launch_dapo("--experment-name=x")
+    assert exc.value.code == 2 and spawned["train_dapo"].spawned == []
+    assert capsys.readouterr().err.startswith("error: unknown option --experment-name")
+
+
+def test_eval_and_pipeline_spawn_their_functions(app_module, spawned, capsys) -> None:
+    app_module.launch_eval(checkpoint="sft", n=4)
+    assert spawned["evaluate"].spawned == [((), {"checkpoint": "sft", "n": 4, "max_problems": 0})]
+    app_module.pipeline(experiment_name="r1", force="eval")
+    assert spawned["pipeline_run"].spawned == [((), {"experiment_name": "r1", "force": "eval"})]
+    out = capsys.readouterr().out
+    assert "https://wandb.ai/team/retool-eval" in out and out.count("modal app logs ap-XYZ") == 2
+
+
+@pytest.mark.parametrize(("name", "stage"), [("train", "sft"), ("train_dapo", "dapo"),
+                                             ("evaluate", "eval")])  # fmt: skip
+def test_gpu_functions_ask_for_the_host_resources_their_stage_needs(app_module, name, stage):
+    from recipe.retool.modal_common import host_resources
+
+    info = getattr(app_module, name).info()
+    gpus = info.gpus[0][1]
+    wanted = host_resources(stage, gpus)
+    assert (info.cpu, info.memory_mib) == (wanted["cpu"], wanted["memory"])
+    assert info.cpu >= 2 * gpus and info.memory_mib >= 16 * 1024  # far above Modal's default
+
+
+def test_results_fetches_reports_but_no_weights(app_module, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RETOOL_ROOT", str(tmp_path / "vol"))
+    layout = paths.Layout.from_env()
+    make_step(layout, "sft", "r1", 4)
+    exp = layout.experiment_dir("sft", "r1")
+    (exp / "report.md").write_text("# sft run: r1\n")
+    (exp / "metrics").mkdir()
+    (exp / "metrics" / "a.jsonl").write_text("{}\n")
+    (layout.checkpoints / "eval" / "r1" / "sft").mkdir(parents=True)
+    (layout.checkpoints / "eval" / "r1" / "compare.md").write_text("x")
+    (layout.checkpoints / "eval" / "r1" / "sft" / "samples_aime_2024.jsonl").write_text("{}")
+    fetched = app_module.result_files.local("r1")
+    assert set(fetched) == {"sft-experiments/r1/report.md", "sft-experiments/r1/metrics/a.jsonl",
+                            "eval/r1/compare.md"}  # fmt: skip

@@ -18,6 +18,8 @@ import pytest
 
 if os.geteuid() != 0:
     pytest.skip("the secure sandbox needs root (per-run uids)", allow_module_level=True)
+pytest.importorskip("hypothesis")  # dev-only: absent where only the trainer image's packages are
+pytest.importorskip("schemathesis")
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings

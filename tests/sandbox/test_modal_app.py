@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("modal")  # dev-only: absent on a GPU box with the trainer image's set
+
 from recipe.retool import modal_fusion_sandbox as m
 
 REPO = Path(__file__).resolve().parents[2]

@@ -130,3 +130,28 @@ def test_resolve_problems_name_a_cuda_mismatch_and_missing_packages() -> None:
         "trainer set: no transferqueue",
         "torch 2.13.0 is built for CUDA none, the trainer base image has CUDA 13",
     ]
+
+
+def test_the_trainer_image_installs_with_a_lock_that_agrees_with_constraints(tmp_path) -> None:
+    for name in ("constraints.txt", "pyproject.toml", "images"):
+        source, target = REPO / name, tmp_path / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+    assert check.lock_problems(tmp_path) == []
+    lock = tmp_path / "images" / "trainer-constraints.txt"
+    assert check.read_pins(lock)["torch"] == "2.11.0"  # the image's torch, not CI's 2.13.0
+    lock.write_text(lock.read_text().replace("accelerate==1.15.0", "accelerate==9.9"))
+    dockerfile = tmp_path / "images" / "trainer.Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace("-c /tmp/deps/images/", "-r /tmp/"))
+    lock_name = "images/trainer-constraints.txt"
+    assert check.lock_problems(tmp_path) == [
+        f"images/trainer.Dockerfile: the pip install does not use -c {lock_name}",
+        f"{lock_name}: accelerate==9.9 but constraints.txt has accelerate==1.15.0",
+    ]
+
+
+def test_a_resolve_that_installs_an_unpinned_version_is_reported() -> None:
+    report = {"install": [{"metadata": {"name": "Foo_Bar", "version": "2.0"}},
+                          {"metadata": {"name": "torch", "version": "2.11.0"}}]}  # fmt: skip
+    assert check.unpinned(report, {"torch": "2.11.0", "foo-bar": "1.0"}) == [
+        "foo-bar 2.0 is not pinned in images/trainer-constraints.txt (1.0)"
+    ]

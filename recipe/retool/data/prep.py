@@ -23,10 +23,11 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -277,6 +278,25 @@ def token_length(tokenizer: Any, row: dict[str, Any], group: Group) -> int:
 
 
 DEDUPE_COLUMNS = ("prompt", "reward_model")  # what _dedupe reads, column-wise
+PROGRESS_EVERY_S = 30.0
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], total: int, desc: str, every_s: float = PROGRESS_EVERY_S,
+             stream: TextIO | None = None) -> Iterator[T]:  # fmt: skip
+    """``items``, showing progress on ``stream`` (stderr): tqdm's bar on a terminal, else (Modal's
+    logs, CI) one line every ``every_s`` seconds and one at the end, which a log keeps readable."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        yield from tqdm(items, total=total, desc=desc, file=stream)
+        return
+    started = last = time.monotonic()
+    for done, item in enumerate(items, start=1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s or done == total:
+            last = now
+            print(f"{desc}: {done}/{total} rows ({now - started:.0f} s)", file=stream, flush=True)
 
 
 def _dedupe(table: pa.Table, summary: PrepSummary) -> list[int]:
@@ -354,8 +374,7 @@ def prepare_one(
     out_rows: list[dict[str, Any]] = []
     lengths: list[int] = []
     rows = zip(indices, source_rows, strict=True)
-    progress = tqdm(rows, total=len(indices), desc=source.name, disable=None, file=sys.stderr)
-    for index, row in progress:
+    for index, row in progress(rows, len(indices), source.name):
         try:
             mapped = source.mapper(row, index)
         except MalformedRow as err:

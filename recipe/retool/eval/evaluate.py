@@ -848,18 +848,29 @@ def run_cli(argv: Sequence[str]) -> int:
     summary = evaluate_checkpoint(
         ref.path, datasets, out_dir, cfg, args.sandbox_url, args.backend, checkpoint=ref
     )
-    print(report.summary_table(summary["datasets"]))
-    print(f"reports: {out_dir}")
-    if ref.stage in ("sft", "dapo") and args.out_dir is None:
-        eval_root = layout.checkpoints / "eval"
-        files = report.write_progress_report(
-            sorted(eval_root.iterdir()),
-            eval_root / f"progress-{ref.stage}-{ref.experiment}",
-            stage=ref.stage,
-            experiment=ref.experiment,
-        )
-        print(f"progress: {files[0].parent}")
+    show_summary(summary, ref, layout, progress=args.out_dir is None)
     return 0
+
+
+def show_summary(
+    summary: dict[str, Any], ref: CheckpointRef, layout: Layout, *, progress: bool = True
+) -> list[Path]:
+    """What the CLI and the Modal function print after an evaluation: the summary table, where
+    the reports are, and, for a training checkpoint, the experiment's accuracy-against-step
+    report (``progress.png``), brought up to date. Returns the plots written."""
+    print(report.summary_table(summary["datasets"]))
+    print(f"reports: {summary['out_dir']}")
+    if not (progress and ref.stage in ("sft", "dapo")):
+        return []
+    eval_root = layout.checkpoints / "eval"
+    files = report.write_progress_report(
+        sorted(eval_root.iterdir()),
+        eval_root / f"progress-{ref.stage}-{ref.experiment}",
+        stage=ref.stage,
+        experiment=ref.experiment,
+    )
+    print(f"progress: {files[0].parent}")
+    return [f for f in files if f.suffix == ".png"]
 
 
 def _labelled(items: Sequence[str]) -> dict[str, Path]:

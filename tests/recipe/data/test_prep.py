@@ -208,3 +208,17 @@ def test_a_set_with_no_rows_left_is_an_error_not_an_empty_file(tmp_path: Path):
     with pytest.raises(prep.PrepError, match=r"sft: no rows left of 2 read \(2 malformed"):
         prep.prepare(tmp_path / "out", source_dir=src, only=["sft"], on_error="skip", show=False)
     assert not (tmp_path / "out" / "sft" / "train.parquet").exists()
+
+
+def test_progress_without_a_terminal_is_periodic_lines(monkeypatch) -> None:
+    import io
+
+    from recipe.retool.data import prep
+
+    clock = iter(float(t) for t in range(100))
+    monkeypatch.setattr(prep.time, "monotonic", lambda: next(clock))
+    log = io.StringIO()  # not a tty, as in Modal's logs
+    assert list(prep.progress(range(5), 5, "sft", every_s=2, stream=log)) == list(range(5))
+    assert log.getvalue().splitlines() == [
+        "sft: 2/5 rows (2 s)", "sft: 4/5 rows (4 s)", "sft: 5/5 rows (5 s)",
+    ]  # fmt: skip

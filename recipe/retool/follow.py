@@ -1,0 +1,66 @@
+"""How to follow a detached Modal run: the lines a launch prints, and where results land.
+
+A day-long run must not depend on the laptop that started it: ``make sft|dapo|eval|pipeline``
+run ``modal run --detach``, whose local entry point spawns the remote function, prints these
+lines, and then streams its logs until Ctrl-C or a closed lid, neither of which stops it. Plain
+functions (no Modal import), so the CPU tests check what is printed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from recipe.retool import tracking
+from recipe.retool.paths import INFO_FILE, Layout
+from recipe.retool.run_report import REPORT_MD, REPORT_PNG
+
+
+def follow_lines(
+    app_id: str, call_id: str, *, what: str, wandb_url: str | None = None
+) -> list[str]:
+    """What to print once a run is spawned: what runs, how to read its logs later, its wandb."""
+    lines = [
+        f"launched {what} ({call_id}); it keeps running if this terminal closes (Ctrl-C detaches)",
+        f"logs:    modal app logs {app_id} --function-call {call_id} --follow   (or: make logs)",
+        "status:  make status",
+    ]
+    if wandb_url:
+        lines.append(f"wandb:   {wandb_url}")
+    return lines
+
+
+def training_wandb_url(stage: str, experiment: str, project: str) -> str:
+    """The wandb page of a training run: its stable id (``tracking.run_id``), entity from the
+    environment or ``.env``."""
+    entity = tracking.launch_env().get("WANDB_ENTITY")
+    return tracking.run_url(project, tracking.run_id(stage, experiment), entity)
+
+
+def project_override(overrides: Sequence[str], default: str) -> str:
+    """``trainer.project_name`` as the user's overrides leave it."""
+    for item in reversed(overrides):
+        key, _, value = item.lstrip("+").partition("=")
+        if key == "trainer.project_name" and value:
+            return value
+    return default
+
+
+def result_files(layout: Layout, experiment: str) -> list[Path]:
+    """What ``make results EXPERIMENT=x`` fetches: reports, never weights. Each stage's
+    ``checkpoint_info.json``, ``report.md``/``report.png`` and metrics, and the experiment's
+    evaluation reports (markdown, JSON, plots; per-sample files stay on the volume)."""
+    found: list[Path] = []
+    for stage in ("sft", "dapo"):
+        root = layout.experiment_dir(stage, experiment)
+        found += [root / name for name in (INFO_FILE, REPORT_MD, REPORT_PNG)]
+        found += sorted((root / "metrics").glob("*.jsonl"))
+    eval_root = layout.checkpoints / "eval"
+    reports = [
+        eval_root / experiment,
+        *(eval_root / f"progress-{s}-{experiment}" for s in ("sft", "dapo")),
+    ]
+    for directory in reports:
+        for pattern in ("*.md", "*.json", "*.png"):
+            found += sorted(directory.rglob(pattern))
+    return [path for path in found if path.is_file()]
