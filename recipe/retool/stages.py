@@ -254,10 +254,11 @@ def run_dapo(
         job_env = [
             f"++ray_kwargs.ray_init.runtime_env.env_vars.{k}={v}" for k, v in metrics_env.items()
         ]
-    overrides = launch.dapo_overrides(
-        layout, experiment, start_from, topo, [*parsed.overrides, *job_env]
-    )
-    launch.validate("dapo", overrides, topo)
+    from recipe.retool.async_dapo import plan_dapo
+
+    plan = plan_dapo(layout, experiment, start_from, topo, parsed, job_env)
+    for note in plan.notes:
+        print(note, flush=True)
     print(f"DAPO starts from {start_from}", flush=True)
     if (
         topo.device == "cuda"
@@ -266,7 +267,7 @@ def run_dapo(
     ):
         print(launch.estimate_cost("dapo", topo), flush=True)
     start = time.time()
-    code = runner(launch.dapo_command(overrides, topo), env)
+    code = runner(plan.command, env)
     ckpt = _record(layout, "dapo", experiment, str(start_from), code)
     return StageResult("dapo", experiment, code, ckpt, time.time() - start)
 
