@@ -18,9 +18,10 @@ Two GPU mechanisms have CPU counterparts or are switched off (:data:`CPU_ASYNC_O
 
 from __future__ import annotations
 
+import runpy
+
 from recipe.retool.local import checkpoint_engine_cpu
 from recipe.retool.local.cpu_ppo import install_worker
-from recipe.retool.verl_plugins import trainer_setup
 
 CPU_ASYNC_OVERRIDES: dict[str, object] = {
     "actor_rollout_ref.rollout.checkpoint_engine.backend": checkpoint_engine_cpu.BACKEND,
@@ -35,10 +36,12 @@ CPU_ASYNC_OVERRIDES: dict[str, object] = {
 
 def main() -> None:
     """``python -m recipe.retool.local.cpu_async_ppo <overrides>``: fully-async DAPO on CPU."""
-    install_worker()
-    from verl.experimental.fully_async_policy import fully_async_main
+    from recipe.retool.async_dapo import load_async_config
 
-    trainer_setup.run_verl(fully_async_main)
+    install_worker()
+    # As `python -m`: Hydra finds this entry's config/ (a folder, not a package) next to the file
+    # only when its main() is defined in __main__ (trainer_setup.run_verl calls it from outside).
+    runpy.run_module(load_async_config().entry_module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
