@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from recipe.retool import async_dapo, launch
+from recipe.retool import async_dapo, launch, stages
 from recipe.retool.launch import LaunchError, Topology, parse_launch_args
 from recipe.retool.local import checkpoint_engine_cpu
 from recipe.retool.paths import Layout
@@ -143,3 +143,24 @@ def test_async_mistakes_are_one_line(args: list[str], message: str) -> None:
 def test_explicit_tp_that_does_not_fit_the_rollout_side_is_refused() -> None:
     with pytest.raises(LaunchError, match="rollout TP 8 does not divide the 4 rollout GPUs"):
         plan(8, ASYNC, "actor_rollout_ref.rollout.tensor_model_parallel_size=8")
+
+
+def test_train_dapo_launches_the_async_trainer_with_the_sandbox(tmp_path: Path, capsys) -> None:
+    """``make dapo ARGS="--rollout-mode=async"``: run_dapo, as train_dapo calls it, prints what
+    async changes and runs verl's fully-async entry with the tool pointed at the sandbox."""
+    from tests.recipe.test_paths import make_step, mark_tracked
+    from tests.recipe.test_stages import FakeRunner
+
+    layout = Layout.local(tmp_path)
+    make_step(layout, "sft", "s1", 62)
+    mark_tracked(layout, "sft", "s1", 62)
+    runner = FakeRunner(layout, "dapo")
+    args = ["--experiment-name=d", ASYNC, "--rollout-gpus=2"]
+    result = stages.run_dapo(layout, Topology(gpus_per_node=4), args, sandbox_url="http://sb",
+                             runner=runner)  # fmt: skip
+    command = runner.commands[0]
+    assert command[command.index("-m") + 1].endswith("fully_async_policy.fully_async_main")
+    assert {"rollout.n_gpus_per_node=2", "trainer.n_gpus_per_node=2"} <= set(command)
+    assert runner.envs[0]["SANDBOX_FUSION_ENDPOINT"] == "http://sb"
+    assert "dynamic sampling: off" in capsys.readouterr().out
+    assert result.returncode == 0
