@@ -159,10 +159,12 @@ BENCH_ROOT ?= /tmp/retool-bench
 bench-sft-gpu: $(PY) ## On a GPU box: SFT speed/memory matrix at the 7B shape (GPUS=4); see docs/benchmarks.md
 	$(PY) scripts/bench_sft_gpu.py matrix --root $(BENCH_ROOT) --gpus $(GPUS)
 
+MODE ?= sync
+
 .PHONY: bench-dapo-gpu
-bench-dapo-gpu: $(PY) ## On a GPU box with vLLM: main_ppo at the production layout scaled to GPUS (random 1.5B-shape model): step split, tokens/s, memory
+bench-dapo-gpu: $(PY) ## On a GPU box with vLLM: DAPO at the production layout scaled to GPUS (random 1.5B-shape model): step split, tokens/s, memory; MODE=async (GPUS>=2) for verl's fully-async trainer
 	$(PY) scripts/bench_dapo_gpu.py prepare --root $(BENCH_ROOT)/dapo
-	$(PY) scripts/bench_dapo_gpu.py run --root $(BENCH_ROOT)/dapo --gpus $(GPUS) --out $(BENCH_ROOT)/dapo/row.json
+	$(PY) scripts/bench_dapo_gpu.py run --root $(BENCH_ROOT)/dapo --gpus $(GPUS) --rollout-mode $(MODE) --out $(BENCH_ROOT)/dapo/row.json
 
 CURVE_GPUS ?= 1
 

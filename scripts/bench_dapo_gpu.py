@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qwen_shapes import QWEN25_1_5B, model_params
 
 from recipe.retool import launch, run_metrics, stages
+from recipe.retool.async_dapo import plan_dapo
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
 from recipe.retool.local.tiny_model import TinySpec, build
 from recipe.retool.paths import Layout
@@ -60,12 +61,14 @@ def prepare(root: Path) -> None:
     print(f"prepared {model_params(root / 'model') / 1e9:.2f} B-parameter model under {root}")
 
 
-def bench_args(root: Path, gpus: int, steps: int) -> list[str]:
-    """``run_dapo``'s arguments: dapo.yaml but for the batch and what a random model forces."""
+def bench_args(root: Path, gpus: int, steps: int, mode: str = "sync") -> list[str]:
+    """``run_dapo``'s arguments: dapo.yaml but for the batch and what a random model forces;
+    ``mode`` is ``--rollout-mode`` (async: verl's fully-async trainer, 2 GPUs or more)."""
     batch = PROMPTS_PER_GPU * gpus
     data = root / "synthetic"
     return [
         f"--experiment-name={EXPERIMENT}",
+        f"--rollout-mode={mode}",
         f"--sft-checkpoint={root / 'model'}",
         f"data.train_files={data / 'rl_train.parquet'}",
         f"data.val_files=[{data / 'rl_val.parquet'}]",
@@ -85,15 +88,22 @@ def bench_args(root: Path, gpus: int, steps: int) -> list[str]:
 
 
 def layout_settings(root: Path, gpus: int, args: Sequence[str]) -> dict:
-    """TP, SP and offload as the composed config ``run_dapo`` launches has them."""
+    """TP, SP, offload and the rollout mode as the composed config ``run_dapo`` launches has
+    them (async: also the GPU split and the weight-sync interval)."""
     topo = launch.Topology(gpus_per_node=gpus)
     parsed = launch.parse_launch_args(args)
-    overrides = launch.dapo_overrides(
-        Layout.local(root), EXPERIMENT, root / "model", topo, parsed.overrides
-    )
-    composed = launch.validate("dapo", overrides, topo)
+    composed = plan_dapo(Layout.local(root), EXPERIMENT, root / "model", topo, parsed).composed
     actor, rollout = composed.actor_rollout_ref.actor, composed.actor_rollout_ref.rollout
+    mode = {"rollout_mode": parsed.rollout_mode}
+    if parsed.rollout_mode == "async":
+        mode |= {
+            "rollout_gpus": int(composed.rollout.n_gpus_per_node),
+            "trainer_gpus": int(composed.trainer.n_gpus_per_node),
+            "sync_every_steps": int(composed.async_training.trigger_parameter_sync_step),
+            "staleness_threshold": float(composed.async_training.staleness_threshold),
+        }
     return {
+        **mode,
         "tp": int(rollout.tensor_model_parallel_size),
         "sp": int(actor.ulysses_sequence_parallel_size),
         "param_offload": bool(actor.fsdp_config.param_offload),
@@ -188,11 +198,11 @@ def step_row(rows: list[tuple[int, dict]]) -> dict:
     }
 
 
-def run(root: Path, gpus: int, steps: int, out: Path) -> dict:
+def run(root: Path, gpus: int, steps: int, out: Path, mode: str = "sync") -> dict:
     import torch
 
     layout = Layout.local(root)
-    args = bench_args(root, gpus, steps)
+    args = bench_args(root, gpus, steps, mode)
     settings = layout_settings(root, gpus, args)
     topo = launch.Topology(gpus_per_node=gpus)
     start = time.time()
@@ -228,11 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--gpus", type=int, required=True)
     r.add_argument("--steps", type=int, default=3)
     r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--rollout-mode", choices=launch.ROLLOUT_MODES, default="sync")
     args = parser.parse_args(argv)
     if args.cmd == "prepare":
         prepare(args.root.resolve())
         return 0
-    row = run(args.root.resolve(), args.gpus, args.steps, args.out)
+    row = run(args.root.resolve(), args.gpus, args.steps, args.out, args.rollout_mode)
     return 0 if row["exit"] == 0 else 1
 
 

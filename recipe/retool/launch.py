@@ -15,7 +15,7 @@ import math
 import re
 import shlex
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -87,6 +87,8 @@ class LaunchArgs:
     experiment: str | None = None
     sft_checkpoint: str | None = None
     sandbox: str | None = None  # DAPO's tool sandbox, one of SANDBOX_CHOICES
+    rollout_mode: str = "sync"  # DAPO's trainer, one of ROLLOUT_MODES (async_dapo.py)
+    rollout_gpus: str | None = None  # async DAPO: rollout GPUs per node (default: half)
     overrides: list[str] = field(default_factory=list)
     # Resume an experiment although it was started from another base model or dataset.
     allow_other_base: bool = False
@@ -96,11 +98,15 @@ _OPTION_NAMES = {
     "experiment-name": "experiment",
     "sft-checkpoint": "sft_checkpoint",
     "sandbox": "sandbox",
+    "rollout-mode": "rollout_mode",
+    "rollout-gpus": "rollout_gpus",
 }
 _FLAG_NAMES = {"allow-other-base": "allow_other_base"}  # options without a value
 # Where DAPO's tool calls run (recipe/retool/tool_sandbox.py): each node's own sandbox on loopback
 # (the default, chosen by measurement: docs/benchmarks.md), or the deployed Modal endpoint.
 SANDBOX_CHOICES = ("node", "deployed")
+# DAPO's trainer: verl's synchronous main_ppo, or its fully-async trainer (async_dapo.py).
+ROLLOUT_MODES = ("sync", "async")
 
 
 def parse_launch_args(args: Sequence[str]) -> LaunchArgs:
@@ -134,6 +140,12 @@ def parse_launch_args(args: Sequence[str]) -> LaunchArgs:
             )
     if values.get("sandbox", SANDBOX_CHOICES[0]) not in SANDBOX_CHOICES:
         raise LaunchError(f"--sandbox={values['sandbox']}: choose {' or '.join(SANDBOX_CHOICES)}")
+    if values.get("rollout_mode", ROLLOUT_MODES[0]) not in ROLLOUT_MODES:
+        raise LaunchError(
+            f"--rollout-mode={values['rollout_mode']}: choose {' or '.join(ROLLOUT_MODES)}"
+        )
+    if "rollout_gpus" in values and not values["rollout_gpus"].isdigit():
+        raise LaunchError(f"--rollout-gpus={values['rollout_gpus']}: expected a GPU count")
     if "experiment" in values:
         try:
             check_experiment_name(values["experiment"])
@@ -311,10 +323,15 @@ def ray_address(topo: Topology) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _verl_config_dir() -> str:
-    import verl.trainer
+# The package whose config/ holds a verl config: ppo_trainer and sft_trainer_engine live in
+# verl.trainer; the fully-async trainer's config in its own package (config/dapo_async.yaml).
+VERL_TRAINER_PACKAGE = "verl.trainer"
 
-    return str(Path(verl.trainer.__file__).parent / "config")
+
+def _verl_config_dir(package: str = VERL_TRAINER_PACKAGE) -> str:
+    import importlib
+
+    return str(Path(importlib.import_module(package).__file__).parent / "config")
 
 
 def _leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -332,26 +349,37 @@ def _leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
 
 
 @functools.cache
-def _base_config(verl_config: str):
-    return _compose(verl_config, ())
+def _base_config(verl_config: str, package: str = VERL_TRAINER_PACKAGE):
+    return _compose(verl_config, (), package)
 
 
-def _compose(verl_config: str, overrides: Sequence[str]):
+def _compose(verl_config: str, overrides: Sequence[str], package: str = VERL_TRAINER_PACKAGE):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=_verl_config_dir(), version_base=None):
+    with initialize_config_dir(config_dir=_verl_config_dir(package), version_base=None):
         return compose(config_name=verl_config, overrides=list(overrides))
 
 
-def _override_key(override: str) -> str:
+def compose(verl_config: str, overrides: Sequence[str], package: str = VERL_TRAINER_PACKAGE):
+    """``overrides`` composed against a verl config; a mistake raises :class:`LaunchError`."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return _compose(verl_config, overrides, package)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise LaunchError(_explain_compose_error(str(exc), verl_config, package)) from None
+
+
+def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
 def override_value(overrides: Sequence[str], key: str) -> str | None:
     """The value the last override of ``key`` sets (the one verl sees), as written."""
-    values = [o.split("=", 1)[1] for o in overrides if "=" in o and _override_key(o) == key]
+    values = [o.split("=", 1)[1] for o in overrides if "=" in o and override_key(o) == key]
     return values[-1] if values else None
 
 
@@ -364,7 +392,7 @@ def _type_errors(base, composed, overrides: Sequence[str]) -> list[str]:
     from omegaconf import OmegaConf
 
     errors = []
-    last_value_of = {_override_key(o): o for o in overrides if not o.startswith(("+", "~"))}
+    last_value_of = {override_key(o): o for o in overrides if not o.startswith(("+", "~"))}
     for key in last_value_of:
         if key in STRING_ALSO_ACCEPTED:
             continue
@@ -382,22 +410,29 @@ def _type_errors(base, composed, overrides: Sequence[str]) -> list[str]:
     return errors
 
 
-def validate(stage: Stage, overrides: Sequence[str], topo: Topology):
-    """Compose ``overrides`` against verl's config; raise :class:`LaunchError` on any mistake."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+def validate(
+    stage: Stage,
+    overrides: Sequence[str],
+    topo: Topology,
+    *,
+    verl_config: tuple[str, str] | None = None,
+    parallelism: Callable[[Any, Topology], list[str]] | None = None,
+):
+    """Compose ``overrides`` against verl's config; raise :class:`LaunchError` on any mistake.
 
-    verl_config = load_stage_config(stage).verl_config
-    try:
-        composed = _compose(verl_config, overrides)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise LaunchError(_explain_compose_error(str(exc), verl_config)) from None
-    errors = _type_errors(_base_config(verl_config), composed, overrides)
+    ``verl_config`` (name, package) and ``parallelism`` replace the stage's config and layout
+    checks, for another verl entry (the fully-async trainer: ``async_dapo.validate_async``)."""
+    name, package = verl_config or (load_stage_config(stage).verl_config, VERL_TRAINER_PACKAGE)
+    composed = compose(name, overrides, package)
+    errors = _type_errors(_base_config(name, package), composed, overrides)
     if not errors:  # the checks below read these values as numbers
-        errors += _range_errors(stage, composed)
+        # another verl entry (the fully-async trainer) brings its own minima and layout checks
+        errors += _range_errors(stage, composed) if verl_config is None else []
     if not errors:
-        errors += check_parallelism(stage, composed, topo)
-    if not errors and stage == "dapo":
+        check = parallelism or functools.partial(check_parallelism, stage)
+        errors += check(composed, topo)
+    if not errors and stage == "dapo" and verl_config is None:
+        # main_ppo's own checks; verl's fully-async entry runs none (its train_batch_size is 0)
         errors += _verl_ppo_checks(composed)
     if errors:
         raise LaunchError(f"invalid {stage} configuration: " + "; ".join(errors))
@@ -462,7 +497,7 @@ def ineffective_overrides(stage: Stage, composed: Any, user_overrides: Sequence[
 
     switch, unread = _MODE_ONLY_KEYS[stage]
     mode = bool(OmegaConf.select(composed, switch))
-    given = {_override_key(o) for o in user_overrides if not o.startswith("~")}
+    given = {override_key(o) for o in user_overrides if not o.startswith("~")}
     return [
         f"{key} has no effect while {switch}={format_value(mode)}"
         for key in unread[mode]
@@ -494,7 +529,9 @@ def _verl_ppo_checks(cfg: Any) -> list[str]:
     return []
 
 
-def _explain_compose_error(message: str, verl_config: str) -> str:
+def _explain_compose_error(
+    message: str, verl_config: str, package: str = VERL_TRAINER_PACKAGE
+) -> str:
     first = message.strip().splitlines()[0]
     match = re.search(r"override '([^']+)'|Key '([^']+)'", message)
     if not match:
@@ -502,7 +539,7 @@ def _explain_compose_error(message: str, verl_config: str) -> str:
     key = next(g for g in match.groups() if g)
     if not key:
         return f"invalid override: {first}"
-    known = _leaf_keys(_base_config(verl_config))
+    known = _leaf_keys(_base_config(verl_config, package))
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
     return f"unknown key '{key}' in verl's {verl_config} config{hint} (prefix '+' to add a new key)"
@@ -592,16 +629,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = MODELS_MOUNT / BASE_MODEL_ID
             overrides = sft_overrides(layout, experiment, model, topo, parsed.overrides)
             command = sft_command(overrides, topo)
+            composed = validate(ns.stage, overrides, topo)
+            notes: list[str] = []
         else:
+            from recipe.retool.async_dapo import plan_dapo
+
             model = Path(parsed.sft_checkpoint or "<latest complete SFT checkpoint>")
-            overrides = dapo_overrides(layout, experiment, model, topo, parsed.overrides)
-            command = dapo_command(overrides, topo)
-        composed = validate(ns.stage, overrides, topo)
+            plan = plan_dapo(layout, experiment, model, topo, parsed)
+            overrides, command, composed, notes = (
+                plan.overrides,
+                plan.command,
+                plan.composed,
+                plan.notes,
+            )
         start = _dapo_start_note(layout, parsed.sft_checkpoint) if ns.stage == "dapo" else None
         check_wandb(composed, launch_env())
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"note: {note}")
     for warning in ineffective_overrides(ns.stage, composed, parsed.overrides):
         print(f"warning: {warning}", file=sys.stderr)
     print(render(command))
@@ -632,4 +679,8 @@ def _dapo_start_note(layout: Layout, requested: str | None) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable copy: the modules main() calls (async_dapo) raise
+    # recipe.retool.launch.LaunchError, which this __main__ copy's LaunchError would not catch.
+    from recipe.retool import launch as importable
+
+    sys.exit(importable.main())

@@ -314,14 +314,17 @@ def run_dapo(
         job_env = [
             f"++ray_kwargs.ray_init.runtime_env.env_vars.{k}={v}" for k, v in metrics_env.items()
         ]
-    overrides = launch.dapo_overrides(
-        layout, experiment, start_from, topo, [*parsed.overrides, *job_env]
+    from recipe.retool.async_dapo import plan_dapo
+
+    plan = plan_dapo(layout, experiment, start_from, topo, parsed, job_env)
+    for note in plan.notes:
+        print(note, flush=True)
+    origin = Origin(
+        str(start_from), launch.override_value(plan.overrides, "data.train_files") or ""
     )
-    composed = launch.validate("dapo", overrides, topo)
-    origin = Origin(str(start_from), launch.override_value(overrides, "data.train_files") or "")
     check_origin(layout, "dapo", experiment, origin, allow_other=parsed.allow_other_base,
                  write=True)  # fmt: skip
-    tracking.check_wandb(composed, os.environ)
+    tracking.check_wandb(plan.composed, os.environ)
     print(f"DAPO starts from {start_from}", flush=True)
     if (
         topo.device == "cuda"
@@ -331,7 +334,7 @@ def run_dapo(
         print(launch.estimate_cost("dapo", topo), flush=True)
     start = time.time()
     try:
-        code = runner(launch.dapo_command(overrides, topo), env)
+        code = runner(plan.command, env)
     finally:
         _report(layout, "dapo", experiment)
     ckpt = _record(layout, "dapo", experiment, origin, code)

@@ -38,6 +38,18 @@ def test_the_batch_scales_with_the_gpus_in_four_mini_batches(tmp_path: Path) -> 
     assert {"trainer.save_freq=-1", "trainer.resume_mode=disable"} <= set(args)
 
 
+def test_async_mode_reaches_the_run_and_the_row_names_the_split(tmp_path: Path) -> None:
+    args = bench.bench_args(tmp_path, 4, 3, "async")
+    assert "--rollout-mode=async" in args
+    settings = bench.layout_settings(tmp_path, 4, args)
+    assert settings["rollout_mode"] == "async"
+    assert (settings["rollout_gpus"], settings["trainer_gpus"]) == (2, 2)
+    assert settings["sync_every_steps"] == 4  # the batch's four mini-batches, then a sync
+    assert bench.layout_settings(tmp_path, 4, bench.bench_args(tmp_path, 4, 3))["rollout_mode"] == (
+        "sync"
+    )
+
+
 def fake_smi(tmp_path: Path, outputs: list[str]) -> list[str]:
     """A command that prints the next of ``outputs`` on each call (the last one repeats)."""
     state = tmp_path / "calls"
