@@ -22,6 +22,9 @@ class SettingsError(ValueError):
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number"}
+# Directories every run sees as its own empty tmpfs (_zygote.SCRATCH_VIEWS mounts them): a
+# SANDBOX_SITE under one would be hidden from user code.
+RUN_PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 def _env(name: str, default: Any) -> Any:
@@ -98,10 +101,13 @@ class Settings:
                     f"site entry {path!r} is not an absolute path to a directory; fix "
                     "SANDBOX_SITE (directories separated by ':') or unset it"
                 )
-            if Path(path).resolve().is_relative_to("/tmp"):
+            shadowed = next(
+                (d for d in RUN_PRIVATE_DIRS if Path(path).resolve().is_relative_to(d)), None
+            )
+            if shadowed:
                 raise SettingsError(
-                    f"site entry {path!r} is under /tmp, which each run replaces with its own; "
-                    "move it elsewhere (e.g. /var/tmp, /opt) for SANDBOX_SITE"
+                    f"site entry {path!r} is under {shadowed}, which each run replaces with its "
+                    "own; move it elsewhere (e.g. /opt, /srv) for SANDBOX_SITE"
                 )
 
     @property

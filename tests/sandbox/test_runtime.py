@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tomllib
 from pathlib import Path
 
@@ -53,9 +54,12 @@ def test_sandbox_site_reaches_user_code_and_pythonpath_does_not(mode: str) -> No
 
     if mode.startswith("bwrap") and shutil.which("bwrap") is None:
         pytest.skip("no bubblewrap here (scripts/setup.sh installs it as root)")
-    # World-readable, for the per-run uids (pytest's tmp_path is 0700), and not under /tmp,
-    # which every run replaces with its own.
-    root = Path(tempfile.mkdtemp(prefix="sandbox-site-", dir="/var/tmp"))
+    # World-readable, for the per-run uids (pytest's tmp_path is 0700), and not under /tmp or
+    # /var/tmp, which every run replaces with its own.
+    parent = next((d for d in ("/srv", "/opt") if os.access(d, os.W_OK)), None)
+    if parent is None:
+        pytest.skip("needs a writable directory outside /tmp and /var/tmp (runs as root in CI)")
+    root = Path(tempfile.mkdtemp(prefix="sandbox-site-", dir=parent))
     try:
         for name, value in (("via_site", 42), ("via_pythonpath", 7)):
             (root / name).mkdir(mode=0o755)
@@ -76,7 +80,7 @@ def test_sandbox_site_reaches_user_code_and_pythonpath_does_not(mode: str) -> No
 
 
 def test_sandbox_site_entries_must_be_directories_outside_tmp(tmp_path) -> None:
-    for wrong in ("relative/site-packages", str(tmp_path / "missing"), str(tmp_path)):
+    for wrong in ("relative/site-packages", str(tmp_path / "missing"), str(tmp_path), "/var/tmp"):
         with pytest.raises(SettingsError, match="SANDBOX_SITE"):
             Settings(site=wrong)
     assert Settings(site="/usr/lib:").site_dirs == ("/usr/lib",)
