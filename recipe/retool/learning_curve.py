@@ -412,6 +412,34 @@ def run(
     return result
 
 
+def log_to_wandb(root: Path, result: dict) -> str | None:
+    """The proof's verdict, each arm's rise and the plot as wandb run ``curve-<proof>`` (project
+    ``retool-curve``); the URL, or ``None`` where wandb is not configured."""
+    from recipe.retool import tracking
+
+    arms_numbers = {
+        row["arm"]: {"rise": row.get("rise"), "last_val_acc": (row["val_acc"] or [None])[-1]}
+        for row in result["arms"]
+    }
+    numbers = {
+        "start_step": result["start_step"],
+        "start_acc": result["start_acc"],
+        "verdict": {k: v for k, v in result["verdict"].items() if not isinstance(v, bool)},
+        "holds": float(result["verdict"].get("holds", False)),
+        "arms": arms_numbers,
+    }
+    return tracking.log_results(
+        paths.Layout.local(root),
+        project=WANDB_PROJECT,
+        run=f"curve-{result['proof']}",
+        metrics=tracking.flat_numbers(numbers),
+        images={"curve": root / "curve.png"},
+    )
+
+
+WANDB_PROJECT = "retool-curve"
+
+
 def _settings_json(settings: CurveSettings) -> dict[str, Any]:
     out = asdict(settings)
     out["band"] = [settings.band.lo, settings.band.hi]
@@ -553,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_START
     print(json.dumps(result["verdict"], indent=1))
     print(f"report: {root / 'curve.md'}")
+    log_to_wandb(root, result)
     failed = [r["arm"] for r in result["arms"] if r["dapo_exit"] != 0]
     if failed:
         print(f"learning curve: arms {failed} failed (logs in {root / 'arms'})")

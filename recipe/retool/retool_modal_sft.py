@@ -292,11 +292,14 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
     )
     root = paths.Layout.from_env().checkpoints / "learning-curve" / time.strftime("%Y%m%d-%H%M%S")
     try:
-        return curve.run(root, settings, gpus=1, sandbox_url=modal_common.sandbox_url())
+        result = curve.run(root, settings, gpus=1, sandbox_url=modal_common.sandbox_url())
     except curve.NoStartInBand as exc:
         raise SystemExit(f"learning curve: {exc}") from None
     finally:
         _commit(checkpoints_volume)
+    curve.log_to_wandb(root, result)
+    _commit(checkpoints_volume)  # wandb's files
+    return result
 
 
 # ## Multi-node

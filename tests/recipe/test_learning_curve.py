@@ -16,6 +16,7 @@ from recipe.retool.data.synthetic import SyntheticSizes
 from recipe.retool.paths import Layout
 
 FILES = {name: Path(f"/d/{name}.parquet") for name in ("sft", "rl_train", "rl_val")}
+GPU_RUNS = Path(__file__).resolve().parents[2] / "docs" / "gpu-runs"
 ROW_KEYS = {"kind", "seed", "control", "start_step", "start_acc", "val_acc", "rise_ci95", "proof"}
 ROW_KEYS |= {"gpus", "gpu", "sft_acc_by_step"}
 
@@ -221,3 +222,19 @@ def test_bad_arguments_are_one_line(argv: list[str], message: str, capsys) -> No
 
 def test_band_default_is_where_grpo_has_signal() -> None:
     assert learning_curve.CurveSettings().band == Band(0.25, 0.65)
+
+
+def test_the_proof_is_logged_to_wandb_from_its_result(tmp_path: Path, monkeypatch) -> None:
+    from recipe.retool import tracking
+
+    result = json.loads((GPU_RUNS / "curve_20261204_h200.json").read_text())
+    calls = []
+    monkeypatch.setattr(tracking, "log_results", lambda layout, **kw: calls.append(kw) or "url")
+    assert learning_curve.log_to_wandb(tmp_path, result) == "url"
+    ((kw,),) = [calls]
+    assert kw["project"] == "retool-curve" and kw["run"] == "curve-20261204-190844"
+    assert kw["images"] == {"curve": tmp_path / "curve.png"}
+    metrics = kw["metrics"]
+    assert metrics["arms/seed1/rise"] == -0.0811 and metrics["arms/control/rise"] == -0.2061
+    assert metrics["holds"] == 0.0 and metrics["start_step"] == 1400.0
+    assert metrics["verdict/mean_rise"] == -0.064

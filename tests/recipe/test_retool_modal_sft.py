@@ -321,12 +321,14 @@ def test_learning_curve_runs_the_curve_on_one_gpu_against_the_sandbox(
 
     info = app_module.learning_curve.info()
     assert info.gpus == [("H100", 1)] and info.timeout == 2 * 60 * 60
-    calls = []
+    calls, logged = [], []
     monkeypatch.setattr(learning_curve, "run", lambda *a, **kw: calls.append((a, kw)) or {"ok": 1})
+    monkeypatch.setattr(learning_curve, "log_to_wandb", lambda *a: logged.append(a))
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
     monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://sandbox/run_code")
     assert app_module.learning_curve.local(dapo_steps=30) == {"ok": 1}
     (root, settings), kw = calls[0]
+    assert logged == [(root, {"ok": 1})]  # the curve goes to wandb too
     assert root.parent == paths.Layout.from_env().checkpoints / "learning-curve"
     assert (
         settings.dapo_steps == 30
