@@ -191,6 +191,9 @@ def gpu_name() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+ARM_STAGGER_S = 20.0  # between arm starts: each one's Ray and vLLM start while others run
+
+
 @dataclass
 class Curve:
     """One proof under ``root``: what it was given and where it writes."""
@@ -199,11 +202,16 @@ class Curve:
     settings: CurveSettings
     gpus: int
     runner: stages.Runner | None = None  # None: stages.run_subprocess, output to the arm's log
-    proof: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
 
     def __post_init__(self) -> None:
         self.layout = paths.Layout.local(self.root)
         self.topo = launch.Topology(gpus_per_node=self.gpus)
+        # One id for every arm of this proof, a rerun that finishes it included.
+        id_file = self.root / "proof_id"
+        if not id_file.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(time.strftime("%Y%m%d-%H%M%S") + "\n")
+        self.proof = id_file.read_text().strip()
 
     def sft(self, files: dict[str, Path], model: Path) -> float:
         """SFT unless a finished one is here; returns its seconds (0 when kept)."""
@@ -229,7 +237,11 @@ class Curve:
             {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
         )
         band = self.settings.band
-        if any(a in band or past_band(a, band) for a in acc.values()):
+
+        def settled(a: float) -> bool:  # a start is found, or no later step will be one
+            return a in band or past_band(a, band)
+
+        if any(settled(a) for a in acc.values()):
             return acc
         todo = [(s, d) for s, d in self.saved_sft_steps() if s > max(acc, default=-1)]
         if not todo:
@@ -255,7 +267,7 @@ class Curve:
             cfg,
             sandbox_url,
             backend,
-            stop=lambda a: a in band or past_band(a, band),
+            stop=settled,
         )
         cache.write_text(json.dumps(acc, indent=1) + "\n")
         return acc
@@ -310,9 +322,6 @@ class Curve:
                     time.sleep(ARM_STAGGER_S)
                 futures.append(pool.submit(self.run_arm, arm, files, start, sandbox_url))
             return [f.result() for f in futures]
-
-
-ARM_STAGGER_S = 20.0
 
 
 def _logged(log: Path) -> stages.Runner:

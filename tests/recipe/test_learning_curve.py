@@ -174,7 +174,7 @@ def test_the_proof_runs_its_arms_and_writes_rows_and_a_report(
 
     again = learning_curve.run(tmp_path, SMALL, 1, local_endpoint, runner=main_ppo)
     assert len(main_ppo.calls) == 3  # finished arms are kept
-    assert again["arms"] == result["arms"]
+    assert again["arms"] == result["arms"] and again["proof"] == result["proof"]
 
 
 def test_no_step_in_the_band_runs_no_dapo(
