@@ -15,6 +15,7 @@ import math
 import re
 import shlex
 import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,13 +354,19 @@ def _base_config(verl_config: str, package: str = VERL_TRAINER_PACKAGE):
     return _compose(verl_config, (), package)
 
 
+# Hydra's config search path is process-global: stages launched from threads (the learning
+# curve's arms) compose one at a time.
+_HYDRA_LOCK = threading.Lock()
+
+
 def _compose(verl_config: str, overrides: Sequence[str], package: str = VERL_TRAINER_PACKAGE):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=_verl_config_dir(package), version_base=None):
-        return compose(config_name=verl_config, overrides=list(overrides))
+    with _HYDRA_LOCK:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=_verl_config_dir(package), version_base=None):
+            return compose(config_name=verl_config, overrides=list(overrides))
 
 
 def compose(verl_config: str, overrides: Sequence[str], package: str = VERL_TRAINER_PACKAGE):
