@@ -17,34 +17,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from recipe.retool.launch import TOOL_CONFIG_FILE
+from recipe.retool.launch import TOOL_CONFIG_FILE, compose
 from recipe.retool.verl_plugins.reward import compute_score
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """verl's ``ppo_trainer`` config with multi-turn on (hermes format) plus ``overrides``."""
-    import verl
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    config_dir = Path(verl.__file__).parent / "trainer" / "config"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        return compose(
-            config_name="ppo_trainer",
-            overrides=[
-                "actor_rollout_ref.rollout.multi_turn.enable=True",
-                "actor_rollout_ref.rollout.multi_turn.format=hermes",
-                "actor_rollout_ref.rollout.prompt_length=1024",
-                "actor_rollout_ref.rollout.response_length=1024",
-                *overrides,
-            ],
-        )
+    return compose(
+        "ppo_trainer",
+        [
+            "actor_rollout_ref.rollout.multi_turn.enable=True",
+            "actor_rollout_ref.rollout.multi_turn.format=hermes",
+            "actor_rollout_ref.rollout.prompt_length=1024",
+            "actor_rollout_ref.rollout.response_length=1024",
+            *overrides,
+        ],
+    )
 
 
 class ScriptedServer:
