@@ -84,6 +84,7 @@ class CurveSettings:
     val_n: int = 8
     max_response_tokens: int = 384
     parallel: bool = True  # arms side by side on the GPU (each its own Ray and vLLM)
+    rollout_mode: str = "sync"  # "async": verl's fully-async trainer (>= 2 GPUs, no control)
 
 
 DEFAULTS = CurveSettings()
@@ -177,6 +178,8 @@ def dapo_args(
     ]
     if arm.control:
         args.append(f"++trainer.v1.sampler.sampler_kwargs.shuffle_rewards_seed={arm.seed}")
+    if settings.rollout_mode != "sync":
+        args.append(f"--rollout-mode={settings.rollout_mode}")
     return args
 
 
@@ -549,6 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-control", action="store_true", help="seeds only (not a proof)")
     parser.add_argument("--sequential", action="store_true", help="one arm at a time")
+    parser.add_argument(
+        "--rollout-mode",
+        choices=("sync", "async"),
+        default=DEFAULTS.rollout_mode,
+        help="async: verl's fully-async trainer, beside a sync curve from the same start",
+    )
     parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
     parser.add_argument(
         "--report-only", action="store_true", help="redo curve.md/png from curve.json"
@@ -566,6 +575,13 @@ def main(argv: list[str] | None = None) -> int:
         band = Band(*(float(x) for x in args.band.split(",")))
     except (TypeError, ValueError):
         parser.error(f"--band takes LO,HI with 0 <= LO < HI <= 1, got {args.band!r}")
+    if args.rollout_mode == "async" and not args.no_control:
+        parser.error(
+            "--rollout-mode async runs no control arm (its shuffled reward lives in the sync "
+            "sampler, which the fully-async trainer does not run): add --no-control"
+        )
+    if args.rollout_mode == "async" and args.gpus < 2:
+        parser.error("--rollout-mode async needs --gpus 2 or more (rollout and training GPUs)")
     if not seeds or args.dapo_steps < 1 or args.sft_epochs < 1:
         parser.error("--seeds needs one seed at least; --dapo-steps and --sft-epochs must be >= 1")
     settings = replace(
@@ -576,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         band=band,
         control=not args.no_control,
         parallel=not args.sequential,
+        rollout_mode=args.rollout_mode,
     )
     try:
         result = run(

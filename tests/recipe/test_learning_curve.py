@@ -212,6 +212,9 @@ def test_a_failed_proof_says_so(tmp_path: Path):
         (["--seeds", "a,b"], "--seeds takes integers"),
         (["--seeds", ","], "one seed at least"),
         (["--dapo-steps", "0"], "must be >= 1"),
+        (["--rollout-mode", "async", "--gpus", "2"], "add --no-control"),
+        (["--rollout-mode", "async", "--no-control"], "needs --gpus 2 or more"),
+        (["--band", "0.7,0.2"], "--band takes LO,HI"),
     ],
 )
 def test_bad_arguments_are_one_line(argv: list[str], message: str, capsys) -> None:
@@ -238,3 +241,14 @@ def test_the_proof_is_logged_to_wandb_from_its_result(tmp_path: Path, monkeypatc
     assert metrics["arms/seed1/rise"] == -0.0811 and metrics["arms/control/rise"] == -0.2061
     assert metrics["holds"] == 0.0 and metrics["start_step"] == 1400.0
     assert metrics["verdict/mean_rise"] == -0.064
+
+
+def test_an_async_curve_passes_the_mode_to_its_dapo_runs() -> None:
+    settings = replace(learning_curve.CurveSettings(), rollout_mode="async", control=False)
+    arm = learning_curve.arms(settings)[0]
+    args = learning_curve.dapo_args(FILES, settings, Path("/s"), arm, Path("/v"))
+    assert launch.parse_launch_args(args).rollout_mode == "async"
+    sync = learning_curve.dapo_args(
+        FILES, learning_curve.CurveSettings(), Path("/s"), arm, Path("/v")
+    )
+    assert launch.parse_launch_args(sync).rollout_mode == "sync"
