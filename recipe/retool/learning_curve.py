@@ -105,7 +105,10 @@ class Arm:
 
 
 def arms(settings: CurveSettings) -> list[Arm]:
-    found = [Arm(f"seed{s}", s, control=False) for s in settings.seeds]
+    """The proof's arms; async ones are named apart, so both modes can share one root's SFT and
+    calibration without resuming each other's runs."""
+    prefix = "" if settings.rollout_mode == "sync" else f"{settings.rollout_mode}-"
+    found = [Arm(f"{prefix}seed{s}", s, control=False) for s in settings.seeds]
     if settings.control:
         found.append(Arm("control", settings.seeds[0], control=True))
     return found

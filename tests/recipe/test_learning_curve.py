@@ -246,6 +246,7 @@ def test_the_proof_is_logged_to_wandb_from_its_result(tmp_path: Path, monkeypatc
 def test_an_async_curve_passes_the_mode_to_its_dapo_runs() -> None:
     settings = replace(learning_curve.CurveSettings(), rollout_mode="async", control=False)
     arm = learning_curve.arms(settings)[0]
+    assert arm.experiment == "curve-async-seed1"  # apart from the sync arm sharing its root
     args = learning_curve.dapo_args(FILES, settings, Path("/s"), arm, Path("/v"))
     assert launch.parse_launch_args(args).rollout_mode == "async"
     sync = learning_curve.dapo_args(
