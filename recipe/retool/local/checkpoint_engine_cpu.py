@@ -17,6 +17,7 @@ imported in every worker through verl's ``checkpoint_engine.custom_backend_modul
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -51,8 +52,12 @@ class WeightMailbox:
             return self.weights
 
 
+@functools.cache
 def _mailbox() -> Any:
-    """The mailbox of this Ray job, created by whichever side asks first."""
+    """The mailbox of this Ray job, created by whichever side asks first. The handle is kept for
+    the life of the process: Ray ends a (non-detached) actor once its creator holds no handle,
+    and a dropped one killed the mailbox between a send and a receive ("actor died
+    unexpectedly", seen once in a CI run)."""
     return (
         ray.remote(WeightMailbox)
         .options(name=MAILBOX_NAME, get_if_exists=True, num_cpus=0, max_concurrency=64)

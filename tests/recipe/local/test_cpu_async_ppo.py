@@ -15,6 +15,7 @@ counterpart (``local/checkpoint_engine_cpu.py``).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class PreemptedAsyncRun:
     first: stages.StageResult
     second: stages.StageResult
     logs: list[str]
+    relaunched_at: float  # wall clock between the killed attempt and the relaunch
 
     @property
     def exp_dir(self) -> Path:
@@ -53,9 +55,16 @@ class PreemptedAsyncRun:
     def metrics(self) -> dict[int, dict]:
         return dict(run_metrics.read_run(self.exp_dir))
 
-    def dump_steps(self) -> list[int]:
-        """The steps verl dumped rollouts for, in order."""
-        return sorted(int(p.stem) for p in (self.layout.data.parent / "rollouts").glob("*.jsonl"))
+    def dump_steps(self, relaunched: bool | None = None) -> list[int]:
+        """The steps verl dumped rollouts for, in order: all, or those of the killed attempt
+        (``relaunched=False``) or of the relaunch (``True``), told apart by when they were
+        written (how far the killed attempt got before the kill varies with the machine's load)."""
+        files = (self.layout.data.parent / "rollouts").glob("*.jsonl")
+        return sorted(
+            int(p.stem)
+            for p in files
+            if relaunched is None or (p.stat().st_mtime > self.relaunched_at) == relaunched
+        )
 
     def dumped(self, step: int) -> list[dict]:
         path = self.layout.data.parent / "rollouts" / f"{step}.jsonl"
@@ -80,9 +89,10 @@ def async_run(
                                  metrics_dir=run_metrics.metrics_dir(exp_dir))  # fmt: skip
     url = local_endpoint + "/run_code"
     first = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
+    relaunched_at = time.time()
     second = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
     rows = pd.read_parquet(tool_sft.files["rl_train"])
-    return PreemptedAsyncRun(layout, rows, first, second, killer.outputs)
+    return PreemptedAsyncRun(layout, rows, first, second, killer.outputs, relaunched_at)
 
 
 def test_async_trainer_steps_sync_weights_and_finishes(async_run: PreemptedAsyncRun) -> None:
@@ -159,8 +169,11 @@ def test_kill_and_resume_loses_the_queued_samples_and_nothing_else(
 
     state = torch.load(run.exp_dir / "global_step_1/data.pt", weights_only=False)
     drawn = state["_sampler_iter_state"]["samples_yielded"]
-    first_dump, resumed_dump = run.dump_steps()[:2]  # the killed attempt's, the relaunch's first
-    before, after = trained(first_dump), trained(resumed_dump)
+    killed, relaunched = run.dump_steps(relaunched=False), run.dump_steps(relaunched=True)
+    assert killed and relaunched, run.dump_steps()
+    # the step checkpoint 1 holds (steps the killed attempt trained after it died with it)
+    before = trained(killed[0])
+    after = trained(relaunched[0])  # the relaunch's first step, still in the first epoch
     lost = set(range(drawn)) - before
     assert lost, (drawn, before)  # drawn before the checkpoint, queued, never trained
     assert after and min(after) >= drawn  # the relaunch goes on from the saved position
