@@ -50,6 +50,7 @@ from recipe.retool.curve_stats import (
     validation_dumps,
 )
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
+from recipe.retool.eval.evaluate import EvalError
 from recipe.retool.local.tiny_model import TinySpec, build
 from sandbox.local import run_code_url
 
@@ -608,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     except NoStartInBand as exc:
         print(f"learning curve: {exc}; not running DAPO (see {root / 'calibration.json'})")
         return EXIT_NO_START
+    except EvalError as exc:  # the calibration's sandbox did not run the tool
+        print(f"learning curve: {exc}")
+        return 1
     print(json.dumps(result["verdict"], indent=1))
     print(f"report: {root / 'curve.md'}")
     log_to_wandb(root, result)

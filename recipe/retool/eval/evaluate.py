@@ -683,18 +683,30 @@ def evaluate_checkpoint(
             f"{crashed}/{total} rollouts crashed (first: {first}); reports in {out_dir} count "
             "them as wrong"
         )
-    calls = sum(r["overall"]["tool_calls"] for r in results.values())
-    failed = sum(r["overall"]["tool_failures"] for r in results.values())
-    if calls and failed / calls > cfg.max_tool_failure_rate:
-        raise EvalError(
-            f"the sandbox at {sandbox_url} failed to run {failed}/{calls} tool calls "
-            f"({failed / calls:.0%}, over max_tool_failure_rate={cfg.max_tool_failure_rate:g}): "
-            f"the scores measure the model without its tool; reports in {out_dir}"
-        )
+    refuse_broken_tool(
+        [r["overall"] for r in results.values()], cfg, sandbox_url, f"; reports in {out_dir}"
+    )
     summary["files"].append(str(Path(out_dir) / SUMMARY_FILE))
     report.write_json(Path(out_dir) / SUMMARY_FILE, summary)  # last: marks the run complete
     _add_to_index(Path(out_dir), summary)
     return summary
+
+
+def refuse_broken_tool(
+    overalls: Sequence[dict[str, Any]], cfg: EvalConfig, sandbox_url: str, where: str = ""
+) -> None:
+    """Raise :class:`EvalError` when the sandbox failed to run more than
+    ``cfg.max_tool_failure_rate`` of the tool calls scored in ``overalls`` (``score_dataset``'s
+    ``overall`` blocks): such scores measure the model without its tool. ``where`` ends the
+    message (where the reports are)."""
+    calls = sum(o["tool_calls"] for o in overalls)
+    failed = sum(o["tool_failures"] for o in overalls)
+    if calls and failed / calls > cfg.max_tool_failure_rate:
+        raise EvalError(
+            f"the sandbox at {sandbox_url} failed to run {failed}/{calls} tool calls "
+            f"({failed / calls:.0%}, over max_tool_failure_rate={cfg.max_tool_failure_rate:g}): "
+            f"the scores measure the model without its tool{where}"
+        )
 
 
 def eval_dir(layout: Layout, label: str) -> Path:

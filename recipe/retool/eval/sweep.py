@@ -4,7 +4,9 @@ The learning curve picks its DAPO start by measuring every saved SFT step on the
 problems. Building a vLLM engine costs about a minute, scoring a tiny model's step a few seconds:
 so one engine is built for the first step and each later step's weights are swapped in
 (``backend.load_weights``) before its rollouts. Rollouts, tool calls and scoring are evaluation's
-own (``evaluate.run_samples``), so a step's accuracy here is the accuracy ``make eval`` reports.
+own (``evaluate.run_samples``), so a step's accuracy here is the accuracy ``make eval`` reports,
+and so are its checks: a sandbox that does not run code for this process, or fails to run too
+many of a step's tool calls, stops the sweep in one line (:class:`evaluate.EvalError`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 from recipe.retool.eval.evaluate import (
     EvalConfig,
     Problem,
+    check_sandbox,
+    refuse_broken_tool,
     rollout_context,
     run_samples,
     score_dataset,
@@ -39,7 +43,9 @@ async def _sweep(
             if i:
                 await ctx.backend.load_weights(model_dir)
             samples = await run_samples(problems, ctx)
-            acc[step] = score_dataset("held-out", problems, samples, cfg)["overall"]["mean@k"]
+            overall = score_dataset("held-out", problems, samples, cfg)["overall"]
+            refuse_broken_tool([overall], cfg, sandbox_url, f" (scoring step {step})")
+            acc[step] = overall["mean@k"]
             print(
                 f"step {step}: held-out accuracy {acc[step]:.3f} "
                 f"({len(samples)} samples, {time.monotonic() - started:.1f} s)",
@@ -64,4 +70,5 @@ def score_steps(
     with ``generate`` and ``load_weights``."""
     if not steps:
         raise ValueError("no checkpoints to score")
+    check_sandbox(sandbox_url)
     return asyncio.run(_sweep(steps, problems, cfg, sandbox_url, backend, stop))

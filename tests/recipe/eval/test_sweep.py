@@ -121,3 +121,31 @@ def test_vllm_backend_swaps_weights_in_place(vllm_model_dir: Path, tmp_path: Pat
 
     first, swapped, back = asyncio.run(generate_three())
     assert swapped != first and back == first
+
+
+class ToolCallingBackend(StepBackend):
+    """Every turn calls the tool (no answer), so each sample's calls reach the sandbox."""
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+        from verl.workers.rollout.replica import TokenOutput
+
+        from tests.recipe.eval.test_evaluate import call
+
+        text = call("print(1)") + self.tokenizer.eos_token
+        return TokenOutput(token_ids=self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_a_step_whose_tool_calls_fail_stops_the_sweep(
+    problems, tiny_model_dir: Path, tiny_tokenizer, monkeypatch
+):
+    """The sweep keeps evaluation's checks: scores without a working tool are refused in one
+    line (here the sandbox's port is closed after the start-up check)."""
+    from recipe.retool.eval import sweep
+    from recipe.retool.eval.evaluate import EvalError
+
+    monkeypatch.setattr(sweep, "check_sandbox", lambda url: None)
+    backend = ToolCallingBackend(tiny_tokenizer, [], {"first": 0})
+    cfg = EvalConfig(n=1, max_response_tokens=256, max_assistant_turns=2, max_concurrency=1,
+                     tool_timeout_s=2.0)  # fmt: skip
+    with pytest.raises(EvalError, match=r"failed to run 2/2 tool calls .*\(scoring step 100\)"):
+        score_steps([(100, tiny_model_dir)], problems, cfg, "http://127.0.0.1:9/run_code", backend)
