@@ -50,8 +50,8 @@ from recipe.retool.curve_stats import (
     validation_dumps,
 )
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
+from recipe.retool.data.tiny_model import TinySpec, build
 from recipe.retool.eval.evaluate import EvalError
-from recipe.retool.local.tiny_model import TinySpec, build
 from sandbox.local import run_code_url
 
 MODEL_ID = "local/tool-qwen2"

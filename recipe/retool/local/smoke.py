@@ -123,7 +123,7 @@ class Smoke:
     # -- stages -------------------------------------------------------------------------------
 
     def build_model(self, report: StageReport) -> None:
-        from recipe.retool.local.tiny_model import build
+        from recipe.retool.data.tiny_model import build
 
         target = self.layout.model_dir(TINY_MODEL_ID)
         build(target)
