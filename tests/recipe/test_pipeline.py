@@ -170,7 +170,7 @@ def test_evaluate_experiment_compares_base_sft_and_dapo(tmp_path, tiny_model_dir
     import shutil
 
     from recipe.retool.data.prep import prepare
-    from recipe.retool.eval.evaluate import EvalConfig
+    from recipe.retool.eval.config import EvalConfig
     from recipe.retool.local import samples
     from tests.recipe.test_paths import mark_tracked
 
