@@ -3,7 +3,10 @@
 A circle is a set of modules each of which reaches every other one through imports (a strongly
 connected component of the import graph with more than one module). The graph is grimp's, the
 one import-linter checks contracts against: it reads every ``import`` statement of a module,
-those inside functions too, so a circle that only a lazy import closes still counts.
+those inside functions too, so a circle that only a lazy import closes still counts. A program
+directory inside a package (a ``__main__.py`` and no ``__init__.py``, run as ``python dir``, such
+as ``sandbox/zygote/``) is no package to grimp: its modules import each other by bare name, and
+those imports are read here the same way.
 
     python scripts/import_cycles.py                 # recipe and sandbox; exit 1 if any circle
     python scripts/import_cycles.py recipe.retool   # one package
@@ -12,8 +15,11 @@ those inside functions too, so a circle that only a lazy import closes still cou
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 PACKAGES = ("recipe", "sandbox")
 
@@ -24,6 +30,35 @@ def import_graph(packages: Sequence[str]) -> dict[str, set[str]]:
 
     graph = grimp.build_graph(*packages, include_external_packages=False, cache_dir=None)
     return {m: set(graph.find_modules_directly_imported_by(m)) for m in graph.modules}
+
+
+def program_dirs(packages: Sequence[str]) -> list[Path]:
+    """Directories under ``packages`` run as programs: a ``__main__.py``, no ``__init__.py``."""
+    found = []
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        for root in spec.submodule_search_locations or []:
+            for main in sorted(Path(root).rglob("__main__.py")):
+                if not (main.parent / "__init__.py").exists():
+                    found.append(main.parent)
+    return found
+
+
+def program_graph(directory: Path) -> dict[str, set[str]]:
+    """``dir:module`` -> the sibling modules it imports by bare name (anywhere in its body)."""
+    siblings = {path.stem for path in directory.glob("*.py")}
+    graph = {}
+    for path in sorted(directory.glob("*.py")):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+        graph[f"{directory.name}:{path.stem}"] = {
+            f"{directory.name}:{name}" for name in imported & siblings if name != path.stem
+        }
+    return graph
 
 
 def circles(graph: Mapping[str, Iterable[str]]) -> list[list[str]]:
@@ -75,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("packages", nargs="*", default=list(PACKAGES))
     args = parser.parse_args(argv)
     graph = import_graph(args.packages)
+    for directory in program_dirs(args.packages):
+        graph |= program_graph(directory)
     found = circles(graph)
     members = sum(len(c) for c in found)
     print(

@@ -55,6 +55,29 @@ def test_a_package_without_circles_passes(tmp_path, monkeypatch, capsys) -> None
     assert capsys.readouterr().out.startswith("0 import circle(s), 0 module(s)")
 
 
+def test_a_program_directory_counts_its_bare_name_imports(tmp_path, monkeypatch, capsys) -> None:
+    """A directory run as ``python dir`` (``__main__.py``, no ``__init__.py``) inside a package."""
+    _package(tmp_path, "progpkg", {"lib": "import json\n"})
+    program = tmp_path / "progpkg" / "prog"
+    program.mkdir()
+    (program / "__main__.py").write_text("import worker\n")
+    (program / "worker.py").write_text("import json\nimport steps\n")
+    (program / "steps.py").write_text("def later():\n    import worker\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_cycles.program_dirs(["progpkg"]) == [program]
+    assert import_cycles.main(["progpkg"]) == 1
+    assert "circle 1 (2 modules): prog:steps prog:worker" in capsys.readouterr().out
+    (program / "steps.py").write_text("import json\n")
+    assert import_cycles.main(["progpkg"]) == 0
+
+
+def test_the_zygote_is_a_program_directory_without_circles() -> None:
+    (zygote,) = import_cycles.program_dirs(["sandbox"])
+    graph = import_cycles.program_graph(zygote)
+    assert zygote.name == "zygote" and "zygote:syscalls" in graph["zygote:__main__"]
+    assert import_cycles.circles(graph) == []
+
+
 @pytest.mark.parametrize("package", import_cycles.PACKAGES)
 def test_the_project_packages_build_a_graph(package: str) -> None:
     graph = import_cycles.import_graph([package])
