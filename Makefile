@@ -39,6 +39,7 @@ local-smoke: $(PY) ## The whole pipeline end to end on a tiny model, on CPU (run
 lint: $(PY) ## Check formatting, lint and static file checks (what CI runs)
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pre_commit run --all-files --show-diff-on-failure
 
 .PHONY: fmt

@@ -8,7 +8,7 @@ Modes, strongest first:
   ``SANDBOX_SITE``; no project, no ``/root``, no data), an empty environment; each run also gets a
   private tmpfs (its ``/tmp``, ``/var/tmp`` and ``/dev/shm``) and an unprivileged per-slot uid.
 - ``unshare``: no bubblewrap (an image without it, a gVisor that refuses it), but we are root:
-  the zygote builds the same sandbox itself (``enter_sandbox`` in ``_zygote.py``: its own mount,
+  the zygote builds the same sandbox itself (``enter_sandbox`` in ``zygote/root.py``: its own mount,
   pid, net, ipc and uts namespaces, the same root from :func:`root_layout`, its own ``/proc``),
   with the same per-run tmpfs, uid and seccomp filter. Secure where the kernel can make the binds
   read-only (Linux); where it cannot (the probe's ``readonly``) the root is read-only only by
@@ -43,8 +43,9 @@ from sandbox.settings import Settings
 
 log = logging.getLogger("sandbox.isolation")
 
-ZYGOTE_SRC = Path(__file__).with_name("_zygote.py")
-ZYGOTE_IN_SANDBOX = "/opt/sandbox/_zygote.py"
+# The zygote is a directory run as a program (`python -I -B .../zygote`), mounted read-only.
+ZYGOTE_SRC = Path(__file__).with_name("zygote")
+ZYGOTE_IN_SANDBOX = "/opt/sandbox/zygote"
 PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
 MODES = ("bwrap", "unshare", "bwrap-userns", "none")
 WEAKNESS = {

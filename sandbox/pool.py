@@ -1,6 +1,6 @@
 """The server side of the warm pool: one zygote process, N slot sockets, a bounded queue.
 
-Each slot is a long-lived worker inside the zygote (see ``_zygote.py``) reached over its own
+Each slot is a long-lived worker inside the zygote (see ``zygote/``) reached over its own
 UNIX socketpair, so requests never share a channel and responses cannot be mixed up. A request
 waits for a free slot at most ``queue_timeout_s``; with more than ``max_queue`` waiting it is
 turned away at once (:class:`Saturated`, HTTP 504, which both verl and the sandbox-fusion client

@@ -22,7 +22,7 @@ class SettingsError(ValueError):
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number"}
-# Directories every run sees as its own empty tmpfs (_zygote.SCRATCH_VIEWS mounts them): a
+# Directories every run sees as its own empty tmpfs (zygote/run.py SCRATCH_VIEWS mounts them): a
 # SANDBOX_SITE under one would be hidden from user code.
 RUN_PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 

@@ -6,7 +6,7 @@ TP 2, SP 2), FSDP parameter and optimizer offload as configured, the response le
 and tool settings of the YAML. Only the batch scales with the GPUs (8 prompts a GPU, 64 on 8) and
 three things a random model forces are changed (see :func:`bench_args`). No weights are needed:
 the model is random-init from Qwen2.5-1.5B's transformer body (``qwen_shapes.py``), with the
-vocabulary of the offline tokenizer (``local/tiny_model.py``) so every sampled id decodes.
+vocabulary of the offline tokenizer (``data/tiny_model.py``) so every sampled id decodes.
 
     python scripts/bench_dapo_gpu.py prepare --root /tmp/dapo-bench
     python scripts/bench_dapo_gpu.py run --root /tmp/dapo-bench --gpus 2 --steps 3 --out row.json
@@ -37,7 +37,7 @@ from qwen_shapes import QWEN25_1_5B, model_params
 from recipe.retool import launch, run_metrics, stages
 from recipe.retool.async_dapo import plan_dapo
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
-from recipe.retool.local.tiny_model import TinySpec, build
+from recipe.retool.data.tiny_model import TinySpec, build
 from recipe.retool.paths import Layout
 from sandbox.local import run_code_url
 

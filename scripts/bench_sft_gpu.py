@@ -56,7 +56,7 @@ def prepare(
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from recipe.retool.local.tiny_model import build_tokenizer
+    from recipe.retool.data.tiny_model import build_tokenizer
 
     model_dir = root / "model"
     if not (model_dir / "model.safetensors.index.json").exists():

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipe.retool.local.tiny_model import TinySpec
+from recipe.retool.data.tiny_model import TinySpec
 from recipe.retool.verl_plugins import varlen_attention
 
 FACTOR, FLOOR = 2.0, 1e-3

@@ -28,7 +28,7 @@ def wandb_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """Directory of the tiny random-init Qwen2 model + Qwen2.5-format tokenizer."""
-    from recipe.retool.local.tiny_model import ensure_tiny_model
+    from recipe.retool.data.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(CACHE_ROOT)
 
@@ -37,8 +37,8 @@ def tiny_model_dir() -> Path:
 def vllm_model_dir() -> Path:
     """For ``gpu`` tests: the learning curve's small random-init Qwen2 (head size 64, one that
     vLLM's flash-attention kernels take; the tiny model's is 16), cached like the tiny one."""
+    from recipe.retool.data.tiny_model import ensure_tiny_model
     from recipe.retool.learning_curve import MODEL_SPEC
-    from recipe.retool.local.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(CACHE_ROOT, MODEL_SPEC)
 

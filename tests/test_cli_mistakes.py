@@ -43,11 +43,11 @@ def evaluate(*args: str) -> tuple[str, tuple[str, ...]]:
     given = {a for a in args if a.startswith("--")}
     base = [("--checkpoint", "{model}"), ("--data-dir", "{data}"), ("--out-dir", "{tmp}/o")]
     defaults = [x for pair in base if pair[0] not in given for x in pair]
-    return "recipe.retool.eval.evaluate", (*defaults, *args)
+    return "recipe.retool.eval", (*defaults, *args)
 
 
 def report(*args: str) -> tuple[str, tuple[str, ...]]:
-    return "recipe.retool.eval.evaluate", args
+    return "recipe.retool.eval", args
 
 
 def sandbox(*args: str) -> tuple[str, tuple[str, ...]]:
@@ -97,14 +97,17 @@ MISTAKES = [
     case(evaluate("--datasets", ","), "no dataset named: pass --datasets"),
     case(evaluate("--datasets", " "), "no dataset named"),
     case(evaluate("--n", "0"), "n must be >= 1"),
-    case(evaluate("--set", "bogus=1"), "unknown eval config keys"),
-    case(evaluate("--set", "top_p"), "--set expects KEY=VALUE"),
-    case(evaluate("--set", "top_p=["), "--set 'top_p=[': the value is not YAML"),
-    case(evaluate("--set", "n=abc"), "n='abc': expected an integer"),
-    case(evaluate("--set", "n=1.5"), "n=1.5: expected an integer"),
-    case(evaluate("--set", "save_samples=3"), "save_samples=3: expected true or false"),
-    case(evaluate("--set", "tool_timeout_s=abc"), "tool_timeout_s='abc': expected a number or"),
-    case(evaluate("--set", "tool_config=/no.yaml"), "tool_config /no.yaml is not a file"),
+    case(evaluate("bogus=1"), "unknown eval config keys"),
+    case(evaluate("top_p"), "cannot read argument 'top_p': expected KEY=VALUE"),
+    case(evaluate("top_p=["), "override 'top_p=[': the value is not YAML"),
+    case(evaluate("n=abc"), "n='abc': expected an integer"),
+    case(evaluate("n=1.5"), "n=1.5: expected an integer"),
+    case(evaluate("save_samples=3"), "save_samples=3: expected true or false"),
+    case(evaluate("tool_timeout_s=abc"), "tool_timeout_s='abc': expected a number or"),
+    case(evaluate("tool_config=/no.yaml"), "tool_config /no.yaml is not a file"),
+    case(evaluate("--n", "2", "n=0"), "n must be >= 1"),  # KEY=VALUE wins over the flag
+    case(evaluate("--root", "{file}"), "--root {file} is not a directory"),
+    case(evaluate("--root", "{tmp}/nowhere"), "--root {tmp}/nowhere is not a directory"),
     case(evaluate("--config", "{broken_yaml}"), "broken.yaml is not valid YAML at line 2"),
     case(evaluate("--config", "{list_yaml}"), "list.yaml must be a mapping of eval settings"),
     case(evaluate("--config", "{tmp}/none.yaml"), "none.yaml not found"),

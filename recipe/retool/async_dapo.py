@@ -163,17 +163,10 @@ def _derived(
         "rollout.total_rollout_steps": None if steps is None else int(steps) * batch,
     }
     if topo.device == "cpu":
-        derived |= _cpu_overrides()
+        derived |= launch.load_cpu_overlay("dapo_async").overrides
     if topo.nnodes == 1:  # a multi-node run joins a cluster whose nodes declared theirs
         derived["ray_kwargs.ray_init.num_cpus"] = ASYNC_RAY_CPUS
     return derived
-
-
-def _cpu_overrides() -> dict[str, Any]:
-    """The CPU counterparts of the GPU-only parts (``local/cpu_async_ppo.py``)."""
-    from recipe.retool.local.cpu_async_ppo import CPU_ASYNC_OVERRIDES
-
-    return dict(CPU_ASYNC_OVERRIDES)
 
 
 def async_command(overrides: Sequence[str], topo: Topology) -> list[str]:

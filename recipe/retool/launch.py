@@ -57,6 +57,22 @@ def load_stage_config(stage: Stage) -> StageConfig:
 
 
 @dataclass(frozen=True)
+class CpuOverlay:
+    """What a stage changes to run on CPU (``make local-smoke``, CI): device, kernels, workers."""
+
+    overrides: dict[str, Any]
+    ray_cpus: int | None = None  # logical CPUs of the stage's Ray (DAPO)
+
+
+@functools.cache
+def load_cpu_overlay(name: str) -> CpuOverlay:
+    """``config/<name>_cpu.yaml`` for ``sft``, ``dapo`` or ``dapo_async``: data beside the GPU
+    configs, so the launcher needs nothing of the CPU runtime (``local/``) to build a command."""
+    raw = yaml.safe_load((CONFIG_DIR / f"{name}_cpu.yaml").read_text())
+    return CpuOverlay(dict(raw["overrides"]), raw.get("ray_cpus"))
+
+
+@dataclass(frozen=True)
 class Topology:
     """Where a stage runs. ``device="cpu"`` is the laptop smoke path (see local/cpu_compat.py)."""
 
@@ -205,8 +221,6 @@ def sft_overrides(
     train_file: Path | None = None,
 ) -> list[str]:
     """The full SFT override list: YAML base, then paths and topology, then device, then user."""
-    from recipe.retool.local.cpu_compat import CPU_SFT_OVERRIDES
-
     stage = load_stage_config("sft")
     filled = {
         "data.train_files": str(train_file or layout.sft_train_file()),
@@ -220,7 +234,7 @@ def sft_overrides(
         ),
     }
     if topo.device == "cpu":
-        device = list(CPU_SFT_OVERRIDES)
+        device = to_overrides(load_cpu_overlay("sft").overrides)
     else:
         device = [f"+model.override_config.attn_implementation={attention_implementation()}"]
     return [*to_overrides(stage.overrides), *to_overrides(filled), *device, *user_overrides]
@@ -257,8 +271,6 @@ def dapo_overrides(
 ) -> list[str]:
     """The full DAPO override list: YAML base, then paths and topology, then device, then user.
     The tool reads the sandbox URL from SANDBOX_FUSION_ENDPOINT."""
-    from recipe.retool.local.cpu_ppo import cpu_ppo_overrides
-
     stage = load_stage_config("dapo")
     tp_key = "actor_rollout_ref.rollout.tensor_model_parallel_size"
     sp_key = "actor_rollout_ref.actor.ulysses_sequence_parallel_size"
@@ -278,13 +290,29 @@ def dapo_overrides(
         sp_key: scaled_parallelism(stage.overrides[sp_key], topo.world_size),
     }
     if topo.device == "cpu":
-        device = cpu_ppo_overrides(topo.gpus_per_node, topo.nnodes)
+        device = _cpu_dapo_overrides(topo)
     else:
         device = [
             f"++actor_rollout_ref.model.override_config.attn_implementation="
             f"{attention_implementation()}"
         ]
     return [*to_overrides(stage.overrides), *to_overrides(filled), *device, *user_overrides]
+
+
+def _cpu_dapo_overrides(topo: Topology) -> list[str]:
+    """``config/dapo_cpu.yaml``, plus on one node the Ray resources main_ppo's own ``ray.init``
+    declares: a logical "GPU" per training rank (see ``local/cpu_compat.py``) and the overlay's
+    ``ray_cpus``. A multi-node run joins a cluster whose nodes declared theirs
+    (:func:`ray_node_command`)."""
+    overlay = load_cpu_overlay("dapo")
+    overrides = to_overrides(overlay.overrides)
+    if topo.nnodes > 1:
+        return overrides
+    ray_init = [
+        f"++ray_kwargs.ray_init.num_gpus={topo.gpus_per_node}",
+        f"ray_kwargs.ray_init.num_cpus={overlay.ray_cpus}",
+    ]
+    return [*overrides, *ray_init]
 
 
 def dapo_command(overrides: Sequence[str], topo: Topology) -> list[str]:
@@ -302,13 +330,11 @@ def ray_node_command(topo: Topology) -> list[str]:
     ``main_ppo`` then runs on node 0 only, with ``RAY_ADDRESS`` pointing at the head, and verl
     places its workers across every GPU the cluster reports. On CPU the GPUs are logical (one per
     training rank, ``local/cpu_compat.py``) and each node declares the logical CPUs main_ppo's
-    actors reserve (``local/cpu_ppo.RAY_CPUS``), however few cores it has.
+    actors reserve (``ray_cpus`` of ``config/dapo_cpu.yaml``), however few cores it has.
     """
     ray = [sys.executable, "-m", "ray.scripts.scripts", "start", f"--num-gpus={topo.gpus_per_node}"]
     if topo.device == "cpu":
-        from recipe.retool.local.cpu_ppo import RAY_CPUS
-
-        ray.append(f"--num-cpus={RAY_CPUS}")
+        ray.append(f"--num-cpus={load_cpu_overlay('dapo').ray_cpus}")
     if topo.node_rank == 0:
         return [*ray, "--head", f"--node-ip-address={topo.master_addr}", f"--port={RAY_PORT}"]
     return [*ray, f"--address={ray_address(topo)}", "--block"]

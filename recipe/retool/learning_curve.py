@@ -50,8 +50,8 @@ from recipe.retool.curve_stats import (
     validation_dumps,
 )
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
-from recipe.retool.eval.evaluate import EvalError
-from recipe.retool.local.tiny_model import TinySpec, build
+from recipe.retool.data.tiny_model import TinySpec, build
+from recipe.retool.eval.config import EvalError
 from sandbox.local import run_code_url
 
 MODEL_ID = "local/tool-qwen2"
@@ -253,7 +253,8 @@ class Curve:
         todo = [(s, d) for s, d in self.saved_sft_steps() if s > max(acc, default=-1)]
         if not todo:
             return acc
-        from recipe.retool.eval.evaluate import EvalConfig, load_problems
+        from recipe.retool.eval.config import EvalConfig
+        from recipe.retool.eval.problems import load_problems
         from recipe.retool.eval.sweep import score_steps
 
         cfg = EvalConfig(

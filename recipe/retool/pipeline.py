@@ -32,7 +32,7 @@ RL_FILES = ("train", "aime_2024", "aime_2025")
 
 def comparison_dir(layout: Layout, experiment: str) -> Path:
     """The pipeline's base-vs-SFT-vs-DAPO report: ``<checkpoints>/eval/<experiment>``."""
-    from recipe.retool.eval.evaluate import eval_dir
+    from recipe.retool.eval.checkpoints import eval_dir
 
     return eval_dir(layout, experiment)
 
@@ -119,8 +119,9 @@ def evaluate_experiment(
     Each checkpoint's reports go to ``eval/<experiment>/<label>``; one that already has its
     ``summary.json`` (written last by a finished evaluation) is not evaluated again.
     """
-    from recipe.retool.eval.evaluate import CheckpointRef, evaluate_checkpoint
+    from recipe.retool.eval.checkpoints import CheckpointRef
     from recipe.retool.eval.report import write_comparison_report
+    from recipe.retool.eval.runner import evaluate_checkpoint
 
     refs = {"base": CheckpointRef("base", layout.model_dir(model_id), "base")}
     for stage in ("sft", "dapo"):

@@ -364,15 +364,10 @@ def evaluate(
     from dataclasses import replace
 
     from recipe.retool import tracking
-    from recipe.retool.eval.evaluate import (
-        EvalConfig,
-        EvalError,
-        eval_dir,
-        report_dir,
-        resolve_checkpoint,
-        show_summary,
-    )
-    from recipe.retool.eval.evaluate import evaluate_checkpoint as run_eval
+    from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
+    from recipe.retool.eval.config import EvalConfig, EvalError
+    from recipe.retool.eval.report import show_summary
+    from recipe.retool.eval.runner import evaluate_checkpoint as run_eval
     from recipe.retool.launch import LaunchError
     from recipe.retool.pipeline import evaluate_experiment
     from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox

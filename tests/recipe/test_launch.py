@@ -8,9 +8,10 @@ import pytest
 
 from recipe.retool import launch
 from recipe.retool.launch import LaunchError, Topology
-from recipe.retool.local.cpu_ppo import RAY_CPUS
 from recipe.retool.paths import Layout
 from recipe.retool.verl_plugins import varlen_attention
+
+RAY_CPUS = launch.load_cpu_overlay("dapo").ray_cpus
 
 LAYOUT = Layout.modal()
 MODEL = Path("/models/Qwen/Qwen2.5-7B-Instruct")
@@ -110,6 +111,21 @@ def test_gpu_runs_ask_for_the_varlen_attention_the_trainer_plugins_register() ->
     cpu = launch.Topology(gpus_per_node=1, device="cpu")  # plain SDPA: no varlen kernel on CPU
     cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, cpu), cpu)
     assert cfg.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+
+
+def test_cpu_overlays_are_data_beside_the_stage_configs() -> None:
+    """config/<stage>_cpu.yaml: what CPU runs change, composed on top of the stage's config."""
+    cpu = Topology(gpus_per_node=1, device="cpu")
+    sft = launch.validate("sft", launch.sft_overrides(LAYOUT, "e", MODEL, cpu), cpu)
+    assert sft.trainer.device == "cpu" and sft.engine.dtype == "float32"
+    assert sft.model.override_config.attn_implementation == "sdpa" and not sft.model.use_liger
+    command = launch.sft_command([], cpu)
+    assert command[command.index("-m", 3) + 1] == "recipe.retool.local.cpu_compat"
+    for name in ("sft", "dapo", "dapo_async"):
+        overlay = launch.load_cpu_overlay(name)
+        assert overlay.overrides and all(isinstance(k, str) for k in overlay.overrides)
+    assert isinstance(RAY_CPUS, int) and RAY_CPUS > 1
+    assert launch.load_cpu_overlay("sft").ray_cpus is None
 
 
 def test_dapo_sampler_is_bounded_by_the_filter_settings() -> None:

@@ -123,8 +123,8 @@ def test_data_prepared_without_the_length_filter_is_prepared_again(
 
 def test_prep_records_the_length_filter_it_ran(tmp_path: Path) -> None:
     from recipe.retool.data.prep import prepare, sft_length_checked
+    from recipe.retool.data.tiny_model import build_tokenizer
     from recipe.retool.local import samples
-    from recipe.retool.local.tiny_model import build_tokenizer
 
     sources = samples.write_sources(tmp_path / "src")
     out = tmp_path / "data"
@@ -170,7 +170,7 @@ def test_evaluate_experiment_compares_base_sft_and_dapo(tmp_path, tiny_model_dir
     import shutil
 
     from recipe.retool.data.prep import prepare
-    from recipe.retool.eval.evaluate import EvalConfig
+    from recipe.retool.eval.config import EvalConfig
     from recipe.retool.local import samples
     from tests.recipe.test_paths import mark_tracked
 

@@ -216,9 +216,9 @@ def test_a_config_mistake_in_train_dapo_is_not_retried(app_module, dapo_attempt,
 def test_prep_dataset_runs_locally_on_sample_sources(app_module, tmp_path, monkeypatch) -> None:
     from recipe.retool import pipeline
     from recipe.retool.data import prep
+    from recipe.retool.data.tiny_model import build_tokenizer
     from recipe.retool.launch import load_stage_config
     from recipe.retool.local import samples
-    from recipe.retool.local.tiny_model import build_tokenizer
 
     sft_max_length = load_stage_config("sft").overrides["data.max_length"]
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))

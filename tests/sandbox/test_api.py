@@ -80,6 +80,17 @@ def test_files_relative_nested_and_absolute(http: httpx.Client, endpoint: str) -
     assert body["run_result"]["stdout"] == "alpha\nbeta\ng\n"
 
 
+def test_request_modules_import_whatever_their_name(http: httpx.Client, endpoint: str) -> None:
+    """A request's own modules import as under ``python main.py``, also under the names our
+    sandbox's program uses for its own modules (``sandbox/zygote/``)."""
+    names = ("run", "root", "worker", "child", "syscalls", "reaping")
+    files = {f"{name}.py": b64(f"NAME = {name!r}\n") for name in names}
+    code = f"import {', '.join(names)}\nprint({', '.join(f'{n}.NAME' for n in names)})"
+    body = run(http, endpoint, code, files=files)
+    assert body["status"] == "Success", body
+    assert body["run_result"]["stdout"] == " ".join(names) + "\n"
+
+
 def test_null_file_entry_is_skipped_empty_string_is_empty_file(
     http: httpx.Client, endpoint: str
 ) -> None:

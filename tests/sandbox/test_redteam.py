@@ -327,8 +327,10 @@ def _zygote_readable_by_nobody() -> Iterator[None]:
     try:
         home.chmod(0o755)
         copy = home / isolation.ZYGOTE_SRC.name
-        shutil.copyfile(isolation.ZYGOTE_SRC, copy)
-        copy.chmod(0o644)
+        shutil.copytree(isolation.ZYGOTE_SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        copy.chmod(0o755)
+        for module in copy.iterdir():
+            module.chmod(0o644)
         with mock.patch.object(isolation, "ZYGOTE_SRC", copy):
             yield
     finally:

@@ -71,6 +71,28 @@ for path in glob.glob('/proc/*/environ'):
         assert name not in out(body)
 
 
+def test_the_sandboxs_own_modules_are_not_user_modules(
+    http: httpx.Client, isolated_endpoint: str
+) -> None:
+    """The zygote's modules (``sandbox/zygote/``) are gone from ``sys.modules`` and the import
+    path before user code runs: it cannot reach the worker's state through them."""
+    code = """
+import sys
+names = ("run", "root", "worker", "child", "syscalls", "reaping")
+print(sorted(n for n in names if n in sys.modules), [p for p in sys.path if "zygote" in p])
+for name in names:
+    try:
+        __import__(name)
+        print("imported", name)
+    except ModuleNotFoundError:
+        pass
+"""
+    body = run(http, isolated_endpoint, code)
+    assert body["status"] == "Success", body
+    assert out(body) == "[] []\n"
+    assert_healthy(http, isolated_endpoint)
+
+
 def test_runs_as_unprivileged_uid_without_capabilities(
     http: httpx.Client, isolated_endpoint: str
 ) -> None:

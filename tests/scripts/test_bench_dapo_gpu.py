@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from recipe.retool import launch
-from recipe.retool.local.tiny_model import TinySpec
+from recipe.retool.data.tiny_model import TinySpec
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "bench_dapo_gpu.py"

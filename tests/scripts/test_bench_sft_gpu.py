@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool.local.tiny_model import build_tokenizer
+from recipe.retool.data.tiny_model import build_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_sft_gpu.py"
 spec = importlib.util.spec_from_file_location("bench_sft_gpu", SCRIPT)

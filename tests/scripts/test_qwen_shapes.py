@@ -20,7 +20,7 @@ def test_param_count_is_the_model_cards(name: str, billions: float) -> None:
 
 
 def test_param_count_equals_a_built_models(tmp_path: Path) -> None:
-    from recipe.retool.local.tiny_model import build
+    from recipe.retool.data.tiny_model import build
 
     model = build(tmp_path / "m")
     from safetensors.torch import load_file

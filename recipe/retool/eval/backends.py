@@ -6,12 +6,13 @@ A backend is what verl's ``ToolAgentLoop`` calls its ``server_manager``: an obje
 
 (token ids in, token ids out; ``prompt_ids`` is the whole running context on every turn), plus
 ``max_concurrency`` (how many rollouts it can usefully serve at once; None: no limit of its own)
-and ``close()``. Any object with that shape works, e.g. ``rollout_cpu.ScriptedServer`` in tests.
-Both engines also ``load_weights(model_dir)``: another checkpoint of the same model, swapped in
-without building a new engine (``sweep.py`` scores many SFT steps with one vLLM start).
+and ``close()``. Any object with that shape works, e.g. ``local.scripted_server.ScriptedServer``
+in tests. Both engines also ``load_weights(model_dir)``: another checkpoint of the same model,
+swapped in without building a new engine (``sweep.py`` scores many SFT steps with one vLLM start).
 
-* ``hf``: :class:`recipe.retool.local.rollout_cpu.HFGenerateServer` (``model.generate`` on CPU; the
-  tiny model in tests and the local smoke run). One rollout generates at a time.
+* ``hf``: :class:`HFBackend` around :class:`HFGenerateServer` (``model.generate`` on CPU; the
+  tiny model in tests and the local smoke run; also the ``hf_cpu`` rollout replica's sampler).
+  One rollout generates at a time.
 * ``vllm``: :class:`VLLMBackend`, vLLM's ``AsyncLLM`` engine (the engine verl's own rollout server
   wraps) in this process, continuous batching across all in-flight rollouts.
 
@@ -22,10 +23,13 @@ generates tokens the loop would cut off anyway.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
+
+from recipe.retool.eval.config import EvalConfig, EvalError
 
 BACKENDS = ("hf", "vllm")
 
@@ -65,6 +69,77 @@ class TurnBudget:
         )
 
 
+def generate_kwargs(
+    sampling_params: dict[str, Any], eos_ids: list[int], pad_id: int | None, max_new: int
+) -> dict[str, Any]:
+    """``model.generate`` arguments for verl's sampling params (``temperature``, ``top_p``,
+    ``top_k``, ``stop_token_ids``); temperature 0 is greedy, as in vLLM."""
+    temperature = float(sampling_params.get("temperature", 1.0) or 0.0)
+    top_k = int(sampling_params.get("top_k", -1) or -1)
+    stop = {*eos_ids, *(sampling_params.get("stop_token_ids") or [])}
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new,
+        "eos_token_id": sorted(stop),
+        "pad_token_id": pad_id,
+        "do_sample": temperature > 0,
+    }
+    if temperature > 0:
+        kwargs.update(
+            temperature=temperature,
+            top_p=float(sampling_params.get("top_p", 1.0)),
+            top_k=top_k if top_k > 0 else 0,
+        )
+    return kwargs
+
+
+class HFGenerateServer:
+    """Stands in for verl's LLM server with real sampling from a HF causal LM (CPU smoke runs).
+
+    Honours verl's sampling params (``temperature``, ``top_p``, ``top_k``, ``max_tokens``,
+    ``stop_token_ids``); ``max_new_tokens`` caps each turn so a tiny random model cannot run long.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_new_tokens: int = 128, seed: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self.calls = 0
+
+    def _generate(self, prompt_ids: list[int], sampling_params: dict[str, Any]) -> list[int]:
+        import torch
+
+        max_new = min(
+            int(sampling_params.get("max_tokens") or self.max_new_tokens), self.max_new_tokens
+        )
+        kwargs = generate_kwargs(
+            sampling_params, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id, max_new
+        )
+        torch.manual_seed(self.seed + self.calls)
+        self.calls += 1
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), **kwargs
+            )
+        return out[0, len(prompt_ids) :].tolist()
+
+    async def generate(
+        self,
+        request_id: str,
+        *,
+        prompt_ids: list[int],
+        sampling_params: dict[str, Any],
+        image_data: Any = None,
+        video_data: Any = None,
+        **kwargs: Any,
+    ):
+        from verl.workers.rollout.replica import TokenOutput
+
+        ids = await asyncio.to_thread(self._generate, list(prompt_ids), sampling_params)
+        return TokenOutput(token_ids=ids, stop_reason="completed")
+
+
 class HFBackend:
     """CPU generation with Hugging Face ``generate`` (tests, the local smoke run)."""
 
@@ -72,8 +147,6 @@ class HFBackend:
 
     def __init__(self, model_dir: Path, tokenizer: Any, *, max_new_tokens: int, seed: int = 0):
         from transformers import AutoModelForCausalLM
-
-        from recipe.retool.local.rollout_cpu import HFGenerateServer
 
         model = AutoModelForCausalLM.from_pretrained(str(model_dir))
         model.eval()
@@ -179,3 +252,23 @@ class VLLMBackend:
 
     def close(self) -> None:
         self.engine.shutdown()
+
+
+def make_backend(backend: str, model_dir: Path, tokenizer: Any, cfg: EvalConfig) -> Any:
+    """The engine a backend name (:data:`BACKENDS`) stands for, sized by the evaluation's
+    settings; the caller closes it."""
+    if backend == "hf":
+        return HFBackend(
+            model_dir, tokenizer, max_new_tokens=cfg.max_response_tokens, seed=cfg.seed
+        )
+    if backend == "vllm":
+        return VLLMBackend(
+            model_dir,
+            max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            enforce_eager=cfg.enforce_eager,
+        )
+    raise EvalError(f"unknown backend {backend!r}; expected one of {BACKENDS}")

@@ -2,7 +2,7 @@
 
 Three reports, each a directory:
 
-* one checkpoint (``evaluate.evaluate_checkpoint``): ``eval_<dataset>.json``,
+* one checkpoint (``runner.evaluate_checkpoint``): ``eval_<dataset>.json``,
   ``samples_<dataset>.jsonl``, ``report.md``;
 * progress of an experiment (``write_progress_report``): accuracy against training step,
   ``progress.{md,json,png}``;
@@ -20,6 +20,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from recipe.retool.eval.checkpoints import CheckpointRef
+from recipe.retool.paths import Layout
 
 ACCURACY_KEYS = ("mean@k", "pass@1", "pass@n", "maj@k")
 
@@ -405,3 +408,24 @@ def write_comparison_report(labelled_dirs: dict[str, Path], out_dir: Path) -> li
         write_json(out_dir / "compare.json", data),
         plot_comparison(table, out_dir / "compare.png"),
     ]
+
+
+def show_summary(
+    summary: dict[str, Any], ref: CheckpointRef, layout: Layout, *, progress: bool = True
+) -> list[Path]:
+    """What the CLI and the Modal function print after an evaluation: the summary table, where
+    the reports are, and, for a training checkpoint, the experiment's accuracy-against-step
+    report (``progress.png``), brought up to date. Returns the plots written."""
+    print(summary_table(summary["datasets"]))
+    print(f"reports: {summary['out_dir']}")
+    if not (progress and ref.stage in ("sft", "dapo")):
+        return []
+    eval_root = layout.checkpoints / "eval"
+    files = write_progress_report(
+        sorted(eval_root.iterdir()),
+        eval_root / f"progress-{ref.stage}-{ref.experiment}",
+        stage=ref.stage,
+        experiment=ref.experiment,
+    )
+    print(f"progress: {files[0].parent}")
+    return [f for f in files if f.suffix == ".png"]

@@ -4,9 +4,9 @@ The learning curve picks its DAPO start by measuring every saved SFT step on the
 problems. Building a vLLM engine costs about a minute, scoring a tiny model's step a few seconds:
 so one engine is built for the first step and each later step's weights are swapped in
 (``backend.load_weights``) before its rollouts. Rollouts, tool calls and scoring are evaluation's
-own (``evaluate.run_samples``), so a step's accuracy here is the accuracy ``make eval`` reports,
+own (``agent_loop.run_samples``), so a step's accuracy here is the accuracy ``make eval`` reports,
 and so are its checks: a sandbox that does not run code for this process, or fails to run too
-many of a step's tool calls, stops the sweep in one line (:class:`evaluate.EvalError`).
+many of a step's tool calls, stops the sweep in one line (:class:`config.EvalError`).
 """
 
 from __future__ import annotations
@@ -17,15 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from recipe.retool.eval.evaluate import (
-    EvalConfig,
-    Problem,
-    check_sandbox,
-    refuse_broken_tool,
-    rollout_context,
-    run_samples,
-    score_dataset,
-)
+from recipe.retool.eval.agent_loop import rollout_context, run_samples
+from recipe.retool.eval.config import EvalConfig
+from recipe.retool.eval.problems import Problem
+from recipe.retool.eval.runner import check_sandbox, refuse_broken_tool, score_dataset
 
 
 async def _sweep(

@@ -6,7 +6,7 @@
 replica and the tool agent loop into verl's message queue, a trainer actor takes them from there,
 and weights travel from trainer to rollout after every sync interval, as on GPUs.
 
-Two GPU mechanisms have CPU counterparts or are switched off (:data:`CPU_ASYNC_OVERRIDES`):
+Two GPU mechanisms have CPU counterparts or are switched off (``config/dapo_async_cpu.yaml``):
 
 * weight sync: verl's NCCL checkpoint engine broadcasts from actor rank 0 to the rollout GPUs;
   here :mod:`checkpoint_engine_cpu` moves the same tensors through Ray's object store;
@@ -20,18 +20,7 @@ from __future__ import annotations
 
 import runpy
 
-from recipe.retool.local import checkpoint_engine_cpu
 from recipe.retool.local.cpu_ppo import install_worker
-
-CPU_ASYNC_OVERRIDES: dict[str, object] = {
-    "actor_rollout_ref.rollout.checkpoint_engine.backend": checkpoint_engine_cpu.BACKEND,
-    "actor_rollout_ref.rollout.checkpoint_engine.custom_backend_module": (
-        checkpoint_engine_cpu.__name__
-    ),
-    "async_training.partial_rollout": False,
-    # One request at a time per hf_cpu server (its lock): more in flight only queue there.
-    "async_training.concurrent_samples_per_replica": 2,
-}
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ verl 0.9.1 knows accelerators only (nvidia, amd, huawei, ...). To run its unmodi
 2. make the FSDP engine selectable: verl registers it for ``(cuda, nvidia)`` only, so
    ``VERL_ENGINE_DEVICE=cuda VERL_ENGINE_VENDOR=nvidia`` pick it while tensors stay on CPU.
 
-The launcher adds the matching Hydra overrides (:data:`CPU_SFT_OVERRIDES`). Run as
+The launcher adds the matching Hydra overrides (``config/sft_cpu.yaml``). Run as
 ``torchrun ... -m recipe.retool.local.cpu_compat <hydra overrides>``: this module installs the
 shim and then hands over to verl's own ``sft_trainer.main``.
 """
@@ -24,19 +24,6 @@ from typing import Any
 import torch
 
 from recipe.retool.verl_plugins import trainer_setup
-
-# Hydra overrides that only the CPU run needs; everything else is the production config.
-CPU_SFT_OVERRIDES: tuple[str, ...] = (
-    "engine.strategy=fsdp2",  # FSDP1 calls into a CUDA device
-    "engine.use_torch_compile=False",
-    "engine.dtype=float32",
-    "+model.override_config.attn_implementation=sdpa",
-    "model.use_remove_padding=False",  # needs flash-attn varlen kernels
-    "model.use_liger=False",  # Triton kernels, GPU only
-    "data.use_dynamic_bsz=False",
-    "data.num_workers=0",
-    "trainer.device=cpu",
-)
 
 CPU_ENV: dict[str, str] = {
     "VERL_PLATFORM": "cpu",

@@ -43,7 +43,7 @@ from verl.workers.rollout.base import _ROLLOUT_REGISTRY, BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
 from verl.workers.rollout.utils import ensure_async_iterator
 
-from recipe.retool.local.rollout_cpu import generate_kwargs
+from recipe.retool.eval.backends import generate_kwargs
 
 NAME = "hf_cpu"
 

@@ -123,7 +123,7 @@ class Smoke:
     # -- stages -------------------------------------------------------------------------------
 
     def build_model(self, report: StageReport) -> None:
-        from recipe.retool.local.tiny_model import build
+        from recipe.retool.data.tiny_model import build
 
         target = self.layout.model_dir(TINY_MODEL_ID)
         build(target)
@@ -183,7 +183,8 @@ class Smoke:
         import pandas as pd
         from transformers import AutoTokenizer
 
-        from recipe.retool.local.rollout_cpu import ScriptedServer, run_tool_agent, score_rollout
+        from recipe.retool.eval.agent_loop import run_tool_agent, score_rollout
+        from recipe.retool.local.scripted_server import ScriptedServer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         first = pd.read_parquet(self.layout.rl_file("train")).iloc[0]
@@ -203,13 +204,9 @@ class Smoke:
 
     def evaluate(self, report: StageReport) -> None:
         """The evaluation code, on the SFT checkpoint, with settings small enough for a CPU."""
-        from recipe.retool.eval.evaluate import (
-            EvalConfig,
-            eval_dir,
-            evaluate_checkpoint,
-            report_dir,
-            resolve_checkpoint,
-        )
+        from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
+        from recipe.retool.eval.config import EvalConfig
+        from recipe.retool.eval.runner import evaluate_checkpoint
 
         ref = resolve_checkpoint("latest", self.layout)  # what `make eval` resolves on Modal
         datasets = {n: self.layout.rl_file(n) for n in paths.EVAL_SETS}

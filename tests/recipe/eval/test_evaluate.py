@@ -18,19 +18,14 @@ import yaml
 
 from recipe.retool.constants import TOOL_NAME
 from recipe.retool.data import prep
-from recipe.retool.eval.evaluate import (
-    CONFIG_FILE,
-    CheckpointRef,
-    EvalConfig,
-    EvalError,
-    build_tools,
-    evaluate_checkpoint,
-    load_problems,
-    main,
-    resolve_checkpoint,
-)
-from recipe.retool.local.rollout_cpu import ScriptedServer
+from recipe.retool.eval.__main__ import main
+from recipe.retool.eval.agent_loop import build_tools
+from recipe.retool.eval.checkpoints import CheckpointRef, resolve_checkpoint
+from recipe.retool.eval.config import CONFIG_FILE, EvalConfig, EvalError
+from recipe.retool.eval.problems import load_problems
+from recipe.retool.eval.runner import evaluate_checkpoint
 from recipe.retool.local.samples import write_sources
+from recipe.retool.local.scripted_server import ScriptedServer
 from recipe.retool.paths import Layout
 from sandbox.client import TOKEN_ENV
 from sandbox.local import sandbox_service
@@ -58,7 +53,7 @@ def datasets(data_dir: Path, *names: str) -> dict[str, Path]:
 
 def test_eval_yaml_holds_the_paper_defaults():
     assert CONFIG_FILE.read_text().startswith("# ")
-    assert "python -m recipe.retool.eval.evaluate" in CONFIG_FILE.read_text().split("\n\n")[0]
+    assert "python -m recipe.retool.eval " in CONFIG_FILE.read_text().split("\n\n")[0]
     assert EvalConfig.from_yaml() == EvalConfig()
     assert set(yaml.safe_load(CONFIG_FILE.read_text())) == set(EvalConfig.__dataclass_fields__)
     cfg = EvalConfig()
@@ -319,7 +314,7 @@ def test_cli_latest_writes_under_the_checkpoints_layout(
 def test_unreachable_sandbox_is_one_line(data_dir, tmp_path, tiny_model_dir, capsys, monkeypatch):
     """(The other CLI mistakes are rows of tests/test_cli_mistakes.py; this one waits for the
     sandbox, 60 s, unless the wait is cut short in-process.)"""
-    import recipe.retool.eval.evaluate as evaluate
+    import recipe.retool.eval.runner as evaluate
 
     monkeypatch.setattr(evaluate, "check_sandbox", _no_sandbox)
     argv = ["--checkpoint", str(tiny_model_dir), "--data-dir", str(data_dir),
@@ -387,7 +382,7 @@ def test_crashed_rollouts_are_reported_and_fail_the_run(
 
 
 def test_evaluation_cuts_tool_responses_like_dapo_training():
-    from recipe.retool.eval.evaluate import loop_config, training_tool_response_length
+    from recipe.retool.eval.agent_loop import loop_config, training_tool_response_length
 
     cfg = loop_config(EvalConfig())
     assert cfg.actor_rollout_ref.rollout.multi_turn.max_tool_response_length == (
@@ -418,7 +413,7 @@ def guarded_sandbox() -> Iterator[str]:
 def test_the_start_up_check_runs_code_with_the_tools_token(
     guarded_sandbox: str, monkeypatch, token, message
 ):
-    from recipe.retool.eval.evaluate import check_sandbox
+    from recipe.retool.eval.runner import check_sandbox
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     if token:
@@ -447,7 +442,7 @@ def test_a_run_whose_tool_breaks_fails_and_records_the_failure_rate(
     data_dir: Path, tmp_path: Path, tiny_model_dir: Path, tiny_tokenizer, guarded_sandbox: str,
     monkeypatch,
 ):  # fmt: skip
-    import recipe.retool.eval.evaluate as evaluate
+    import recipe.retool.eval.runner as evaluate
 
     # The sandbox passed its start-up check, then stopped taking this process's token.
     monkeypatch.setattr(evaluate, "check_sandbox", lambda url: None)

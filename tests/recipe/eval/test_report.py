@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 
 from recipe.retool.eval import report
-from recipe.retool.eval.evaluate import CheckpointRef, EvalConfig, Problem, main, score_dataset
+from recipe.retool.eval.__main__ import main
+from recipe.retool.eval.checkpoints import CheckpointRef
+from recipe.retool.eval.config import EvalConfig
 from recipe.retool.eval.metrics import SampleResult
+from recipe.retool.eval.problems import Problem
+from recipe.retool.eval.runner import score_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVAL_KEYS = {
@@ -50,7 +54,7 @@ PROBLEMS = [
 
 
 def crashed(problem: int, sample: int) -> SampleResult:
-    """A rollout that raised, as evaluate.py records it."""
+    """A rollout that raised, as the evaluation records it."""
     return SampleResult(problem, sample, False, -1.0, None, 0, 0, 0, 0, 0, error="RuntimeError()")
 
 

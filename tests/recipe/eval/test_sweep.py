@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool.eval.evaluate import EvalConfig, load_problems
+from recipe.retool.eval.config import EvalConfig
+from recipe.retool.eval.problems import load_problems
 from recipe.retool.eval.sweep import score_steps
 from tests.recipe.eval.test_evaluate import data_dir, datasets  # noqa: F401  (data_dir: fixture)
 
@@ -141,7 +142,7 @@ def test_a_step_whose_tool_calls_fail_stops_the_sweep(
     """The sweep keeps evaluation's checks: scores without a working tool are refused in one
     line (here the sandbox's port is closed after the start-up check)."""
     from recipe.retool.eval import sweep
-    from recipe.retool.eval.evaluate import EvalError
+    from recipe.retool.eval.config import EvalError
 
     monkeypatch.setattr(sweep, "check_sandbox", lambda url: None)
     backend = ToolCallingBackend(tiny_tokenizer, [], {"first": 0})

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipe.retool.local.tiny_model import TinySpec
+from recipe.retool.data.tiny_model import TinySpec
 from recipe.retool.verl_plugins import varlen_attention as va
 
 LENGTHS = [5, 1, 7]

@@ -20,14 +20,10 @@ from recipe.retool.constants import (
     TOOL_NAME,
     TOOL_SCHEMA,
 )
+from recipe.retool.eval.agent_loop import compose_config, run_tool_agent, score_rollout
+from recipe.retool.eval.backends import HFGenerateServer
 from recipe.retool.launch import TOOL_CONFIG_FILE as TOOL_CONFIG
-from recipe.retool.local.rollout_cpu import (
-    HFGenerateServer,
-    ScriptedServer,
-    compose_config,
-    run_tool_agent,
-    score_rollout,
-)
+from recipe.retool.local.scripted_server import ScriptedServer
 
 CODE = "import math\nmath.comb(10, 3)"
 CALL = json.dumps({"name": TOOL_NAME, "arguments": {"code": CODE}})

@@ -9,7 +9,7 @@ the same ``from_pretrained`` code path as the real model. This module writes an 
   Qwen2.5's tool-calling format (``# Tools`` system block, ``<tool_call>`` JSON in assistant turns,
   ``<tool_response>`` inside a user turn, ``<|im_start|>``/``<|im_end|>`` framing).
 
-Usage: ``python -m recipe.retool.local.tiny_model OUT_DIR`` (or :func:`ensure_tiny_model` from
+Usage: ``python -m recipe.retool.data.tiny_model OUT_DIR`` (or :func:`ensure_tiny_model` from
 code).
 """
 

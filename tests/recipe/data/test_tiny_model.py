@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recipe.retool.local.tiny_model import TinySpec, ensure_tiny_model
+from recipe.retool.data.tiny_model import TinySpec, ensure_tiny_model
 
 CODE_TOOL = {
     "type": "function",
