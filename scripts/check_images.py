@@ -272,8 +272,9 @@ def call_problems(text: str, label: str) -> list[str]:
                 called += [b for a, b in itertools.pairwise(words) if a == "--python"]
                 for program in called:
                     if missing(program):
-                        near = sorted(p for p in provided if Path(p).name.startswith(
-                            Path(program).name))  # fmt: skip
+                        here = Path(program)
+                        near = sorted(p for p in provided if Path(p).parent == here.parent
+                                      and Path(p).name.startswith(here.name))  # fmt: skip
                         problems.append(
                             f"{label} line {ins.line}: RUN calls {program}, which neither the "
                             "base image nor an installed package provides"
