@@ -318,7 +318,12 @@ def test_a_mistake_no_retry_can_fix_fails_every_attempt_at_once(
         setup(monkeypatch)
     ran = []
     dapo_on_node = stages.dapo_on_node
-    monkeypatch.setattr(stages, "dapo_on_node", lambda *a, **kw: ran.append(1) or dapo_on_node(*a, **kw))
+
+    def counted(*args, **kwargs):
+        ran.append(1)
+        return dapo_on_node(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "dapo_on_node", counted)
     outcomes = modal_attempts(app_module.train_dapo_gpu, *args, capsys=capsys)
     assert [code for code, _ in outcomes] == [2, 2, 2, 2]  # 1 + max_retries, all failed
     first = outcomes[0][1].splitlines()[-1]
@@ -530,9 +535,7 @@ def test_the_check_refuses_a_bad_override_in_one_line(app_module, volumes) -> No
 
 def test_the_check_refuses_sft_without_its_data(app_module, volumes) -> None:
     plan = app_module.check_launch.local("sft", [])
-    assert plan["error"] == (
-        f"no SFT data at {volumes.sft_train_file()}: run prep_dataset first"
-    )
+    assert plan["error"] == (f"no SFT data at {volumes.sft_train_file()}: run prep_dataset first")
 
 
 @pytest.mark.parametrize(
@@ -651,8 +654,9 @@ def spawned(app_module, monkeypatch):
     a (fake) running id."""
     names = ("train_gpu", "train_dapo_gpu", "evaluate_gpu", "pipeline_run")
     fakes = {name: FakeFunction() for name in names}
-    fakes["check_launch"] = FakeFunction({"error": None, "lines": ["ok: 78 overrides"],
-                                          "experiment": None, "project": "retool-dapo"})  # fmt: skip
+    passed = {"error": None, "lines": ["ok: 78 overrides"], "experiment": None,
+              "project": "retool-dapo"}  # fmt: skip
+    fakes["check_launch"] = FakeFunction(passed)
     for name, fake in fakes.items():
         monkeypatch.setattr(app_module, name, fake)
     monkeypatch.setattr(app_module, "app", type("App", (), {"app_id": "ap-XYZ"})())
@@ -679,7 +683,10 @@ def test_train_dapo_checks_then_spawns_and_prints_how_to_follow_it(
 def test_train_with_a_name_and_project_links_that_wandb_run(app_module, spawned, capsys):
     spawned["check_launch"].plan |= {"experiment": "big", "project": "mine"}
     app_module.train("--experiment-name=big", "trainer.project_name=mine")
-    assert spawned["train_gpu"].spawned[0][0] == ("--experiment-name=big", "trainer.project_name=mine")
+    assert spawned["train_gpu"].spawned[0][0] == (
+        "--experiment-name=big",
+        "trainer.project_name=mine",
+    )
     assert "https://wandb.ai/team/mine/runs/sft-big" in capsys.readouterr().out
 
 
