@@ -19,9 +19,9 @@ imported; each input runs with its function call id in the context. ``spec.json`
 - ``call_id``: the input's function call id; ``cluster``: rank and addresses, or null;
 - ``web_urls``: deployed web URLs by ``app/function``; ``returns``: answers to ``.remote()``
   (see ``stand_ins.Recorder``);
-- ``steps``: ``{"values": [names]}`` (module attributes, as ``repr``), ``{"call": name, "args",
-  "kwargs"}`` (run that function's body once, or a plain function of the module; its return
-  value or exit code is recorded), and
+- ``steps``: ``{"values": [names]}`` (module attributes; JSON, ``repr`` where JSON has none),
+  ``{"call": name, "args", "kwargs"}`` (run that function's body once, or a plain function of
+  the module; its return value or exit code is recorded), and
   ``{"serve": name, "port": N}`` (an ``asgi_app``: build the app the way Modal does at container
   start and serve it with uvicorn until the container is stopped);
 - ``out``: where the record goes (written after every step).
