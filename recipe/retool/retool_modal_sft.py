@@ -485,7 +485,8 @@ def _check_training(stage: str, args: list[str], nodes: int) -> dict:
     import io
 
     from recipe.retool import launch, stages
-    from recipe.retool.eval.evaluate import EvalError, check_sandbox
+    from recipe.retool.eval.config import EvalError
+    from recipe.retool.eval.runner import check_sandbox
     from recipe.retool.follow import project_override
     from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
 
@@ -524,14 +525,9 @@ def _check_evaluation(options: dict) -> dict:
     node sandbox it will start."""
     from dataclasses import replace
 
-    from recipe.retool.eval.evaluate import (
-        EvalConfig,
-        EvalError,
-        check_sandbox,
-        eval_dir,
-        report_dir,
-        resolve_checkpoint,
-    )
+    from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
+    from recipe.retool.eval.config import EvalConfig, EvalError
+    from recipe.retool.eval.runner import check_sandbox
     from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
 
     layout = paths.Layout.from_env()

@@ -141,8 +141,8 @@ def host_layout(volumes: dict[str, Path]) -> paths.Layout:
 def fixture_volumes(containers) -> dict[str, Path]:
     """A tokenizer where the base model goes, the sample sources on the data volume, one
     complete SFT step: enough for prep, the checks, listing and the pipeline's status."""
+    from recipe.retool.data.tiny_model import build_tokenizer
     from recipe.retool.local import samples
-    from recipe.retool.local.tiny_model import build_tokenizer
 
     volumes = trainer_volumes(containers / "fixture")
     layout = host_layout(volumes)
