@@ -53,9 +53,16 @@ def test_function_settings() -> None:
 def test_a_weaker_isolation_is_an_explicit_opt_in_at_deploy(monkeypatch) -> None:
     """Deployed plainly, the container allows no mode that is not secure; with the sandbox's own
     opt-in in the deploying shell, the container gets it (and reads the same at its import)."""
-    assert load(monkeypatch).SETTINGS.env == {"SANDBOX_ALLOW_INSECURE": "0"}
+    from modal._utils.async_utils import synchronizer
+    from modal.secret import _local_secret_env
+
+    def container_env(module) -> dict[str, str]:
+        return _local_secret_env(synchronizer._translate_in(module.serve)._spec.secrets)
+
+    plain = container_env(load(monkeypatch))
+    assert (plain["SANDBOX_ALLOW_INSECURE"], plain["SANDBOX_ISOLATION"]) == ("0", "auto")
     opted = load(monkeypatch, SANDBOX_ALLOW_INSECURE="1")
-    assert opted.ALLOW_INSECURE and opted.SETTINGS.env == {"SANDBOX_ALLOW_INSECURE": "1"}
+    assert opted.ALLOW_INSECURE and container_env(opted)["SANDBOX_ALLOW_INSECURE"] == "1"
 
 
 def test_the_deployed_endpoint_takes_only_its_token(monkeypatch, tmp_path) -> None:
