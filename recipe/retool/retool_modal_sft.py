@@ -483,6 +483,8 @@ def _check_training(stage: str, args: list[str], nodes: int) -> dict:
     is checked too), and for SFT its data and base model; DAPO's sandbox runs a test program."""
     import contextlib
     import io
+    import shlex
+    import sys
 
     from recipe.retool import launch, stages
     from recipe.retool.eval.config import EvalError
@@ -495,7 +497,9 @@ def _check_training(stage: str, args: list[str], nodes: int) -> dict:
         code = launch.main(["check", stage, "--gpus", str(N_GPUS), "--nodes", str(nodes), *args])
     lines = out.getvalue().splitlines() + err.getvalue().splitlines()
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-    plan = {"lines": [line for line in lines if not line.startswith("error: ")]}
+    command = shlex.quote(sys.executable) + " "  # the trainer's command line: long, not shown
+    shown = [line for line in lines if not line.startswith(("error: ", command))]
+    plan = {"lines": shown}
     if code:
         return plan | {"error": errors[-1] if errors else f"launch check exited {code}"}
     layout = paths.Layout.from_env()
@@ -548,7 +552,7 @@ def _check_evaluation(options: dict) -> dict:
 
 
 @app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, env=ENV, cpu=2.0,
-              timeout=10 * MINUTES)  # fmt: skip
+              memory=8 * 1024, timeout=10 * MINUTES)  # fmt: skip
 def check_launch(stage: str, args: list, nodes: int = 1, options: dict | None = None) -> dict:
     """What a launch of ``stage`` (``sft``, ``dapo``, ``eval``, ``pipeline``) can check before
     any GPU starts, checked where it will run: this image's verl, the volumes, the secrets, the

@@ -97,6 +97,12 @@ def test_settings_read_at_import_have_the_launchs_values_in_the_container(descri
     serve = describe("serve", RETOOL_SERVE_MAX_MODEL_LEN="16384", RETOOL_SERVE_API_KEY="k-1")
     run = harness.Container(serve, "vllm", containers).run([{"values": ["MAX_MODEL_LEN"]}])
     assert run.step(0)["values"] == {"MAX_MODEL_LEN": 16384}, run.stderr[-2000:]
+    # /chat's container builds its app with the deploy's key and the sandbox found by name
+    run = harness.Container(serve, "chat", containers).run(
+        [{"call": "chat"}], web_urls={"retool-sandbox/serve": "http://127.0.0.1:9"}
+    )
+    assert run.step(0)["exit"] == 0, run.stderr[-2000:]
+    assert {"function": "retool-sandbox/serve", "how": "get_web_url"} in run.calls()
 
 
 def test_ray_and_torchrun_get_the_clusters_ipv4_head(describe, containers) -> None:

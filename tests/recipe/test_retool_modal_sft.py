@@ -557,6 +557,19 @@ def test_the_check_refuses_dapo_without_its_sandbox(app_module, volumes, monkeyp
     assert plan["error"].startswith("sandbox at http://127.0.0.1:9/run_code is not answering")
 
 
+def test_the_check_refuses_dapo_where_its_node_sandbox_has_no_isolation(
+    app_module, volumes, monkeypatch
+) -> None:
+    make_step(volumes, "sft", "s1", 62)
+    mark_tracked(volumes, "sft", "s1", 62)
+    no_isolation(monkeypatch)
+    plan = app_module.check_launch.local("dapo", [])
+    assert plan["error"] == (
+        "node sandbox: no isolation mode works here (bwrap: refused); or run with "
+        "--sandbox=deployed"
+    )
+
+
 def test_the_check_passes_dapo_with_its_start_and_sandbox(
     app_module, volumes, monkeypatch, local_endpoint
 ) -> None:
