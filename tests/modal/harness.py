@@ -350,7 +350,7 @@ class Container:
         tops = _stage(files + self.image.copies, root)
         argv = ["bwrap", "--die-with-parent", "--unshare-pid", "--unshare-uts",
                 "--hostname", "modal"]  # fmt: skip
-        private = PRIVATE_TOPS | {tops_dir for tops_dir in tops} | {REPO.resolve().parts[1]}
+        private = PRIVATE_TOPS | set(tops) | {REPO.resolve().parts[1]}
         for entry in sorted(Path("/").iterdir()):
             if entry.name in private:
                 continue
@@ -362,6 +362,11 @@ class Container:
         for top in tops:
             argv += ["--bind", str(root / top), f"/{top}"]
         # The interpreters: the image's venv where the image has its Python, and what it links to.
+        if Path(sys.base_prefix).resolve().is_relative_to(self.image.python_prefix):
+            raise RuntimeError(
+                f"the tests' Python lives under {self.image.python_prefix}, where the image's "
+                "venv goes: run them with a Python installed elsewhere (e.g. /usr, /opt, pyenv)"
+            )
         argv += _mount_point(Path(self.image.python_prefix))
         argv += ["--ro-bind", str(self.python), self.image.python_prefix]
         for needed in (Path(sys.base_prefix), self.python):
