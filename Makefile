@@ -80,6 +80,12 @@ CHECK_IMAGES_CACHE ?= /tmp/retool-check-images
 check-images: $(PY) ## Without Docker: COPY sources, pins vs constraints.txt, the trainer pip set resolves for linux/cp312, CUDA base = torch's (~1 min of metadata)
 	$(PY) scripts/check_images.py --cache $(CHECK_IMAGES_CACHE)
 
+# tests/modal: the client with `pip install modal` alone, each container as Modal lays it out
+# (bubblewrap); its tests are e2e-marked, selected here whatever pytest's default selection is.
+.PHONY: check-modal
+check-modal: $(PY) ## No Modal account needed: the Modal apps loaded and run as Modal does (client venv: modal only; containers in bubblewrap)
+	$(PY) -m pytest -q -p no:cacheprovider -m "e2e or not e2e" tests/modal $(PYTEST_ARGS)
+
 .PHONY: images
 images: ## Build every image in compose.yaml (trainer, sandbox, sandbox-fusion)
 	$(COMPOSE) --profile '*' build
@@ -108,19 +114,19 @@ MODAL_DETACHED := $(VENV)/bin/modal run --detach
 .PHONY: sft
 sft: $(PY) ## SFT on Modal, detached: make sft GPUS=8 ARGS="--experiment-name=x trainer.total_epochs=2"
 	$(PY) -m recipe.retool.launch check sft --gpus $(GPUS) -- $(ARGS)
-	RETOOL_GPUS=$(GPUS) $(MODAL_DETACHED) $(MODAL_APP)::launch_sft -- $(ARGS)
+	RETOOL_GPUS=$(GPUS) $(MODAL_DETACHED) $(MODAL_APP)::train -- $(ARGS)
 
 .PHONY: dapo
 dapo: $(PY) ## DAPO on Modal from the latest SFT checkpoint, detached: make dapo ARGS="..."
 	$(PY) -m recipe.retool.launch check dapo --gpus $(GPUS) -- $(ARGS)
-	RETOOL_GPUS=$(GPUS) $(MODAL_DETACHED) $(MODAL_APP)::launch_dapo -- $(ARGS)
+	RETOOL_GPUS=$(GPUS) $(MODAL_DETACHED) $(MODAL_APP)::train_dapo -- $(ARGS)
 
 CHECKPOINT ?= latest
 EXPERIMENT ?= retool
 
 .PHONY: eval
 eval: $(PY) ## Evaluate on AIME 24/25 with tools on Modal, detached: make eval CHECKPOINT=latest|base|sft|PATH
-	$(MODAL_DETACHED) $(MODAL_APP)::launch_eval --checkpoint $(CHECKPOINT)
+	$(MODAL_DETACHED) $(MODAL_APP)::evaluate --checkpoint $(CHECKPOINT)
 
 .PHONY: pipeline
 pipeline: $(PY) ## download → prep → SFT → DAPO → eval on Modal, detached, skipping done stages (EXPERIMENT=retool)

@@ -26,12 +26,14 @@ ENV DEBIAN_FRONTEND=noninteractive \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # bubblewrap: the sandbox's isolation. python3.12 is Ubuntu 24.04's; the trainer gets a virtualenv,
-# the sandbox runs user code with the system interpreter (readable by its unprivileged uids); each
-# DAPO node runs that sandbox (recipe/retool/tool_sandbox.py).
+# the sandbox runs user code with the system interpreter, /usr/bin/python3 (readable by its
+# unprivileged uids; the sandbox looks there first), which only `python3` (python3-minimal) puts
+# there: python3.12's packages ship /usr/bin/python3.12 alone. Each DAPO node runs that sandbox
+# (recipe/retool/tool_sandbox.py). `make check-images` checks every interpreter a RUN line calls.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        python3.12 python3.12-venv python3.12-dev git build-essential bubblewrap \
+        python3 python3.12 python3.12-venv python3.12-dev git build-essential bubblewrap \
     && rm -rf /var/lib/apt/lists/* \
     && python3.12 -m venv /opt/venv
 

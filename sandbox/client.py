@@ -28,10 +28,11 @@ from typing import Any, TypeVar
 
 import httpx
 
+from sandbox.environ import TOKEN_ENV
+
 DEFAULT_ENDPOINT = "http://127.0.0.1:8080"
 ENDPOINT_ENV = "SANDBOX_FUSION_ENDPOINT"
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-TOKEN_ENV = "SANDBOX_API_TOKEN"  # the service reads the same variable (Settings.api_token)
 
 _T = TypeVar("_T")
 

@@ -17,6 +17,9 @@ import os
 from pathlib import Path
 
 log = logging.getLogger("sandbox.environ")
+# The service's bearer token (Settings.api_token reads it; the client sends it). Here, in a module
+# of the standard library alone, so a Modal app file can name it where only modal is installed.
+TOKEN_ENV = "SANDBOX_API_TOKEN"
 
 _ENV_START_FIELD = 50  # proc_pid_stat(5) numbering, 1-based; env_end follows
 

@@ -19,7 +19,8 @@ Modes, strongest first:
   network, no home directory, no project, empty environment), but no per-run uid or private
   tmpfs: runs share one uid inside the sandbox and a scratch directory per slot.
 - ``none``: fork + rlimits only. Runs share the server's uid: they could signal it or read its
-  files. For development only.
+  files. For development only: taken only when asked for (``SANDBOX_ISOLATION=none``), never by
+  ``auto``.
 
 Anything not secure refuses to start unless ``allow_insecure`` (``--allow-insecure`` or
 ``SANDBOX_ALLOW_INSECURE=1``) is given; ``SANDBOX_ISOLATION=<mode>`` (``--isolation``) tries that
@@ -276,7 +277,8 @@ def detect(settings: Settings) -> Isolation:
     wanted = settings.isolation
     if wanted not in ("auto", *MODES):
         raise ValueError(f"unknown isolation mode {wanted!r}; choose auto, {', '.join(MODES)}")
-    candidates = MODES if wanted == "auto" else (wanted,)
+    # `auto` never takes `none` (user code as the server's user, with the network): only asked.
+    candidates = MODES[:-1] if wanted == "auto" else (wanted,)
     chosen: Isolation | None = None
     tried = []
     for mode in candidates:

@@ -4,7 +4,10 @@
     python scripts/check_images.py --static   # the static checks only (no network)
     python scripts/check_images.py --write-lock   # regenerate images/trainer-constraints.txt
 
-Static: every file a Dockerfile COPYs is in the build context and not dockerignored; every exact
+Static: every interpreter or binary a Dockerfile's RUN line calls (``/usr/bin/python3``, ``pip
+--python X``, ``python3.12`` through ``PATH``), and every ``ENV`` naming one, is there when the line
+runs: the base image's, an apt package's or a venv made before (:func:`call_problems`); every
+file a Dockerfile COPYs is in the build context and not dockerignored; every exact
 pin an image installs (Dockerfile text, the trainer's and the sandbox's pip sets) equals
 constraints.txt's where constraints.txt names the package; the trainer image installs with
 ``-c images/trainer-constraints.txt`` (the lock), whose pins equal constraints.txt's except the
@@ -25,6 +28,7 @@ import importlib.util
 import itertools
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -132,6 +136,7 @@ def static_problems(root: Path) -> list[str]:
     problems = []
     for dockerfile in sorted((root / "images").glob("*Dockerfile")):
         problems += dockerfiles.copy_source_problems(dockerfile, root)
+        problems += call_problems(dockerfile.read_text(), f"images/{dockerfile.name}")
     return (
         problems + pin_problems(image_pip_sets(root), reqs.constraints(root)) + lock_problems(root)
     )
@@ -173,6 +178,124 @@ def base_image(text: str) -> tuple[int, int]:
                 )
             return int(match[1]), UBUNTU_GLIBC[match[2]]
     raise ValueError("no FROM")
+
+
+# ---- what a RUN line calls ----------------------------------------------------------------------
+#
+# What puts interpreters and binaries at fixed paths, without Docker: the base images' own (by
+# FROM prefix; Docker Hub's python images keep theirs in /usr/local/bin, NVIDIA's CUDA images have
+# no Python), and each apt package's, from Debian's and Ubuntu's packaging: `pythonX.Y(-minimal)`
+# ships /usr/bin/pythonX.Y and only `python3-minimal` (pulled by `python3`) the /usr/bin/python3
+# link (`dpkg -S /usr/bin/python3` on Debian 12: python3-minimal). A package not listed here
+# provides nothing known, so a path only it would give is reported: add it here.
+BASE_PROVIDES: dict[str, tuple[str, ...]] = {
+    "nvidia/cuda:": (),
+    "python:": ("/usr/local/bin/python", "/usr/local/bin/python3", "/usr/local/bin/pip",
+                "/usr/local/bin/pip3"),
+}  # fmt: skip
+APT_PROVIDES: dict[str, tuple[str, ...]] = {
+    "python3": ("/usr/bin/python3",),
+    "python3-minimal": ("/usr/bin/python3",),
+    "python3-pip": ("/usr/bin/pip3", "/usr/bin/pip"),
+    "python3-venv": (),
+    "bubblewrap": ("/usr/bin/bwrap",),
+    "git": ("/usr/bin/git",),
+    "build-essential": ("/usr/bin/gcc", "/usr/bin/g++", "/usr/bin/make"),
+    "curl": ("/usr/bin/curl",),
+}
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_VERSIONED_PYTHON = re.compile(r"^python(\d+\.\d+)(-minimal|-dev|-venv)?$")
+_CHECKED_NAME = re.compile(r"^(python|pip)[\d.]*$")  # bare names resolved through PATH
+
+
+def apt_provides(package: str) -> tuple[str, ...]:
+    """Paths an apt package puts there (``pythonX.Y``, ``-minimal``, ``-dev`` and ``-venv``
+    pull ``pythonX.Y``, which ships ``/usr/bin/pythonX.Y``)."""
+    name = package.split("=")[0]
+    match = _VERSIONED_PYTHON.match(name)
+    if match:
+        return (f"/usr/bin/python{match[1]}",)
+    return APT_PROVIDES.get(name, ())
+
+
+def _commands(script: str) -> list[list[str]]:
+    """A RUN line's simple commands, split at ``&&``, ``||``, ``;`` and ``|`` (quotes kept)."""
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in ("&&", "||", ";", "|", "&"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
+def call_problems(text: str, label: str) -> list[str]:
+    """Interpreters and binaries a RUN line calls (the command, a ``--python`` argument) that
+    nothing has installed by then, and ``ENV`` values naming one that the finished image lacks.
+    A bare ``python*``/``pip*`` is looked up on the ``PATH`` the line runs with."""
+    instructions = dockerfiles.parse(text)
+    provided: set[str] = set()
+    env_paths: list[tuple[int, str, str]] = []
+    path = DEFAULT_PATH
+    problems: list[str] = []
+
+    def missing(called: str) -> bool:
+        if called.startswith("/"):
+            return called not in provided
+        return not any(f"{d}/{called}" in provided for d in path.split(":"))
+
+    for ins in instructions:
+        if ins.keyword == "FROM":
+            base = ins.args.split()[0]
+            provided = set(next((v for k, v in BASE_PROVIDES.items() if base.startswith(k)), ()))
+            if base.startswith("python:"):  # python:3.11-slim also has python3.11, pip3.11
+                version = base.split(":")[1].split("-")[0]
+                provided |= {f"/usr/local/bin/python{version}", f"/usr/local/bin/pip{version}"}
+        elif ins.keyword == "ENV":
+            words = shlex.split(ins.args)
+            pairs = [w.split("=", 1) for w in words] if "=" in words[0] else [words[:2]]
+            for name, value in pairs:
+                if name == "PATH":
+                    path = value.replace("$PATH", path).replace("${PATH}", path)
+                elif re.fullmatch(r"/\S+/bin/[\w.+-]+", value):
+                    env_paths.append((ins.line, name, value))
+        elif ins.keyword == "RUN":
+            for words in _commands(ins.args):
+                while words and re.match(r"^[A-Za-z_]\w*=", words[0]):
+                    words = words[1:]  # VAR=value command
+                if not words:
+                    continue
+                called = [words[0]] if words[0].startswith("/") or _CHECKED_NAME.match(
+                    words[0]) else []  # fmt: skip
+                called += [b for a, b in itertools.pairwise(words) if a == "--python"]
+                for program in called:
+                    if missing(program):
+                        here = Path(program)
+                        near = sorted(p for p in provided if Path(p).parent == here.parent
+                                      and Path(p).name.startswith(here.name))  # fmt: skip
+                        problems.append(
+                            f"{label} line {ins.line}: RUN calls {program}, which neither the "
+                            "base image nor an installed package provides"
+                            + (f" (there is {', '.join(near)})" if near else "")
+                        )
+                if words[0] in ("apt-get", "apt") and "install" in words:
+                    for package in words[words.index("install") + 1 :]:
+                        if not package.startswith("-"):
+                            provided |= set(apt_provides(package))
+                if "venv" in words and words[words.index("venv") - 1] == "-m":
+                    target = next(w for w in words[words.index("venv") + 1 :]
+                                  if not w.startswith("-"))  # fmt: skip
+                    python = Path(words[0]).name
+                    names = {"python", "python3", "pip", "pip3", python}
+                    provided |= {f"{target}/bin/{name}" for name in names}
+    problems += [
+        f"{label} line {line}: ENV {name}={value}, which the image does not have"
+        for line, name, value in env_paths
+        if value not in provided
+    ]
+    return problems
 
 
 # ---- resolve -----------------------------------------------------------------------------------

@@ -43,3 +43,7 @@ SFT_DATASET: Final = "JoeYing/ReTool-SFT"
 RL_DATASET: Final = "BytedTsinghua-SIA/DAPO-Math-17k"
 AIME_2024_DATASET: Final = "Maxwell-Jia/AIME_2024"
 AIME_2025_DATASET: Final = "yentinglin/aime_2025"
+
+# The Ray token of a multi-node DAPO launch: every node must hold the same one (stages.py's
+# join_ray_cluster); the Modal app makes it where `modal run` runs (modal_common.py).
+RAY_TOKEN_ENV: Final = "RAY_AUTH_TOKEN"

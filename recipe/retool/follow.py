@@ -3,7 +3,9 @@
 A day-long run must not depend on the laptop that started it: ``make sft|dapo|eval|pipeline``
 run ``modal run --detach``, whose local entry point spawns the remote function, prints these
 lines, and then streams its logs until Ctrl-C or a closed lid, neither of which stops it. Plain
-functions (no Modal import), so the CPU tests check what is printed.
+functions (no Modal import), so the CPU tests check what is printed; what a launch prints needs
+only the standard library at import, as the launch runs where `pip install modal` is all a user
+may have.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from pathlib import Path
 
 from recipe.retool import tracking
 from recipe.retool.paths import INFO_FILE, Layout
-from recipe.retool.run_report import REPORT_MD, REPORT_PNG
 
 
 def follow_lines(
@@ -50,6 +51,8 @@ def result_files(layout: Layout, experiment: str) -> list[Path]:
     """What ``make results EXPERIMENT=x`` fetches: reports, never weights. Each stage's
     ``checkpoint_info.json``, ``report.md``/``report.png`` and metrics, and the experiment's
     evaluation reports (markdown, JSON, plots; per-sample files stay on the volume)."""
+    from recipe.retool.run_report import REPORT_MD, REPORT_PNG  # plotting: never on the client
+
     found: list[Path] = []
     for stage in ("sft", "dapo"):
         root = layout.experiment_dir(stage, experiment)

@@ -653,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=8, help="GPUs per node (RETOOL_GPUS)")
     parser.add_argument("--nodes", type=int, default=1)
     ns, rest = parser.parse_known_args(argv)  # the rest: options and overrides, as after --
-    layout = Layout.modal()
+    layout = Layout.from_env()  # the volumes in a container, RETOOL_ROOT in a test
     try:
         topo = Topology(gpus_per_node=ns.gpus, nnodes=ns.nodes)
         parsed = parse_launch_args(rest)

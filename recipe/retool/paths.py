@@ -99,6 +99,11 @@ class Layout:
     def experiment_dir(self, stage: Stage, experiment: str) -> Path:
         return self.stage_root(stage) / check_experiment_name(experiment)
 
+    def failed_call_file(self, call_id: str) -> Path:
+        """Where a launch's failure that no retry can fix is kept for the retries of that
+        function call (``modal_common.fail_for_good``)."""
+        return self.checkpoints / ".failed-calls" / f"{call_id}.txt"
+
 
 def check_experiment_name(experiment: str) -> str:
     """``experiment`` when it can name one directory, else a ValueError saying what to change."""

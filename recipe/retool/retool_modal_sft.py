@@ -17,9 +17,17 @@
 #     modal deploy recipe/retool/modal_fusion_sandbox.py
 #     modal run recipe/retool/retool_modal_sft.py::train_dapo
 #
-# `make sft|dapo|eval|pipeline` launch the same functions detached (`modal run --detach` of the
-# `launch_*` / `pipeline` entry points below): the run outlives the laptop, and the launch prints
-# how to follow it (`make logs`, `make status`, the wandb page).
+# `train`, `train_dapo`, `evaluate` and `pipeline` are local entry points: each checks the launch
+# in a small CPU container first (`check_launch`: the overrides against this image's verl, the
+# start checkpoint on the volume, the sandbox DAPO will call), so a mistake fails in one line
+# before any GPU starts, then spawns the GPU function (`train_gpu`, ...) and follows it.
+# `make sft|dapo|eval|pipeline` run the same entry points detached (`modal run --detach`): the
+# run outlives the laptop, and the launch prints how to follow it (`make logs`, `make status`,
+# the wandb page).
+#
+# Modal imports this file twice: here, where only `pip install modal` may be installed, and in
+# each container as `/root/retool_modal_sft.py`; so its top needs only modal and the standard
+# library (`modal_common.py`), and every setting read below travels to the containers.
 #
 # Any verl Hydra override passes through after `--`:
 #
@@ -39,9 +47,13 @@ import modal
 from recipe.retool import modal_common, paths
 
 APP_NAME = "retool-sft"
-GPU_TYPE = os.environ.get("RETOOL_GPU_TYPE", "H100")
-N_GPUS = modal_common.env_count("RETOOL_GPUS", 8)
-N_NODES = modal_common.env_count("RETOOL_NODES", 2)  # for the *_multinode functions only
+# Read when the app is imported, here and again in every container: each function gets them in
+# its environment (ENV), so a container reads the values the launch read.
+SETTINGS = modal_common.ImportSettings()
+GPU_TYPE = SETTINGS.text("RETOOL_GPU_TYPE", "H100")
+N_GPUS = SETTINGS.count("RETOOL_GPUS", 8)
+N_NODES = SETTINGS.count("RETOOL_NODES", 2)  # for the *_multinode functions only
+ENV = SETTINGS.env
 MINUTES = 60
 HOURS = 60 * MINUTES
 
@@ -57,8 +69,8 @@ trainer_image = modal_common.trainer_image()
 # ## Volumes and secrets
 #
 # Three volumes hold data, base models and checkpoints; `recipe/retool/paths.py` owns their names
-# and layout. Secrets come from `.env` (see `.env.example`); a missing key is reported by name,
-# never by value.
+# and layout. Secrets come from `.env` (see `.env.example`), read here without python-dotenv; a
+# missing key is reported by name, never by value.
 
 data_volume = modal.Volume.from_name(paths.DATA_VOLUME, create_if_missing=True)
 models_volume = modal.Volume.from_name(paths.MODELS_VOLUME, create_if_missing=True)
@@ -68,14 +80,15 @@ VOLUMES = {
     str(paths.MODELS_MOUNT): models_volume,
     str(paths.CHECKPOINTS_MOUNT): checkpoints_volume,
 }
-secrets = [modal.Secret.from_dotenv(modal_common.REPO_ROOT)]
+secrets = [modal_common.dotenv_secret()]
 # Every training function: all GPUs of one node, all volumes, the secrets, Modal's 24 h maximum;
-# host CPU and memory per stage from config/resources.yaml (`modal_common.host_resources`).
+# host CPU and memory per stage from config/resources.toml (`modal_common.host_resources`).
 GPU_FUNCTION = {
     "image": trainer_image,
     "gpu": f"{GPU_TYPE}:{N_GPUS}",
     "volumes": VOLUMES,
     "secrets": secrets,
+    "env": ENV,
     "timeout": 24 * HOURS,
 }
 
@@ -100,7 +113,10 @@ def _topology():
 
     try:
         cluster = modal.experimental.get_cluster_info()
-        ips, rank = list(cluster.container_ips), cluster.rank
+        # IPv4 for torchrun and Ray: `container_ips` are Modal's IPv6 addresses, and Ray's IPv6
+        # support is incomplete (ray #6967); Modal's multi-node verl, Ray and slime examples take
+        # the head from `container_ipv4_ips[0]` too.
+        ips, rank = list(cluster.container_ipv4_ips), cluster.rank
     except Exception:
         ips, rank = [], 0
     if len(ips) <= 1:
@@ -120,7 +136,7 @@ def _report_credentials() -> None:
 # ## Data and base model
 
 
-@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, timeout=2 * HOURS)
+@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, env=ENV, timeout=2 * HOURS)
 def prep_dataset(
     max_rows: int = 0, on_error: str = "fail", only: str = "", source_dir: str = ""
 ) -> None:
@@ -165,7 +181,7 @@ def prep_dataset(
     _commit(data_volume, models_volume)  # the parquet, and the hub cache (HF_HOME) on /models
 
 
-@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, timeout=2 * HOURS)
+@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, env=ENV, timeout=2 * HOURS)
 def download_model(
     model_id: str = paths.BASE_MODEL_ID,
     revision: str = paths.BASE_MODEL_REVISION,
@@ -183,20 +199,24 @@ def download_model(
 
 # ## Training
 #
-# `train` runs verl's SFT trainer under torchrun on all GPUs of one container; `train_dapo` runs
-# verl's PPO trainer (GRPO advantages, DAPO settings) with Ray and vLLM, starting from the latest
-# complete SFT checkpoint. Every node runs its own sandbox on loopback for the tool calls
-# (`tool_sandbox.py`; measured against a remote endpoint in docs/benchmarks.md); pass
-# `--sandbox=deployed` to send them to the deployed `modal_fusion_sandbox.py` instead.
+# `train_gpu` runs verl's SFT trainer under torchrun on all GPUs of one container;
+# `train_dapo_gpu` runs verl's PPO trainer (GRPO advantages, DAPO settings) with Ray and vLLM,
+# starting from the latest complete SFT checkpoint. Every node runs its own sandbox on loopback
+# for the tool calls (`tool_sandbox.py`; measured against a remote endpoint in docs/benchmarks.md);
+# pass `--sandbox=deployed` to send them to the deployed `modal_fusion_sandbox.py` instead.
+# `modal run ...::train` / `::train_dapo` (below, "Launching") check the launch before they spawn
+# these.
 
 
-def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -> None:
-    """Run one stage in this container. ``retried``: Modal retries this function's failures.
+def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
+    """Run one stage in this container.
 
     Without ``--experiment-name`` the run is named after the Modal function call, which every
     retry of it shares, so a retry resumes that experiment instead of starting a new one. A
     mistake no retry can fix (bad config, missing checkpoint, no sandbox) prints one line and
-    exits 2, or, where Modal would retry any exception (SystemExit too), returns.
+    exits 2, and is kept for the retries of this call, which fail at once with the same line
+    (``modal_common.fail_for_good``); anything else (Ray nodes that did not join, the trainer's
+    own failure or a cut) exits non-zero, and Modal's retry resumes the run.
     """
     import sys
 
@@ -207,6 +227,7 @@ def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -
     _reload(data_volume, models_volume, checkpoints_volume)
     layout = paths.Layout.from_env()
     launch_id = modal.current_function_call_id()
+    modal_common.refuse_retry(layout, launch_id)
     try:
         topo = _topology()
         if stage == "sft":
@@ -223,15 +244,12 @@ def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -
         modal_common.SandboxNotDeployed,
         NodeSandboxError,
     ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if retried:
-            return
-        raise SystemExit(2) from None
+        modal_common.fail_for_good(layout, launch_id, f"error: {exc}")
     except RuntimeError as exc:  # e.g. Ray nodes that did not join: another attempt may work
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
-        _commit(checkpoints_volume)  # whatever was saved survives a failure
+        _commit(checkpoints_volume)  # whatever was saved survives a failure, and the marker
     where = result.checkpoint.path if result.checkpoint else "no complete checkpoint"
     print(
         f"{stage} {result.experiment}: exit {result.returncode}, "
@@ -242,26 +260,23 @@ def _run_stage(stage: str, arglist: tuple[str, ...], *, retried: bool = False) -
 
 
 @app.function(**GPU_FUNCTION, **modal_common.host_resources("sft", N_GPUS))
-def train(*arglist: str) -> None:
-    """Cold-start SFT. Options: --experiment-name=NAME, --allow-other-base (resume a name started
-    from another model or data); then any verl override (key=value)."""
+def train_gpu(*arglist: str) -> None:
+    """Cold-start SFT on this node's GPUs (``modal run ...::train`` checks, then spawns this)."""
     _run_stage("sft", arglist)
 
 
 # A DAPO run outlives Modal's 24 h per attempt: a retry resumes from the last checkpoint
 # (trainer.resume_mode=auto) of the same experiment (named after the function call when no
 # --experiment-name is given), so the run goes on where the previous attempt stopped. A config
-# mistake is not retried: it is reported and the call ends.
+# mistake is not retried: it is reported and every retry of the call fails at once with it.
 @app.function(
     **GPU_FUNCTION,
     **modal_common.host_resources("dapo", N_GPUS),
     retries=modal.Retries(max_retries=3, initial_delay=60.0),
 )
-def train_dapo(*arglist: str) -> None:
-    """DAPO. Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT
-    --sandbox=node|deployed (default node: a sandbox on each node) --allow-other-base; then
-    overrides."""
-    _run_stage("dapo", arglist, retried=True)
+def train_dapo_gpu(*arglist: str) -> None:
+    """DAPO on this node's GPUs (``modal run ...::train_dapo`` checks, then spawns this)."""
+    _run_stage("dapo", arglist)
 
 
 # ## Does DAPO learn?
@@ -293,7 +308,7 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
     root = paths.Layout.from_env().checkpoints / "learning-curve" / time.strftime("%Y%m%d-%H%M%S")
     try:
         result = curve.run(root, settings, gpus=1, sandbox_url=modal_common.sandbox_url())
-    except curve.NoStartInBand as exc:
+    except (curve.NoStartInBand, modal_common.SandboxNotDeployed) as exc:
         raise SystemExit(f"learning curve: {exc}") from None
     finally:
         _commit(checkpoints_volume)
@@ -305,16 +320,16 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
 # ## Multi-node
 #
 # The same stages on a Modal cluster of `RETOOL_NODES` containers with `RETOOL_GPUS` GPUs each,
-# linked by RDMA: SFT uses torchrun's static rendezvous on node 0's address; DAPO starts a Ray head
-# on node 0 and Ray workers on the others, then runs `main_ppo` on node 0 over the whole cluster.
-# The Ray nodes authenticate with one token made for each launch and handed to every container
-# as a secret (`modal_common.ray_cluster_secret`).
+# linked by RDMA: SFT uses torchrun's static rendezvous on node 0's IPv4 address; DAPO starts a
+# Ray head on node 0 and Ray workers on the others, then runs `main_ppo` on node 0 over the whole
+# cluster. The Ray nodes authenticate with one token made for each launch and handed to every
+# container as a secret (`modal_common.ray_cluster_secret`).
 
 
 @app.function(**GPU_FUNCTION, **modal_common.host_resources("sft", N_GPUS))
 @modal.clustered(size=N_NODES, rdma=True)
-def train_multinode(*arglist: str) -> None:
-    """SFT across nodes. Needs --experiment-name (shared by every node); overrides as `train`."""
+def train_multinode_gpu(*arglist: str) -> None:
+    """SFT across nodes (``modal run ...::train_multinode`` checks, then spawns this)."""
     _run_stage("sft", arglist)
 
 
@@ -323,8 +338,8 @@ def train_multinode(*arglist: str) -> None:
     **modal_common.host_resources("dapo", N_GPUS),
 )
 @modal.clustered(size=N_NODES, rdma=True)
-def train_dapo_multinode(*arglist: str) -> None:
-    """DAPO across nodes (Ray head on node 0). Options and overrides as `train_dapo`."""
+def train_dapo_multinode_gpu(*arglist: str) -> None:
+    """DAPO across nodes, Ray head on node 0 (``modal run ...::train_dapo_multinode``)."""
     _run_stage("dapo", arglist)
 
 
@@ -346,19 +361,15 @@ EVAL_PROJECT = "retool-eval"
     **(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 12 * HOURS}),
     **modal_common.host_resources("eval", 1),
 )
-def evaluate(
+def evaluate_gpu(
     checkpoint: str = "latest",
     n: int = 0,
     max_problems: int = 0,
     experiment: str = "",
     force: bool = False,
 ) -> dict:
-    """Evaluate one checkpoint, or with --experiment base vs its SFT vs its DAPO side by side.
-
-    Settings come from config/eval.yaml; ``--n`` (samples per problem) and ``--max-problems``
-    override them when given. A checkpoint evaluated before is refused unless ``--force``, which
-    writes a new report directory next to the old (``eval/index.jsonl`` lists them all).
-    """
+    """Evaluate one checkpoint, or with --experiment base vs its SFT vs its DAPO side by side
+    (``modal run ...::evaluate`` checks, then spawns this)."""
     import json
     import sys
     from dataclasses import replace
@@ -414,7 +425,7 @@ def evaluate(
 #     modal run recipe/retool/retool_modal_sft.py::pipeline --experiment-name retool-7b
 
 
-@app.function(image=trainer_image, volumes=VOLUMES, timeout=10 * MINUTES)
+@app.function(image=trainer_image, volumes=VOLUMES, env=ENV, timeout=10 * MINUTES)
 def pipeline_status(experiment: str) -> dict[str, bool]:
     """Which stages of ``experiment`` are done, read from the volumes."""
     from recipe.retool.pipeline import format_status, stage_done
@@ -425,7 +436,7 @@ def pipeline_status(experiment: str) -> dict[str, bool]:
     return done
 
 
-@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, timeout=24 * HOURS)
+@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, env=ENV, timeout=24 * HOURS)
 def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
     """Run (or resume) every stage of one experiment, from a container: the chain outlives the
     client that launched it. Each stage is its own call (DAPO with its own retries)."""
@@ -440,9 +451,9 @@ def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
             {
                 "download": lambda: download_model.remote(),
                 "prep": lambda: prep_dataset.remote(),
-                "sft": lambda: train.remote(exp),
-                "dapo": lambda: train_dapo.remote(exp, f"--sft-checkpoint={experiment_name}"),
-                "eval": lambda: evaluate.remote(experiment=experiment_name),
+                "sft": lambda: train_gpu.remote(exp),
+                "dapo": lambda: train_dapo_gpu.remote(exp, f"--sft-checkpoint={experiment_name}"),
+                "eval": lambda: evaluate_gpu.remote(experiment=experiment_name),
             },
             force=tuple(filter(None, force.split(","))),
         )
@@ -456,85 +467,201 @@ def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
     return lines
 
 
-# ## Launching detached
+# ## Launching
 #
-# `make sft|dapo|eval|pipeline` run these entry points with `modal run --detach`: each spawns its
-# function, prints how to follow it (`recipe/retool/follow.py`) and streams its logs; Ctrl-C or a
-# closed laptop detaches, the run goes on. A bad option fails here, before anything starts.
+# The seed's commands (`modal run ...::train`, `::train_dapo`), `::evaluate`, `::pipeline` and
+# `make sft|dapo|eval|pipeline` (the same, detached) are local entry points: they run where
+# `modal run` runs, with nothing but modal and the standard library. Each first runs
+# `check_launch` in a small CPU container of the trainer image, with the volumes and secrets the
+# run will have: every mistake it can see there fails in one line, exit 2, before a GPU starts.
+# Then it spawns the GPU function, prints how to follow it (`recipe/retool/follow.py`) and waits;
+# Ctrl-C or a closed laptop detaches a `--detach` run, which goes on.
 
 
-def _spawn(function: modal.Function, *args, what: str, wandb_url=None, **kwargs):
-    """Spawn ``function``, print how to follow it, then wait (the wait is what a detach ends).
-
-    ``wandb_url``: the run's page, or a callable of the call id for runs named after it."""
-    from recipe.retool.follow import follow_lines
-
-    call = function.spawn(*args, **kwargs)
-    url = wandb_url(call.object_id) if callable(wandb_url) else wandb_url
-    print("\n".join(follow_lines(app.app_id, call.object_id, what=what, wandb_url=url)), flush=True)
-    return call.get()
-
-
-def _launch_training(stage: str, function: modal.Function, arglist: tuple[str, ...]) -> None:
+def _check_training(stage: str, args: list[str], nodes: int) -> dict:
+    """``python -m recipe.retool.launch check`` here, where the volumes are mounted (DAPO's start
+    is checked too), and for SFT its data and base model; DAPO's sandbox runs a test program."""
+    import contextlib
+    import io
+    import shlex
     import sys
 
-    from recipe.retool.follow import project_override, training_wandb_url
-    from recipe.retool.launch import LaunchError, load_stage_config, parse_launch_args
-    from recipe.retool.stages import default_experiment
+    from recipe.retool import launch, stages
+    from recipe.retool.eval.config import EvalError
+    from recipe.retool.eval.runner import check_sandbox
+    from recipe.retool.follow import project_override
+    from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
 
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = launch.main(["check", stage, "--gpus", str(N_GPUS), "--nodes", str(nodes), *args])
+    lines = out.getvalue().splitlines() + err.getvalue().splitlines()
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    command = shlex.quote(sys.executable) + " "  # the trainer's command line: long, not shown
+    shown = [line for line in lines if not line.startswith(("error: ", command))]
+    plan = {"lines": shown}
+    if code:
+        return plan | {"error": errors[-1] if errors else f"launch check exited {code}"}
+    layout = paths.Layout.from_env()
+    parsed = launch.parse_launch_args(args)
     try:
-        parsed = parse_launch_args(arglist)
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if stage == "sft":
+            stages.check_sft_inputs(layout, layout.model_dir(), args)
+        else:  # the tool's sandbox, started (node) or found (deployed) as the run will
+            with tool_sandbox(parsed.sandbox, deployed_url=modal_common.sandbox_url) as url:
+                check_sandbox(url)
+                plan["lines"].append(f"sandbox: {url} ran a test program")
+    except (
+        launch.LaunchError,
+        NodeSandboxError,
+        modal_common.SandboxNotDeployed,
+        EvalError,
+    ) as exc:
+        return plan | {"error": str(exc)}
     project = project_override(
-        parsed.overrides, load_stage_config(stage).overrides["trainer.project_name"]
+        parsed.overrides, launch.load_stage_config(stage).overrides["trainer.project_name"]
     )
+    return plan | {"error": None, "experiment": parsed.experiment, "project": project}
 
-    def url(call_id: str) -> str:  # the name the container gives a run without one
-        experiment = parsed.experiment or default_experiment(stage, call_id)
-        return training_wandb_url(stage, experiment, project)
 
-    _spawn(function, *arglist, what=f"{stage} on {N_GPUS}x{GPU_TYPE}", wandb_url=url)
+def _check_evaluation(options: dict) -> dict:
+    """The evaluation's settings, its checkpoint on the volume, its report directory, and the
+    node sandbox it will start."""
+    from dataclasses import replace
+
+    from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
+    from recipe.retool.eval.config import EvalConfig, EvalError
+    from recipe.retool.eval.runner import check_sandbox
+    from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
+
+    layout = paths.Layout.from_env()
+    lines = []
+    try:
+        cfg = EvalConfig.from_yaml()
+        replace(cfg, n=options.get("n") or cfg.n,
+                max_problems=options.get("max_problems") or cfg.max_problems)  # fmt: skip
+        if not options.get("experiment"):
+            ref = resolve_checkpoint(options.get("checkpoint", "latest"), layout)
+            report_dir(eval_dir(layout, ref.label), force=bool(options.get("force")))
+            lines.append(f"evaluates {ref.path}")
+        with tool_sandbox("node", deployed_url=modal_common.sandbox_url) as url:
+            check_sandbox(url)
+    except (EvalError, paths.CheckpointNotFound, NodeSandboxError) as exc:
+        return {"lines": lines, "error": str(exc)}
+    return {"lines": lines, "error": None}
+
+
+@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, env=ENV, cpu=2.0,
+              memory=8 * 1024, timeout=10 * MINUTES)  # fmt: skip
+def check_launch(stage: str, args: list, nodes: int = 1, options: dict | None = None) -> dict:
+    """What a launch of ``stage`` (``sft``, ``dapo``, ``eval``, ``pipeline``) can check before
+    any GPU starts, checked where it will run: this image's verl, the volumes, the secrets, the
+    sandbox. Returns ``{"error": one line or None, "lines": [what the checks printed], ...}``
+    (``experiment`` and ``project`` for training), never raises: the launch prints the line."""
+    _reload(data_volume, models_volume, checkpoints_volume)
+    options = options or {}
+    if stage in ("sft", "dapo"):
+        return _check_training(stage, list(args), nodes)
+    if stage == "eval":
+        return _check_evaluation(options)
+    from recipe.retool.pipeline import PIPELINE_STAGES
+
+    unknown = set(filter(None, options.get("force", "").split(","))) - set(PIPELINE_STAGES)
+    if unknown:
+        return {"lines": [], "error": f"--force: unknown stage(s) {sorted(unknown)}; stages are "
+                                      f"{PIPELINE_STAGES}"}  # fmt: skip
+    return {"lines": [], "error": None}
+
+
+def _launch(stage: str, function: modal.Function, *args: str, nodes: int = 1, what: str,
+            **options) -> None:  # fmt: skip
+    """Check (``check_launch``), spawn ``function``, print how to follow it, then wait (the wait
+    is what a detach ends). Runs where ``modal run`` runs: the follow lines are plain functions
+    (``follow.py``, ``tracking.py``: the standard library at import)."""
+    import sys
+
+    from recipe.retool import follow, tracking
+
+    plan = check_launch.remote(stage, list(args), nodes, options)
+    for line in plan["lines"]:
+        print(line)
+    if plan["error"]:
+        print(f"error: {plan['error']}", file=sys.stderr)
+        raise SystemExit(2)
+    call = function.spawn(*args, **options)
+    if stage in ("sft", "dapo"):
+        experiment = plan["experiment"] or tracking.default_experiment(stage, call.object_id)
+        url = follow.training_wandb_url(stage, experiment, plan["project"])
+    elif stage == "eval":
+        entity = tracking.launch_env().get("WANDB_ENTITY")
+        url = tracking.run_url(EVAL_PROJECT, "", entity).removesuffix("/runs/")
+    else:
+        url = None
+    lines = follow.follow_lines(app.app_id, call.object_id, what=what, wandb_url=url)
+    print("\n".join(lines), flush=True)
+    try:
+        call.get()
+    except Exception as exc:  # the run failed: its logs (streamed above, and kept) say why
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {what} failed: {first} (modal app logs {app.app_id})", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 @app.local_entrypoint()
-def launch_sft(*arglist: str) -> None:
-    """``make sft``: spawn ``train`` with these options and overrides, then follow it."""
-    _launch_training("sft", train, arglist)
+def train(*arglist: str) -> None:
+    """Cold-start SFT (``make sft``). Options: --experiment-name=NAME, --allow-other-base (resume
+    a name started from another model or data); then any verl override (key=value)."""
+    _launch("sft", train_gpu, *arglist, what=f"sft on {N_GPUS}x{GPU_TYPE}")
 
 
 @app.local_entrypoint()
-def launch_dapo(*arglist: str) -> None:
-    """``make dapo``: spawn ``train_dapo`` with these options and overrides, then follow it."""
-    _launch_training("dapo", train_dapo, arglist)
+def train_dapo(*arglist: str) -> None:
+    """DAPO (``make dapo``). Options: --experiment-name=NAME --sft-checkpoint=PATH|EXPERIMENT
+    --sandbox=node|deployed (default node: a sandbox on each node) --allow-other-base; then
+    overrides."""
+    _launch("dapo", train_dapo_gpu, *arglist, what=f"dapo on {N_GPUS}x{GPU_TYPE}")
 
 
 @app.local_entrypoint()
-def launch_eval(checkpoint: str = "latest", n: int = 0, max_problems: int = 0) -> None:
-    """``make eval``: spawn ``evaluate`` for one checkpoint, then follow it."""
-    from recipe.retool.tracking import launch_env, run_url
+def train_multinode(*arglist: str) -> None:
+    """SFT across RETOOL_NODES nodes. Needs --experiment-name (shared by every node); overrides
+    as ``train``."""
+    _launch("sft", train_multinode_gpu, *arglist, nodes=N_NODES,
+            what=f"sft on {N_NODES}x{N_GPUS}x{GPU_TYPE}")  # fmt: skip
 
-    entity = launch_env().get("WANDB_ENTITY")
-    url = run_url(EVAL_PROJECT, "", entity).removesuffix("/runs/")
-    _spawn(evaluate, what=f"evaluation of {checkpoint}", wandb_url=url,
-           checkpoint=checkpoint, n=n, max_problems=max_problems)  # fmt: skip
+
+@app.local_entrypoint()
+def train_dapo_multinode(*arglist: str) -> None:
+    """DAPO across RETOOL_NODES nodes (Ray head on node 0). Options and overrides as
+    ``train_dapo``."""
+    _launch("dapo", train_dapo_multinode_gpu, *arglist, nodes=N_NODES,
+            what=f"dapo on {N_NODES}x{N_GPUS}x{GPU_TYPE}")  # fmt: skip
+
+
+@app.local_entrypoint()
+def evaluate(
+    checkpoint: str = "latest",
+    n: int = 0,
+    max_problems: int = 0,
+    experiment: str = "",
+    force: bool = False,
+) -> None:
+    """Evaluate one checkpoint (``make eval``), or with --experiment base vs its SFT vs its DAPO.
+
+    Settings come from config/eval.yaml; ``--n`` (samples per problem) and ``--max-problems``
+    override them when given. A checkpoint evaluated before is refused unless ``--force``, which
+    writes a new report directory next to the old (``eval/index.jsonl`` lists them all).
+    """
+    _launch("eval", evaluate_gpu, what=f"evaluation of {experiment or checkpoint}",
+            checkpoint=checkpoint, n=n, max_problems=max_problems, experiment=experiment,
+            force=force)  # fmt: skip
 
 
 @app.local_entrypoint()
 def pipeline(experiment_name: str = "retool", force: str = "") -> None:
     """``make pipeline``: spawn ``pipeline_run`` (every stage, skipping done ones), then follow."""
-    import sys
-
-    from recipe.retool.pipeline import PIPELINE_STAGES
-
-    unknown = set(filter(None, force.split(","))) - set(PIPELINE_STAGES)
-    if unknown:  # before anything is spawned
-        print(f"error: --force: unknown stage(s) {sorted(unknown)}; stages are {PIPELINE_STAGES}",
-              file=sys.stderr)  # fmt: skip
-        raise SystemExit(2)
-    _spawn(pipeline_run, what=f"pipeline {experiment_name}",
-           experiment_name=experiment_name, force=force)  # fmt: skip
+    _launch("pipeline", pipeline_run, what=f"pipeline {experiment_name}",
+            experiment_name=experiment_name, force=force)  # fmt: skip
 
 
 # ## Results and offline wandb runs
@@ -544,7 +671,7 @@ def pipeline(experiment_name: str = "retool", force: str = "") -> None:
 # `make wandb-sync`: upload the offline wandb runs kept on the checkpoints volume.
 
 
-@app.function(image=trainer_image, volumes=VOLUMES, timeout=10 * MINUTES)
+@app.function(image=trainer_image, volumes=VOLUMES, env=ENV, timeout=10 * MINUTES)
 def result_files(experiment: str) -> dict[str, bytes]:
     """``{path relative to the checkpoints volume: bytes}`` of ``follow.result_files``."""
     from recipe.retool.follow import result_files as wanted
@@ -570,7 +697,7 @@ def results(experiment: str = "retool", out: str = "runs") -> None:
         print(f"no reports for {experiment!r} yet (make status EXPERIMENT={experiment})")
 
 
-@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, timeout=2 * HOURS)
+@app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, env=ENV, timeout=2 * HOURS)
 def wandb_sync() -> None:
     """``wandb sync`` every offline run under the volume's WANDB_DIR (needs WANDB_API_KEY)."""
     import subprocess
@@ -595,7 +722,7 @@ def wandb_sync() -> None:
 # ## Checkpoints
 
 
-@app.function(image=trainer_image, volumes=VOLUMES, timeout=10 * MINUTES)
+@app.function(image=trainer_image, volumes=VOLUMES, env=ENV, timeout=10 * MINUTES)
 def list_checkpoints() -> str:
     """Print every checkpoint of every experiment, marking partial (interrupted) saves."""
     from recipe.retool.stages import describe_checkpoints
@@ -606,7 +733,8 @@ def list_checkpoints() -> str:
     return table
 
 
-@app.function(image=trainer_image, volumes=VOLUMES, timeout=2 * HOURS, memory=128 * 1024)
+@app.function(image=trainer_image, volumes=VOLUMES, env=ENV, timeout=2 * HOURS,
+              memory=128 * 1024)  # fmt: skip
 def merge_checkpoint(
     experiment_name: str, step: int, stage: str = "sft", force: bool = False
 ) -> str:
@@ -630,7 +758,7 @@ def merge_checkpoint(
     return str(target)
 
 
-@app.function(image=trainer_image, secrets=secrets, timeout=5 * MINUTES)  # the token, from .env
+@app.function(image=trainer_image, secrets=secrets, env=ENV, timeout=5 * MINUTES)  # .env: token
 def check_sandbox_connection(url: str = "") -> None:
     """Run `print(2+2)` in the deployed sandbox and report latency (or why it failed)."""
     import sys

@@ -37,7 +37,6 @@ import threading
 import modal
 
 from recipe.retool import modal_common, paths
-from recipe.retool.modal_fusion_sandbox import deploy_token
 from recipe.retool.serving import vllm_server
 from recipe.retool.serving.vllm_server import (
     LOOPBACK,
@@ -48,14 +47,16 @@ from recipe.retool.serving.vllm_server import (
 from recipe.retool.serving.vllm_server import SERVE_API_KEY_ENV as API_KEY_ENV
 
 APP_NAME = "retool-serve"
-GPU_TYPE = os.environ.get("RETOOL_SERVE_GPU", "H100")
-CHECKPOINT = os.environ.get("RETOOL_SERVE_CHECKPOINT", "latest")
+# Read at deploy, and again in each container from the values the deploy sent (env= below).
+SETTINGS = modal_common.ImportSettings()
+GPU_TYPE = SETTINGS.text("RETOOL_SERVE_GPU", "H100")
+CHECKPOINT = SETTINGS.text("RETOOL_SERVE_CHECKPOINT", "latest")
 # Qwen2.5-7B's context; the ReTool evaluation budget (16k response tokens) fits with the prompt.
-MAX_MODEL_LEN = modal_common.env_count("RETOOL_SERVE_MAX_MODEL_LEN", 32768)
+MAX_MODEL_LEN = SETTINGS.count("RETOOL_SERVE_MAX_MODEL_LEN", 32768)
 # Serving without a key needs this set to 1 at deploy: /chat runs model-written code and vLLM is a
 # paid GPU, so an open endpoint is a choice, never a default.
 ALLOW_OPEN_ENV = "RETOOL_SERVE_ALLOW_OPEN"
-ALLOW_OPEN = os.environ.get(ALLOW_OPEN_ENV) == "1"
+ALLOW_OPEN = SETTINGS.flag(ALLOW_OPEN_ENV)
 MINUTES = 60
 STARTUP_S = 20 * MINUTES  # weights from the volume and CUDA graphs, then the app in front
 
@@ -85,13 +86,13 @@ VOLUMES = {
 _api_key = os.environ.get(API_KEY_ENV, "")
 secrets = [modal.Secret.from_dict({API_KEY_ENV: _api_key})] if _api_key else []
 # /chat runs code in the deployed sandbox, which needs its bearer token (modal_fusion_sandbox.py).
-sandbox_secrets = [modal.Secret.from_dict(token)] if (token := deploy_token()) else []
+sandbox_secrets = [modal.Secret.from_dict(t)] if (t := modal_common.deploy_token()) else []
 
 
 def require_key() -> str | None:
     """The serving key, or None where the deployer opted out; a clear error otherwise."""
     key = os.environ.get(API_KEY_ENV) or None
-    if key is None and os.environ.get(ALLOW_OPEN_ENV) != "1":
+    if key is None and not ALLOW_OPEN:
         raise RuntimeError(
             f"no {API_KEY_ENV}: deploy with {API_KEY_ENV}=<key> (or {ALLOW_OPEN_ENV}=1 to serve "
             "without one)"
@@ -113,7 +114,7 @@ def require_key() -> str | None:
     gpu=GPU_TYPE,
     volumes=VOLUMES,
     secrets=secrets + sandbox_secrets,
-    env={"RETOOL_SERVE_CHECKPOINT": CHECKPOINT, ALLOW_OPEN_ENV: "1" if ALLOW_OPEN else "0"},
+    env=SETTINGS.env,
     timeout=30 * MINUTES,  # per request: a 16k-token answer, with room
     scaledown_window=15 * MINUTES,
 )
@@ -121,7 +122,7 @@ def require_key() -> str | None:
 @modal.web_server(port=PUBLIC_PORT, startup_timeout=STARTUP_S)
 def vllm() -> None:
     layout = paths.Layout.from_env()
-    model_dir = paths.resolve_model_dir(layout, os.environ.get("RETOOL_SERVE_CHECKPOINT"))
+    model_dir = paths.resolve_model_dir(layout, CHECKPOINT)
     print(f"serving {model_dir} as {SERVED_MODEL_NAME!r}", flush=True)
     key = require_key()
     # The key goes in vLLM's environment, never its arguments (vllm_server.API_KEY_ENV).
@@ -153,7 +154,7 @@ def vllm() -> None:
 @app.function(
     image=image,
     secrets=secrets + sandbox_secrets,
-    env={ALLOW_OPEN_ENV: "1" if ALLOW_OPEN else "0"},
+    env=SETTINGS.env,
     cpu=2.0,
     timeout=60 * MINUTES,
 )

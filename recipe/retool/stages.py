@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from recipe.retool import launch, run_metrics, tracking
+from recipe.retool.constants import RAY_TOKEN_ENV
 from recipe.retool.paths import (
     BASE_MODEL_ID,
     BASE_MODEL_REVISION,
@@ -38,6 +39,7 @@ from recipe.retool.paths import (
     write_checkpoint_info,
     write_origin,
 )
+from recipe.retool.tracking import default_experiment
 
 Runner = Callable[[Sequence[str], dict[str, str]], int]
 
@@ -50,13 +52,6 @@ TRAINING_ENV = {
     "HYDRA_FULL_ERROR": "1",
 }
 COMPLETE_MARKER = ".download-complete"
-
-
-def default_experiment(stage: Stage, launch_id: str | None = None) -> str:
-    """The name of a run launched without ``--experiment-name``: from ``launch_id`` (an id every
-    attempt of one launch shares, e.g. Modal's function call id, so a retry resumes the same
-    experiment) when given, else from the clock (a new experiment per call)."""
-    return f"{stage}-{launch_id or time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_subprocess(command: Sequence[str], env: dict[str, str], stdout: IO | None = None) -> int:
@@ -228,6 +223,17 @@ def _from_configured_model(layout: Layout, sft_step: Path) -> bool:
     return info is not None and info.base_model == str(layout.model_dir())
 
 
+def check_sft_inputs(layout: Layout, model: Path, args: Sequence[str]) -> None:
+    """:class:`~recipe.retool.launch.LaunchError` unless SFT's data (or a ``data.train_files``
+    override) and base model are where the run will read them."""
+    if not layout.sft_train_file().exists() and not any("data.train_files" in o for o in args):
+        raise launch.LaunchError(
+            f"no SFT data at {layout.sft_train_file()}: run prep_dataset first"
+        )
+    if not (Path(model) / "config.json").exists():
+        raise launch.LaunchError(f"no model at {model}: run download_model first")
+
+
 def run_sft(
     layout: Layout,
     topo: launch.Topology,
@@ -247,12 +253,7 @@ def run_sft(
     model = model_path or layout.model_dir()
     overrides = launch.sft_overrides(layout, experiment, model, topo, parsed.overrides)
     tracking.check_wandb(launch.validate("sft", overrides, topo), os.environ)
-    if not layout.sft_train_file().exists() and not any("data.train_files" in o for o in args):
-        raise launch.LaunchError(
-            f"no SFT data at {layout.sft_train_file()}: run prep_dataset first"
-        )
-    if not (Path(model) / "config.json").exists():
-        raise launch.LaunchError(f"no model at {model}: run download_model first")
+    check_sft_inputs(layout, model, args)
     origin = Origin(str(model), launch.override_value(overrides, "data.train_files") or "")
     check_origin(layout, "sft", experiment, origin, allow_other=parsed.allow_other_base,
                  write=topo.node_rank == 0)  # fmt: skip
@@ -401,7 +402,6 @@ RAY_METRICS_OFF_ENV = {
 # head generated there would reach no other node. The Modal app hands every node the same
 # per-launch token as a secret (modal_common.ray_cluster_secret).
 RAY_CLUSTER_ENV = {"RAY_AUTH_MODE": "token"}
-RAY_TOKEN_ENV = "RAY_AUTH_TOKEN"
 
 
 def _alive_ray_nodes(env: dict[str, str]) -> int:

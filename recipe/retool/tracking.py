@@ -14,36 +14,20 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from recipe.retool.launch import LaunchError
+from recipe.retool.envfile import DOTENV, read_dotenv
 from recipe.retool.paths import Layout
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DOTENV = REPO_ROOT / ".env"  # what modal.Secret.from_dotenv hands every container
 WANDB = "wandb"
 WANDB_DIRNAME = "wandb"  # under the checkpoints root
 # Modes in which wandb needs no account: it writes locally (offline) or not at all.
 NO_KEY_MODES = frozenset({"offline", "disabled", "dryrun"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _MAX_ID = 96
-
-
-def read_dotenv(path: Path) -> dict[str, str]:
-    """``KEY=VALUE`` lines of a ``.env`` file (comments, blanks and ``export`` tolerated);
-    ``{}`` when there is none. Values are returned, never printed."""
-    if not path.is_file():
-        return {}
-    values = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        values[key.strip()] = value.strip().strip("'\"")
-    return values
 
 
 def launch_env(dotenv: Path | None = None) -> dict[str, str]:
@@ -70,12 +54,21 @@ def wandb_ready(env: Mapping[str, str]) -> bool:
 def check_wandb(composed: Any, env: Mapping[str, str]) -> None:
     """Raise :class:`LaunchError` when the run logs to wandb and wandb could not start: verl would
     raise only once the GPUs are up, and with no terminal to ask for a key."""
+    from recipe.retool.launch import LaunchError  # here: a launch client imports this module
+
     if WANDB in loggers(composed) and not wandb_ready(env):
         raise LaunchError(
             "trainer.logger includes wandb but WANDB_API_KEY is not set (environment or .env): "
             "add it to .env, or set WANDB_MODE=offline there (runs are kept on the checkpoints "
             "volume; `make wandb-sync` uploads them)"
         )
+
+
+def default_experiment(stage: str, launch_id: str | None = None) -> str:
+    """The name of a run launched without ``--experiment-name``: from ``launch_id`` (an id every
+    attempt of one launch shares, e.g. Modal's function call id, so a retry resumes the same
+    experiment) when given, else from the clock (a new experiment per call)."""
+    return f"{stage}-{launch_id or time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_id(stage: str, experiment: str) -> str:

@@ -26,7 +26,8 @@ MODULE = "recipe.retool.serve"
 
 
 def load_serve(monkeypatch: pytest.MonkeyPatch, **env: str):
-    for key in ("RETOOL_SERVE_CHECKPOINT", "RETOOL_SERVE_GPU", "RETOOL_SERVE_API_KEY"):
+    for key in ("RETOOL_SERVE_CHECKPOINT", "RETOOL_SERVE_GPU", "RETOOL_SERVE_API_KEY",
+                "RETOOL_SERVE_MAX_MODEL_LEN", "RETOOL_SERVE_ALLOW_OPEN"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -77,8 +78,37 @@ def test_chat_endpoint_is_a_cpu_asgi_app_without_volumes(serve) -> None:
     assert info.gpus == [] and info.volumes == {}
     assert info.concurrency_info.max_inputs == 32
     assert webhook(serve.chat).type == api_pb2.WEBHOOK_TYPE_ASGI_APP
-    # no key configured: only the opt-out flag, whose value is "0" (the container then refuses)
-    assert info.secrets == ["Secret.from_dict([RETOOL_SERVE_ALLOW_OPEN])"]
+    # no key configured: only the deploy's settings, the opt-out flag "0" among them (the
+    # container then refuses)
+    assert info.secrets == [SETTINGS_KEYS]
+    assert container_env(serve.chat)["RETOOL_SERVE_ALLOW_OPEN"] == "0"
+
+
+SETTINGS_KEYS = ("Secret.from_dict([RETOOL_SERVE_GPU, RETOOL_SERVE_CHECKPOINT, "
+                 "RETOOL_SERVE_MAX_MODEL_LEN, RETOOL_SERVE_ALLOW_OPEN])")  # fmt: skip
+
+
+def container_env(fn: modal.Function) -> dict[str, str]:
+    """What the function's own secrets (``Secret.from_dict``, ``env=``) put in its container."""
+    from modal._utils.async_utils import synchronizer
+    from modal.secret import _local_secret_env
+
+    return _local_secret_env(synchronizer._translate_in(fn)._spec.secrets)
+
+
+def test_every_setting_read_at_deploy_reaches_the_containers(monkeypatch) -> None:
+    """serve.py is imported again in each container: RETOOL_SERVE_MAX_MODEL_LEN, documented in
+    docs/serving.md, took 32768 there whatever the deploy said (issue 32, defect 7)."""
+    module = load_serve(monkeypatch, RETOOL_SERVE_MAX_MODEL_LEN="16384", RETOOL_SERVE_GPU="H200",
+                        RETOOL_SERVE_CHECKPOINT="sft/x")  # fmt: skip
+    try:
+        wanted = {"RETOOL_SERVE_MAX_MODEL_LEN": "16384", "RETOOL_SERVE_GPU": "H200",
+                  "RETOOL_SERVE_CHECKPOINT": "sft/x", "RETOOL_SERVE_ALLOW_OPEN": "0"}  # fmt: skip
+        for fn in (module.vllm, module.chat):
+            assert container_env(fn).items() >= wanted.items()
+        assert module.MAX_MODEL_LEN == 16384
+    finally:
+        sys.modules.pop(MODULE, None)
 
 
 def test_chat_sends_the_sandbox_token_when_one_is_configured(monkeypatch) -> None:
@@ -169,6 +199,8 @@ def test_vllm_container_resolves_the_checkpoint_at_start(serve, tmp_path, monkey
 
 
 def test_serving_refuses_to_start_without_a_key_unless_opted_out(serve, tmp_path, monkeypatch):
+    """The opt-out is read at deploy, and again in the container from the value the deploy sent
+    (the function's env)."""
     make_step(Layout.local(tmp_path), "dapo", "rl", 40)
     mark_tracked(Layout.local(tmp_path), "dapo", "rl", 40)
     started = []
@@ -176,13 +208,15 @@ def test_serving_refuses_to_start_without_a_key_unless_opted_out(serve, tmp_path
     monkeypatch.setattr(serve.vllm_server, "front_when_serving", lambda *a, **kw: None)
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
     monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://sandbox.test")
-    monkeypatch.delenv("RETOOL_SERVE_API_KEY", raising=False)
-    monkeypatch.setenv("RETOOL_SERVE_ALLOW_OPEN", "0")
     for endpoint in (serve.vllm, serve.chat):
         with pytest.raises(RuntimeError, match="no RETOOL_SERVE_API_KEY"):
             endpoint.local()
-    monkeypatch.setenv("RETOOL_SERVE_ALLOW_OPEN", "1")
-    serve.vllm.local()
+    opened = load_serve(monkeypatch, RETOOL_SERVE_ALLOW_OPEN="1")
+    monkeypatch.setattr(opened.vllm_server, "front_when_serving", lambda *a, **kw: None)
+    try:
+        opened.vllm.local()
+    finally:
+        sys.modules.pop(MODULE, None)
     assert "VLLM_API_KEY" not in started[0]
 
 

@@ -4,7 +4,7 @@
 That gVisor starts no mode but ``none`` (docs/sandbox-security.md, "Isolation on gVisor"):
 bubblewrap 0.8 stops at /proc/sys/kernel/overflowuid, and ``unshare(CLONE_NEWNS)`` is accepted
 but a mount made after it shows in every process, so runs would share one /tmp. What must hold
-there: the server says so in one line (no traceback) and refuses without ``--allow-insecure``,
+there: the server says so in one line (no traceback) and refuses (``auto`` never takes ``none``),
 and the planted-file test passes (only ``none`` starts, and only it reads the files).
 """
 
@@ -48,9 +48,9 @@ def test_modes_that_cannot_start_under_gvisor_say_why_in_one_line() -> None:
         "error: no isolation mode works here (unshare: [Errno 1] mounts made in a new mount "
         "namespace show outside it)"
     )
-    proc = in_gvisor(*run)  # auto: only none is left, and it is not allowed
+    proc = in_gvisor(*run)  # auto: only none would start, and auto never takes it
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.splitlines()[-1].startswith("error: best isolation here is 'none'")
+    assert proc.stderr.splitlines()[-1].startswith("error: no isolation mode works here (bwrap")
     assert "overflowuid" in proc.stderr  # why bwrap did not start, in the log
 
 

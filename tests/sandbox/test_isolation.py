@@ -89,8 +89,8 @@ def test_nothing_works_is_one_error_naming_each_mode(monkeypatch: pytest.MonkeyP
 def test_probe_without_network_isolation_is_not_unshare(monkeypatch: pytest.MonkeyPatch) -> None:
     leaky = {**UNSHARE_ONLY, "net_ifaces": ["eth0", "lo"]}
     monkeypatch.setattr(isolation, "run_probe", lambda iso, s: leaky)
-    chosen = detect(Settings(isolation="auto", allow_insecure=True))
-    assert chosen.mode == "none"
+    with pytest.raises(IsolationUnavailable, match="unshare: network interfaces"):
+        detect(Settings(isolation="auto", allow_insecure=True))  # auto never takes none
 
 
 @pytest.mark.skipif(

@@ -155,3 +155,61 @@ def test_a_resolve_that_installs_an_unpinned_version_is_reported() -> None:
     assert check.unpinned(report, {"torch": "2.11.0", "foo-bar": "1.0"}) == [
         "foo-bar 2.0 is not pinned in images/trainer-constraints.txt (1.0)"
     ]
+
+
+# ---- what a RUN line calls -------------------------------------------------------------------
+
+# The trainer image's install line before issue 32's fix: python3.12's packages, then two calls
+# of /usr/bin/python3, which only python3-minimal (pulled by `python3`) provides.
+UBUNTU_PYTHON = """FROM nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04
+ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+RUN apt-get update && apt-get install -y --no-install-recommends {packages} \\
+    && python3.12 -m venv /opt/venv
+RUN pip install verl \\
+    && pip --python /usr/bin/python3 install --break-system-packages numpy \\
+    && /usr/bin/python3 -c "import numpy; print(1)"
+"""
+
+
+def test_an_interpreter_a_run_line_calls_but_nothing_installs_is_reported() -> None:
+    text = UBUNTU_PYTHON.format(packages="python3.12 python3.12-venv python3.12-dev git")
+    missing = (
+        "trainer.Dockerfile line 5: RUN calls /usr/bin/python3, which neither the base image "
+        "nor an installed package provides (there is /usr/bin/python3.12)"
+    )
+    assert check.call_problems(text, "trainer.Dockerfile") == [missing, missing]
+    fixed = UBUNTU_PYTHON.format(packages="python3 python3.12 python3.12-venv")
+    assert check.call_problems(fixed, "trainer.Dockerfile") == []
+
+
+def test_the_trainer_image_as_it_was_is_caught_and_as_it_is_passes() -> None:
+    """Defect 3 of issue 32: images/trainer.Dockerfile called /usr/bin/python3 (the sandbox's
+    interpreter) on a base where only python3.12 was installed."""
+    import subprocess
+
+    dockerfile = REPO / "images" / "trainer.Dockerfile"
+    assert check.call_problems(dockerfile.read_text(), "t") == []
+    old = subprocess.run(["git", "-C", str(REPO), "show", "9988b29:images/trainer.Dockerfile"],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    if old.returncode != 0:
+        pytest.skip("the pre-fix Dockerfile is not in this clone's history (shallow clone)")
+    problems = check.call_problems(old.stdout, "t")
+    assert problems and all("RUN calls /usr/bin/python3," in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("FROM python:3.11-slim-bookworm\nRUN python -c 'print(1)' && pip3.11 --version\n", None),
+        ("FROM python:3.11-slim\nENV SANDBOX_PYTHON=/usr/bin/python3\n",
+         "d line 2: ENV SANDBOX_PYTHON=/usr/bin/python3, which the image does not have"),
+        ("FROM nvidia/cuda:13.0.2-base-ubuntu24.04\nRUN FOO=1 python3 -V\n",
+         "d line 2: RUN calls python3, which neither the base image nor an installed package "
+         "provides"),
+        ("FROM nvidia/cuda:13.0.2-base-ubuntu24.04\nRUN apt-get install -y bubblewrap=0.9 "
+         "&& /usr/bin/bwrap --version | head -1\n", None),
+    ],
+    ids=["python-base", "env-path", "no-python-on-cuda", "apt-binary"],
+)  # fmt: skip
+def test_interpreters_come_from_the_base_apt_or_a_venv(text: str, problem: str | None) -> None:
+    assert check.call_problems(text, "d") == ([problem] if problem else [])

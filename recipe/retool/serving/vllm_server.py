@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
 SERVED_MODEL_NAME = "retool"
 # The public port (the app) and vLLM's, on 127.0.0.1 behind it.
 PUBLIC_PORT = 8000
@@ -74,6 +72,8 @@ def wait_until_serving(
 ) -> None:
     """Block until ``GET /health`` answers 200 (vLLM answers it without a key). ``alive`` says
     whether the server process still runs, so a crash fails at once instead of at the timeout."""
+    import httpx  # here: serve.py imports this module where `pip install modal` is all there is
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not alive():
