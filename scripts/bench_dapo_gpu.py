@@ -36,9 +36,9 @@ from qwen_shapes import QWEN25_1_5B, model_params
 
 from recipe.retool import launch, run_metrics, stages
 from recipe.retool.async_dapo import plan_dapo
+from recipe.retool.core.paths import Layout
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
 from recipe.retool.data.tiny_model import TinySpec, build
-from recipe.retool.paths import Layout
 from sandbox.local import run_code_url
 
 EXPERIMENT = "bench"

@@ -38,9 +38,9 @@ import trace_summary
 from qwen_shapes import SHAPES, model_params
 
 from recipe.retool import launch, stages
-from recipe.retool.constants import TOOL_NAME, TOOL_SCHEMA
+from recipe.retool.core.constants import TOOL_NAME, TOOL_SCHEMA
+from recipe.retool.core.paths import Layout
 from recipe.retool.launch import Topology
-from recipe.retool.paths import Layout
 
 H100_BF16_DENSE_FLOPS = 989e12
 H100_MEMORY_GB = 81559 * 2**20 / 1e9  # what nvidia-smi reports for an H100 80GB HBM3

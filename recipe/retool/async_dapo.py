@@ -35,8 +35,8 @@ from typing import Any
 import yaml
 
 from recipe.retool import launch
+from recipe.retool.core.paths import Layout
 from recipe.retool.launch import LaunchArgs, LaunchError, Topology
-from recipe.retool.paths import Layout
 
 ASYNC_CONFIG_FILE = launch.CONFIG_DIR / "dapo_async.yaml"
 # The fully-async trainer needs rollout and training on separate GPUs.

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recipe.retool import tracking
-from recipe.retool.paths import INFO_FILE, Layout
+from recipe.retool.core.paths import INFO_FILE, Layout
 
 
 def follow_lines(

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from recipe.retool.paths import EVAL_SETS, Layout, Stage, check_experiment_name
+from recipe.retool.core.paths import EVAL_SETS, Layout, Stage, check_experiment_name
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 RETOOL_DIR = Path(__file__).resolve().parent
@@ -642,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     import argparse
 
-    from recipe.retool.paths import BASE_MODEL_ID, MODELS_MOUNT
+    from recipe.retool.core.paths import BASE_MODEL_ID, MODELS_MOUNT
     from recipe.retool.tracking import check_wandb, launch_env
 
     parser = argparse.ArgumentParser(
@@ -702,7 +702,7 @@ def _dapo_start_note(layout: Layout, requested: str | None) -> str:
             f"note: DAPO's start ({what}) is checked at launch: {layout.checkpoints} (the "
             "checkpoints volume) is not mounted here"
         )
-    from recipe.retool.paths import CheckpointNotFound
+    from recipe.retool.core.paths import CheckpointNotFound
     from recipe.retool.stages import resolve_sft_checkpoint
 
     try:

@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from recipe.retool import launch, paths, run_metrics, stages
+from recipe.retool import launch, run_metrics, stages
+from recipe.retool.core import paths
 from recipe.retool.curve_stats import (
     Band,
     NoStartInBand,

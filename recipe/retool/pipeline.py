@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe.retool import launch, stages
-from recipe.retool.paths import (
+from recipe.retool.core.paths import (
     BASE_MODEL_ID,
     EVAL_SETS,
     Layout,

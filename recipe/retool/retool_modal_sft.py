@@ -44,7 +44,8 @@ from pathlib import Path
 
 import modal
 
-from recipe.retool import modal_common, paths
+from recipe.retool import modal_common
+from recipe.retool.core import paths
 
 APP_NAME = "retool-sft"
 # Read when the app is imported, here and again in every container: each function gets them in
@@ -68,9 +69,9 @@ trainer_image = modal_common.trainer_image()
 
 # ## Volumes and secrets
 #
-# Three volumes hold data, base models and checkpoints; `recipe/retool/paths.py` owns their names
-# and layout. Secrets come from `.env` (see `.env.example`), read here without python-dotenv; a
-# missing key is reported by name, never by value.
+# Three volumes hold data, base models and checkpoints; `recipe/retool/core/paths.py` owns their
+# names and layout. Secrets come from `.env` (see `.env.example`), read here without
+# python-dotenv; a missing key is reported by name, never by value.
 
 data_volume = modal.Volume.from_name(paths.DATA_VOLUME, create_if_missing=True)
 models_volume = modal.Volume.from_name(paths.MODELS_VOLUME, create_if_missing=True)

@@ -1,6 +1,6 @@
 """The pipeline's stages as plain functions: what Modal, docker compose and the CPU smoke all run.
 
-Each function takes a :class:`~recipe.retool.paths.Layout` (where things live) and a
+Each function takes a :class:`~recipe.retool.core.paths.Layout` (where things live) and a
 :class:`~recipe.retool.launch.Topology` (where it runs), so the Modal app is a thin shell and the
 same code is tested on temporary directories. Training stays a subprocess (torchrun / main_ppo)
 so verl's own entry points run unmodified.
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from recipe.retool import launch, run_metrics, tracking
-from recipe.retool.constants import RAY_TOKEN_ENV
-from recipe.retool.paths import (
+from recipe.retool.core.constants import RAY_TOKEN_ENV
+from recipe.retool.core.paths import (
     BASE_MODEL_ID,
     BASE_MODEL_REVISION,
     Checkpoint,
@@ -533,7 +533,7 @@ def merge_checkpoint(
     """FSDP shards → HF safetensors with verl's model merger (for steps saved without them).
 
     Never in place: the merger writes to a staging directory next to ``huggingface/``, the result
-    must load (:func:`~recipe.retool.paths.weights_problem`), and only then is it renamed into
+    must load (:func:`~recipe.retool.core.paths.weights_problem`), and only then is it renamed into
     place, so a merge killed at any moment leaves the step as it was. Loadable weights already
     there are replaced only with ``force``, and are kept until the new ones are in place."""
     step_dir = layout.experiment_dir(stage, experiment) / f"global_step_{step}"

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from recipe.retool.envfile import DOTENV, read_dotenv
-from recipe.retool.paths import Layout
+from recipe.retool.core.envfile import DOTENV, read_dotenv
+from recipe.retool.core.paths import Layout
 
 WANDB = "wandb"
 WANDB_DIRNAME = "wandb"  # under the checkpoints root

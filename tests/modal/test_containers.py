@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from recipe.retool import paths
+from recipe.retool.core import paths
 from tests.modal import harness
 from tests.modal.conftest import deployed
 from tests.recipe.test_paths import make_step, mark_tracked

@@ -9,9 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from recipe.retool import async_dapo, launch, stages
+from recipe.retool.core.paths import Layout
 from recipe.retool.launch import LaunchError, Topology, parse_launch_args
 from recipe.retool.local import checkpoint_engine_cpu
-from recipe.retool.paths import Layout
 from tests.cli import assert_one_line_error, run_module
 
 LAYOUT = Layout.modal()

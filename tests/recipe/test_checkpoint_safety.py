@@ -15,8 +15,13 @@ from pathlib import Path
 import pytest
 
 from recipe.retool import stages
+from recipe.retool.core.paths import (
+    Layout,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint_info,
+)
 from recipe.retool.launch import LaunchError
-from recipe.retool.paths import Layout, latest_checkpoint, list_checkpoints, read_checkpoint_info
 from tests.recipe.test_paths import make_step, mark_tracked, write_weights
 from tests.recipe.test_stages import CPU, FakeRunner
 from tests.recipe.test_stages import layout as layout  # the fixture, re-exported
@@ -151,7 +156,8 @@ def write_slowly(target: Path, whole: bytes, started: Path) -> None:
 MERGE_SCRIPT = (
     SLOW_WRITER
     + """
-from recipe.retool import paths, stages
+from recipe.retool import stages
+from recipe.retool.core import paths
 root, started, whole, force = sys.argv[1:]
 
 def merger(command, env):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from recipe.retool import launch
+from recipe.retool.core.paths import Layout
 from recipe.retool.launch import LaunchError, Topology
-from recipe.retool.paths import Layout
 from recipe.retool.verl_plugins import varlen_attention
 
 RAY_CPUS = launch.load_cpu_overlay("dapo").ray_cpus

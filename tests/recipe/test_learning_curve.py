@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import launch, learning_curve, paths
+from recipe.retool import launch, learning_curve
+from recipe.retool.core import paths
+from recipe.retool.core.paths import Layout
 from recipe.retool.curve_stats import Band, NoStartInBand
 from recipe.retool.data.synthetic import SyntheticSizes
-from recipe.retool.paths import Layout
 
 FILES = {name: Path(f"/d/{name}.parquet") for name in ("sft", "rl_train", "rl_val")}
 GPU_RUNS = Path(__file__).resolve().parents[2] / "docs" / "gpu-runs"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from recipe.retool import pipeline, stages
+from recipe.retool.core.paths import CheckpointInfo, Layout, write_checkpoint_info
 from recipe.retool.data.prep import SUMMARY_FILE
 from recipe.retool.launch import load_stage_config
-from recipe.retool.paths import CheckpointInfo, Layout, write_checkpoint_info
 
 SFT_MAX_LENGTH = load_stage_config("sft").overrides["data.max_length"]
 

@@ -14,7 +14,8 @@ pytest.importorskip("modal")  # dev-only: absent on a GPU box with the trainer i
 
 import modal
 
-from recipe.retool import modal_common, paths
+from recipe.retool import modal_common
+from recipe.retool.core import paths
 from tests.recipe.test_paths import make_step, mark_tracked
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 from recipe.retool import run_metrics, run_report, stages
+from recipe.retool.core.paths import Layout
 from recipe.retool.launch import Topology
-from recipe.retool.paths import Layout
 from tests.recipe.test_stages import LoggingRunner, layout, sft_step  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]

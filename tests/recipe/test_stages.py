@@ -12,9 +12,9 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from recipe.retool import run_metrics, stages
-from recipe.retool.constants import TOOL_SCHEMA
+from recipe.retool.core.constants import TOOL_SCHEMA
+from recipe.retool.core.paths import CheckpointNotFound, Layout, Origin, read_checkpoint_info
 from recipe.retool.launch import LaunchError, Topology
-from recipe.retool.paths import CheckpointNotFound, Layout, Origin, read_checkpoint_info
 from recipe.retool.verl_plugins.varlen_attention import NAME
 from tests.recipe.test_paths import make_step, mark_tracked
 
@@ -549,7 +549,8 @@ def test_sft_killed_after_a_checkpoint_resumes_from_it(layout: Layout, tiny_mode
 NODE_SCRIPT = """
 import sys
 from pathlib import Path
-from recipe.retool import launch, paths, stages
+from recipe.retool import launch, stages
+from recipe.retool.core import paths
 root, rank, port, model, *args = sys.argv[1:]
 topo = launch.Topology(gpus_per_node=1, nnodes=2, node_rank=int(rank), master_addr="127.0.0.1",
                        master_port=int(port), device="cpu")

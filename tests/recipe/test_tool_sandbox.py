@@ -12,8 +12,8 @@ import pytest
 from verl.tools.tool_registry import initialize_tools_from_config
 
 from recipe.retool import stages, tool_sandbox
+from recipe.retool.core.paths import Layout
 from recipe.retool.launch import TOOL_CONFIG_FILE, LaunchError, Topology
-from recipe.retool.paths import Layout
 from sandbox.isolation import Isolation
 from tests.recipe.test_paths import make_step, mark_tracked
 

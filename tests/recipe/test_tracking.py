@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from recipe.retool import launch, stages, tracking
+from recipe.retool.core.paths import Layout
 from recipe.retool.launch import LaunchError, Topology
-from recipe.retool.paths import Layout
 from tests.recipe.test_paths import make_step, mark_tracked
 from tests.recipe.test_stages import LoggingRunner, layout  # noqa: F401  (a fixture)
 

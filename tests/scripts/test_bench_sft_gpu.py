@@ -87,8 +87,8 @@ def bench_namespace(**kw) -> argparse.Namespace:
     ],
 )  # fmt: skip
 def test_rows_record_what_the_composed_config_runs(tmp_path: Path, flags, liger_arg, recorded):
+    from recipe.retool.core.paths import Layout
     from recipe.retool.launch import Topology
-    from recipe.retool.paths import Layout
 
     args = bench.bench_args(bench_namespace(**flags))
     assert {"trainer.resume_mode=disable", "trainer.save_freq=-1"} <= set(args)
@@ -116,8 +116,8 @@ def test_profile_step_makes_verl_write_a_trace_of_that_step(tmp_path: Path, tiny
     """The overrides of ``--profile-step`` compose against verl's SFT config and, run (here on
     CPU, so the trace holds host ops only), make verl write the chrome trace the row reads."""
     from recipe.retool import stages
+    from recipe.retool.core.paths import Layout
     from recipe.retool.launch import Topology
-    from recipe.retool.paths import Layout
     from tests.recipe.test_stages import sft_rows
 
     layout = Layout.local(tmp_path)

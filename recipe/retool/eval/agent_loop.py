@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from recipe.retool.constants import TOOL_CALLS_KEY
+from recipe.retool.core.constants import TOOL_CALLS_KEY
 from recipe.retool.eval.backends import TurnBudget, make_backend
 from recipe.retool.eval.config import EvalConfig
 from recipe.retool.eval.metrics import SampleResult, is_tool_error, mask_turns

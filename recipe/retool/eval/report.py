@@ -21,8 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from recipe.retool.core.paths import Layout
 from recipe.retool.eval.checkpoints import CheckpointRef
-from recipe.retool.paths import Layout
 
 ACCURACY_KEYS = ("mean@k", "pass@1", "pass@n", "maj@k")
 

@@ -31,8 +31,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipe.retool import launch, paths, run_metrics, stages
-from recipe.retool.constants import TOOL_NAME
+from recipe.retool import launch, run_metrics, stages
+from recipe.retool.core import paths
+from recipe.retool.core.constants import TOOL_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TINY_MODEL_ID = "local/tiny-qwen2"

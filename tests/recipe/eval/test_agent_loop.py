@@ -13,7 +13,7 @@ import pytest
 from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 from verl.tools.tool_registry import initialize_tools_from_config
 
-from recipe.retool.constants import (
+from recipe.retool.core.constants import (
     AGENT_NAME,
     ANSWER_FORMAT,
     TOOL_CALLS_KEY,

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from recipe.retool import run_metrics, stages
+from recipe.retool.core.paths import Layout, read_checkpoint_info
 from recipe.retool.launch import Topology
-from recipe.retool.paths import Layout, read_checkpoint_info
 from tests.recipe.local import test_cpu_ppo as sync_ppo
 from tests.recipe.test_stages import KillAfterCheckpoint
 

@@ -36,9 +36,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from recipe.retool import launch, run_metrics, stages
+from recipe.retool.core.paths import Layout, read_checkpoint_info
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
 from recipe.retool.launch import Topology
-from recipe.retool.paths import Layout, read_checkpoint_info
 from tests.recipe.test_stages import KillAfterCheckpoint
 
 # The first test's setup is an SFT and two main_ppo launches (~2.5 min on 2 idle cores; more

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from recipe.retool import run_metrics
+from recipe.retool.core.paths import Layout, latest_checkpoint, read_checkpoint_info
 from recipe.retool.local import smoke
-from recipe.retool.paths import Layout, latest_checkpoint, read_checkpoint_info
 
 
 @pytest.mark.slow
@@ -76,7 +76,8 @@ def test_gpu_smoke_dapo_settings_compose_for_one_gpu() -> None:
 def test_dapo_row_reports_what_main_ppo_logged(tmp_path: Path, monkeypatch, gpu: bool) -> None:
     """The dapo row is read from verl's metrics file, not written by hand; main_ppo runs on
     the GPU where vLLM can, else on the CPU."""
-    from recipe.retool import paths, stages
+    from recipe.retool import stages
+    from recipe.retool.core import paths
 
     runs = []
 

@@ -11,9 +11,9 @@ import torch
 from verl import DataProto
 
 from recipe.retool import launch
-from recipe.retool.constants import TOOL_CALLS_KEY
+from recipe.retool.core.constants import TOOL_CALLS_KEY
+from recipe.retool.core.paths import Layout
 from recipe.retool.launch import Topology
-from recipe.retool.paths import Layout
 
 
 @pytest.fixture(scope="module")

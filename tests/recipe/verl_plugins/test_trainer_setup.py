@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from recipe.retool import launch
-from recipe.retool.paths import Layout
+from recipe.retool.core.paths import Layout
 
 MODULE = "recipe.retool.verl_plugins.install_on_import"
 REPO = Path(__file__).resolve().parents[3]
