@@ -36,7 +36,8 @@ import yaml
 
 from recipe.retool import launch
 from recipe.retool.core.paths import Layout
-from recipe.retool.launch import LaunchArgs, LaunchError, Topology
+from recipe.retool.core.request import LaunchError, LaunchRequest
+from recipe.retool.core.topology import Topology
 
 ASYNC_CONFIG_FILE = launch.CONFIG_DIR / "dapo_async.yaml"
 # The fully-async trainer needs rollout and training on separate GPUs.
@@ -262,17 +263,16 @@ def plan_dapo(
     experiment: str,
     model_path: Path,
     topo: Topology,
-    parsed: LaunchArgs,
+    request: LaunchRequest,
     extra_overrides: Sequence[str] = (),
 ) -> DapoPlan:
-    """Compose and validate DAPO in the mode ``parsed.rollout_mode`` names (sync: main_ppo as
+    """Compose and validate DAPO in the mode ``request.rollout_mode`` names (sync: main_ppo as
     before; async: the fully-async trainer). ``extra_overrides`` follow the user's."""
-    user = [*parsed.overrides, *extra_overrides]
-    if parsed.rollout_mode == "sync":
+    user = [*request.overrides, *extra_overrides]
+    if request.rollout_mode == "sync":
         overrides = launch.dapo_overrides(layout, experiment, model_path, topo, user)
         composed = launch.validate("dapo", overrides, topo)
         return DapoPlan(overrides, launch.dapo_command(overrides, topo), composed, [])
-    rollout_gpus = None if parsed.rollout_gpus is None else int(parsed.rollout_gpus)
-    overrides = async_overrides(layout, experiment, model_path, topo, user, rollout_gpus)
+    overrides = async_overrides(layout, experiment, model_path, topo, user, request.rollout_gpus)
     composed = validate_async(overrides, topo)
     return DapoPlan(overrides, async_command(overrides, topo), composed, describe(composed))

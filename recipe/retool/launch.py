@@ -17,13 +17,15 @@ import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-from recipe.retool.core.paths import EVAL_SETS, Layout, Stage, check_experiment_name
+from recipe.retool.core.paths import EVAL_SETS, Layout, Stage
+from recipe.retool.core.request import LaunchError, parse
+from recipe.retool.core.topology import Topology
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 RETOOL_DIR = Path(__file__).resolve().parent
@@ -35,12 +37,6 @@ SAMPLER_FILE = RETOOL_DIR / "verl_plugins" / "dapo_sampler.py"
 # Price used for the cost line printed before launch. Source: a third-party listing of Modal's
 # H100 price, May 2026 (about $3.95 per GPU-hour). Check modal.com/pricing before budgeting.
 GPU_PRICE_PER_HOUR = {"H100": 3.95}
-
-Device = Literal["cuda", "cpu"]
-
-
-class LaunchError(ValueError):
-    """A user mistake in the launch configuration; the message says what and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -70,105 +66,6 @@ def load_cpu_overlay(name: str) -> CpuOverlay:
     configs, so the launcher needs nothing of the CPU runtime (``local/``) to build a command."""
     raw = yaml.safe_load((CONFIG_DIR / f"{name}_cpu.yaml").read_text())
     return CpuOverlay(dict(raw["overrides"]), raw.get("ray_cpus"))
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Where a stage runs. ``device="cpu"`` is the laptop smoke path (see local/cpu_compat.py)."""
-
-    gpus_per_node: int = 8
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    device: Device = "cuda"
-    gpu_type: str = "H100"
-
-    def __post_init__(self) -> None:
-        if self.gpus_per_node < 1 or self.nnodes < 1:
-            raise LaunchError(
-                f"{self.gpus_per_node} GPUs per node on {self.nnodes} node(s): both must be >= 1 "
-                "(--gpus / RETOOL_GPUS, --nodes / RETOOL_NODES)"
-            )
-
-    @property
-    def world_size(self) -> int:
-        return self.gpus_per_node * self.nnodes
-
-
-@dataclass(frozen=True)
-class LaunchArgs:
-    """Options a user passes before the Hydra overrides (``--experiment-name=x``). The GPU count
-    is fixed when the Modal function is defined: ``RETOOL_GPUS=2 modal run ...``."""
-
-    experiment: str | None = None
-    sft_checkpoint: str | None = None
-    sandbox: str | None = None  # DAPO's tool sandbox, one of SANDBOX_CHOICES
-    rollout_mode: str = "sync"  # DAPO's trainer, one of ROLLOUT_MODES (async_dapo.py)
-    rollout_gpus: str | None = None  # async DAPO: rollout GPUs per node (default: half)
-    overrides: list[str] = field(default_factory=list)
-    # Resume an experiment although it was started from another base model or dataset.
-    allow_other_base: bool = False
-
-
-_OPTION_NAMES = {
-    "experiment-name": "experiment",
-    "sft-checkpoint": "sft_checkpoint",
-    "sandbox": "sandbox",
-    "rollout-mode": "rollout_mode",
-    "rollout-gpus": "rollout_gpus",
-}
-_FLAG_NAMES = {"allow-other-base": "allow_other_base"}  # options without a value
-# Where DAPO's tool calls run (recipe/retool/tool_sandbox.py): each node's own sandbox on loopback
-# (the default, chosen by measurement: docs/benchmarks.md), or the deployed Modal endpoint.
-SANDBOX_CHOICES = ("node", "deployed")
-# DAPO's trainer: verl's synchronous main_ppo, or its fully-async trainer (async_dapo.py).
-ROLLOUT_MODES = ("sync", "async")
-
-
-def parse_launch_args(args: Sequence[str]) -> LaunchArgs:
-    """Split ``--name=value`` / ``--name value`` options from ``key=value`` Hydra overrides."""
-    values: dict[str, Any] = {}
-    overrides: list[str] = []
-    items = list(args)
-    while items:
-        item = items.pop(0)
-        if item == "--":
-            continue
-        if item[2:] in _FLAG_NAMES:
-            values[_FLAG_NAMES[item[2:]]] = True
-        elif item.startswith("--"):
-            name, _, value = item[2:].partition("=")
-            if name not in _OPTION_NAMES:
-                known = ", ".join(f"--{n}" for n in [*_OPTION_NAMES, *_FLAG_NAMES])
-                raise LaunchError(
-                    f"unknown option --{name} (known: {known}; Hydra keys: key=value)"
-                )
-            if not value:
-                if not items or items[0].startswith("--"):
-                    raise LaunchError(f"option --{name} needs a value")
-                value = items.pop(0)
-            values[_OPTION_NAMES[name]] = value
-        elif "=" in item or item.startswith("~"):
-            overrides.append(item)
-        else:
-            raise LaunchError(
-                f"cannot read argument {item!r}: expected key=value or --option=value"
-            )
-    if values.get("sandbox", SANDBOX_CHOICES[0]) not in SANDBOX_CHOICES:
-        raise LaunchError(f"--sandbox={values['sandbox']}: choose {' or '.join(SANDBOX_CHOICES)}")
-    if values.get("rollout_mode", ROLLOUT_MODES[0]) not in ROLLOUT_MODES:
-        raise LaunchError(
-            f"--rollout-mode={values['rollout_mode']}: choose {' or '.join(ROLLOUT_MODES)}"
-        )
-    if "rollout_gpus" in values and not values["rollout_gpus"].isdigit():
-        raise LaunchError(f"--rollout-gpus={values['rollout_gpus']}: expected a GPU count")
-    if "experiment" in values:
-        try:
-            check_experiment_name(values["experiment"])
-        except ValueError as exc:
-            raise LaunchError(f"--experiment-name: {exc}") from None
-    return LaunchArgs(overrides=overrides, **values)
 
 
 def format_value(value: Any) -> str:
@@ -656,33 +553,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     layout = Layout.from_env()  # the volumes in a container, RETOOL_ROOT in a test
     try:
         topo = Topology(gpus_per_node=ns.gpus, nnodes=ns.nodes)
-        parsed = parse_launch_args(rest)
-        experiment = parsed.experiment or f"{ns.stage}-<timestamp>"
+        request = parse(ns.stage, rest)
+        experiment = request.experiment or f"{ns.stage}-<timestamp>"
         if ns.stage == "sft":
             model = MODELS_MOUNT / BASE_MODEL_ID
-            overrides = sft_overrides(layout, experiment, model, topo, parsed.overrides)
+            overrides = sft_overrides(layout, experiment, model, topo, request.overrides)
             command = sft_command(overrides, topo)
             composed = validate(ns.stage, overrides, topo)
             notes: list[str] = []
         else:
             from recipe.retool.async_dapo import plan_dapo
 
-            model = Path(parsed.sft_checkpoint or "<latest complete SFT checkpoint>")
-            plan = plan_dapo(layout, experiment, model, topo, parsed)
+            model = Path(request.sft_checkpoint or "<latest complete SFT checkpoint>")
+            plan = plan_dapo(layout, experiment, model, topo, request)
             overrides, command, composed, notes = (
                 plan.overrides,
                 plan.command,
                 plan.composed,
                 plan.notes,
             )
-        start = _dapo_start_note(layout, parsed.sft_checkpoint) if ns.stage == "dapo" else None
+        start = _dapo_start_note(layout, request.sft_checkpoint) if ns.stage == "dapo" else None
         check_wandb(composed, launch_env())
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"note: {note}")
-    for warning in ineffective_overrides(ns.stage, composed, parsed.overrides):
+    for warning in ineffective_overrides(ns.stage, composed, request.overrides):
         print(f"warning: {warning}", file=sys.stderr)
     print(render(command))
     print(f"ok: {len(overrides)} overrides compose against verl's config")

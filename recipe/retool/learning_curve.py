@@ -39,8 +39,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from recipe.retool import launch, run_metrics, stages
+from recipe.retool import run_metrics, stages
 from recipe.retool.core import paths
+from recipe.retool.core.request import parse
+from recipe.retool.core.topology import Topology
 from recipe.retool.curve_stats import (
     Band,
     NoStartInBand,
@@ -213,7 +215,7 @@ class Curve:
 
     def __post_init__(self) -> None:
         self.layout = paths.Layout.local(self.root)
-        self.topo = launch.Topology(gpus_per_node=self.gpus)
+        self.topo = Topology(gpus_per_node=self.gpus)
         # One id for every arm of this proof, a rerun that finishes it included.
         id_file = self.root / "proof_id"
         if not id_file.is_file():
@@ -226,7 +228,10 @@ class Curve:
         if paths.read_checkpoint_info(self.layout, "sft", SFT_EXPERIMENT) is not None:
             return 0.0
         result = stages.run_sft(
-            self.layout, self.topo, sft_args(files["sft"], self.settings), model_path=model
+            self.layout,
+            self.topo,
+            parse("sft", sft_args(files["sft"], self.settings)),
+            model_path=model,
         )
         if result.returncode != 0 or result.checkpoint is None:
             raise SystemExit(f"SFT failed (exit {result.returncode})")
@@ -295,7 +300,7 @@ class Curve:
         result = stages.run_dapo(
             self.layout,
             self.topo,
-            args,
+            parse("dapo", args),
             sandbox_url=sandbox_url,
             runner=self.runner or _logged(log),
         )

@@ -46,6 +46,7 @@ import modal
 
 from recipe.retool import modal_common
 from recipe.retool.core import paths
+from recipe.retool.core.request import LaunchRequest, parse
 
 APP_NAME = "retool-sft"
 # Read when the app is imported, here and again in every container: each function gets them in
@@ -110,7 +111,7 @@ def _commit(*volumes: modal.Volume) -> None:
 
 def _topology():
     """This container's place in the job: one node, or its rank in a Modal cluster."""
-    from recipe.retool.launch import Topology
+    from recipe.retool.core.topology import Topology
 
     try:
         cluster = modal.experimental.get_cluster_info()
@@ -221,7 +222,8 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     """
     import sys
 
-    from recipe.retool import launch, stages
+    from recipe.retool import stages
+    from recipe.retool.core.request import LaunchError
     from recipe.retool.tool_sandbox import NodeSandboxError
 
     _report_credentials()
@@ -230,17 +232,18 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     launch_id = modal.current_function_call_id()
     modal_common.refuse_retry(layout, launch_id)
     try:
+        request = parse(stage, arglist)  # the arguments enter this container here, once
         topo = _topology()
         if stage == "sft":
-            result = stages.run_sft(layout, topo, arglist, launch_id=launch_id)
+            result = stages.run_sft(layout, topo, request, launch_id=launch_id)
         else:  # every node starts its own sandbox first (tool_sandbox.py), then Ray
             result = stages.dapo_on_node(
-                layout, topo, arglist, deployed_url=modal_common.sandbox_url, launch_id=launch_id
+                layout, topo, request, deployed_url=modal_common.sandbox_url, launch_id=launch_id
             )
             if result is None:
                 return  # a worker node served the cluster until the job ended
     except (
-        launch.LaunchError,
+        LaunchError,
         paths.CheckpointNotFound,
         modal_common.SandboxNotDeployed,
         NodeSandboxError,
@@ -376,11 +379,11 @@ def evaluate_gpu(
     from dataclasses import replace
 
     from recipe.retool import tracking
+    from recipe.retool.core.request import LaunchError
     from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
     from recipe.retool.eval.config import EvalConfig, EvalError
     from recipe.retool.eval.report import show_summary
     from recipe.retool.eval.runner import evaluate_checkpoint as run_eval
-    from recipe.retool.launch import LaunchError
     from recipe.retool.pipeline import evaluate_experiment
     from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
 
@@ -445,15 +448,16 @@ def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
 
     from recipe.retool.pipeline import run_pipeline
 
-    exp = f"--experiment-name={experiment_name}"
+    sft = LaunchRequest("sft", experiment=experiment_name)
+    dapo = LaunchRequest("dapo", experiment=experiment_name, sft_checkpoint=experiment_name)
     try:
         outcomes = run_pipeline(
             lambda: pipeline_status.local(experiment_name),
             {
                 "download": lambda: download_model.remote(),
                 "prep": lambda: prep_dataset.remote(),
-                "sft": lambda: train_gpu.remote(exp),
-                "dapo": lambda: train_dapo_gpu.remote(exp, f"--sft-checkpoint={experiment_name}"),
+                "sft": lambda: train_gpu.remote(*sft.to_argv()),
+                "dapo": lambda: train_dapo_gpu.remote(*dapo.to_argv()),
                 "eval": lambda: evaluate_gpu.remote(experiment=experiment_name),
             },
             force=tuple(filter(None, force.split(","))),
@@ -488,6 +492,7 @@ def _check_training(stage: str, args: list[str], nodes: int) -> dict:
     import sys
 
     from recipe.retool import launch, stages
+    from recipe.retool.core.request import LaunchError
     from recipe.retool.eval.config import EvalError
     from recipe.retool.eval.runner import check_sandbox
     from recipe.retool.follow import project_override
@@ -504,25 +509,25 @@ def _check_training(stage: str, args: list[str], nodes: int) -> dict:
     if code:
         return plan | {"error": errors[-1] if errors else f"launch check exited {code}"}
     layout = paths.Layout.from_env()
-    parsed = launch.parse_launch_args(args)
+    request = parse(stage, args)
     try:
         if stage == "sft":
-            stages.check_sft_inputs(layout, layout.model_dir(), args)
+            stages.check_sft_inputs(layout, layout.model_dir(), request)
         else:  # the tool's sandbox, started (node) or found (deployed) as the run will
-            with tool_sandbox(parsed.sandbox, deployed_url=modal_common.sandbox_url) as url:
+            with tool_sandbox(request.sandbox, deployed_url=modal_common.sandbox_url) as url:
                 check_sandbox(url)
                 plan["lines"].append(f"sandbox: {url} ran a test program")
     except (
-        launch.LaunchError,
+        LaunchError,
         NodeSandboxError,
         modal_common.SandboxNotDeployed,
         EvalError,
     ) as exc:
         return plan | {"error": str(exc)}
     project = project_override(
-        parsed.overrides, launch.load_stage_config(stage).overrides["trainer.project_name"]
+        request.overrides, launch.load_stage_config(stage).overrides["trainer.project_name"]
     )
-    return plan | {"error": None, "experiment": parsed.experiment, "project": project}
+    return plan | {"error": None, "experiment": request.experiment, "project": project}
 
 
 def _check_evaluation(options: dict) -> dict:

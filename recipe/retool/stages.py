@@ -1,7 +1,7 @@
 """The pipeline's stages as plain functions: what Modal, docker compose and the CPU smoke all run.
 
 Each function takes a :class:`~recipe.retool.core.paths.Layout` (where things live) and a
-:class:`~recipe.retool.launch.Topology` (where it runs), so the Modal app is a thin shell and the
+:class:`~recipe.retool.Topology` (where it runs), so the Modal app is a thin shell and the
 same code is tested on temporary directories. Training stays a subprocess (torchrun / main_ppo)
 so verl's own entry points run unmodified.
 """
@@ -39,6 +39,8 @@ from recipe.retool.core.paths import (
     write_checkpoint_info,
     write_origin,
 )
+from recipe.retool.core.request import LaunchError, LaunchRequest
+from recipe.retool.core.topology import Topology
 from recipe.retool.tracking import default_experiment
 
 Runner = Callable[[Sequence[str], dict[str, str]], int]
@@ -151,7 +153,7 @@ def check_origin(
             if old and old != new
         ]
         if changed and not allow_other:
-            raise launch.LaunchError(
+            raise LaunchError(
                 f"experiment {experiment!r} was started from {' and '.join(changed)}: pick "
                 "another --experiment-name, or pass --allow-other-base to resume it anyway"
             )
@@ -206,11 +208,13 @@ def _make_portable(experiment_dir: Path) -> None:
         make_portable(config.parent)
 
 
-def _production_sized(args: Sequence[str], model_path: Path | None = None) -> bool:
+def _production_sized(request: LaunchRequest, model_path: Path | None = None) -> bool:
     """Whether a run trains the configured model on the prepared data: the cost line's estimate
     (``estimate_hours``) is for that run only, and would be wrong by orders of magnitude for the
     smoke's or the learning curve's small models and data."""
-    return model_path is None and not any(a.startswith("data.train_files=") for a in args)
+    return model_path is None and not any(
+        o.startswith("data.train_files=") for o in request.overrides
+    )
 
 
 def _from_configured_model(layout: Layout, sft_step: Path) -> bool:
@@ -223,21 +227,20 @@ def _from_configured_model(layout: Layout, sft_step: Path) -> bool:
     return info is not None and info.base_model == str(layout.model_dir())
 
 
-def check_sft_inputs(layout: Layout, model: Path, args: Sequence[str]) -> None:
-    """:class:`~recipe.retool.launch.LaunchError` unless SFT's data (or a ``data.train_files``
-    override) and base model are where the run will read them."""
-    if not layout.sft_train_file().exists() and not any("data.train_files" in o for o in args):
-        raise launch.LaunchError(
-            f"no SFT data at {layout.sft_train_file()}: run prep_dataset first"
-        )
+def check_sft_inputs(layout: Layout, model: Path, request: LaunchRequest) -> None:
+    """:class:`~recipe.retool.core.request.LaunchError` unless SFT's data (or a
+    ``data.train_files`` override) and base model are where the run will read them."""
+    given = any("data.train_files" in o for o in request.overrides)
+    if not layout.sft_train_file().exists() and not given:
+        raise LaunchError(f"no SFT data at {layout.sft_train_file()}: run prep_dataset first")
     if not (Path(model) / "config.json").exists():
-        raise launch.LaunchError(f"no model at {model}: run download_model first")
+        raise LaunchError(f"no model at {model}: run download_model first")
 
 
 def run_sft(
     layout: Layout,
-    topo: launch.Topology,
-    args: Sequence[str] = (),
+    topo: Topology,
+    request: LaunchRequest,
     *,
     model_path: Path | None = None,
     runner: Runner = run_subprocess,
@@ -246,18 +249,17 @@ def run_sft(
     """Validate, run verl's SFT trainer, record the final checkpoint in checkpoint_info.json.
 
     ``launch_id``: see :func:`default_experiment`."""
-    parsed = launch.parse_launch_args(args)
-    if topo.nnodes > 1 and not parsed.experiment:
-        raise launch.LaunchError("multi-node runs need --experiment-name (shared by all nodes)")
-    experiment = parsed.experiment or default_experiment("sft", launch_id)
+    if topo.nnodes > 1 and not request.experiment:
+        raise LaunchError("multi-node runs need --experiment-name (shared by all nodes)")
+    experiment = request.experiment or default_experiment("sft", launch_id)
     model = model_path or layout.model_dir()
-    overrides = launch.sft_overrides(layout, experiment, model, topo, parsed.overrides)
+    overrides = launch.sft_overrides(layout, experiment, model, topo, request.overrides)
     tracking.check_wandb(launch.validate("sft", overrides, topo), os.environ)
-    check_sft_inputs(layout, model, args)
+    check_sft_inputs(layout, model, request)
     origin = Origin(str(model), launch.override_value(overrides, "data.train_files") or "")
-    check_origin(layout, "sft", experiment, origin, allow_other=parsed.allow_other_base,
+    check_origin(layout, "sft", experiment, origin, allow_other=request.allow_other_base,
                  write=topo.node_rank == 0)  # fmt: skip
-    if topo.device == "cuda" and _production_sized(args, model_path):
+    if topo.device == "cuda" and _production_sized(request, model_path):
         print(launch.estimate_cost("sft", topo), flush=True)
     command = launch.sft_command(overrides, topo)
     env = dict(TRAINING_ENV) if topo.device == "cuda" else {}
@@ -289,8 +291,8 @@ def resolve_sft_checkpoint(layout: Layout, requested: str | None) -> Path:
 
 def run_dapo(
     layout: Layout,
-    topo: launch.Topology,
-    args: Sequence[str] = (),
+    topo: Topology,
+    request: LaunchRequest,
     *,
     sandbox_url: str,
     runner: Runner = run_subprocess,
@@ -299,9 +301,8 @@ def run_dapo(
     """DAPO from the latest SFT checkpoint, with the tool pointed at ``sandbox_url``.
 
     ``launch_id``: see :func:`default_experiment`."""
-    parsed = launch.parse_launch_args(args)
-    experiment = parsed.experiment or default_experiment("dapo", launch_id)
-    start_from = resolve_sft_checkpoint(layout, parsed.sft_checkpoint)
+    experiment = request.experiment or default_experiment("dapo", launch_id)
+    start_from = resolve_sft_checkpoint(layout, request.sft_checkpoint)
     # verl's loggers: the metrics file of this attempt, and the experiment's one wandb run.
     metrics_env = metrics_file_env(layout, "dapo", experiment) | tracking.run_env(
         layout, "dapo", experiment
@@ -317,19 +318,19 @@ def run_dapo(
         ]
     from recipe.retool.async_dapo import plan_dapo
 
-    plan = plan_dapo(layout, experiment, start_from, topo, parsed, job_env)
+    plan = plan_dapo(layout, experiment, start_from, topo, request, job_env)
     for note in plan.notes:
         print(note, flush=True)
     origin = Origin(
         str(start_from), launch.override_value(plan.overrides, "data.train_files") or ""
     )
-    check_origin(layout, "dapo", experiment, origin, allow_other=parsed.allow_other_base,
+    check_origin(layout, "dapo", experiment, origin, allow_other=request.allow_other_base,
                  write=True)  # fmt: skip
     tracking.check_wandb(plan.composed, os.environ)
     print(f"DAPO starts from {start_from}", flush=True)
     if (
         topo.device == "cuda"
-        and _production_sized(args)
+        and _production_sized(request)
         and _from_configured_model(layout, start_from)
     ):
         print(launch.estimate_cost("dapo", topo), flush=True)
@@ -344,8 +345,8 @@ def run_dapo(
 
 def dapo_on_node(
     layout: Layout,
-    topo: launch.Topology,
-    args: Sequence[str] = (),
+    topo: Topology,
+    request: LaunchRequest,
     *,
     deployed_url: Callable[[], str],
     runner: Runner = run_subprocess,
@@ -357,14 +358,13 @@ def dapo_on_node(
     ``main_ppo``. A worker node returns ``None`` once the cluster ends; its sandbox stops then."""
     from recipe.retool.tool_sandbox import tool_sandbox
 
-    choice = launch.parse_launch_args(args).sandbox  # a bad option fails before anything starts
-    with tool_sandbox(choice, deployed_url=deployed_url) as sandbox_url:
+    with tool_sandbox(request.sandbox, deployed_url=deployed_url) as sandbox_url:
         if topo.nnodes > 1:
             join_ray_cluster(topo, dapo_env(sandbox_url), runner=runner)
             if topo.node_rank > 0:
                 return None  # served the cluster until the job ended
         return run_dapo(
-            layout, topo, args, sandbox_url=sandbox_url, runner=runner, launch_id=launch_id
+            layout, topo, request, sandbox_url=sandbox_url, runner=runner, launch_id=launch_id
         )
 
 
@@ -412,7 +412,7 @@ def _alive_ray_nodes(env: dict[str, str]) -> int:
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout else 0
 
 
-def _head_listens(topo: launch.Topology) -> bool:
+def _head_listens(topo: Topology) -> bool:
     """Whether the Ray head's GCS port accepts connections yet."""
     try:
         with socket.create_connection((topo.master_addr, launch.RAY_PORT), timeout=2):
@@ -422,12 +422,12 @@ def _head_listens(topo: launch.Topology) -> bool:
 
 
 def join_ray_cluster(
-    topo: launch.Topology,
+    topo: Topology,
     env: dict[str, str],
     *,
     runner: Runner = run_subprocess,
     alive_nodes: Callable[[dict[str, str]], int] = _alive_ray_nodes,
-    head_listens: Callable[[launch.Topology], bool] | None = None,
+    head_listens: Callable[[Topology], bool] | None = None,
     timeout_s: float = 900,
     poll_s: float = 5,
 ) -> None:
@@ -436,7 +436,7 @@ def join_ray_cluster(
     fails, measured with Ray 2.60) and serve until the cluster ends. Every node must hold the
     same ``RAY_AUTH_TOKEN`` (in ``env`` or this process's environment)."""
     if not (env.get(RAY_TOKEN_ENV) or os.environ.get(RAY_TOKEN_ENV)):
-        raise launch.LaunchError(
+        raise LaunchError(
             f"multi-node DAPO needs {RAY_TOKEN_ENV}, the same on every node (the Modal app's "
             "train_dapo_multinode sets it)"
         )

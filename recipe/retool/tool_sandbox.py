@@ -29,7 +29,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 
-from recipe.retool.launch import SANDBOX_CHOICES
+from recipe.retool.core.request import SANDBOX_CHOICES
 from sandbox.client import ENDPOINT_ENV, TOKEN_ENV
 from sandbox.local import ServerDidNotStart, sandbox_service
 

@@ -54,7 +54,7 @@ def wandb_ready(env: Mapping[str, str]) -> bool:
 def check_wandb(composed: Any, env: Mapping[str, str]) -> None:
     """Raise :class:`LaunchError` when the run logs to wandb and wandb could not start: verl would
     raise only once the GPUs are up, and with no terminal to ask for a key."""
-    from recipe.retool.launch import LaunchError  # here: a launch client imports this module
+    from recipe.retool.core.request import LaunchError  # here: a launch client imports this module
 
     if WANDB in loggers(composed) and not wandb_ready(env):
         raise LaunchError(

@@ -21,7 +21,7 @@ from recipe.retool.core.paths import (
     list_checkpoints,
     read_checkpoint_info,
 )
-from recipe.retool.launch import LaunchError
+from recipe.retool.core.request import LaunchError, parse
 from tests.recipe.test_paths import make_step, mark_tracked, write_weights
 from tests.recipe.test_stages import CPU, FakeRunner
 from tests.recipe.test_stages import layout as layout  # the fixture, re-exported
@@ -89,7 +89,9 @@ def test_relaunch_with_another_base_or_data_is_refused_unless_asked(
     layout: Layout, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     args = ["--experiment-name=exp"]
-    stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=FakeRunner(layout, "sft"))
+    stages.run_sft(
+        layout, CPU, parse("sft", args), model_path=tiny_model_dir, runner=FakeRunner(layout, "sft")
+    )
     info = read_checkpoint_info(layout, "sft", "exp")
     assert (info.base_model, info.data) == (str(tiny_model_dir), str(layout.sft_train_file()))
 
@@ -103,7 +105,7 @@ def test_relaunch_with_another_base_or_data_is_refused_unless_asked(
         return 0
 
     with pytest.raises(LaunchError) as refused:
-        stages.run_sft(layout, CPU, args, model_path=other, runner=runner)
+        stages.run_sft(layout, CPU, parse("sft", args), model_path=other, runner=runner)
     message = str(refused.value)
     assert "\n" not in message and str(tiny_model_dir) in message and str(other) in message
     assert "--allow-other-base" in message and ran == []
@@ -111,13 +113,17 @@ def test_relaunch_with_another_base_or_data_is_refused_unless_asked(
     data = tmp_path / "other.parquet"
     data.write_bytes(layout.sft_train_file().read_bytes())
     with pytest.raises(LaunchError, match=f"data {layout.sft_train_file()} \\(now {data}\\)"):
-        stages.run_sft(layout, CPU, [*args, f"data.train_files={data}"],
+        stages.run_sft(layout, CPU, parse("sft", [*args, f"data.train_files={data}"]),
                        model_path=tiny_model_dir, runner=runner)  # fmt: skip
     assert ran == []
 
-    stages.run_sft(layout, CPU, [*args, "--allow-other-base"], model_path=other, runner=runner)
+    stages.run_sft(
+        layout, CPU, parse("sft", [*args, "--allow-other-base"]), model_path=other, runner=runner
+    )
     assert len(ran) == 1 and read_checkpoint_info(layout, "sft", "exp").base_model == str(other)
-    stages.run_sft(layout, CPU, args, model_path=other, runner=runner)  # the new base sticks
+    stages.run_sft(
+        layout, CPU, parse("sft", args), model_path=other, runner=runner
+    )  # the new base sticks
     assert len(ran) == 2
 
 
@@ -126,10 +132,12 @@ def test_dapo_relaunch_from_another_sft_step_is_refused(layout: Layout) -> None:
         make_step(layout, "sft", "s", step)
     mark_tracked(layout, "sft", "s", 1)
     run = ["--experiment-name=d"]
-    stages.run_dapo(layout, CPU, run, sandbox_url="x", runner=FakeRunner(layout, "dapo"))
+    stages.run_dapo(
+        layout, CPU, parse("dapo", run), sandbox_url="x", runner=FakeRunner(layout, "dapo")
+    )
     mark_tracked(layout, "sft", "s", 2)  # a newer SFT step is now the latest
     with pytest.raises(LaunchError, match=r"global_step_1/huggingface \(now .*global_step_2"):
-        stages.run_dapo(layout, CPU, run, sandbox_url="x", runner=lambda c, e: 0)
+        stages.run_dapo(layout, CPU, parse("dapo", run), sandbox_url="x", runner=lambda c, e: 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import pytest
 
 from recipe.retool import launch
 from recipe.retool.core.paths import Layout
-from recipe.retool.launch import LaunchError, Topology
+from recipe.retool.core.request import LaunchError
+from recipe.retool.core.topology import Topology
 from recipe.retool.verl_plugins import varlen_attention
 
 RAY_CPUS = launch.load_cpu_overlay("dapo").ray_cpus
@@ -84,14 +85,14 @@ def test_cpu_dapo_runs_main_ppo_behind_the_cpu_shims(nnodes: int) -> None:
 
 @pytest.mark.parametrize(("gpus", "tp", "sp"), [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 4, 4)])
 def test_dapo_layout_follows_the_gpu_count(gpus: int, tp: int, sp: int) -> None:
-    topo = launch.Topology(gpus_per_node=gpus)
+    topo = Topology(gpus_per_node=gpus)
     cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo), topo)
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == tp
     assert cfg.actor_rollout_ref.actor.ulysses_sequence_parallel_size == sp
 
 
 def test_explicit_layout_overrides_win_and_are_still_checked() -> None:
-    topo = launch.Topology(gpus_per_node=4)
+    topo = Topology(gpus_per_node=4)
     tp1 = ["actor_rollout_ref.rollout.tensor_model_parallel_size=1"]
     cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo, tp1), topo)
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
@@ -101,14 +102,14 @@ def test_explicit_layout_overrides_win_and_are_still_checked() -> None:
 
 
 def test_gpu_runs_ask_for_the_varlen_attention_the_trainer_plugins_register() -> None:
-    topo = launch.Topology(gpus_per_node=1)
+    topo = Topology(gpus_per_node=1)
     cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo), topo)
     assert cfg.actor_rollout_ref.model.override_config.attn_implementation == varlen_attention.NAME
     assert cfg.actor_rollout_ref.model.use_remove_padding  # the packed path the kernel is for
     sft = launch.validate("sft", launch.sft_overrides(LAYOUT, "e", MODEL, topo), topo)
     assert sft.model.override_config.attn_implementation == varlen_attention.NAME
     assert sft.model.use_remove_padding
-    cpu = launch.Topology(gpus_per_node=1, device="cpu")  # plain SDPA: no varlen kernel on CPU
+    cpu = Topology(gpus_per_node=1, device="cpu")  # plain SDPA: no varlen kernel on CPU
     cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, cpu), cpu)
     assert cfg.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
 
@@ -130,7 +131,7 @@ def test_cpu_overlays_are_data_beside_the_stage_configs() -> None:
 
 def test_dapo_sampler_is_bounded_by_the_filter_settings() -> None:
     """verl's V1 buffer ignores max_num_gen_batches; ours reads it (one source: algorithm.*)."""
-    topo = launch.Topology(gpus_per_node=1)
+    topo = Topology(gpus_per_node=1)
     extra = ["algorithm.filter_groups.max_num_gen_batches=3"]
     cfg = launch.validate("dapo", launch.dapo_overrides(LAYOUT, "rl", MODEL, topo, extra), topo)
     sampler = cfg.trainer.v1.sampler
@@ -166,35 +167,6 @@ def test_bad_values_fail_fast(override: str, message: str) -> None:
     topo = TOPOLOGIES["8gpu"]
     with pytest.raises(LaunchError, match=message):
         launch.validate("sft", launch.sft_overrides(LAYOUT, "e", MODEL, topo, [override]), topo)
-
-
-def test_parse_launch_args_splits_options_from_overrides() -> None:
-    parsed = launch.parse_launch_args(
-        [
-            "--experiment-name=my-exp",
-            "--sft-checkpoint",
-            "/ckpt",
-            "--",
-            "trainer.total_epochs=5",
-            "+a.b=1",
-        ]
-    )
-    assert parsed.experiment == "my-exp"
-    assert parsed.sft_checkpoint == "/ckpt"
-    assert parsed.overrides == ["trainer.total_epochs=5", "+a.b=1"]
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--epochs=3"], "unknown option --epochs"),
-        (["--experiment-name"], "needs a value"),
-        (["oops"], "expected key=value"),
-    ],
-)
-def test_parse_launch_args_errors_are_one_line(args: list[str], message: str) -> None:
-    with pytest.raises(LaunchError, match=message):
-        launch.parse_launch_args(args)
 
 
 @pytest.mark.parametrize(

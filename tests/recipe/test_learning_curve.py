@@ -13,6 +13,8 @@ import pytest
 from recipe.retool import launch, learning_curve
 from recipe.retool.core import paths
 from recipe.retool.core.paths import Layout
+from recipe.retool.core.request import parse
+from recipe.retool.core.topology import Topology
 from recipe.retool.curve_stats import Band, NoStartInBand
 from recipe.retool.data.synthetic import SyntheticSizes
 
@@ -23,10 +25,10 @@ ROW_KEYS |= {"gpus", "gpu", "sft_acc_by_step"}
 
 
 def compose_arm(arm: learning_curve.Arm, settings: learning_curve.CurveSettings):
-    topo = launch.Topology(gpus_per_node=1)
+    topo = Topology(gpus_per_node=1)
     start = Path("/c/sft-experiments/curve/global_step_800")
     args = learning_curve.dapo_args(FILES, settings, start, arm, Path("/v") / arm.name)
-    dapo = launch.parse_launch_args(args)
+    dapo = parse("dapo", args)
     assert dapo.sft_checkpoint == str(start) and dapo.experiment == arm.experiment
     return launch.validate(
         "dapo", launch.dapo_overrides(Layout.modal(), "c", Path("/m"), topo, dapo.overrides), topo
@@ -34,9 +36,9 @@ def compose_arm(arm: learning_curve.Arm, settings: learning_curve.CurveSettings)
 
 
 def test_settings_compose_on_one_gpu_with_the_production_dapo_config() -> None:
-    topo = launch.Topology(gpus_per_node=1)
+    topo = Topology(gpus_per_node=1)
     settings = learning_curve.CurveSettings()
-    sft = launch.parse_launch_args(learning_curve.sft_args(FILES["sft"], settings))
+    sft = parse("sft", learning_curve.sft_args(FILES["sft"], settings))
     cfg = launch.validate(
         "sft", launch.sft_overrides(Layout.modal(), "c", Path("/m"), topo, sft.overrides), topo
     )
@@ -249,8 +251,8 @@ def test_an_async_curve_passes_the_mode_to_its_dapo_runs() -> None:
     arm = learning_curve.arms(settings)[0]
     assert arm.experiment == "curve-async-seed1"  # apart from the sync arm sharing its root
     args = learning_curve.dapo_args(FILES, settings, Path("/s"), arm, Path("/v"))
-    assert launch.parse_launch_args(args).rollout_mode == "async"
+    assert parse("dapo", args).rollout_mode == "async"
     sync = learning_curve.dapo_args(
         FILES, learning_curve.CurveSettings(), Path("/s"), arm, Path("/v")
     )
-    assert launch.parse_launch_args(sync).rollout_mode == "sync"
+    assert parse("dapo", sync).rollout_mode == "sync"

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from recipe.retool import launch, stages
+from recipe.retool.core.topology import Topology
 from sandbox.local import free_port
 
 WILDCARDS = {"0.0.0.0", "::", "::ffff:0.0.0.0"}
@@ -47,7 +48,7 @@ def test_a_ray_head_opens_no_port_that_answers_without_the_token(tmp_path, monke
     if node_ip.startswith("127."):
         pytest.skip("no routable address here: Ray would bind everything to loopback")
     monkeypatch.setattr(launch, "RAY_PORT", free_port())
-    topo = launch.Topology(gpus_per_node=1, nnodes=2, master_addr=node_ip, device="cpu")
+    topo = Topology(gpus_per_node=1, nnodes=2, master_addr=node_ip, device="cpu")
     marker = f"/tmp/ray-ports-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ, **stages.dapo_env("http://127.0.0.1:9/run_code"), **stages.RAY_CLUSTER_ENV,

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from recipe.retool import run_metrics, stages
 from recipe.retool.core.constants import TOOL_SCHEMA
 from recipe.retool.core.paths import CheckpointNotFound, Layout, Origin, read_checkpoint_info
-from recipe.retool.launch import LaunchError, Topology
+from recipe.retool.core.request import LaunchError, LaunchRequest, parse
+from recipe.retool.core.topology import Topology
 from recipe.retool.verl_plugins.varlen_attention import NAME
 from tests.recipe.test_paths import make_step, mark_tracked
 
@@ -66,7 +67,7 @@ class FakeRunner:
 
 def test_run_sft_validates_runs_and_records_checkpoint_info(layout: Layout, tiny_model_dir) -> None:
     runner = FakeRunner(layout, "sft")
-    result = stages.run_sft(layout, Topology(gpus_per_node=2), ["--experiment-name=a"],
+    result = stages.run_sft(layout, Topology(gpus_per_node=2), LaunchRequest("sft", experiment="a"),
                             model_path=tiny_model_dir, runner=runner)  # fmt: skip
     assert result.returncode == 0 and result.checkpoint.step == 7
     assert runner.envs[0]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False"
@@ -80,16 +81,23 @@ def test_cost_line_only_for_the_configured_model_and_data(
 ) -> None:
     """The estimate is for Qwen2.5-7B on ReTool-SFT; a small model's run must not print "$47"."""
     two_gpus = Topology(gpus_per_node=2)
-    stages.run_sft(layout, two_gpus, ["--experiment-name=small"], model_path=tiny_model_dir,
-                   runner=FakeRunner(layout, "sft"))  # fmt: skip
+    stages.run_sft(
+        layout,
+        two_gpus,
+        LaunchRequest("sft", experiment="small"),
+        model_path=tiny_model_dir,
+        runner=FakeRunner(layout, "sft"),
+    )
     assert "GPU-h" not in capsys.readouterr().out
     shutil.copytree(tiny_model_dir, layout.model_dir())
-    stages.run_sft(layout, two_gpus, ["--experiment-name=big"], runner=FakeRunner(layout, "sft"))
+    stages.run_sft(
+        layout, two_gpus, LaunchRequest("sft", experiment="big"), runner=FakeRunner(layout, "sft")
+    )
     assert "sft: ~" in capsys.readouterr().out
     dapo = FakeRunner(layout, "dapo")
     for start, line in (("small", False), ("big", True)):
         args = [f"--sft-checkpoint={start}", f"--experiment-name=rl-{start}"]
-        stages.run_dapo(layout, two_gpus, args, sandbox_url="http://sb", runner=dapo)
+        stages.run_dapo(layout, two_gpus, parse("dapo", args), sandbox_url="http://sb", runner=dapo)
         assert ("dapo: ~" in capsys.readouterr().out) is line, start
 
 
@@ -129,7 +137,7 @@ def test_checkpoint_info_records_the_sft_runs_logged_metrics_over_attempts(
     runner = LoggingRunner(layout, "sft", attempts, returncodes=[137, 0])
     args = ["--experiment-name=m", "data.max_length=512", "trainer.logger=[console,file]"]
     for _ in range(2):
-        stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=runner)
+        stages.run_sft(layout, CPU, parse("sft", args), model_path=tiny_model_dir, runner=runner)
     log_dir = layout.experiment_dir("sft", "m") / "metrics"
     assert [Path(env["VERL_FILE_LOGGER_PATH"]).parent for env in runner.envs] == [log_dir] * 2
     assert len(set(env["VERL_FILE_LOGGER_PATH"] for env in runner.envs)) == 2  # one per attempt
@@ -146,7 +154,7 @@ def test_checkpoint_info_records_the_dapo_runs_reward_and_validation(
     rows = [(0, {val: 0.1}), (1, {"critic/score/mean": -0.5}),
             (2, {"critic/score/mean": 0.25, val: 0.3})]  # fmt: skip
     runner = LoggingRunner(layout, "dapo", [rows], returncodes=[0])
-    stages.run_dapo(layout, Topology(gpus_per_node=4), ["--experiment-name=d"],
+    stages.run_dapo(layout, Topology(gpus_per_node=4), LaunchRequest("dapo", experiment="d"),
                     sandbox_url="http://sb/run_code", runner=runner)  # fmt: skip
     assert read_checkpoint_info(layout, "dapo", "d").metrics == {
         "steps": 2, "reward_mean": 0.25, "val_steps": [0, 2], "val_acc": [0.1, 0.3],
@@ -155,10 +163,12 @@ def test_checkpoint_info_records_the_dapo_runs_reward_and_validation(
 
 def test_checkpoint_info_says_when_no_metrics_were_logged_or_readable(layout, tiny_model_dir):
     args = ["--experiment-name=quiet", "trainer.logger=[console]"]
-    stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=FakeRunner(layout, "sft"))
+    stages.run_sft(
+        layout, CPU, parse("sft", args), model_path=tiny_model_dir, runner=FakeRunner(layout, "sft")
+    )
     assert read_checkpoint_info(layout, "sft", "quiet").metrics == {}
     runner = LoggingRunner(layout, "sft", [[(1, sft_step(1.0))]], returncodes=[0])
-    stages.run_sft(layout, CPU, ["--experiment-name=torn"], model_path=tiny_model_dir,
+    stages.run_sft(layout, CPU, LaunchRequest("sft", experiment="torn"), model_path=tiny_model_dir,
                    runner=runner)  # fmt: skip
     (layout.experiment_dir("sft", "torn") / "metrics" / "torn.jsonl").write_text('{"step": 2, "da')
     stages._record(layout, "sft", "torn", Origin("base", "data"), 0)
@@ -168,18 +178,24 @@ def test_checkpoint_info_says_when_no_metrics_were_logged_or_readable(layout, ti
 def test_run_sft_bad_override_fails_before_running(layout: Layout, tiny_model_dir) -> None:
     runner = FakeRunner(layout, "sft")
     with pytest.raises(LaunchError, match="unknown key"):
-        stages.run_sft(layout, CPU, ["trainer.epochs=1"], model_path=tiny_model_dir, runner=runner)
+        stages.run_sft(
+            layout,
+            CPU,
+            parse("sft", ["trainer.epochs=1"]),
+            model_path=tiny_model_dir,
+            runner=runner,
+        )
     assert runner.commands == []
 
 
 def test_run_sft_without_data_or_model_says_which_stage_to_run(tmp_path: Path) -> None:
     layout = Layout.local(tmp_path)
     with pytest.raises(LaunchError, match="run prep_dataset first"):
-        stages.run_sft(layout, CPU, runner=FakeRunner(layout, "sft"))
+        stages.run_sft(layout, CPU, LaunchRequest("sft"), runner=FakeRunner(layout, "sft"))
     layout.sft_train_file().parent.mkdir(parents=True)
     layout.sft_train_file().write_bytes(b"")
     with pytest.raises(LaunchError, match="run download_model first"):
-        stages.run_sft(layout, CPU, runner=FakeRunner(layout, "sft"))
+        stages.run_sft(layout, CPU, LaunchRequest("sft"), runner=FakeRunner(layout, "sft"))
 
 
 def test_run_dapo_starts_from_latest_sft_and_passes_the_sandbox(layout: Layout) -> None:
@@ -187,7 +203,7 @@ def test_run_dapo_starts_from_latest_sft_and_passes_the_sandbox(layout: Layout) 
     mark_tracked(layout, "sft", "s1", 62)
     runner = FakeRunner(layout, "dapo")
     topo = Topology(gpus_per_node=4)
-    result = stages.run_dapo(layout, topo, ["--experiment-name=d"], sandbox_url="http://sb/run_code",
+    result = stages.run_dapo(layout, topo, LaunchRequest("dapo", experiment="d"), sandbox_url="http://sb/run_code",
                              runner=runner)  # fmt: skip
     command = runner.commands[0]
     expected = layout.experiment_dir("sft", "s1") / "global_step_62" / "huggingface"
@@ -199,7 +215,7 @@ def test_run_dapo_starts_from_latest_sft_and_passes_the_sandbox(layout: Layout) 
 
 def test_run_dapo_without_sft_checkpoint_is_a_clear_error(layout: Layout) -> None:
     with pytest.raises(CheckpointNotFound, match="no complete sft checkpoint"):
-        stages.run_dapo(layout, Topology(gpus_per_node=4), sandbox_url="x",
+        stages.run_dapo(layout, Topology(gpus_per_node=4), LaunchRequest("dapo"), sandbox_url="x",
                         runner=FakeRunner(layout, "dapo"))  # fmt: skip
 
 
@@ -251,7 +267,7 @@ def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
         "trainer.total_epochs=1",
         "trainer.logger=[console,file]",
     ]
-    result = stages.run_sft(layout, CPU, args, model_path=tiny_model_dir)
+    result = stages.run_sft(layout, CPU, parse("sft", args), model_path=tiny_model_dir)
     assert result.returncode == 0
     assert result.checkpoint is not None and result.checkpoint.step == 2  # 8 rows / batch 4
     model = AutoModelForCausalLM.from_pretrained(result.checkpoint.hf_dir)
@@ -297,7 +313,7 @@ def test_one_dapo_step_of_main_ppo_on_a_small_model(
     files = write_dataset(tmp_path / "synthetic", SyntheticSizes())
     settings = learning_curve.CurveSettings(dapo_steps=1, test_freq=1, val_n=1)
     args = learning_curve.dapo_args(files, settings, vllm_model_dir)
-    result = stages.run_dapo(layout, Topology(gpus_per_node=1), args,
+    result = stages.run_dapo(layout, Topology(gpus_per_node=1), parse("dapo", args),
                              sandbox_url=local_endpoint + "/run_code")  # fmt: skip
     assert result.returncode == 0
     assert result.checkpoint is not None and result.checkpoint.step == 1
@@ -312,11 +328,20 @@ def test_multinode_needs_a_shared_experiment_name_and_only_rank0_records(
     two_nodes = Topology(gpus_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5")
     with pytest.raises(LaunchError, match="--experiment-name"):
         stages.run_sft(
-            layout, two_nodes, model_path=tiny_model_dir, runner=FakeRunner(layout, "sft")
+            layout,
+            two_nodes,
+            LaunchRequest("sft"),
+            model_path=tiny_model_dir,
+            runner=FakeRunner(layout, "sft"),
         )
     runner = FakeRunner(layout, "sft")
-    result = stages.run_sft(layout, two_nodes, ["--experiment-name=big"], model_path=tiny_model_dir,
-                            runner=runner)  # fmt: skip
+    result = stages.run_sft(
+        layout,
+        two_nodes,
+        LaunchRequest("sft", experiment="big"),
+        model_path=tiny_model_dir,
+        runner=runner,
+    )
     assert "--node_rank=1" in runner.commands[0] and "--master_addr=10.0.0.5" in runner.commands[0]
     assert result.checkpoint is None and read_checkpoint_info(layout, "sft", "big") is None
 
@@ -326,7 +351,9 @@ def test_multinode_dapo_joins_the_ray_cluster(layout: Layout) -> None:
     mark_tracked(layout, "sft", "s1", 1)
     runner = FakeRunner(layout, "dapo")
     head = Topology(gpus_per_node=8, nnodes=2, node_rank=0, master_addr="10.0.0.5")
-    stages.run_dapo(layout, head, ["--experiment-name=d"], sandbox_url="u", runner=runner)
+    stages.run_dapo(
+        layout, head, LaunchRequest("dapo", experiment="d"), sandbox_url="u", runner=runner
+    )
     assert runner.envs[0]["RAY_ADDRESS"] == "10.0.0.5:6379"
     assert runner.envs[0]["RAY_AUTH_MODE"] == "token"
     assert "trainer.nnodes=2" in runner.commands[0]
@@ -338,8 +365,13 @@ def test_multinode_dapo_joins_the_ray_cluster(layout: Layout) -> None:
 
 def test_failed_run_keeps_its_checkpoint_but_writes_no_done_marker(layout, tiny_model_dir) -> None:
     runner = FakeRunner(layout, "sft", returncode=1)
-    result = stages.run_sft(layout, CPU, ["--experiment-name=crash"], model_path=tiny_model_dir,
-                            runner=runner)  # fmt: skip
+    result = stages.run_sft(
+        layout,
+        CPU,
+        LaunchRequest("sft", experiment="crash"),
+        model_path=tiny_model_dir,
+        runner=runner,
+    )
     assert result.returncode == 1 and result.checkpoint.step == 7
     assert read_checkpoint_info(layout, "sft", "crash") is None
 
@@ -361,12 +393,12 @@ def test_checkpoints_load_without_the_attention_plugin(layout, tiny_model_dir, s
     finished or not, leaves its checkpoints' configs without it."""
     runner = VarlenConfigRunner(layout, stage, returncode)
     if stage == "sft":
-        stages.run_sft(layout, CPU, ["--experiment-name=v"], model_path=tiny_model_dir,
+        stages.run_sft(layout, CPU, LaunchRequest("sft", experiment="v"), model_path=tiny_model_dir,
                        runner=runner)  # fmt: skip
     else:
-        stages.run_sft(layout, CPU, ["--experiment-name=s"], model_path=tiny_model_dir,
+        stages.run_sft(layout, CPU, LaunchRequest("sft", experiment="s"), model_path=tiny_model_dir,
                        runner=FakeRunner(layout, "sft"))  # fmt: skip
-        stages.run_dapo(layout, CPU, ["--experiment-name=v"], sandbox_url="http://sb/run_code",
+        stages.run_dapo(layout, CPU, LaunchRequest("dapo", experiment="v"), sandbox_url="http://sb/run_code",
                         runner=runner)  # fmt: skip
     (config,) = layout.experiment_dir(stage, "v").glob("global_step_7/**/config.json")
     assert json.loads(config.read_text()) == {"hidden_size": 8}
@@ -533,11 +565,15 @@ def test_sft_killed_after_a_checkpoint_resumes_from_it(layout: Layout, tiny_mode
     ]
     exp_dir = layout.experiment_dir("sft", "preempted")
     killer = KillAfterCheckpoint(exp_dir / "latest_checkpointed_iteration.txt", step=2)
-    first = stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=killer)
+    first = stages.run_sft(
+        layout, CPU, parse("sft", args), model_path=tiny_model_dir, runner=killer
+    )
     assert first.returncode == -9 and first.checkpoint is not None and first.checkpoint.step == 2
     assert read_checkpoint_info(layout, "sft", "preempted") is None  # not done: no marker
 
-    second = stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=killer)
+    second = stages.run_sft(
+        layout, CPU, parse("sft", args), model_path=tiny_model_dir, runner=killer
+    )
     assert second.returncode == 0 and second.checkpoint.step == 8  # 8 rows / batch 1
     resumed = killer.outputs[1]
     assert "step:3 " in resumed and "step:8 " in resumed
@@ -549,12 +585,14 @@ def test_sft_killed_after_a_checkpoint_resumes_from_it(layout: Layout, tiny_mode
 NODE_SCRIPT = """
 import sys
 from pathlib import Path
-from recipe.retool import launch, stages
+from recipe.retool import stages
 from recipe.retool.core import paths
+from recipe.retool.core.request import parse
+from recipe.retool.core.topology import Topology
 root, rank, port, model, *args = sys.argv[1:]
-topo = launch.Topology(gpus_per_node=1, nnodes=2, node_rank=int(rank), master_addr="127.0.0.1",
+topo = Topology(gpus_per_node=1, nnodes=2, node_rank=int(rank), master_addr="127.0.0.1",
                        master_port=int(port), device="cpu")
-raise SystemExit(stages.run_sft(paths.Layout.local(Path(root)), topo, args,
+raise SystemExit(stages.run_sft(paths.Layout.local(Path(root)), topo, parse("sft", args),
                                 model_path=Path(model)).returncode)
 """
 
@@ -589,7 +627,7 @@ def test_two_node_sft_on_one_machine_with_static_rendezvous(layout: Layout, tiny
     try:
         topo = Topology(gpus_per_node=1, nnodes=2, node_rank=0, master_addr="127.0.0.1",
                         master_port=port, device="cpu")  # fmt: skip
-        head = stages.run_sft(layout, topo, args, model_path=tiny_model_dir)
+        head = stages.run_sft(layout, topo, parse("sft", args), model_path=tiny_model_dir)
         assert worker.wait(timeout=300) == 0
     finally:
         worker.kill()

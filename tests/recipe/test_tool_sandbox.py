@@ -13,7 +13,9 @@ from verl.tools.tool_registry import initialize_tools_from_config
 
 from recipe.retool import stages, tool_sandbox
 from recipe.retool.core.paths import Layout
-from recipe.retool.launch import TOOL_CONFIG_FILE, LaunchError, Topology
+from recipe.retool.core.request import LaunchError, LaunchRequest, parse
+from recipe.retool.core.topology import Topology
+from recipe.retool.launch import TOOL_CONFIG_FILE
 from sandbox.isolation import Isolation
 from tests.recipe.test_paths import make_step, mark_tracked
 
@@ -73,7 +75,11 @@ def test_a_ray_worker_node_starts_its_sandbox_first_and_its_tools_use_it(
     worker = Topology(gpus_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5")
     node = NodeProcesses(layout)
     result = stages.dapo_on_node(
-        layout, worker, ["--experiment-name=d"], deployed_url=never_deployed, runner=node
+        layout,
+        worker,
+        LaunchRequest("dapo", experiment="d"),
+        deployed_url=never_deployed,
+        runner=node,
     )
     assert result is None  # a worker node runs no main_ppo
     assert node.tool_urls == [tool_sandbox.NODE_SANDBOX_URL]
@@ -84,9 +90,12 @@ def test_a_ray_worker_node_starts_its_sandbox_first_and_its_tools_use_it(
 def test_a_single_node_run_sends_its_tool_calls_to_its_own_sandbox(layout) -> None:
     node = NodeProcesses(layout)
     result = stages.dapo_on_node(
-        layout, Topology(gpus_per_node=8), ["--experiment-name=d"], deployed_url=never_deployed,
+        layout,
+        Topology(gpus_per_node=8),
+        LaunchRequest("dapo", experiment="d"),
+        deployed_url=never_deployed,
         runner=node,
-    )  # fmt: skip
+    )
     assert result.returncode == 0 and result.checkpoint.step == 1
     assert node.tool_urls == [tool_sandbox.NODE_SANDBOX_URL] and node.outputs == ["42"]
 
@@ -108,7 +117,7 @@ def test_an_explicit_endpoint_or_deployed_option_starts_no_node_sandbox(monkeypa
 
 def test_a_wrong_sandbox_option_is_one_line_before_anything_starts(layout) -> None:
     with pytest.raises(LaunchError, match="--sandbox=local: choose node or deployed"):
-        stages.dapo_on_node(layout, Topology(gpus_per_node=8), ["--sandbox=local"],
+        stages.dapo_on_node(layout, Topology(gpus_per_node=8), parse("dapo", ["--sandbox=local"]),
                             deployed_url=never_deployed, runner=NodeProcesses(layout))  # fmt: skip
 
 

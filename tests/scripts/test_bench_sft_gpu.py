@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from recipe.retool.core.request import parse
 from recipe.retool.data.tiny_model import build_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_sft_gpu.py"
@@ -88,13 +89,14 @@ def bench_namespace(**kw) -> argparse.Namespace:
 )  # fmt: skip
 def test_rows_record_what_the_composed_config_runs(tmp_path: Path, flags, liger_arg, recorded):
     from recipe.retool.core.paths import Layout
-    from recipe.retool.launch import Topology
+    from recipe.retool.core.topology import Topology
 
-    args = bench.bench_args(bench_namespace(**flags))
+    request = bench.bench_request(bench_namespace(**flags))
+    args = request.overrides
     assert {"trainer.resume_mode=disable", "trainer.save_freq=-1"} <= set(args)
     liger_args = [a for a in args if a.startswith("model.use_liger=")]
     assert liger_args == ([liger_arg] if liger_arg else [])
-    settings = bench.measured_settings(Layout.local(tmp_path), Topology(gpus_per_node=4), args,
+    settings = bench.measured_settings(Layout.local(tmp_path), Topology(gpus_per_node=4), request,
                                        tmp_path / "model")  # fmt: skip
     assert settings == recorded
 
@@ -117,7 +119,7 @@ def test_profile_step_makes_verl_write_a_trace_of_that_step(tmp_path: Path, tiny
     CPU, so the trace holds host ops only), make verl write the chrome trace the row reads."""
     from recipe.retool import stages
     from recipe.retool.core.paths import Layout
-    from recipe.retool.launch import Topology
+    from recipe.retool.core.topology import Topology
     from tests.recipe.test_stages import sft_rows
 
     layout = Layout.local(tmp_path)
@@ -135,7 +137,7 @@ def test_profile_step_makes_verl_write_a_trace_of_that_step(tmp_path: Path, tiny
         *bench.profile_args(2, save),
     ]
     cpu = Topology(gpus_per_node=1, device="cpu")
-    result = stages.run_sft(layout, cpu, args, model_path=tiny_model_dir)
+    result = stages.run_sft(layout, cpu, parse("sft", args), model_path=tiny_model_dir)
     assert result.returncode == 0
     (trace,) = save.glob("*.json*")
     events = bench.trace_summary.load_events(trace)

@@ -34,14 +34,15 @@ from pathlib import Path
 from recipe.retool import launch, run_metrics, stages
 from recipe.retool.core import paths
 from recipe.retool.core.constants import TOOL_NAME
+from recipe.retool.core.request import LaunchRequest
+from recipe.retool.core.topology import Topology
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TINY_MODEL_ID = "local/tiny-qwen2"
 # Small SFT settings for a 2-core laptop; everything else comes from config/sft.yaml.
 # Real main_ppo steps with the tiny model on one GPU or the CPU: the production DAPO config with
 # only sizes scaled down.
-SMOKE_DAPO_ARGS = (
-    "--experiment-name=smoke",
+SMOKE_DAPO = LaunchRequest("dapo", experiment="smoke", overrides=(
     "actor_rollout_ref.rollout.n=2",
     "actor_rollout_ref.rollout.enforce_eager=true",
     "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
@@ -58,16 +59,15 @@ SMOKE_DAPO_ARGS = (
     "trainer.val_before_train=False",
     "actor_rollout_ref.rollout.val_kwargs.n=1",  # the last step validates: one answer a problem
     "trainer.logger=[console,file]",
-)
-SMOKE_SFT_ARGS = (
-    "--experiment-name=smoke",
+))  # fmt: skip
+SMOKE_SFT = LaunchRequest("sft", experiment="smoke", overrides=(
     "data.max_length=1024",
     "data.train_batch_size=4",
     "data.micro_batch_size_per_gpu=2",
     "data.max_token_len_per_gpu=2048",
     "trainer.total_epochs=1",
     "trainer.logger=[console]",
-)
+))  # fmt: skip
 
 
 @dataclass
@@ -148,9 +148,12 @@ class Smoke:
             report.notes.append(f"{name}: {summary.rows_in}→{summary.rows_out}")
 
     def sft(self, report: StageReport) -> None:
-        topo = launch.Topology(gpus_per_node=1, device="cpu")
+        topo = Topology(gpus_per_node=1, device="cpu")
         result = stages.run_sft(
-            self.layout, topo, SMOKE_SFT_ARGS, model_path=self.layout.model_dir(TINY_MODEL_ID)
+            self.layout,
+            topo,
+            SMOKE_SFT,
+            model_path=self.layout.model_dir(TINY_MODEL_ID),
         )
         if result.returncode != 0 or result.checkpoint is None:
             raise RuntimeError(f"SFT exited with {result.returncode}; see the log above")
@@ -159,14 +162,12 @@ class Smoke:
     def dapo(self, report: StageReport) -> None:
         start_from = stages.resolve_sft_checkpoint(self.layout, None)  # what train_dapo uses
         report.notes.append(f"from {start_from.relative_to(self.root)}")
-        topo = launch.Topology(gpus_per_node=8)
+        topo = Topology(gpus_per_node=8)
         overrides = launch.dapo_overrides(self.layout, "smoke", start_from, topo)
         launch.validate("dapo", overrides, topo)
         report.notes.append(f"DAPO config composed ({len(overrides)} overrides, 8-GPU layout)")
-        where = launch.Topology(
-            gpus_per_node=1, device="cuda" if _gpu_rollout_available() else "cpu"
-        )
-        result = stages.run_dapo(self.layout, where, SMOKE_DAPO_ARGS, sandbox_url=self.sandbox_url)
+        where = Topology(gpus_per_node=1, device="cuda" if _gpu_rollout_available() else "cpu")
+        result = stages.run_dapo(self.layout, where, SMOKE_DAPO, sandbox_url=self.sandbox_url)
         logged = run_metrics.read_run(self.layout.experiment_dir("dapo", "smoke"))
         report.notes.append(run_metrics.describe(run_metrics.summarize(logged)))
         if result.returncode != 0:

@@ -25,7 +25,8 @@ import torch
 
 from recipe.retool import run_metrics, stages
 from recipe.retool.core.paths import Layout, read_checkpoint_info
-from recipe.retool.launch import Topology
+from recipe.retool.core.request import parse
+from recipe.retool.core.topology import Topology
 from tests.recipe.local import test_cpu_ppo as sync_ppo
 from tests.recipe.test_stages import KillAfterCheckpoint
 
@@ -88,9 +89,9 @@ def async_run(
     killer = KillAfterCheckpoint(exp_dir / "latest_checkpointed_iteration.txt", 1, timeout_s=1200,
                                  metrics_dir=run_metrics.metrics_dir(exp_dir))  # fmt: skip
     url = local_endpoint + "/run_code"
-    first = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
+    first = stages.run_dapo(layout, CPU, parse("dapo", args), sandbox_url=url, runner=killer)
     relaunched_at = time.time()
-    second = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
+    second = stages.run_dapo(layout, CPU, parse("dapo", args), sandbox_url=url, runner=killer)
     rows = pd.read_parquet(tool_sft.files["rl_train"])
     return PreemptedAsyncRun(layout, rows, first, second, killer.outputs, relaunched_at)
 

@@ -37,8 +37,9 @@ from transformers import AutoModelForCausalLM
 
 from recipe.retool import launch, run_metrics, stages
 from recipe.retool.core.paths import Layout, read_checkpoint_info
+from recipe.retool.core.request import parse
+from recipe.retool.core.topology import Topology
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
-from recipe.retool.launch import Topology
 from tests.recipe.test_stages import KillAfterCheckpoint
 
 # The first test's setup is an SFT and two main_ppo launches (~2.5 min on 2 idle cores; more
@@ -86,11 +87,11 @@ def tool_sft(tmp_path_factory, tiny_model_dir: Path) -> ToolSft:
     files = write_dataset(
         root / "synthetic", SyntheticSizes(sft=512, rl_train=8, rl_val=2), families=("product",)
     )
-    sft = stages.run_sft(Layout.local(root), CPU, [
+    sft = stages.run_sft(Layout.local(root), CPU, parse("sft", [
         "--experiment-name=warm", f"data.train_files={files['sft']}", "data.max_length=512",
         "data.train_batch_size=16", "data.micro_batch_size_per_gpu=16", "trainer.total_epochs=4",
         "optim.lr=1e-2", "trainer.save_freq=-1", "trainer.logger=[console]",
-    ], model_path=tiny_model_dir)  # fmt: skip
+    ]), model_path=tiny_model_dir)  # fmt: skip
     assert sft.returncode == 0
     return ToolSft(files, sft.checkpoint.hf_dir)
 
@@ -145,9 +146,9 @@ def preempted_run(tmp_path_factory, tool_sft: ToolSft, local_endpoint: str) -> P
     killer = KillAfterCheckpoint(exp_dir / "latest_checkpointed_iteration.txt", 1, timeout_s=900,
                                  metrics_dir=run_metrics.metrics_dir(exp_dir))  # fmt: skip
     url = local_endpoint + "/run_code"
-    first = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
+    first = stages.run_dapo(layout, CPU, parse("dapo", args), sandbox_url=url, runner=killer)
     info_after_kill = read_checkpoint_info(layout, "dapo", EXPERIMENT)
-    second = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
+    second = stages.run_dapo(layout, CPU, parse("dapo", args), sandbox_url=url, runner=killer)
     return PreemptedRun(
         layout, pd.read_parquet(tool_sft.files["rl_train"]), first, info_after_kill, second,
         killer.outputs, tool_sft.weights,
@@ -347,7 +348,11 @@ def two_node_run(tmp_path_factory, tool_sft: ToolSft, local_endpoint: str) -> Tw
             wrong = _driver("import ray; ray.init()", {**address, "RAY_AUTH_TOKEN": "0" * 64})
             args = dapo_args(tool_sft, "two-nodes", 1, root / "rollouts")
             result = stages.run_dapo(
-                layout, node(0), args, sandbox_url=env["SANDBOX_FUSION_ENDPOINT"], runner=runner
+                layout,
+                node(0),
+                parse("dapo", args),
+                sandbox_url=env["SANDBOX_FUSION_ENDPOINT"],
+                runner=runner,
             )
             leaked = [
                 p for p in ray_tmp.rglob("*")

@@ -61,10 +61,10 @@ def test_a_sandbox_that_did_not_start_says_which_and_why(monkeypatch) -> None:
 def test_gpu_smoke_dapo_settings_compose_for_one_gpu() -> None:
     """What the smoke runs as real main_ppo steps where a GPU and vLLM exist."""
     from recipe.retool import launch
-    from recipe.retool.launch import Topology
+    from recipe.retool.core.topology import Topology
 
     topo = Topology(gpus_per_node=1)
-    parsed = launch.parse_launch_args(smoke.SMOKE_DAPO_ARGS)
+    parsed = smoke.SMOKE_DAPO
     overrides = launch.dapo_overrides(Layout.modal(), "smoke", Path("/m"), topo, parsed.overrides)
     cfg = launch.validate("dapo", overrides, topo)
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1

@@ -13,7 +13,7 @@ from verl import DataProto
 from recipe.retool import launch
 from recipe.retool.core.constants import TOOL_CALLS_KEY
 from recipe.retool.core.paths import Layout
-from recipe.retool.launch import Topology
+from recipe.retool.core.topology import Topology
 
 
 @pytest.fixture(scope="module")
