@@ -1,6 +1,6 @@
 """DAPO at the production layout scaled to the GPUs at hand, with a model of Qwen2.5-1.5B's shape.
 
-``stages.run_dapo`` → verl ``main_ppo`` with ``config/dapo.yaml`` as Modal runs it: vLLM rollouts
+``run_dapo`` → verl ``main_ppo`` with ``config/dapo.yaml`` as Modal runs it: vLLM rollouts
 with tensor parallelism and the actor's Ulysses SP scaled from ``--gpus`` by ``launch.py`` (2 GPUs:
 TP 2, SP 2), FSDP parameter and optimizer offload as configured, the response length, group size
 and tool settings of the YAML. Only the batch scales with the GPUs (8 prompts a GPU, 64 on 8) and
@@ -34,13 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qwen_shapes import QWEN25_1_5B, model_params
 
-from recipe.retool import run_metrics, stages
 from recipe.retool.async_dapo import plan_dapo
 from recipe.retool.core.paths import Layout
 from recipe.retool.core.request import ROLLOUT_MODES, LaunchRequest
 from recipe.retool.core.topology import Topology
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
 from recipe.retool.data.tiny_model import TinySpec, build
+from recipe.retool.records import run_metrics
+from recipe.retool.stages.dapo import run_dapo
 from sandbox.local import run_code_url
 
 EXPERIMENT = "bench"
@@ -207,7 +208,7 @@ def run(root: Path, gpus: int, steps: int, out: Path, mode: str = "sync") -> dic
     topo = Topology(gpus_per_node=gpus)
     start = time.time()
     with GpuMemoryPeak() as memory, run_code_url(None) as url:
-        result = stages.run_dapo(layout, topo, request, sandbox_url=url)
+        result = run_dapo(layout, topo, request, sandbox_url=url)
     rows = run_metrics.read_run(layout.experiment_dir("dapo", EXPERIMENT))
     row = {
         "kind": "dapo",

@@ -37,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trace_summary
 from qwen_shapes import SHAPES, model_params
 
-from recipe.retool import launch, stages
+from recipe.retool import launch
 from recipe.retool.core.constants import TOOL_NAME, TOOL_SCHEMA
 from recipe.retool.core.paths import Layout
 from recipe.retool.core.request import LaunchRequest
 from recipe.retool.core.topology import Topology
+from recipe.retool.stages.sft import run_sft
 
 H100_BF16_DENSE_FLOPS = 989e12
 H100_MEMORY_GB = 81559 * 2**20 / 1e9  # what nvidia-smi reports for an H100 80GB HBM3
@@ -238,7 +239,7 @@ def run(args: argparse.Namespace) -> dict:
     settings = measured_settings(layout, topo, request, args.root / "model")
     collector = StepCollector(args.steps, args.out.with_suffix(".log"))
     start = time.time()
-    result = stages.run_sft(layout, topo, request, model_path=args.root / "model", runner=collector)
+    result = run_sft(layout, topo, request, model_path=args.root / "model", runner=collector)
     measured = measured_steps(collector.records, args.profile_step)
     if result.returncode != 0 or len(measured) < 1:
         tail = args.out.with_suffix(".log").read_text()[-3000:]

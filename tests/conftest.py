@@ -18,7 +18,7 @@ def wandb_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests run as a machine without a wandb account should: ``WANDB_MODE=offline``, and no
     ``.env`` read by a launch check (tests/recipe/test_tracking.py takes these away to test the
     check itself)."""
-    from recipe.retool import tracking
+    from recipe.retool.records import tracking
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -540,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from recipe.retool.core.paths import BASE_MODEL_ID, MODELS_MOUNT
-    from recipe.retool.tracking import check_wandb, launch_env
+    from recipe.retool.records.tracking import check_wandb, launch_env
 
     parser = argparse.ArgumentParser(
         prog="python -m recipe.retool.launch", description=main.__doc__
@@ -599,8 +599,7 @@ def _dapo_start_note(layout: Layout, requested: str | None) -> str:
             f"note: DAPO's start ({what}) is checked at launch: {layout.checkpoints} (the "
             "checkpoints volume) is not mounted here"
         )
-    from recipe.retool.core.paths import CheckpointNotFound
-    from recipe.retool.stages import resolve_sft_checkpoint
+    from recipe.retool.core.paths import CheckpointNotFound, resolve_sft_checkpoint
 
     try:
         return f"DAPO starts from {resolve_sft_checkpoint(layout, requested)}"

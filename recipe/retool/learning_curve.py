@@ -3,9 +3,9 @@ leaves room to learn, then DAPO it from there with several seeds and a control w
 carries no information. ``make dapo-curve`` on a GPU box; the Modal ``learning_curve`` function
 runs the same code.
 
-Every piece is the production code path: the SFT stage (``stages.run_sft``), evaluation's
+Every piece is the production code path: the SFT stage (``run_sft``), evaluation's
 rollouts and scoring (``eval/sweep.py``: one vLLM engine, each saved SFT step's weights swapped
-in), the DAPO stage (``stages.run_dapo`` → verl ``main_ppo`` with vLLM rollouts, the tool in the
+in), the DAPO stage (``run_dapo`` → verl ``main_ppo`` with vLLM rollouts, the tool in the
 project's sandbox, the ReTool reward manager, the bounded dynamic sampler) and verl's own metrics
 and validation dumps. Only sizes differ: a random-init Qwen2 of a few million parameters, synthetic
 problems whose answers the code computes, and step counts that fit a short GPU lease.
@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from recipe.retool import run_metrics, stages
 from recipe.retool.core import paths
 from recipe.retool.core.request import parse
 from recipe.retool.core.topology import Topology
@@ -55,6 +54,10 @@ from recipe.retool.curve_stats import (
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
 from recipe.retool.data.tiny_model import TinySpec, build
 from recipe.retool.eval.config import EvalError
+from recipe.retool.records import run_metrics
+from recipe.retool.stages.dapo import run_dapo
+from recipe.retool.stages.process import Runner, run_subprocess
+from recipe.retool.stages.sft import run_sft
 from sandbox.local import run_code_url
 
 MODEL_ID = "local/tool-qwen2"
@@ -211,7 +214,7 @@ class Curve:
     root: Path
     settings: CurveSettings
     gpus: int
-    runner: stages.Runner | None = None  # None: stages.run_subprocess, output to the arm's log
+    runner: Runner | None = None  # None: run_subprocess, output to the arm's log
 
     def __post_init__(self) -> None:
         self.layout = paths.Layout.local(self.root)
@@ -227,7 +230,7 @@ class Curve:
         """SFT unless a finished one is here; returns its seconds (0 when kept)."""
         if paths.read_checkpoint_info(self.layout, "sft", SFT_EXPERIMENT) is not None:
             return 0.0
-        result = stages.run_sft(
+        result = run_sft(
             self.layout,
             self.topo,
             parse("sft", sft_args(files["sft"], self.settings)),
@@ -297,7 +300,7 @@ class Curve:
         args = dapo_args(files, self.settings, start, arm, val_dir)
         log = out / f"{arm.name}.log"
         print(f"arm {arm.name}: DAPO from {start.name} (log: {log})", flush=True)
-        result = stages.run_dapo(
+        result = run_dapo(
             self.layout,
             self.topo,
             parse("dapo", args),
@@ -338,12 +341,12 @@ class Curve:
             return [f.result() for f in futures]
 
 
-def _logged(log: Path) -> stages.Runner:
+def _logged(log: Path) -> Runner:
     """The stage runner with the child's output in ``log``: arms run side by side."""
 
     def run(command: Sequence[str], env: dict[str, str]) -> int:
         with log.open("ab") as sink:
-            return stages.run_subprocess(command, env, stdout=sink)
+            return run_subprocess(command, env, stdout=sink)
 
     return run
 
@@ -392,7 +395,7 @@ def run(
     sandbox_url: str | None,
     *,
     backend: str = "vllm",
-    runner: stages.Runner | None = None,
+    runner: Runner | None = None,
 ) -> dict:
     """Model → data → SFT → calibration → arms → report; returns ``curve.json``'s content.
     Raises :class:`NoStartInBand` when no saved SFT step scores inside the band."""
@@ -438,7 +441,7 @@ def run(
 def log_to_wandb(root: Path, result: dict) -> str | None:
     """The proof's verdict, each arm's rise and the plot as wandb run ``curve-<proof>`` (project
     ``retool-curve``); the URL, or ``None`` where wandb is not configured."""
-    from recipe.retool import tracking
+    from recipe.retool.records import tracking
 
     arms_numbers = {
         row["arm"]: {"rise": row.get("rise"), "last_val_acc": (row["val_acc"] or [None])[-1]}

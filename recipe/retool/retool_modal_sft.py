@@ -129,7 +129,7 @@ def _topology():
 
 
 def _report_credentials() -> None:
-    from recipe.retool.stages import check_credentials
+    from recipe.retool.records.tracking import check_credentials
 
     for note in check_credentials():
         print(f"note: {note}")
@@ -190,7 +190,7 @@ def download_model(
     force: bool = False,
 ) -> None:
     """Snapshot the base model into the models volume (resumable; skipped once complete)."""
-    from recipe.retool.stages import download_model as download
+    from recipe.retool.stages.checkpoints import download_model as download
 
     _report_credentials()
     _reload(models_volume)
@@ -222,8 +222,8 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     """
     import sys
 
-    from recipe.retool import stages
     from recipe.retool.core.request import LaunchError
+    from recipe.retool.stages import dapo, sft
     from recipe.retool.tool_sandbox import NodeSandboxError
 
     _report_credentials()
@@ -235,9 +235,9 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
         request = parse(stage, arglist)  # the arguments enter this container here, once
         topo = _topology()
         if stage == "sft":
-            result = stages.run_sft(layout, topo, request, launch_id=launch_id)
+            result = sft.run_sft(layout, topo, request, launch_id=launch_id)
         else:  # every node starts its own sandbox first (tool_sandbox.py), then Ray
-            result = stages.dapo_on_node(
+            result = dapo.dapo_on_node(
                 layout, topo, request, deployed_url=modal_common.sandbox_url, launch_id=launch_id
             )
             if result is None:
@@ -358,9 +358,6 @@ def train_dapo_multinode_gpu(*arglist: str) -> None:
 #     modal run recipe/retool/retool_modal_sft.py::evaluate --checkpoint latest  # base, sft, PATH
 
 
-EVAL_PROJECT = "retool-eval"
-
-
 @app.function(
     **(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 12 * HOURS}),
     **modal_common.host_resources("eval", 1),
@@ -374,57 +371,35 @@ def evaluate_gpu(
 ) -> dict:
     """Evaluate one checkpoint, or with --experiment base vs its SFT vs its DAPO side by side
     (``modal run ...::evaluate`` checks, then spawns this)."""
-    import json
     import sys
-    from dataclasses import replace
 
-    from recipe.retool import tracking
     from recipe.retool.core.request import LaunchError
-    from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
-    from recipe.retool.eval.config import EvalConfig, EvalError
-    from recipe.retool.eval.report import show_summary
-    from recipe.retool.eval.runner import evaluate_checkpoint as run_eval
-    from recipe.retool.pipeline import evaluate_experiment
-    from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
+    from recipe.retool.eval.config import EvalError
+    from recipe.retool.tool_sandbox import NodeSandboxError
+    from recipe.retool.workflows import evaluation
 
     _reload(data_volume, models_volume, checkpoints_volume)
     layout = paths.Layout.from_env()
     try:
-        cfg = EvalConfig.from_yaml()
-        cfg = replace(cfg, n=n or cfg.n, max_problems=max_problems or cfg.max_problems)
-        with tool_sandbox("node", deployed_url=modal_common.sandbox_url) as sandbox_url:
-            if experiment:
-                files = evaluate_experiment(layout, experiment, sandbox_url, cfg, backend="vllm")
-                result = {"comparison": [str(f) for f in files]}
-            else:
-                ref = resolve_checkpoint(checkpoint, layout)
-                datasets = {name: layout.rl_file(name) for name in paths.EVAL_SETS}
-                out_dir = report_dir(eval_dir(layout, ref.label), force=force)
-                result = run_eval(ref.path, datasets, out_dir, cfg, sandbox_url, "vllm",
-                                  checkpoint=ref)  # fmt: skip
+        evaluated = evaluation.evaluate_on_volumes(
+            layout, modal_common.sandbox_url, checkpoint=checkpoint, n=n,
+            max_problems=max_problems, experiment=experiment, force=force,
+        )  # fmt: skip
     except (EvalError, LaunchError, paths.CheckpointNotFound, NodeSandboxError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         _commit(checkpoints_volume)
-    if experiment:
-        compare = Path(result["comparison"][0])
-        print(compare.read_text())
-        plots, run = {"compare": compare.with_suffix(".png")}, experiment
-        numbers = tracking.flat_numbers(json.loads(compare.with_suffix(".json").read_text()))
-    else:
-        plots = {p.stem: p for p in show_summary(result, ref, layout)}
-        run, numbers = ref.label, tracking.flat_numbers(result["datasets"])
-    tracking.log_results(layout, project=EVAL_PROJECT, run=f"eval-{run}", metrics=numbers,
-                         images=plots)  # fmt: skip
+    evaluation.report(layout, evaluated)
     _commit(checkpoints_volume)  # the progress plot and wandb's files
-    return result
+    return evaluated.result
 
 
 # ## The whole pipeline
 #
 # download → prep → SFT → DAPO → evaluation of base, SFT and DAPO, skipping every stage that is
-# already done (see `recipe/retool/pipeline.py`); an interrupted run resumes where it stopped.
+# already done (see `recipe/retool/workflows/pipeline.py`); an interrupted run resumes where it
+# stopped.
 #
 #     modal run recipe/retool/retool_modal_sft.py::pipeline --experiment-name retool-7b
 
@@ -432,7 +407,7 @@ def evaluate_gpu(
 @app.function(image=trainer_image, volumes=VOLUMES, env=ENV, timeout=10 * MINUTES)
 def pipeline_status(experiment: str) -> dict[str, bool]:
     """Which stages of ``experiment`` are done, read from the volumes."""
-    from recipe.retool.pipeline import format_status, stage_done
+    from recipe.retool.workflows.pipeline import format_status, stage_done
 
     _reload(data_volume, models_volume, checkpoints_volume)
     done = stage_done(paths.Layout.from_env(), experiment)
@@ -446,7 +421,7 @@ def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
     client that launched it. Each stage is its own call (DAPO with its own retries)."""
     import sys
 
-    from recipe.retool.pipeline import run_pipeline
+    from recipe.retool.workflows.pipeline import run_pipeline
 
     sft = LaunchRequest("sft", experiment=experiment_name)
     dapo = LaunchRequest("dapo", experiment=experiment_name, sft_checkpoint=experiment_name)
@@ -479,82 +454,8 @@ def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
 # `modal run` runs, with nothing but modal and the standard library. Each first runs
 # `check_launch` in a small CPU container of the trainer image, with the volumes and secrets the
 # run will have: every mistake it can see there fails in one line, exit 2, before a GPU starts.
-# Then it spawns the GPU function, prints how to follow it (`recipe/retool/follow.py`) and waits;
-# Ctrl-C or a closed laptop detaches a `--detach` run, which goes on.
-
-
-def _check_training(stage: str, args: list[str], nodes: int) -> dict:
-    """``python -m recipe.retool.launch check`` here, where the volumes are mounted (DAPO's start
-    is checked too), and for SFT its data and base model; DAPO's sandbox runs a test program."""
-    import contextlib
-    import io
-    import shlex
-    import sys
-
-    from recipe.retool import launch, stages
-    from recipe.retool.core.request import LaunchError
-    from recipe.retool.eval.config import EvalError
-    from recipe.retool.eval.runner import check_sandbox
-    from recipe.retool.follow import project_override
-    from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = launch.main(["check", stage, "--gpus", str(N_GPUS), "--nodes", str(nodes), *args])
-    lines = out.getvalue().splitlines() + err.getvalue().splitlines()
-    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-    command = shlex.quote(sys.executable) + " "  # the trainer's command line: long, not shown
-    shown = [line for line in lines if not line.startswith(("error: ", command))]
-    plan = {"lines": shown}
-    if code:
-        return plan | {"error": errors[-1] if errors else f"launch check exited {code}"}
-    layout = paths.Layout.from_env()
-    request = parse(stage, args)
-    try:
-        if stage == "sft":
-            stages.check_sft_inputs(layout, layout.model_dir(), request)
-        else:  # the tool's sandbox, started (node) or found (deployed) as the run will
-            with tool_sandbox(request.sandbox, deployed_url=modal_common.sandbox_url) as url:
-                check_sandbox(url)
-                plan["lines"].append(f"sandbox: {url} ran a test program")
-    except (
-        LaunchError,
-        NodeSandboxError,
-        modal_common.SandboxNotDeployed,
-        EvalError,
-    ) as exc:
-        return plan | {"error": str(exc)}
-    project = project_override(
-        request.overrides, launch.load_stage_config(stage).overrides["trainer.project_name"]
-    )
-    return plan | {"error": None, "experiment": request.experiment, "project": project}
-
-
-def _check_evaluation(options: dict) -> dict:
-    """The evaluation's settings, its checkpoint on the volume, its report directory, and the
-    node sandbox it will start."""
-    from dataclasses import replace
-
-    from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
-    from recipe.retool.eval.config import EvalConfig, EvalError
-    from recipe.retool.eval.runner import check_sandbox
-    from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
-
-    layout = paths.Layout.from_env()
-    lines = []
-    try:
-        cfg = EvalConfig.from_yaml()
-        replace(cfg, n=options.get("n") or cfg.n,
-                max_problems=options.get("max_problems") or cfg.max_problems)  # fmt: skip
-        if not options.get("experiment"):
-            ref = resolve_checkpoint(options.get("checkpoint", "latest"), layout)
-            report_dir(eval_dir(layout, ref.label), force=bool(options.get("force")))
-            lines.append(f"evaluates {ref.path}")
-        with tool_sandbox("node", deployed_url=modal_common.sandbox_url) as url:
-            check_sandbox(url)
-    except (EvalError, paths.CheckpointNotFound, NodeSandboxError) as exc:
-        return {"lines": lines, "error": str(exc)}
-    return {"lines": lines, "error": None}
+# Then it spawns the GPU function, prints how to follow it (`recipe/retool/records/follow.py`)
+# and waits; Ctrl-C or a closed laptop detaches a `--detach` run, which goes on.
 
 
 @app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, env=ENV, cpu=2.0,
@@ -564,19 +465,18 @@ def check_launch(stage: str, args: list, nodes: int = 1, options: dict | None = 
     any GPU starts, checked where it will run: this image's verl, the volumes, the secrets, the
     sandbox. Returns ``{"error": one line or None, "lines": [what the checks printed], ...}``
     (``experiment`` and ``project`` for training), never raises: the launch prints the line."""
-    _reload(data_volume, models_volume, checkpoints_volume)
-    options = options or {}
-    if stage in ("sft", "dapo"):
-        return _check_training(stage, list(args), nodes)
-    if stage == "eval":
-        return _check_evaluation(options)
-    from recipe.retool.pipeline import PIPELINE_STAGES
+    from recipe.retool.workflows import preflight
 
-    unknown = set(filter(None, options.get("force", "").split(","))) - set(PIPELINE_STAGES)
-    if unknown:
-        return {"lines": [], "error": f"--force: unknown stage(s) {sorted(unknown)}; stages are "
-                                      f"{PIPELINE_STAGES}"}  # fmt: skip
-    return {"lines": [], "error": None}
+    _reload(data_volume, models_volume, checkpoints_volume)
+    layout, options = paths.Layout.from_env(), options or {}
+    if stage in ("sft", "dapo"):
+        return preflight.check_training(
+            layout, stage, list(args), gpus=N_GPUS, nodes=nodes,
+            deployed_url=modal_common.sandbox_url, also_refused=(modal_common.SandboxNotDeployed,),
+        )  # fmt: skip
+    if stage == "eval":
+        return preflight.check_evaluation(layout, options, modal_common.sandbox_url)
+    return preflight.check_pipeline(options)
 
 
 def _launch(stage: str, function: modal.Function, *args: str, nodes: int = 1, what: str,
@@ -586,7 +486,8 @@ def _launch(stage: str, function: modal.Function, *args: str, nodes: int = 1, wh
     (``follow.py``, ``tracking.py``: the standard library at import)."""
     import sys
 
-    from recipe.retool import follow, tracking
+    from recipe.retool.core.constants import EVAL_PROJECT
+    from recipe.retool.records import follow, tracking
 
     plan = check_launch.remote(stage, list(args), nodes, options)
     for line in plan["lines"]:
@@ -680,7 +581,7 @@ def pipeline(experiment_name: str = "retool", force: str = "") -> None:
 @app.function(image=trainer_image, volumes=VOLUMES, env=ENV, timeout=10 * MINUTES)
 def result_files(experiment: str) -> dict[str, bytes]:
     """``{path relative to the checkpoints volume: bytes}`` of ``follow.result_files``."""
-    from recipe.retool.follow import result_files as wanted
+    from recipe.retool.records.follow import result_files as wanted
 
     _reload(checkpoints_volume)
     layout = paths.Layout.from_env()
@@ -709,7 +610,7 @@ def wandb_sync() -> None:
     import subprocess
     import sys
 
-    from recipe.retool import tracking
+    from recipe.retool.records import tracking
 
     _reload(checkpoints_volume)
     runs = sorted((tracking.wandb_dir(paths.Layout.from_env()) / "wandb").glob("offline-run-*"))
@@ -731,7 +632,7 @@ def wandb_sync() -> None:
 @app.function(image=trainer_image, volumes=VOLUMES, env=ENV, timeout=10 * MINUTES)
 def list_checkpoints() -> str:
     """Print every checkpoint of every experiment, marking partial (interrupted) saves."""
-    from recipe.retool.stages import describe_checkpoints
+    from recipe.retool.stages.checkpoints import describe_checkpoints
 
     _reload(checkpoints_volume)
     table = describe_checkpoints(paths.Layout.from_env())
@@ -751,7 +652,7 @@ def merge_checkpoint(
     """
     import sys
 
-    from recipe.retool.stages import merge_checkpoint as merge
+    from recipe.retool.stages.checkpoints import merge_checkpoint as merge
 
     _reload(checkpoints_volume)
     try:

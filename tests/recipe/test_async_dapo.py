@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from recipe.retool import async_dapo, launch, stages
+from recipe.retool import async_dapo, launch
 from recipe.retool.core.paths import Layout
 from recipe.retool.core.request import LaunchError, parse
 from recipe.retool.core.topology import Topology
 from recipe.retool.local import checkpoint_engine_cpu
+from recipe.retool.stages.dapo import run_dapo
 from tests.cli import assert_one_line_error, run_module
 
 LAYOUT = Layout.modal()
@@ -157,7 +158,7 @@ def test_train_dapo_launches_the_async_trainer_with_the_sandbox(tmp_path: Path, 
     mark_tracked(layout, "sft", "s1", 62)
     runner = FakeRunner(layout, "dapo")
     args = ["--experiment-name=d", ASYNC, "--rollout-gpus=2"]
-    result = stages.run_dapo(layout, Topology(gpus_per_node=4), parse("dapo", args), sandbox_url="http://sb",
+    result = run_dapo(layout, Topology(gpus_per_node=4), parse("dapo", args), sandbox_url="http://sb",
                              runner=runner)  # fmt: skip
     command = runner.commands[0]
     assert command[command.index("-m") + 1].endswith("fully_async_policy.fully_async_main")

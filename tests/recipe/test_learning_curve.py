@@ -231,7 +231,7 @@ def test_band_default_is_where_grpo_has_signal() -> None:
 
 
 def test_the_proof_is_logged_to_wandb_from_its_result(tmp_path: Path, monkeypatch) -> None:
-    from recipe.retool import tracking
+    from recipe.retool.records import tracking
 
     result = json.loads((GPU_RUNS / "curve_20261204_h200.json").read_text())
     calls = []

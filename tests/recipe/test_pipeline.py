@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import pipeline, stages
 from recipe.retool.core.paths import CheckpointInfo, Layout, write_checkpoint_info
 from recipe.retool.data.prep import SUMMARY_FILE
 from recipe.retool.launch import load_stage_config
+from recipe.retool.stages.checkpoints import COMPLETE_MARKER
+from recipe.retool.workflows import pipeline
 
 SFT_MAX_LENGTH = load_stage_config("sft").overrides["data.max_length"]
 
@@ -44,7 +45,7 @@ class World:
         self._maybe_fail("download")
         target = self.layout.model_dir()
         target.mkdir(parents=True)
-        (target / stages.COMPLETE_MARKER).write_text("rev\n")
+        (target / COMPLETE_MARKER).write_text("rev\n")
 
     def train(self, stage: str) -> None:
         self._maybe_fail(stage)

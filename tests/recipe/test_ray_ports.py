@@ -1,5 +1,5 @@
 """A Ray head started as a multi-node DAPO node starts it (``launch.ray_node_command`` with
-``stages.dapo_env`` and the cluster's token mode) serves nothing without the token on a port open
+``dapo_env`` and the cluster's token mode) serves nothing without the token on a port open
 to every interface: Ray 2.60's three Prometheus exporters there stay off."""
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import httpx
 import psutil
 import pytest
 
-from recipe.retool import launch, stages
+from recipe.retool import launch
+from recipe.retool.core.constants import RAY_TOKEN_ENV
 from recipe.retool.core.topology import Topology
+from recipe.retool.stages.dapo import dapo_env
+from recipe.retool.stages.ray_cluster import RAY_CLUSTER_ENV
 from sandbox.local import free_port
 
 WILDCARDS = {"0.0.0.0", "::", "::ffff:0.0.0.0"}
@@ -51,8 +54,8 @@ def test_a_ray_head_opens_no_port_that_answers_without_the_token(tmp_path, monke
     topo = Topology(gpus_per_node=1, nnodes=2, master_addr=node_ip, device="cpu")
     marker = f"/tmp/ray-ports-{uuid.uuid4().hex[:8]}"
     env = {
-        **os.environ, **stages.dapo_env("http://127.0.0.1:9/run_code"), **stages.RAY_CLUSTER_ENV,
-        stages.RAY_TOKEN_ENV: uuid.uuid4().hex, "RAY_TMPDIR": marker,
+        **os.environ, **dapo_env("http://127.0.0.1:9/run_code"), **RAY_CLUSTER_ENV,
+        RAY_TOKEN_ENV: uuid.uuid4().hex, "RAY_TMPDIR": marker,
     }  # fmt: skip
     started = subprocess.run(launch.ray_node_command(topo), env=env, capture_output=True,
                              text=True, timeout=180, check=False)  # fmt: skip

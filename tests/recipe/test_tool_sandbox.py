@@ -11,11 +11,14 @@ import httpx
 import pytest
 from verl.tools.tool_registry import initialize_tools_from_config
 
-from recipe.retool import stages, tool_sandbox
+from recipe.retool import tool_sandbox
+from recipe.retool.core.constants import RAY_TOKEN_ENV
 from recipe.retool.core.paths import Layout
 from recipe.retool.core.request import LaunchError, LaunchRequest, parse
 from recipe.retool.core.topology import Topology
 from recipe.retool.launch import TOOL_CONFIG_FILE
+from recipe.retool.stages import ray_cluster
+from recipe.retool.stages.dapo import dapo_on_node
 from sandbox.isolation import Isolation
 from tests.recipe.test_paths import make_step, mark_tracked
 
@@ -70,11 +73,11 @@ def test_a_ray_worker_node_starts_its_sandbox_first_and_its_tools_use_it(
 ) -> None:
     """Node 1 of 2: by the time ``ray start`` runs, the node's sandbox answers at the loopback
     URL that the node's Ray workers inherit; it stops when the node's part of the job ends."""
-    monkeypatch.setenv(stages.RAY_TOKEN_ENV, "t" * 64)
-    monkeypatch.setattr(stages, "_head_listens", lambda topo: True)  # the head at 10.0.0.5
+    monkeypatch.setenv(RAY_TOKEN_ENV, "t" * 64)
+    monkeypatch.setattr(ray_cluster, "_head_listens", lambda topo: True)  # the head at 10.0.0.5
     worker = Topology(gpus_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5")
     node = NodeProcesses(layout)
-    result = stages.dapo_on_node(
+    result = dapo_on_node(
         layout,
         worker,
         LaunchRequest("dapo", experiment="d"),
@@ -89,7 +92,7 @@ def test_a_ray_worker_node_starts_its_sandbox_first_and_its_tools_use_it(
 
 def test_a_single_node_run_sends_its_tool_calls_to_its_own_sandbox(layout) -> None:
     node = NodeProcesses(layout)
-    result = stages.dapo_on_node(
+    result = dapo_on_node(
         layout,
         Topology(gpus_per_node=8),
         LaunchRequest("dapo", experiment="d"),
@@ -117,7 +120,7 @@ def test_an_explicit_endpoint_or_deployed_option_starts_no_node_sandbox(monkeypa
 
 def test_a_wrong_sandbox_option_is_one_line_before_anything_starts(layout) -> None:
     with pytest.raises(LaunchError, match="--sandbox=local: choose node or deployed"):
-        stages.dapo_on_node(layout, Topology(gpus_per_node=8), parse("dapo", ["--sandbox=local"]),
+        dapo_on_node(layout, Topology(gpus_per_node=8), parse("dapo", ["--sandbox=local"]),
                             deployed_url=never_deployed, runner=NodeProcesses(layout))  # fmt: skip
 
 

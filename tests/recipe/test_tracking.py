@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import launch, stages, tracking
+from recipe.retool import launch
 from recipe.retool.core.paths import Layout
 from recipe.retool.core.request import LaunchError, LaunchRequest
 from recipe.retool.core.topology import Topology
+from recipe.retool.records import tracking
+from recipe.retool.stages.dapo import run_dapo
 from tests.recipe.test_paths import make_step, mark_tracked
 from tests.recipe.test_stages import LoggingRunner, layout  # noqa: F401  (a fixture)
 
@@ -58,7 +60,7 @@ def test_train_dapo_fails_before_the_trainer_starts(no_wandb, layout: Layout) ->
     mark_tracked(layout, "sft", "s1", 4)
     runner = LoggingRunner(layout, "dapo", [[(1, {})]], returncodes=[0])
     with pytest.raises(LaunchError, match="WANDB_API_KEY"):
-        stages.run_dapo(layout, Topology(gpus_per_node=4), LaunchRequest("dapo", experiment="d"),
+        run_dapo(layout, Topology(gpus_per_node=4), LaunchRequest("dapo", experiment="d"),
                         sandbox_url="http://sb/run_code", runner=runner)  # fmt: skip
     assert runner.envs == []  # nothing ran
 
@@ -117,7 +119,7 @@ def test_every_attempt_of_an_experiment_continues_one_wandb_run(
     attempts = [[(1, {"critic/score/mean": 0.1})], [(2, {"critic/score/mean": 0.2})]]
     runner = VerlTrackingRunner(layout, "dapo", attempts, returncodes=[1, 0])
     for _ in attempts:  # a failed attempt, then its retry
-        stages.run_dapo(layout, Topology(gpus_per_node=4), LaunchRequest("dapo", experiment="d"),
+        run_dapo(layout, Topology(gpus_per_node=4), LaunchRequest("dapo", experiment="d"),
                         sandbox_url="http://sb/run_code", runner=runner)  # fmt: skip
     first, retry = fake.inits
     assert first["WANDB_RUN_ID"] == retry["WANDB_RUN_ID"] == tracking.run_id("dapo", "d")

@@ -13,6 +13,7 @@ import pytest
 
 from recipe.retool.core.request import parse
 from recipe.retool.data.tiny_model import build_tokenizer
+from recipe.retool.stages.sft import run_sft
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_sft_gpu.py"
 spec = importlib.util.spec_from_file_location("bench_sft_gpu", SCRIPT)
@@ -117,7 +118,6 @@ def test_liger_off_is_a_flag_and_the_matrix_passes_it(monkeypatch, tmp_path: Pat
 def test_profile_step_makes_verl_write_a_trace_of_that_step(tmp_path: Path, tiny_model_dir) -> None:
     """The overrides of ``--profile-step`` compose against verl's SFT config and, run (here on
     CPU, so the trace holds host ops only), make verl write the chrome trace the row reads."""
-    from recipe.retool import stages
     from recipe.retool.core.paths import Layout
     from recipe.retool.core.topology import Topology
     from tests.recipe.test_stages import sft_rows
@@ -137,7 +137,7 @@ def test_profile_step_makes_verl_write_a_trace_of_that_step(tmp_path: Path, tiny
         *bench.profile_args(2, save),
     ]
     cpu = Topology(gpus_per_node=1, device="cpu")
-    result = stages.run_sft(layout, cpu, parse("sft", args), model_path=tiny_model_dir)
+    result = run_sft(layout, cpu, parse("sft", args), model_path=tiny_model_dir)
     assert result.returncode == 0
     (trace,) = save.glob("*.json*")
     events = bench.trace_summary.load_events(trace)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from recipe.retool.core.paths import Stage, check_experiment_name
@@ -117,3 +118,12 @@ def parse(stage: Stage, args: Sequence[str]) -> LaunchRequest:
         except ValueError as exc:
             raise LaunchError(f"--experiment-name: {exc}") from None
     return LaunchRequest(stage, overrides=tuple(overrides), **values)
+
+
+def production_sized(request: LaunchRequest, model_path: Path | None = None) -> bool:
+    """Whether a run trains the configured model on the prepared data: the cost line's estimate
+    (``estimate_hours``) is for that run only, and would be wrong by orders of magnitude for the
+    smoke's or the learning curve's small models and data."""
+    return model_path is None and not any(
+        o.startswith("data.train_files=") for o in request.overrides
+    )

@@ -7,7 +7,7 @@ CPU-only). Output lands in ``./runs/<timestamp>/`` laid out exactly like the Mod
 2. prep     - the real prep code on shipped samples in the hub datasets' exact schemas
 3. sandbox  - the local sandbox service (or the one at SANDBOX_FUSION_ENDPOINT), checked
               with ``print(2+2)``
-4. sft      - verl's SFT trainer through ``stages.run_sft`` (the code Modal's ``train`` runs)
+4. sft      - verl's SFT trainer through ``run_sft`` (the code Modal's ``train`` runs)
 5. dapo     - the latest SFT checkpoint found by the code ``train_dapo`` uses; the full DAPO
               config composed against verl; two real main_ppo steps (vLLM rollouts on a GPU,
               the hf_cpu rollout of rollout_replica_cpu.py on a CPU), reported from verl's
@@ -31,11 +31,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipe.retool import launch, run_metrics, stages
+from recipe.retool import launch
 from recipe.retool.core import paths
 from recipe.retool.core.constants import TOOL_NAME
+from recipe.retool.core.paths import resolve_sft_checkpoint
 from recipe.retool.core.request import LaunchRequest
 from recipe.retool.core.topology import Topology
+from recipe.retool.records import run_metrics
+from recipe.retool.stages.dapo import run_dapo
+from recipe.retool.stages.sft import run_sft
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TINY_MODEL_ID = "local/tiny-qwen2"
@@ -149,7 +153,7 @@ class Smoke:
 
     def sft(self, report: StageReport) -> None:
         topo = Topology(gpus_per_node=1, device="cpu")
-        result = stages.run_sft(
+        result = run_sft(
             self.layout,
             topo,
             SMOKE_SFT,
@@ -160,14 +164,14 @@ class Smoke:
         report.notes.append(f"global_step_{result.checkpoint.step} saved with HF weights")
 
     def dapo(self, report: StageReport) -> None:
-        start_from = stages.resolve_sft_checkpoint(self.layout, None)  # what train_dapo uses
+        start_from = resolve_sft_checkpoint(self.layout, None)  # what train_dapo uses
         report.notes.append(f"from {start_from.relative_to(self.root)}")
         topo = Topology(gpus_per_node=8)
         overrides = launch.dapo_overrides(self.layout, "smoke", start_from, topo)
         launch.validate("dapo", overrides, topo)
         report.notes.append(f"DAPO config composed ({len(overrides)} overrides, 8-GPU layout)")
         where = Topology(gpus_per_node=1, device="cuda" if _gpu_rollout_available() else "cpu")
-        result = stages.run_dapo(self.layout, where, SMOKE_DAPO, sandbox_url=self.sandbox_url)
+        result = run_dapo(self.layout, where, SMOKE_DAPO, sandbox_url=self.sandbox_url)
         logged = run_metrics.read_run(self.layout.experiment_dir("dapo", "smoke"))
         report.notes.append(run_metrics.describe(run_metrics.summarize(logged)))
         if result.returncode != 0:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import run_metrics
 from recipe.retool.core.paths import Layout, latest_checkpoint, read_checkpoint_info
 from recipe.retool.local import smoke
+from recipe.retool.records import run_metrics
+from recipe.retool.stages.record import StageResult
 
 
 @pytest.mark.slow
@@ -76,7 +77,6 @@ def test_gpu_smoke_dapo_settings_compose_for_one_gpu() -> None:
 def test_dapo_row_reports_what_main_ppo_logged(tmp_path: Path, monkeypatch, gpu: bool) -> None:
     """The dapo row is read from verl's metrics file, not written by hand; main_ppo runs on
     the GPU where vLLM can, else on the CPU."""
-    from recipe.retool import stages
     from recipe.retool.core import paths
 
     runs = []
@@ -87,14 +87,14 @@ def test_dapo_row_reports_what_main_ppo_logged(tmp_path: Path, monkeypatch, gpu:
         log.mkdir(parents=True)
         rows = [{"step": s, "data": {"critic/score/mean": r}} for s, r in ((1, -1.0), (2, 0.0))]
         (log / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return stages.StageResult("dapo", "smoke", 0, None, 1.0)
+        return StageResult("dapo", "smoke", 0, None, 1.0)
 
     async def scripted(self, model_dir):
         return 1.0
 
     monkeypatch.setattr(smoke, "_gpu_rollout_available", lambda: gpu)
-    monkeypatch.setattr(smoke.stages, "run_dapo", fake_run_dapo)
-    monkeypatch.setattr(smoke.stages, "resolve_sft_checkpoint", lambda layout, req: tmp_path)
+    monkeypatch.setattr(smoke, "run_dapo", fake_run_dapo)
+    monkeypatch.setattr(smoke, "resolve_sft_checkpoint", lambda layout, req: tmp_path)
     monkeypatch.setattr(smoke.Smoke, "_scripted_tool_rollout", scripted)
     run = smoke.Smoke(tmp_path, allow_insecure=True)
     report = smoke.StageReport("dapo")

@@ -148,3 +148,12 @@ def log_results(
         print(f"note: wandb logging failed ({type(exc).__name__}: {exc}); results are on disk")
         return None
     return run_url(project, run, env.get("WANDB_ENTITY"))
+
+
+def check_credentials(env: dict[str, str] | os._Environ = os.environ) -> list[str]:
+    """Warnings about missing secrets, by name only (values are never printed). wandb's key is
+    not a warning but a launch error where the run logs to wandb (``tracking.check_wandb``)."""
+    notes = []
+    if not env.get("HF_TOKEN"):
+        notes.append("HF_TOKEN is not set: public models and datasets still download, rate-limited")
+    return notes

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipe.retool import launch, stages
+from recipe.retool import launch
 from recipe.retool.core.paths import (
     BASE_MODEL_ID,
     EVAL_SETS,
@@ -25,6 +25,7 @@ from recipe.retool.core.paths import (
     latest_checkpoint,
     read_checkpoint_info,
 )
+from recipe.retool.stages.checkpoints import COMPLETE_MARKER
 
 PIPELINE_STAGES = ("download", "prep", "sft", "dapo", "eval")
 RL_FILES = ("train", "aime_2024", "aime_2025")
@@ -47,7 +48,7 @@ def stage_done(layout: Layout, experiment: str, model_id: str = BASE_MODEL_ID) -
         and all(layout.rl_file(name).exists() for name in RL_FILES)
         and sft_length_checked(layout.data) == max_length
     )
-    model_ready = (layout.model_dir(model_id) / stages.COMPLETE_MARKER).exists()
+    model_ready = (layout.model_dir(model_id) / COMPLETE_MARKER).exists()
     return {
         "download": model_ready,
         "prep": data_ready,

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from recipe.retool import tracking
 from recipe.retool.core.paths import INFO_FILE, Layout
+from recipe.retool.records import tracking
 
 
 def follow_lines(
@@ -51,7 +51,10 @@ def result_files(layout: Layout, experiment: str) -> list[Path]:
     """What ``make results EXPERIMENT=x`` fetches: reports, never weights. Each stage's
     ``checkpoint_info.json``, ``report.md``/``report.png`` and metrics, and the experiment's
     evaluation reports (markdown, JSON, plots; per-sample files stay on the volume)."""
-    from recipe.retool.run_report import REPORT_MD, REPORT_PNG  # plotting: never on the client
+    from recipe.retool.records.run_report import (
+        REPORT_MD,
+        REPORT_PNG,
+    )  # plotting: never on the client
 
     found: list[Path] = []
     for stage in ("sft", "dapo"):
