@@ -40,6 +40,7 @@ lint: $(PY) ## Check formatting, lint and static file checks (what CI runs)
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
+	$(PY) scripts/import_cycles.py
 	$(PY) -m pre_commit run --all-files --show-diff-on-failure
 
 .PHONY: fmt

@@ -152,31 +152,14 @@ def prep_dataset(
     import sys
 
     from recipe.retool.data.convert import MalformedRow
-    from recipe.retool.data.prep import PrepError, prepare
-    from recipe.retool.launch import load_stage_config
+    from recipe.retool.data.prep import PrepError
+    from recipe.retool.stages.prep import prepare_dataset
 
     _report_credentials()
     _reload(models_volume)
-    layout = paths.Layout.from_env()
-    model_dir = layout.model_dir()
-    has_tokenizer = (model_dir / "tokenizer_config.json").exists()
-    if not has_tokenizer:
-        print(
-            "note: no base model yet (run download_model first): no token-length stats, and "
-            "SFT traces over data.max_length are kept (the pipeline will prepare again)"
-        )
     try:
-        prepare(
-            layout.data,
-            only=[only] if only else None,
-            source_dir=Path(source_dir) if source_dir else None,
-            max_rows=max_rows or None,
-            on_error=on_error,
-            tokenizer=model_dir if has_tokenizer else None,
-            sft_max_length=load_stage_config("sft").overrides["data.max_length"]
-            if has_tokenizer
-            else None,
-        )
+        prepare_dataset(paths.Layout.from_env(), only=only, source_dir=source_dir,
+                        max_rows=max_rows, on_error=on_error)  # fmt: skip
     except (PrepError, MalformedRow) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -581,46 +564,31 @@ def pipeline(experiment_name: str = "retool", force: str = "") -> None:
 @app.function(image=trainer_image, volumes=VOLUMES, env=ENV, timeout=10 * MINUTES)
 def result_files(experiment: str) -> dict[str, bytes]:
     """``{path relative to the checkpoints volume: bytes}`` of ``follow.result_files``."""
-    from recipe.retool.records.follow import result_files as wanted
+    from recipe.retool.records.follow import read_result_files
 
     _reload(checkpoints_volume)
-    layout = paths.Layout.from_env()
-    return {
-        str(p.relative_to(layout.checkpoints)): p.read_bytes() for p in wanted(layout, experiment)
-    }
+    return read_result_files(paths.Layout.from_env(), experiment)
 
 
 @app.local_entrypoint()
 def results(experiment: str = "retool", out: str = "runs") -> None:
     """Write ``result_files(experiment)`` under ``<out>/<experiment>/``, the volume's layout."""
-    target = Path(out) / experiment
-    files = result_files.remote(experiment)
-    for relative, body in sorted(files.items()):
-        path = target / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(body)
+    from recipe.retool.records.follow import write_result_files
+
+    written = write_result_files(result_files.remote(experiment), Path(out) / experiment)
+    for path in written:
         print(path)
-    if not files:
+    if not written:
         print(f"no reports for {experiment!r} yet (make status EXPERIMENT={experiment})")
 
 
 @app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, env=ENV, timeout=2 * HOURS)
 def wandb_sync() -> None:
     """``wandb sync`` every offline run under the volume's WANDB_DIR (needs WANDB_API_KEY)."""
-    import subprocess
-    import sys
-
     from recipe.retool.records import tracking
 
     _reload(checkpoints_volume)
-    runs = sorted((tracking.wandb_dir(paths.Layout.from_env()) / "wandb").glob("offline-run-*"))
-    if not runs:
-        print("no offline wandb runs on the checkpoints volume")
-        return
-    if not os.environ.get("WANDB_API_KEY"):
-        print("error: wandb sync needs WANDB_API_KEY in .env", file=sys.stderr)
-        raise SystemExit(2)
-    code = subprocess.run(["wandb", "sync", *map(str, runs)], check=False).returncode
+    code = tracking.sync_offline_runs(paths.Layout.from_env())
     _commit(checkpoints_volume)  # wandb marks what it synced
     if code:
         raise SystemExit(code)

@@ -51,10 +51,8 @@ def result_files(layout: Layout, experiment: str) -> list[Path]:
     """What ``make results EXPERIMENT=x`` fetches: reports, never weights. Each stage's
     ``checkpoint_info.json``, ``report.md``/``report.png`` and metrics, and the experiment's
     evaluation reports (markdown, JSON, plots; per-sample files stay on the volume)."""
-    from recipe.retool.records.run_report import (
-        REPORT_MD,
-        REPORT_PNG,
-    )  # plotting: never on the client
+    # imported here: run_report plots, which the launch client never does
+    from recipe.retool.records.run_report import REPORT_MD, REPORT_PNG
 
     found: list[Path] = []
     for stage in ("sft", "dapo"):
@@ -70,3 +68,22 @@ def result_files(layout: Layout, experiment: str) -> list[Path]:
         for pattern in ("*.md", "*.json", "*.png"):
             found += sorted(directory.rglob(pattern))
     return [path for path in found if path.is_file()]
+
+
+def read_result_files(layout: Layout, experiment: str) -> dict[str, bytes]:
+    """``{path relative to the checkpoints volume: bytes}`` of :func:`result_files`."""
+    return {
+        str(p.relative_to(layout.checkpoints)): p.read_bytes()
+        for p in result_files(layout, experiment)
+    }
+
+
+def write_result_files(files: dict[str, bytes], target: Path) -> list[Path]:
+    """:func:`read_result_files`'s answer under ``target``, in the volume's layout."""
+    written = []
+    for relative, body in sorted(files.items()):
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+        written.append(path)
+    return written

@@ -157,3 +157,19 @@ def check_credentials(env: dict[str, str] | os._Environ = os.environ) -> list[st
     if not env.get("HF_TOKEN"):
         notes.append("HF_TOKEN is not set: public models and datasets still download, rate-limited")
     return notes
+
+
+def sync_offline_runs(layout: Layout) -> int:
+    """``wandb sync`` every offline run under the volume's WANDB_DIR: its exit status, 0 when
+    there is none, 2 (said in one line) without ``WANDB_API_KEY``."""
+    import subprocess
+    import sys
+
+    runs = sorted((wandb_dir(layout) / "wandb").glob("offline-run-*"))
+    if not runs:
+        print("no offline wandb runs on the checkpoints volume")
+        return 0
+    if not os.environ.get("WANDB_API_KEY"):
+        print("error: wandb sync needs WANDB_API_KEY in .env", file=sys.stderr)
+        return 2
+    return subprocess.run(["wandb", "sync", *map(str, runs)], check=False).returncode
