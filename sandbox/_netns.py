@@ -3,7 +3,7 @@
 Why: bubblewrap's ``--unshare-net`` makes the namespace and then *adds* 127.0.0.1 to ``lo`` over
 netlink. A gVisor whose new network namespace already has that address answers EEXIST, and
 bubblewrap stops at "loopback: Failed RTM_NEWADDR" (google/gvisor#13438, open). Here the
-namespace is made first and ``lo`` is only brought up if it is down (``_zygote.loopback_up``: no
+namespace is made first and ``lo`` is only brought up if it is down (``zygote/root.loopback_up``: no
 address is ever added, so one that is already there is fine); bubblewrap then runs inside it
 without ``--unshare-net`` (``bwrap-ownnet`` mode, ``sandbox/isolation.py``). Inherited file
 descriptors (the zygote's slot sockets) pass through ``execvp`` unchanged.
@@ -15,12 +15,13 @@ from pathlib import Path
 
 
 def main(argv):
-    # Run as a script with -I (no script directory on sys.path): the zygote lies beside us.
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _zygote
+    # Run as a script with -I (no script directory on sys.path): the zygote's modules lie beside.
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "zygote"))
+    import root
+    import syscalls
 
-    _zygote.unshare(_zygote.CLONE_NEWNET)
-    _zygote.loopback_up()
+    syscalls.unshare(syscalls.CLONE_NEWNET)
+    root.loopback_up()
     os.execvp(argv[0], argv)
 
 

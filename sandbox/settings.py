@@ -116,7 +116,7 @@ class Settings:
                 )
 
     def run_limits(self, run_timeout: float, memory_mb: int) -> dict[str, int]:
-        """The per-run limits the zygote applies (``_zygote.run_child``), for one request."""
+        """The per-run limits the zygote applies (``zygote/child.py``), for one request."""
         return {
             "memory_bytes": memory_mb * MiB,
             "cpu_s": math.ceil(run_timeout) + 1,

@@ -279,7 +279,7 @@ LO_ALREADY_UP = """
 set -e
 ip link set lo up                      # lo now has 127.0.0.1, as in gVisor's new namespace
 if ip addr add 127.0.0.1/8 dev lo 2>err; then echo "added"; else cat err; fi
-{python} -c 'import sys; sys.path.insert(0, "{sandbox}"); import _zygote; _zygote.loopback_up()'
+{python} -c 'import sys; sys.path.insert(0, "{zygote}"); import root; root.loopback_up()'
 echo "lo: $(ip -o -4 addr show lo | grep -c 127.0.0.1)"
 {python} -I -B {netns} /bin/sh -c 'echo "own: $(ip -o -4 addr show lo | grep -c 127.0.0.1)"'
 """
@@ -293,7 +293,7 @@ def test_our_namespace_accepts_lo_already_having_127_0_0_1() -> None:
     """What bubblewrap does (add 127.0.0.1 over netlink) fails where lo has it already; what
     ``_netns.py`` does (bring lo up if it is down) does not."""
     script = LO_ALREADY_UP.format(
-        python="/usr/bin/python3", sandbox=isolation.NETNS_SRC.parent, netns=isolation.NETNS_SRC
+        python="/usr/bin/python3", zygote=isolation.ZYGOTE_SRC, netns=isolation.NETNS_SRC
     )
     proc = subprocess.run(
         ["unshare", "--net", "sh", "-c", script], capture_output=True, text=True, timeout=60
