@@ -30,7 +30,7 @@ import signal
 from pathlib import Path
 
 from sandbox.backends import Backend
-from sandbox.fleet import Fleet, FleetConfig, FleetUnavailable
+from sandbox.fleet import Fleet, FleetConfig
 from sandbox.selftest import REMOTE_CHECKS, SelfTestFailed, parse_targets, self_test
 from sandbox.settings import Settings
 
@@ -79,7 +79,8 @@ async def start_checked(backend: Backend, config: FleetConfig, settings: Setting
     fleet = Fleet(backend, config, report_dir=report_dir)
     try:
         await fleet.start()
-    except FleetUnavailable as exc:
+    except Exception as exc:  # FleetUnavailable, or the backend's own (Modal: no token, ...)
+        await fleet.close()
         raise PoolRefused(f"{backend.name} sandboxes: {exc}") from None
     try:
         report = await self_test(fleet.run, settings, slots=1, checks=REMOTE_CHECKS)

@@ -101,13 +101,19 @@ def node_sandbox(targets: str = "") -> Iterator[str]:
     ``SANDBOX_ISOLATION`` (auto, or one mode the node must have) is the server's to apply: it
     starts only in a mode whose self-test passes. ``targets``: the cluster's ``host:port`` that
     no call may reach (the Ray head), checked by that self-test too."""
-    from sandbox.isolation import DEV_MODES
+    from sandbox.isolation import DEV_MODES, IsolationUnavailable, detect
     from sandbox.settings import Settings, SettingsError
 
+    or_else = "or run with --sandbox=modal or --sandbox=deployed"
     try:
-        wanted = Settings.from_env().isolation
+        settings = Settings.from_env(allow_insecure=True)
+        wanted = settings.isolation
+        if wanted not in DEV_MODES:
+            detect(settings)  # the probes, here: no server starts where no mode can
     except SettingsError as exc:
         raise NodeSandboxError(f"node sandbox: {exc}") from None
+    except IsolationUnavailable as exc:
+        raise NodeSandboxError(f"node sandbox: {exc}; {or_else}") from None
     if wanted in DEV_MODES:
         raise NodeSandboxError(
             f"node sandbox: SANDBOX_ISOLATION={wanted} is for development only (it shares one "
@@ -120,9 +126,7 @@ def node_sandbox(targets: str = "") -> Iterator[str]:
         try:
             base = stack.enter_context(_serving(argv, env, wait_s=120))
         except ServerDidNotStart as exc:
-            raise NodeSandboxError(
-                f"node sandbox: {_reason(exc)}; or run with --sandbox=modal or --sandbox=deployed"
-            ) from None
+            raise NodeSandboxError(f"node sandbox: {_reason(exc)}; {or_else}") from None
         print(f"node sandbox: {base}/run_code, {_isolation_line(base)}", flush=True)
         yield f"{base}/run_code"
 
