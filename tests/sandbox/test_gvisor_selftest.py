@@ -9,17 +9,15 @@ ready sandbox: each worker's self-test refuses every mode, and the pool stops wi
 
 from __future__ import annotations
 
-import asyncio
 import json
-import subprocess
 import sys
-import uuid
 
 import pytest
 
 from sandbox.fleet import Fleet, FleetConfig, FleetUnavailable
-from sandbox.local_backend import LocalProcess
+from sandbox.local_backend import LocalBackend
 from tests.sandbox.conftest import REPO
+from tests.sandbox.process_backend import PrefixBackend
 from tests.sandbox.test_gvisor import RUNSC, in_gvisor, pytestmark  # noqa: F401 (skip rules)
 
 TRUSTING_UNSHARE = """
@@ -81,42 +79,15 @@ def test_the_pools_worker_refuses_in_one_line() -> None:
     assert "mounts made in a new mount namespace show outside it" in status["error"]
 
 
-class RunscSandbox:
-    """A sandbox that is a gVisor container: ``exec`` runs the command in ``runsc do``."""
-
-    def __init__(self) -> None:
-        self.id = f"runsc-{uuid.uuid4().hex[:8]}"
-        self.processes: list[LocalProcess] = []
-
-    async def exec(self, *argv: str) -> LocalProcess:
-        program = sys.executable if argv[0].endswith("python3") else argv[0]
-        proc = await asyncio.create_subprocess_exec(
-            RUNSC, "--network=none", "do", program, *argv[1:], cwd=REPO,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        self.processes.append(LocalProcess(proc))
-        return self.processes[-1]
-
-    async def terminate(self) -> None:
-        for process in self.processes:
-            if process.proc.returncode is None:
-                process.proc.kill()
-            await process.proc.wait()
-
-
-class RunscBackend:
-    name = "runsc"
-    worker_argv = ("python3", "-m", "sandbox.stdio_worker")
-
-    async def create(self, spec) -> RunscSandbox:
-        return RunscSandbox()
-
-    async def list(self, tags) -> list:
-        return []
+def in_runsc(argv) -> list[str]:
+    """A gVisor container per command: the worker's ``python3`` is this interpreter there."""
+    program = sys.executable if argv[0].endswith("python3") else argv[0]
+    return [RUNSC, "--network=none", "do", program, *argv[1:]]
 
 
 async def test_a_pool_on_this_gvisor_is_refused_with_the_workers_line() -> None:
-    pool = Fleet(RunscBackend(), FleetConfig(name="gvisor", max_failed_starts=2, slots=1))
+    backend = PrefixBackend("runsc", LocalBackend.worker_argv, lambda: in_runsc, cwd=REPO)
+    pool = Fleet(backend, FleetConfig(name="gvisor", max_failed_starts=2, slots=1))
     with pytest.raises(FleetUnavailable) as err:
         await pool.start()
     message = str(err.value)

@@ -9,21 +9,19 @@ has a 2022 one) and its API (tests/sandbox/test_modal_backend.py binds the calls
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import pytest
 
 from sandbox.fleet import Fleet, FleetConfig
-from sandbox.local_backend import LocalProcess
 from sandbox.modal_backend import DOCKERFILE, REPO, ModalBackend
 from sandbox.selftest import worker_request
 from sandbox.settings import Settings
 from tests.modal import harness
+from tests.sandbox.process_backend import PrefixBackend
 
 pytestmark = [
     pytest.mark.e2e,
@@ -45,48 +43,18 @@ IMAGE_ONLY = {
 }
 
 
-class ImageSandbox:
-    """A container of the sandbox image; each ``exec`` is a process in that layout."""
-
-    def __init__(self, workspace: Path) -> None:
-        self.id = f"image-{uuid.uuid4().hex[:8]}"
-        self.container = harness.Container(IMAGE_ONLY, "pool-sandbox", workspace)
-        self.run_dir = Path(tempfile.mkdtemp(prefix="pool-", dir=workspace))
-        (self.run_dir / "harness").mkdir()
-        self.processes: list[LocalProcess] = []
-
-    async def exec(self, *argv: str) -> LocalProcess:
-        proc = await asyncio.create_subprocess_exec(
-            *self.container.bwrap(self.run_dir), *argv,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
-        self.processes.append(LocalProcess(proc))
-        return self.processes[-1]
-
-    async def terminate(self) -> None:
-        for process in self.processes:
-            if process.proc.returncode is None:
-                process.proc.kill()
-            await process.proc.wait()
-
-
-class ImageBackend:
-    name = "image"
-    worker_argv = ModalBackend.worker_argv  # what the Modal adapter execs, word for word
-
-    def __init__(self, workspace: Path) -> None:
-        self.workspace = workspace
-
-    async def create(self, spec) -> ImageSandbox:
-        return ImageSandbox(self.workspace)
-
-    async def list(self, tags) -> list:
-        return []
+def image_container(workspace: Path):
+    """A fresh container of the sandbox image (the harness's layout); its commands' prefix."""
+    container = harness.Container(IMAGE_ONLY, "pool-sandbox", workspace)
+    run_dir = Path(tempfile.mkdtemp(prefix="pool-", dir=workspace))
+    (run_dir / "harness").mkdir()
+    return lambda argv: [*container.bwrap(run_dir), *argv]
 
 
 async def test_the_worker_starts_in_the_sandbox_image_and_serves(tmp_path: Path) -> None:
-    pool = Fleet(ImageBackend(tmp_path), FleetConfig(name="image", slots=2, start_timeout_s=240))
+    # the command the Modal adapter execs, word for word
+    backend = PrefixBackend("image", ModalBackend.worker_argv, lambda: image_container(tmp_path))
+    pool = Fleet(backend, FleetConfig(name="image", slots=2, start_timeout_s=240))
     await pool.start()
     try:
         (member,) = pool.members.values()
