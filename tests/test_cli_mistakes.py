@@ -127,6 +127,11 @@ MISTAKES = [
     case(sandbox("serve"), "'/nonexistent' is not an executable", SANDBOX_PYTHON="/nonexistent"),
     case(sandbox("run"), "set SANDBOX_PYTHON to an interpreter", SANDBOX_PYTHON="/nonexistent"),
     case(sandbox("serve", "--isolation", "bwrap"), "bwrap is not on PATH", PATH="/nonexistent"),
+    case(
+        sandbox("serve-pool", "--sandboxes", "0"), "serve-pool: sandboxes, slots and max_starting"
+    ),
+    case(sandbox("serve-pool", "--targets", "ray"), "self-test target 'ray': expected host:port"),
+    case(sandbox("serve-pool", "--backend", "aws"), "argument --backend: invalid choice: 'aws'"),
 ]
 
 
