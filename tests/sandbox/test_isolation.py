@@ -278,7 +278,7 @@ async def test_bwrap_ownnet_is_taken_only_if_its_self_test_passes(
 LO_ALREADY_UP = """
 set -e
 ip link set lo up                      # lo now has 127.0.0.1, as in gVisor's new namespace
-if ip addr add 127.0.0.1/8 dev lo 2>err; then echo "added"; else cat err; fi
+if out=$(ip addr add 127.0.0.1/8 dev lo 2>&1); then echo "added"; else echo "$out"; fi
 {python} -c 'import sys; sys.path.insert(0, "{zygote}"); import root; root.loopback_up()'
 echo "lo: $(ip -o -4 addr show lo | grep -c 127.0.0.1)"
 {python} -I -B {netns} /bin/sh -c 'echo "own: $(ip -o -4 addr show lo | grep -c 127.0.0.1)"'
