@@ -148,20 +148,24 @@ def expected_tool_concurrency(overrides: Sequence[str] = ()) -> int:
     return min(batch, workers * int(tool["max_concurrency"]))
 
 
-def pool_size(overrides: Sequence[str] = ()) -> int:
-    """Sandboxes for the expected concurrency (``SANDBOX_POOL_SANDBOXES`` overrides it)."""
+def pool_size(overrides: Sequence[str] = (), nodes: int = 1) -> int:
+    """Sandboxes for this node's share of the expected concurrency (verl spreads its agent-loop
+    workers over the ``nodes``, and each node's tool calls go to its own pool);
+    ``SANDBOX_POOL_SANDBOXES`` overrides it."""
     forced = os.environ.get(POOL_SIZE_ENV)
     if forced:
         if not forced.isdigit() or int(forced) < 1:
             raise NodeSandboxError(f"{POOL_SIZE_ENV}={forced!r}: expected a count >= 1")
         return int(forced)
-    return size_for(expected_tool_concurrency(overrides), POOL_SLOTS, POOL_MAX_SANDBOXES)
+    share = math.ceil(expected_tool_concurrency(overrides) / max(nodes, 1))
+    return size_for(share, POOL_SLOTS, POOL_MAX_SANDBOXES)
 
 
 @contextlib.contextmanager
 def modal_sandbox(
     *,
     overrides: Sequence[str] = (),
+    nodes: int = 1,
     name: str | None = None,
     report_dir: Path | None = None,
     targets: str = "",
@@ -173,7 +177,7 @@ def modal_sandbox(
     run and node its own, e.g. ``<experiment>-node<rank>``); ``report_dir`` receives its report
     at exit (``sandbox-pool.md``/``.json``); ``backend="local"`` runs it on this machine's own
     containers (tests)."""
-    sandboxes = pool_size(overrides)
+    sandboxes = pool_size(overrides, nodes)
     name = name or f"retool-{socket.gethostname()}"
     argv = ["serve-pool", "--backend", backend, "--name", name, "--sandboxes", str(sandboxes)]
     argv += ["--slots-per-sandbox", str(POOL_SLOTS), "--cpu", str(POOL_CPU)]

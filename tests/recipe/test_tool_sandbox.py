@@ -200,6 +200,7 @@ def test_the_pool_is_sized_from_the_steps_expected_concurrency(monkeypatch) -> N
     workers: 512 calls at once, 16 per sandbox."""
     assert tool_sandbox.expected_tool_concurrency() == 512
     assert tool_sandbox.pool_size() == 32
+    assert tool_sandbox.pool_size(nodes=4) == 8  # each node's own pool serves its share
     small = ["data.train_batch_size=4", "actor_rollout_ref.rollout.n=4"]
     assert tool_sandbox.expected_tool_concurrency(small) == 16
     assert tool_sandbox.pool_size(small) == 1
