@@ -119,9 +119,9 @@ _OPTION_NAMES = {
     "rollout-gpus": "rollout_gpus",
 }
 _FLAG_NAMES = {"allow-other-base": "allow_other_base"}  # options without a value
-# Where DAPO's tool calls run (recipe/retool/tool_sandbox.py): each node's own sandbox on loopback
-# (the default, chosen by measurement: docs/benchmarks.md), or the deployed Modal endpoint.
-SANDBOX_CHOICES = ("node", "deployed")
+# Where DAPO's tool calls run (recipe/retool/tool_sandbox.py); no --sandbox: each node's own
+# sandbox if its self-test passes, else a pool of Modal Sandboxes, else the run stops.
+SANDBOX_CHOICES = ("node", "deployed", "modal")
 # DAPO's trainer: verl's synchronous main_ppo, or its fully-async trainer (async_dapo.py).
 ROLLOUT_MODES = ("sync", "async")
 
