@@ -63,6 +63,10 @@ bench-sandbox: $(PY) ## Benchmark the sandbox vs a naive subprocess server; writ
 bench-tool-sandbox: $(PY) ## DAPO-like tool calls (256 rollouts x 4 calls): node sandbox vs a simulated remote one
 	$(PY) scripts/bench_tool_sandbox.py
 
+.PHONY: bench-modal-pool
+bench-modal-pool: $(PY) ## Per-call overhead of the Modal Sandbox pool (local backend) vs the node sandbox
+	$(PY) scripts/bench_modal_pool.py
+
 DEVICE ?= cpu
 
 .PHONY: bench-logprobs

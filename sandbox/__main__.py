@@ -1,4 +1,5 @@
-"""CLI: ``python -m sandbox serve`` runs the service; ``python -m sandbox run`` runs one snippet.
+"""CLI: ``python -m sandbox serve`` runs the service; ``python -m sandbox run`` runs one snippet;
+``python -m sandbox serve-pool`` serves the same API from a pool of sandboxes (``pool_server.py``).
 
 ``run`` talks to ``--url`` if given, else starts the service in-process for a one-shot check.
 User mistakes (bad flags, unreachable URL, insecure host) print one clear line, never a traceback.
@@ -12,7 +13,8 @@ import json
 import logging
 import sys
 
-from sandbox.isolation import InsecureIsolation, IsolationUnavailable
+from sandbox import pool_server
+from sandbox.isolation import MODES, InsecureIsolation, IsolationUnavailable
 from sandbox.settings import Settings, SettingsError
 
 
@@ -29,19 +31,20 @@ class NoIsolation(Exception):
     bubblewrap): a user mistake (exit 2), unlike a host that cannot isolate at all (exit 3)."""
 
 
-def _isolation(settings: Settings):
-    """:func:`sandbox.isolation.detect`, with a missing ``bwrap`` for an explicit bwrap mode as
-    :class:`NoIsolation`, its fix named."""
+async def _started(settings: Settings):
+    """:func:`sandbox.startup.start_isolated` (a mode, its zygote, its self-test), with a missing
+    ``bwrap`` for an explicit bwrap mode as :class:`NoIsolation`, its fix named."""
     import shutil
 
-    from sandbox.isolation import detect
+    from sandbox.isolation import BWRAP_MODES
+    from sandbox.startup import start_isolated
 
     try:
-        return detect(settings)
+        return await start_isolated(settings)
     except InsecureIsolation:
         raise
     except IsolationUnavailable as exc:
-        if (settings.isolation or "").startswith("bwrap") and shutil.which("bwrap") is None:
+        if settings.isolation in BWRAP_MODES and shutil.which("bwrap") is None:
             raise NoIsolation(
                 f"{exc}; bwrap is not on PATH: install bubblewrap, or pick --isolation auto"
             ) from None
@@ -57,9 +60,22 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     scrub_environ(TOKEN_ENV)  # read; now out of /proc/<pid>/environ before any user code runs
-    isolation = _isolation(settings)  # fail fast, before binding the port
-    app = create_app(settings, isolation)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+
+    async def main() -> None:
+        pool = await _started(settings)  # fail fast, before binding the port
+        try:
+            config = uvicorn.Config(
+                create_app(settings, pool=pool),
+                host=args.host,
+                port=args.port,
+                log_level=args.log_level,
+                access_log=False,
+            )
+            await uvicorn.Server(config).serve()
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
     return 0
 
 
@@ -69,7 +85,7 @@ async def _run_in_process(args: argparse.Namespace) -> dict:
     from sandbox.api import create_app
 
     settings = _settings(args)
-    app = create_app(settings, _isolation(settings))
+    app = create_app(settings, pool=await _started(settings))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://sandbox") as http:
@@ -137,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run even if only a mode weaker than bubblewrap is available",
     )
-    common.add_argument("--isolation", choices=["auto", "bwrap", "unshare", "bwrap-userns", "none"])
+    common.add_argument("--isolation", choices=["auto", *MODES])
     common.add_argument("--slots", type=int, help="concurrent runs (default 2 x cores, min 4)")
     p_serve = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     p_serve.add_argument("--host", default="127.0.0.1")
@@ -154,15 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--timeout", type=float, default=10)
     p_run.add_argument("--stdin", help="data for the program's stdin")
     p_run.add_argument("--json", action="store_true", help="print the full JSON response")
+    p_pool = sub.add_parser(
+        "serve-pool", help="serve the HTTP API from a pool of Modal (or local) sandboxes"
+    )
+    pool_server.add_arguments(p_pool)
+    p_pool.add_argument("--port", type=tcp_port, default=8080, help="1-65535")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    commands = {"serve": serve, "run": run, "serve-pool": pool_server.main}
     try:
-        return serve(args) if args.cmd == "serve" else run(args)
-    except (SettingsError, NoIsolation) as exc:
+        return commands[args.cmd](args)
+    except (SettingsError, NoIsolation, pool_server.BadPool) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except IsolationUnavailable as exc:  # none works, or only an insecure one not allowed
+    except (IsolationUnavailable, pool_server.PoolRefused) as exc:  # no mode passes, or the pool
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:

@@ -23,14 +23,16 @@ from fastapi.responses import JSONResponse, Response
 
 from sandbox.asgi import LimitBody, RequireBearer
 from sandbox.executor import BadRequest, Executor
-from sandbox.isolation import Isolation, detect
-from sandbox.pool import Saturated, ZygotePool
+from sandbox.isolation import Isolation
+from sandbox.pool import Saturated
 from sandbox.schemas import RunCodeRequest, RunCodeResponse, RunStatus
 from sandbox.settings import Settings
+from sandbox.startup import CallPool, start_isolated
 
 log = logging.getLogger("sandbox.api")
 # The one route open without the token (a liveness probe); every other one needs it.
 PING_PATH = "/v1/ping"
+ISOLATION_PATH = "/v1/isolation"
 
 
 def model_response(model: RunCodeResponse) -> Response:
@@ -40,22 +42,26 @@ def model_response(model: RunCodeResponse) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def create_app(settings: Settings | None = None, isolation: Isolation | None = None) -> FastAPI:
-    """Build the app; the zygote pool starts in the lifespan (isolation detected if not given)."""
+def create_app(
+    settings: Settings | None = None,
+    isolation: Isolation | None = None,
+    pool: CallPool | None = None,
+) -> FastAPI:
+    """Build the app. Its calls run on ``pool`` when given (already started: the self-tested
+    zygote of ``python -m sandbox serve``, or the Modal Sandbox pool of ``serve-pool``), else on
+    a zygote the lifespan starts in the first mode that passes its self-test (``isolation``
+    only, when given; ``sandbox/startup.py``). The lifespan closes it either way."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        iso = isolation or detect(settings)
-        pool = ZygotePool(settings, iso)
-        await pool.start()
-        app.state.pool = pool
-        app.state.executor = Executor(settings, pool)
-        app.state.isolation = iso
+        running = pool or await start_isolated(settings, isolation)
+        app.state.pool = running
+        app.state.executor = Executor(settings, running)
         try:
             yield
         finally:
-            await pool.close()
+            await running.close()
 
     app = FastAPI(
         title="retool-modal sandbox",
@@ -78,6 +84,10 @@ def create_app(settings: Settings | None = None, isolation: Isolation | None = N
     @app.get(PING_PATH, summary="Liveness check", response_model=str)
     async def ping() -> str:
         return "pong"
+
+    @app.get(ISOLATION_PATH, summary="How calls are isolated here, and what the self-test showed")
+    async def isolation_info(request: Request) -> dict:
+        return request.app.state.pool.describe()
 
     @app.post(
         "/run_code",

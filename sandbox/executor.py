@@ -22,7 +22,7 @@ from sandbox.schemas import (
     RunCodeResponse,
     RunStatus,
 )
-from sandbox.settings import MiB, Settings
+from sandbox.settings import Settings
 
 
 class BadRequest(ValueError):
@@ -120,15 +120,7 @@ class Executor:
             "files": req.files,
             "fetch_files": req.fetch_files,
             "run_timeout": req.run_timeout,
-            "limits": {
-                "memory_bytes": memory_mb * MiB,
-                "cpu_s": math.ceil(req.run_timeout) + 1,
-                "nproc": s.max_processes,
-                "fsize": s.max_file_size_mb * MiB,
-                "nofile": s.max_open_files,
-                "output_cap": s.output_cap_bytes,
-                "fetch_bytes": s.max_fetch_bytes,
-            },
+            "limits": s.run_limits(req.run_timeout, memory_mb),
         }
 
     async def run(self, req: RunCodeRequest) -> RunCodeResponse:

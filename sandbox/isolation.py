@@ -7,6 +7,11 @@ Modes, strongest first:
   (:func:`root_layout`: ``/usr`` and the system tops, a few ``/etc`` files, the interpreter and
   ``SANDBOX_SITE``; no project, no ``/root``, no data), an empty environment; each run also gets a
   private tmpfs (its ``/tmp``, ``/var/tmp`` and ``/dev/shm``) and an unprivileged per-slot uid.
+- ``bwrap-ownnet``: ``bwrap`` where bubblewrap cannot make the network namespace itself: a gVisor
+  whose new network namespace already has 127.0.0.1 on ``lo`` refuses bubblewrap's RTM_NEWADDR
+  ("loopback: Failed RTM_NEWADDR", google/gvisor#13438). The zygote's bubblewrap then runs
+  without ``--unshare-net`` inside a network namespace that ``_netns.py`` makes first, bringing
+  ``lo`` up only if it is down (never adding an address). Everything else as ``bwrap``.
 - ``unshare``: no bubblewrap (an image without it, a gVisor that refuses it), but we are root:
   the zygote builds the same sandbox itself (``enter_sandbox`` in ``zygote/root.py``: its own mount,
   pid, net, ipc and uts namespaces, the same root from :func:`root_layout`, its own ``/proc``),
@@ -24,8 +29,10 @@ Modes, strongest first:
 
 Anything not secure refuses to start unless ``allow_insecure`` (``--allow-insecure`` or
 ``SANDBOX_ALLOW_INSECURE=1``) is given; ``SANDBOX_ISOLATION=<mode>`` (``--isolation``) tries that
-mode only and refuses to start without it. The chosen mode, and why each stronger one was not
-taken, are always logged.
+mode only and refuses to start without it. ``auto`` never picks ``none``: that mode runs only when
+asked for by name. The chosen mode, and why each stronger one was not taken, are always logged.
+Probing says a mode *can* start; whether it isolates is the self-test's question
+(``sandbox/selftest.py``), which every mode answers at start before it serves a call.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import json
 import logging
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,8 +54,13 @@ log = logging.getLogger("sandbox.isolation")
 # The zygote is a directory run as a program (`python -I -B .../zygote`), mounted read-only.
 ZYGOTE_SRC = Path(__file__).with_name("zygote")
 ZYGOTE_IN_SANDBOX = "/opt/sandbox/zygote"
+NETNS_SRC = Path(__file__).with_name("_netns.py")
 PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
-MODES = ("bwrap", "unshare", "bwrap-userns", "none")
+MODES = ("bwrap", "bwrap-ownnet", "unshare", "bwrap-userns", "none")
+BWRAP_MODES = ("bwrap", "bwrap-ownnet", "bwrap-userns")
+# For development on a laptop only: weaker than any self-test allows (one /tmp and one uid for
+# every call; no isolation at all). They run only when asked for by name (sandbox/startup.py).
+DEV_MODES = ("bwrap-userns", "none")
 WEAKNESS = {
     "unshare": "this kernel cannot make bind mounts read-only: the host directories shown are "
     "read-only by their permissions only",
@@ -94,19 +106,23 @@ class Isolation:
     def secure(self) -> bool:
         if self.mode == "unshare":
             return bool(self.probe.get("readonly"))
-        return self.mode == "bwrap"
+        return self.mode in ("bwrap", "bwrap-ownnet")
 
     @property
     def drop_uid(self) -> bool:
-        return self.mode in ("bwrap", "unshare")
+        return self.mode in ("bwrap", "bwrap-ownnet", "unshare")
 
     @property
     def mountns(self) -> bool:
-        return self.mode in ("bwrap", "unshare")
+        return self.drop_uid
 
     def zygote_argv(self, *args: str) -> list[str]:
-        if self.mode in ("bwrap", "bwrap-userns"):
-            prefix = bwrap_prefix(root_layout(self.python, self.site_dirs), self.bwrap)
+        if self.mode in BWRAP_MODES:
+            own_net = self.mode == "bwrap-ownnet"
+            layout = root_layout(self.python, self.site_dirs)
+            prefix = bwrap_prefix(layout, self.bwrap, unshare_net=not own_net)
+            if own_net:  # our own network namespace around bubblewrap (see the module docstring)
+                prefix = [self.python, "-I", "-B", str(NETNS_SRC), *prefix]
             return [*prefix, self.python, "-I", "-B", ZYGOTE_IN_SANDBOX, *args]
         return [self.python, "-I", "-B", str(ZYGOTE_SRC), *args]
 
@@ -159,20 +175,9 @@ def root_layout(python: str, site_dirs: tuple[str, ...] = ()) -> dict[str, list]
     return {"binds": binds, "symlinks": symlinks}
 
 
-def bwrap_prefix(layout: dict[str, list], bwrap: str = "bwrap") -> list[str]:
-    argv = [
-        bwrap,
-        "--unshare-net",
-        "--unshare-pid",
-        "--unshare-ipc",
-        "--unshare-uts",
-        "--unshare-cgroup-try",
-        "--die-with-parent",
-        "--new-session",
-        "--clearenv",
-        "--hostname",
-        "sandbox",
-    ]
+def layout_args(layout: dict[str, list]) -> list[str]:
+    """bubblewrap's arguments for :func:`root_layout`: each bind read-only at its own path."""
+    argv: list[str] = []
     # Directories bubblewrap makes on the way are 0700 unless told, which the per-run uids could
     # not traverse.
     made: set[Path] = set()
@@ -184,6 +189,25 @@ def bwrap_prefix(layout: dict[str, list], bwrap: str = "bwrap") -> list[str]:
         argv += ["--ro-bind", src, src]
     for target, path in layout["symlinks"]:
         argv += ["--symlink", target, path]
+    return argv
+
+
+def bwrap_prefix(
+    layout: dict[str, list], bwrap: str = "bwrap", *, unshare_net: bool = True
+) -> list[str]:
+    argv = [bwrap, *(["--unshare-net"] if unshare_net else [])]
+    argv += [
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--hostname",
+        "sandbox",
+    ]
+    argv += layout_args(layout)
     argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     argv += ["--perms", "0755", "--dir", "/var", "--perms", "0755", "--dir", "/var/tmp"]
     argv += ["--ro-bind", str(ZYGOTE_SRC), ZYGOTE_IN_SANDBOX, "--chdir", "/tmp"]
@@ -271,19 +295,32 @@ def works(mode: str, probe: dict[str, Any] | None) -> bool:
     return bool(ok)
 
 
-def detect(settings: Settings) -> Isolation:
-    """Pick the strongest working mode (or the requested one); refuse insecure unless allowed."""
-    python = pick_python(settings)
-    wanted = settings.isolation
+def candidate_modes(wanted: str) -> tuple[str, ...]:
+    """The modes to try, in order: every mode but ``none`` for ``auto``, else the one named."""
     if wanted not in ("auto", *MODES):
         raise ValueError(f"unknown isolation mode {wanted!r}; choose auto, {', '.join(MODES)}")
-    # `auto` never takes `none` (user code as the server's user, with the network): only asked.
-    candidates = MODES[:-1] if wanted == "auto" else (wanted,)
-    chosen: Isolation | None = None
-    tried = []
-    for mode in candidates:
+    return tuple(m for m in MODES if m != "none") if wanted == "auto" else (wanted,)
+
+
+def detect(settings: Settings) -> Isolation:
+    """Pick the strongest working mode (or the requested one); refuse insecure unless allowed.
+
+    Probes only: the start path (``sandbox/startup.py``) takes modes from :func:`usable_modes`
+    and keeps the first whose self-test passes."""
+    return next(usable_modes(settings))
+
+
+def usable_modes(settings: Settings, tried: list[str] | None = None) -> Iterator[Isolation]:
+    """The modes that start here, strongest first, each probed only once the caller asks for the
+    next (it refused the one before, and appended why to ``tried``). Raises
+    :class:`IsolationUnavailable` naming every mode and why when none is left, and
+    :class:`InsecureIsolation` at the first insecure one unless insecure modes are allowed (all
+    that follow are weaker)."""
+    python = pick_python(settings)
+    tried = [] if tried is None else tried
+    for mode in candidate_modes(settings.isolation):
         iso = Isolation(mode, python, site_dirs=settings.site_dirs)
-        if mode.startswith("bwrap"):
+        if mode in BWRAP_MODES:
             found = shutil.which("bwrap")
             if found is None:
                 tried.append(f"{mode}: no bwrap on PATH")
@@ -291,32 +328,31 @@ def detect(settings: Settings) -> Isolation:
                 continue
             iso = replace(iso, bwrap=found)
         probe = run_probe(iso, settings)
-        if works(mode, probe):
-            chosen = replace(iso, probe=probe or {})
-            break
-        tried.append(f"{mode}: {why_not(mode, probe)}")
-        log.info("isolation %s unavailable: %s; probe %s", mode, tried[-1], probe)
-    if chosen is None:
-        raise IsolationUnavailable(f"no isolation mode works here ({'; '.join(tried)})")
-    missing = set(settings.preload.split(",")) - set(chosen.probe.get("preloaded", []))
-    if missing:
-        log.warning("%s", missing_message(python, missing))
-    if not chosen.secure and not settings.allow_insecure:
-        raise InsecureIsolation(
-            f"best isolation here is {chosen.mode!r} ({WEAKNESS[chosen.mode]}); "
-            "refusing to run untrusted code. Pass --allow-insecure or SANDBOX_ALLOW_INSECURE=1 "
-            "to accept it."
+        if not works(mode, probe):
+            tried.append(f"{mode}: {why_not(mode, probe)}")
+            log.info("isolation %s unavailable: %s; probe %s", mode, tried[-1], probe)
+            continue
+        chosen = replace(iso, probe=probe or {})
+        missing = set(settings.preload.split(",")) - set(chosen.probe.get("preloaded", []))
+        if missing:
+            log.warning("%s", missing_message(python, missing))
+        if not chosen.secure and not settings.allow_insecure:
+            raise InsecureIsolation(
+                f"best isolation here is {chosen.mode!r} ({WEAKNESS[chosen.mode]}); "
+                "refusing to run untrusted code. Pass --allow-insecure or SANDBOX_ALLOW_INSECURE=1 "
+                "to accept it."
+            )
+        if not chosen.secure:
+            log.warning("sandbox isolation %s: %s", chosen.mode, WEAKNESS[chosen.mode])
+        log.log(
+            logging.INFO if chosen.secure else logging.WARNING,
+            "sandbox isolation: %s (%s) python %s %s, preloaded %s%s",
+            chosen.mode,
+            "secure" if chosen.secure else "INSECURE, explicitly allowed",
+            python,
+            chosen.probe.get("python"),
+            ",".join(chosen.probe.get("preloaded", [])),
+            f"; not taken: {'; '.join(tried)}" if tried else "",
         )
-    if not chosen.secure:
-        log.warning("sandbox isolation %s: %s", chosen.mode, WEAKNESS[chosen.mode])
-    log.log(
-        logging.INFO if chosen.secure else logging.WARNING,
-        "sandbox isolation: %s (%s) python %s %s, preloaded %s%s",
-        chosen.mode,
-        "secure" if chosen.secure else "INSECURE, explicitly allowed",
-        python,
-        chosen.probe.get("python"),
-        ",".join(chosen.probe.get("preloaded", [])),
-        f"; not taken: {'; '.join(tried)}" if tried else "",
-    )
-    return chosen
+        yield chosen
+    raise IsolationUnavailable(f"no isolation mode works here ({'; '.join(tried)})")

@@ -7,6 +7,7 @@ safe for untrusted model-written code because the official ``sandbox-fusion`` 0.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -77,6 +78,10 @@ class Settings:
     # and not under /tmp (each run gets a /tmp of its own).
     site: str = ""
     preload: str = field(default_factory=preload_default)  # sandbox/runtime.py
+    # Addresses (``host:port``, comma-separated) no run may reach, beside the ones the start-up
+    # self-test always tries (this host's own addresses, the internet; sandbox/selftest.py): the
+    # Ray head and the other nodes of a cluster, which only the launcher knows.
+    selftest_targets: str = ""
     pod_name: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "local"))
     # --- access -----------------------------------------------------------------------------------
     # When set, every route needs ``Authorization: Bearer <token>`` (401, before the body is
@@ -109,6 +114,18 @@ class Settings:
                     f"site entry {path!r} is under {shadowed}, which each run replaces with its "
                     "own; move it elsewhere (e.g. /opt, /srv) for SANDBOX_SITE"
                 )
+
+    def run_limits(self, run_timeout: float, memory_mb: int) -> dict[str, int]:
+        """The per-run limits the zygote applies (``zygote/child.py``), for one request."""
+        return {
+            "memory_bytes": memory_mb * MiB,
+            "cpu_s": math.ceil(run_timeout) + 1,
+            "nproc": self.max_processes,
+            "fsize": self.max_file_size_mb * MiB,
+            "nofile": self.max_open_files,
+            "output_cap": self.output_cap_bytes,
+            "fetch_bytes": self.max_fetch_bytes,
+        }
 
     @property
     def site_dirs(self) -> tuple[str, ...]:

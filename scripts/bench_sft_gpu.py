@@ -3,7 +3,7 @@ Qwen2.5-1.5B's, ``--shape``).
 
 No weights are downloaded: the model is random-init from the architecture (``qwen_shapes.py``;
 speed and memory do not depend on the values), the data is synthetic multi-turn tool-calling
-conversations at the real lengths. Training runs through ``recipe.retool.stages.run_sft`` — the
+conversations at the real lengths. Training runs through ``recipe.retool.stages.sft.run_sft`` — the
 same code path and ``config/sft.yaml`` as ``modal run ...::train`` — with only the GPU count and
 the parallel/batch knobs under test changed. Each run is stopped after ``--steps`` steps (no
 checkpoint is written).

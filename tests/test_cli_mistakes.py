@@ -69,7 +69,7 @@ MISTAKES = [
     case(launch("sft", "--experiment-name", ".hidden"), "invalid experiment name '.hidden'"),
     case(launch("sft", "--bogus=1"), "unknown option --bogus"),
     case(launch("sft", "epochs"), "cannot read argument 'epochs'"),
-    case(launch("dapo", "--sandbox=cloud"), "--sandbox=cloud: choose node or deployed"),
+    case(launch("dapo", "--sandbox=cloud"), "--sandbox=cloud: choose node or deployed or modal"),
     case(launch("sft", "trainer.total_epoch=2"), "unknown key 'trainer.total_epoch'"),
     case(launch("sft", "trainer.total_epochs=two"), "trainer.total_epochs='two': expected a"),
     case(launch("sft", "trainer.total_epochs=-5"), "trainer.total_epochs=-5: must be >= 1"),
@@ -127,6 +127,11 @@ MISTAKES = [
     case(sandbox("serve"), "'/nonexistent' is not an executable", SANDBOX_PYTHON="/nonexistent"),
     case(sandbox("run"), "set SANDBOX_PYTHON to an interpreter", SANDBOX_PYTHON="/nonexistent"),
     case(sandbox("serve", "--isolation", "bwrap"), "bwrap is not on PATH", PATH="/nonexistent"),
+    case(
+        sandbox("serve-pool", "--sandboxes", "0"), "serve-pool: sandboxes, slots and max_starting"
+    ),
+    case(sandbox("serve-pool", "--targets", "ray"), "self-test target 'ray': expected host:port"),
+    case(sandbox("serve-pool", "--backend", "aws"), "argument --backend: invalid choice: 'aws'"),
 ]
 
 

@@ -302,7 +302,8 @@ def not_deployed(monkeypatch) -> None:
         (["--sft-checkpoint=/nonexistent/path"], None,
          "error: no checkpoint directory at /nonexistent/path"),
         (["--sandbox=deployed"], not_deployed, "error: the sandbox is not deployed"),
-        ([], no_isolation, "error: node sandbox: no isolation mode works here (bwrap: refused)"),
+        (["--sandbox=node"], no_isolation,
+         "error: node sandbox: no isolation mode works here (bwrap: refused)"),
     ],
     ids=["bad-override", "missing-checkpoint", "no-sandbox", "no-isolation"],
 )  # fmt: skip
@@ -566,10 +567,10 @@ def test_the_check_refuses_dapo_where_its_node_sandbox_has_no_isolation(
     make_step(volumes, "sft", "s1", 62)
     mark_tracked(volumes, "sft", "s1", 62)
     no_isolation(monkeypatch)
-    plan = app_module.check_launch.local("dapo", [])
+    plan = app_module.check_launch.local("dapo", ["--sandbox=node"])  # no fallback to Modal's
     assert plan["error"] == (
         "node sandbox: no isolation mode works here (bwrap: refused); or run with "
-        "--sandbox=deployed"
+        "--sandbox=modal or --sandbox=deployed"
     )
 
 

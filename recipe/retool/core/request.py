@@ -23,9 +23,9 @@ class LaunchError(ValueError):
     """A user mistake in the launch configuration; the message says what and how to fix it."""
 
 
-# Where DAPO's tool calls run (stages/tool_sandbox.py): each node's own sandbox on loopback (the
-# default, chosen by measurement: docs/benchmarks.md), or the deployed Modal endpoint.
-SANDBOX_CHOICES = ("node", "deployed")
+# Where DAPO's tool calls run (stages/tool_sandbox.py); no --sandbox: each node's own sandbox if
+# its self-test passes, else a pool of Modal Sandboxes, else the run stops.
+SANDBOX_CHOICES = ("node", "deployed", "modal")
 # DAPO's trainer: verl's synchronous main_ppo, or its fully-async trainer (launch/async_plan.py).
 ROLLOUT_MODES = ("sync", "async")
 
