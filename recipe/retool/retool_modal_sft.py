@@ -207,7 +207,7 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
 
     from recipe.retool.core.request import LaunchError
     from recipe.retool.stages import dapo, sft
-    from recipe.retool.tool_sandbox import NodeSandboxError
+    from recipe.retool.stages.tool_sandbox import NodeSandboxError
 
     _report_credentials()
     _reload(data_volume, models_volume, checkpoints_volume)
@@ -358,7 +358,7 @@ def evaluate_gpu(
 
     from recipe.retool.core.request import LaunchError
     from recipe.retool.eval.config import EvalError
-    from recipe.retool.tool_sandbox import NodeSandboxError
+    from recipe.retool.stages.tool_sandbox import NodeSandboxError
     from recipe.retool.workflows import evaluation
 
     _reload(data_volume, models_volume, checkpoints_volume)

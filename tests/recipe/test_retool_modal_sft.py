@@ -499,8 +499,8 @@ def test_train_dapo_starts_a_sandbox_on_its_node_and_hands_its_url_to_the_run(
 ) -> None:
     """The Modal function body as a plain function: no endpoint configured, so the node's own
     sandbox serves the run (the deployed one is never looked up)."""
-    from recipe.retool import tool_sandbox
     from recipe.retool.stages import dapo as stages
+    from recipe.retool.stages import tool_sandbox
     from recipe.retool.stages.record import StageResult
     from sandbox.client import SandboxClient
 

@@ -17,13 +17,13 @@ import httpx
 import pytest
 from verl.tools.tool_registry import initialize_tools_from_config
 
-from recipe.retool import launch, tool_sandbox
+from recipe.retool import launch
 from recipe.retool.core.constants import RAY_TOKEN_ENV
 from recipe.retool.core.paths import Layout
 from recipe.retool.core.request import LaunchError, LaunchRequest, parse
 from recipe.retool.core.topology import Topology
 from recipe.retool.launch import TOOL_CONFIG_FILE
-from recipe.retool.stages import ray_cluster
+from recipe.retool.stages import ray_cluster, tool_sandbox
 from recipe.retool.stages.dapo import dapo_on_node
 from sandbox.backends import TAG_KEY
 from sandbox.fleet import REPORT_JSON

@@ -107,7 +107,7 @@ def dapo_on_node(
     ``SANDBOX_FUSION_ENDPOINT`` or ``--sandbox=deployed`` says otherwise; ``tool_sandbox.py``),
     then, on several nodes, join the Ray cluster with the tool pointed at it; node 0 runs
     ``main_ppo``. A worker node returns ``None`` once the cluster ends; its sandbox stops then."""
-    from recipe.retool.tool_sandbox import tool_sandbox
+    from recipe.retool.stages.tool_sandbox import tool_sandbox
 
     with tool_sandbox(request.sandbox, deployed_url=deployed_url) as sandbox_url:
         if topo.nnodes > 1:

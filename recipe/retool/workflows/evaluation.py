@@ -17,7 +17,7 @@ from recipe.retool.eval.config import EvalConfig
 from recipe.retool.eval.report import show_summary
 from recipe.retool.eval.runner import evaluate_checkpoint
 from recipe.retool.records import tracking
-from recipe.retool.tool_sandbox import tool_sandbox
+from recipe.retool.stages.tool_sandbox import tool_sandbox
 from recipe.retool.workflows.pipeline import evaluate_experiment
 
 

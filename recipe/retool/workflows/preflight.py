@@ -23,7 +23,7 @@ from recipe.retool.eval.config import EvalConfig, EvalError
 from recipe.retool.eval.runner import check_sandbox
 from recipe.retool.records.follow import project_override
 from recipe.retool.stages.sft import check_sft_inputs
-from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
+from recipe.retool.stages.tool_sandbox import NodeSandboxError, tool_sandbox
 from recipe.retool.workflows.pipeline import PIPELINE_STAGES
 
 Found = dict[str, Any]
