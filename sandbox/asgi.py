@@ -1,4 +1,5 @@
-"""Two ASGI gates that run before any route reads a request body: the bearer token, then a cap.
+"""Two ASGI gates that run before any route reads a request body (the bearer token, then a
+cap), and the start-up fallback of a service that must keep answering (:class:`ServeOrRefuse`).
 
 Why raw ASGI and not a FastAPI dependency: FastAPI reads and parses a route's pydantic body
 *before* it runs the route's dependencies, so a token checked in ``Depends`` is checked after the
@@ -15,7 +16,7 @@ never read, not even up to the cap.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -117,3 +118,45 @@ class LimitBody:
 
     def too_large(self) -> JSONResponse:
         return JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, 413)
+
+
+class ServeOrRefuse:
+    """Serve ``app``; if its start-up raises one of ``refusable`` (no isolation mode passed its
+    self-test), serve ``refuse(that exception)`` instead of failing the server's start.
+
+    Why: a Modal web function whose ASGI start-up fails is restarted, fails again, and so on (the
+    deployed sandbox has ``min_containers=1``), while every client sees only timeouts. Answering
+    each request with the reason instead puts that line in front of the user (the trainer's
+    check, DAPO's start-up check, ``check_sandbox_connection``). The wrapped app's lifespan runs
+    as usual; only its failure is turned into a completed start-up (and, later, shutdown).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        refuse: Callable[[BaseException], ASGIApp],
+        refusable: tuple[type[BaseException], ...],
+    ) -> None:
+        self.app = app
+        self.refuse = refuse
+        self.refusable = refusable
+        self.refusing: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await (self.refusing or self.app)(scope, receive, send)
+            return
+
+        async def startup_never_fails(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                return  # answered below, once the reason is known
+            await send(message)
+
+        try:
+            await self.app(scope, receive, startup_never_fails)
+        except self.refusable as exc:
+            self.refusing = self.refuse(exc)
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive())["type"] != "lifespan.shutdown":
+                pass
+            await send({"type": "lifespan.shutdown.complete"})

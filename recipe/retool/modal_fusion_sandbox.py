@@ -112,12 +112,14 @@ def serve():
     import logging
 
     from sandbox.api import create_app
+    from sandbox.asgi import ServeOrRefuse
     from sandbox.environ import scrub_environ
-    from sandbox.isolation import InsecureIsolation, IsolationUnavailable, detect
+    from sandbox.isolation import InsecureIsolation, IsolationUnavailable
     from sandbox.settings import Settings
 
-    # INFO: the start-up log names the isolation mode detect() took under gVisor
-    # ("sandbox isolation: bwrap (secure) ..."; docs/sandbox-security.md), the proof a deploy gives.
+    # INFO: the start-up log names the isolation mode that passed its self-test under gVisor
+    # ("sandbox isolation bwrap: self-test passed ..."; docs/sandbox-security.md), the proof a
+    # deploy gives.
     logging.basicConfig(level=logging.INFO)
     log = logging.getLogger("sandbox.modal")
     settings = Settings.from_env()
@@ -126,9 +128,10 @@ def serve():
         reason = f"the sandbox was deployed without {TOKEN_ENV}: add it to .env, then deploy again"
         log.error("%s", reason)
         return refusing_app(reason, "")
-    try:
-        isolation = detect(settings)
-    except IsolationUnavailable as exc:  # InsecureIsolation too: not opted in
+
+    def refuse(exc: BaseException):
+        """No mode passed its probe and self-test (``create_app``'s start-up, sandbox/startup.py):
+        serve that one line, never restart into the same failure."""
         reason = f"the deployed sandbox runs no code: {exc}"
         if isinstance(exc, InsecureIsolation):
             reason += (
@@ -136,4 +139,5 @@ def serve():
             )
         log.error("%s", reason)
         return refusing_app(reason, settings.api_token)
-    return create_app(settings, isolation)
+
+    return ServeOrRefuse(create_app(settings), refuse, (IsolationUnavailable,))

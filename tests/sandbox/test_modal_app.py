@@ -107,24 +107,6 @@ async def test_without_a_token_the_container_answers_why_instead_of_crash_loopin
     assert answer["message"].startswith("the sandbox was deployed without SANDBOX_API_TOKEN")
 
 
-async def test_where_no_isolation_is_left_every_request_gets_one_line(monkeypatch, caplog) -> None:
-    monkeypatch.setenv("SANDBOX_API_TOKEN", "t-1")
-
-    def nothing_works(settings: Settings) -> Isolation:
-        raise IsolationUnavailable("no isolation mode works here (bwrap: refused)")
-
-    monkeypatch.setattr(isolation, "detect", nothing_works)
-    app = m.serve.local()
-    assert (await call(app, "POST", "/run_code", json={})).status_code == 401  # still guarded
-    auth = {"Authorization": "Bearer t-1"}
-    answer = (await call(app, "POST", "/run_code", json={}, headers=auth)).json()
-    assert answer["status"] == "SandboxError"
-    assert answer["message"] == (
-        "the deployed sandbox runs no code: no isolation mode works here (bwrap: refused)"
-    )
-    assert answer["message"] in caplog.text  # the container's log says it once, at start
-
-
 def test_auto_never_falls_to_none(monkeypatch) -> None:
     """Where only `none` would start, `auto` refuses even when weaker modes are allowed (the
     deployed sandbox allowed them and got user code running as root beside its token); `none`
@@ -171,3 +153,48 @@ def test_trainer_finds_the_sandbox_by_the_names_it_is_deployed_under() -> None:
 
     assert m.app.name == paths.SANDBOX_APP_NAME
     assert isinstance(getattr(m, paths.SANDBOX_FUNCTION_NAME), modal.Function)
+
+
+def test_a_mode_failing_its_self_test_is_served_as_one_line_not_a_failed_start(
+    monkeypatch, caplog
+) -> None:
+    """The deployed app's start picks its mode in the lifespan (probe, then self-test). Where
+    every mode fails there, the container must keep answering with that one line: a failed ASGI
+    start-up makes Modal restart the container into the same failure (min_containers=1), and the
+    trainer would see only timeouts. Here bwrap probes fine and its self-test is made to fail."""
+    from starlette.testclient import TestClient
+
+    from sandbox import startup
+    from sandbox.selftest import SelfTestFailed
+
+    async def mount_leaks(*args, **kwargs):
+        raise SelfTestFailed("mount", "a marker written in /tmp is visible to the server")
+
+    monkeypatch.setattr(startup, "self_test", mount_leaks)
+    app = load(monkeypatch, SANDBOX_API_TOKEN="tok", SANDBOX_ISOLATION="bwrap").serve.local()
+    auth = {"Authorization": "Bearer tok"}
+    with TestClient(app) as client:  # runs the lifespan: start-up completes
+        answer = client.post("/run_code", json={"code": "print(2+2)", "language": "python"},
+                             headers=auth).json()  # fmt: skip
+        assert client.get("/v1/ping").json() == "pong"
+        assert client.post("/run_code", json={}).status_code == 401  # still behind the token
+    assert answer["status"] == "SandboxError"
+    assert answer["message"] == (
+        "the deployed sandbox runs no code: no isolation mode works here (bwrap: self-test "
+        "failed: mount: a marker written in /tmp is visible to the server)"
+    )
+    assert answer["message"] in caplog.text  # the container's log says it once, at start
+
+
+def test_the_deployed_app_serves_code_where_a_mode_passes_its_self_test(monkeypatch) -> None:
+    """The same start where bwrap works: the lifespan's pool runs the code."""
+    from starlette.testclient import TestClient
+
+    app = load(monkeypatch, SANDBOX_API_TOKEN="tok", SANDBOX_ISOLATION="bwrap",
+               SANDBOX_SLOTS="2").serve.local()  # fmt: skip
+    with TestClient(app) as client:
+        answer = client.post("/run_code", json={"code": "print(2+2)", "language": "python"},
+                             headers={"Authorization": "Bearer tok"}).json()  # fmt: skip
+        mode = client.get("/v1/isolation", headers={"Authorization": "Bearer tok"}).json()
+    assert (answer["status"], answer["run_result"]["stdout"]) == ("Success", "4\n")
+    assert mode["mode"] == "bwrap" and mode["selftest"]
