@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qwen_shapes import QWEN25_1_5B, model_params
 
-from recipe.retool.async_dapo import plan_dapo
 from recipe.retool.core.paths import Layout
 from recipe.retool.core.request import ROLLOUT_MODES, LaunchRequest
 from recipe.retool.core.topology import Topology
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
 from recipe.retool.data.tiny_model import TinySpec, build
+from recipe.retool.launch.async_plan import plan_dapo
 from recipe.retool.records import run_metrics
 from recipe.retool.stages.dapo import run_dapo
 from sandbox.local import run_code_url

@@ -37,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trace_summary
 from qwen_shapes import SHAPES, model_params
 
-from recipe.retool import launch
 from recipe.retool.core.constants import TOOL_NAME, TOOL_SCHEMA
 from recipe.retool.core.paths import Layout
 from recipe.retool.core.request import LaunchRequest
 from recipe.retool.core.topology import Topology
+from recipe.retool.launch.commands import sft_overrides
+from recipe.retool.launch.validation import validate
 from recipe.retool.stages.sft import run_sft
 
 H100_BF16_DENSE_FLOPS = 989e12
@@ -208,8 +209,8 @@ def profile_summary(save_path: Path) -> dict:
 def measured_settings(layout: Layout, topo: Topology, request: LaunchRequest, model: Path) -> dict:
     """liger, torch.compile and gradient checkpointing as the composed config that ``run_sft``
     launches has them (sft.yaml, then the request's overrides), not as the flags asked."""
-    overrides = launch.sft_overrides(layout, request.experiment, model, topo, request.overrides)
-    composed = launch.validate("sft", overrides, topo)
+    overrides = sft_overrides(layout, request.experiment, model, topo, request.overrides)
+    composed = validate("sft", overrides, topo)
     return {
         "liger": bool(composed.model.use_liger),
         "compile": bool(composed.engine.use_torch_compile),

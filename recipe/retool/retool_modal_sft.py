@@ -46,7 +46,6 @@ import modal
 
 from recipe.retool import modal_common
 from recipe.retool.core import paths
-from recipe.retool.core.request import LaunchRequest, parse
 
 APP_NAME = "retool-sft"
 # Read when the app is imported, here and again in every container: each function gets them in
@@ -205,7 +204,7 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     """
     import sys
 
-    from recipe.retool.core.request import LaunchError
+    from recipe.retool.core.request import LaunchError, parse
     from recipe.retool.stages import dapo, sft
     from recipe.retool.stages.tool_sandbox import NodeSandboxError
 
@@ -404,10 +403,9 @@ def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
     client that launched it. Each stage is its own call (DAPO with its own retries)."""
     import sys
 
-    from recipe.retool.workflows.pipeline import run_pipeline
+    from recipe.retool.workflows.pipeline import run_pipeline, training_requests
 
-    sft = LaunchRequest("sft", experiment=experiment_name)
-    dapo = LaunchRequest("dapo", experiment=experiment_name, sft_checkpoint=experiment_name)
+    sft, dapo = training_requests(experiment_name)  # each crosses to its GPU function as argv
     try:
         outcomes = run_pipeline(
             lambda: pipeline_status.local(experiment_name),

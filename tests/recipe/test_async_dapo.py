@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from recipe.retool import async_dapo, launch
 from recipe.retool.core.paths import Layout
 from recipe.retool.core.request import LaunchError, parse
 from recipe.retool.core.topology import Topology
+from recipe.retool.launch import async_plan as async_dapo
+from recipe.retool.launch.check import main
 from recipe.retool.local import checkpoint_engine_cpu
 from recipe.retool.stages.dapo import run_dapo
 from tests.cli import assert_one_line_error, run_module
@@ -96,7 +97,7 @@ def test_staleness_partial_rollouts_and_is_correction_by_verls_names() -> None:
 
 
 def test_launch_output_says_what_async_changes(capsys) -> None:
-    assert launch.main(["check", "dapo", "--gpus", "8", ASYNC]) == 0
+    assert main(["check", "dapo", "--gpus", "8", ASYNC]) == 0
     out = capsys.readouterr().out
     notes = [line for line in out.splitlines() if line.startswith("note: ")]
     assert "4 rollout + 4 trainer GPUs per node" in notes[0]

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import launch, learning_curve
+from recipe.retool import learning_curve
 from recipe.retool.core import paths
 from recipe.retool.core.paths import Layout
 from recipe.retool.core.request import parse
 from recipe.retool.core.topology import Topology
 from recipe.retool.curve_stats import Band, NoStartInBand
 from recipe.retool.data.synthetic import SyntheticSizes
+from recipe.retool.launch.commands import dapo_overrides, sft_overrides
+from recipe.retool.launch.validation import validate
 
 FILES = {name: Path(f"/d/{name}.parquet") for name in ("sft", "rl_train", "rl_val")}
 GPU_RUNS = Path(__file__).resolve().parents[2] / "docs" / "gpu-runs"
@@ -30,8 +32,8 @@ def compose_arm(arm: learning_curve.Arm, settings: learning_curve.CurveSettings)
     args = learning_curve.dapo_args(FILES, settings, start, arm, Path("/v") / arm.name)
     dapo = parse("dapo", args)
     assert dapo.sft_checkpoint == str(start) and dapo.experiment == arm.experiment
-    return launch.validate(
-        "dapo", launch.dapo_overrides(Layout.modal(), "c", Path("/m"), topo, dapo.overrides), topo
+    return validate(
+        "dapo", dapo_overrides(Layout.modal(), "c", Path("/m"), topo, dapo.overrides), topo
     )
 
 
@@ -39,9 +41,7 @@ def test_settings_compose_on_one_gpu_with_the_production_dapo_config() -> None:
     topo = Topology(gpus_per_node=1)
     settings = learning_curve.CurveSettings()
     sft = parse("sft", learning_curve.sft_args(FILES["sft"], settings))
-    cfg = launch.validate(
-        "sft", launch.sft_overrides(Layout.modal(), "c", Path("/m"), topo, sft.overrides), topo
-    )
+    cfg = validate("sft", sft_overrides(Layout.modal(), "c", Path("/m"), topo, sft.overrides), topo)
     assert cfg.trainer.save_freq == settings.sft_save_every
     cfg = compose_arm(learning_curve.Arm("seed2", 2, control=False), settings)
     assert cfg.algorithm.filter_groups.enable is True  # the production dynamic sampling

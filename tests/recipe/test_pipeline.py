@@ -9,7 +9,7 @@ import pytest
 
 from recipe.retool.core.paths import CheckpointInfo, Layout, write_checkpoint_info
 from recipe.retool.data.prep import SUMMARY_FILE
-from recipe.retool.launch import load_stage_config
+from recipe.retool.launch.commands import load_stage_config
 from recipe.retool.stages.checkpoints import COMPLETE_MARKER
 from recipe.retool.workflows import pipeline
 

@@ -16,6 +16,7 @@ import modal
 
 from recipe.retool import modal_common
 from recipe.retool.core import paths
+from recipe.retool.launch.commands import ray_address
 from tests.recipe.test_paths import make_step, mark_tracked
 
 REPO = Path(__file__).resolve().parents[2]
@@ -347,7 +348,7 @@ def test_the_failure_line_is_kept_per_function_call(app_module, dapo_attempts, c
 def test_prep_dataset_runs_locally_on_sample_sources(app_module, tmp_path, monkeypatch) -> None:
     from recipe.retool.data import prep
     from recipe.retool.data.tiny_model import build_tokenizer
-    from recipe.retool.launch import load_stage_config
+    from recipe.retool.launch.commands import load_stage_config
     from recipe.retool.local import samples
     from recipe.retool.workflows import pipeline
 
@@ -389,8 +390,6 @@ def test_topology_gives_torchrun_and_ray_the_ipv4_head(app_module, monkeypatch) 
     `container_ipv4_ips[0]`, as in Modal's own multi-node verl, Ray and slime examples."""
     from modal._cluster import ClusterContext
 
-    from recipe.retool import launch
-
     cluster = ClusterContext(rank=1, cluster_id="cu-1", fabric_ids=[],
                              container_ips=["fdaa:0:1::5", "fdaa:0:1::6"],
                              container_ipv4_ips=["10.0.0.5", "10.0.0.6"])  # fmt: skip
@@ -402,7 +401,7 @@ def test_topology_gives_torchrun_and_ray_the_ipv4_head(app_module, monkeypatch) 
         "10.0.0.5",
         16,
     )
-    assert launch.ray_address(topo) == "10.0.0.5:6379"
+    assert ray_address(topo) == "10.0.0.5:6379"
 
 
 def test_evaluate_takes_one_gpu_and_reports_a_missing_checkpoint(app_module, tmp_path, monkeypatch,

@@ -17,12 +17,12 @@ import httpx
 import pytest
 from verl.tools.tool_registry import initialize_tools_from_config
 
-from recipe.retool import launch
 from recipe.retool.core.constants import RAY_TOKEN_ENV
 from recipe.retool.core.paths import Layout
 from recipe.retool.core.request import LaunchError, LaunchRequest, parse
 from recipe.retool.core.topology import Topology
-from recipe.retool.launch import TOOL_CONFIG_FILE
+from recipe.retool.launch.check import main
+from recipe.retool.launch.commands import TOOL_CONFIG_FILE
 from recipe.retool.stages import ray_cluster, tool_sandbox
 from recipe.retool.stages.dapo import dapo_on_node
 from sandbox.backends import TAG_KEY
@@ -263,7 +263,7 @@ def test_launch_check_with_sandbox_modal_stays_offline(monkeypatch, capsys) -> N
 
     monkeypatch.setattr(modal.Sandbox, "create", no)
     monkeypatch.setattr(tool_sandbox, "modal_sandbox", no)
-    assert launch.main(["check", "dapo", "--sandbox=modal"]) == 0
+    assert main(["check", "dapo", "--sandbox=modal"]) == 0
     assert "ok:" in capsys.readouterr().out
 
 

@@ -31,12 +31,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipe.retool import launch
 from recipe.retool.core import paths
 from recipe.retool.core.constants import TOOL_NAME
 from recipe.retool.core.paths import resolve_sft_checkpoint
 from recipe.retool.core.request import LaunchRequest
 from recipe.retool.core.topology import Topology
+from recipe.retool.launch.commands import dapo_overrides
+from recipe.retool.launch.validation import validate
 from recipe.retool.records import run_metrics
 from recipe.retool.stages.dapo import run_dapo
 from recipe.retool.stages.sft import run_sft
@@ -167,8 +168,8 @@ class Smoke:
         start_from = resolve_sft_checkpoint(self.layout, None)  # what train_dapo uses
         report.notes.append(f"from {start_from.relative_to(self.root)}")
         topo = Topology(gpus_per_node=8)
-        overrides = launch.dapo_overrides(self.layout, "smoke", start_from, topo)
-        launch.validate("dapo", overrides, topo)
+        overrides = dapo_overrides(self.layout, "smoke", start_from, topo)
+        validate("dapo", overrides, topo)
         report.notes.append(f"DAPO config composed ({len(overrides)} overrides, 8-GPU layout)")
         where = Topology(gpus_per_node=1, device="cuda" if _gpu_rollout_available() else "cpu")
         result = run_dapo(self.layout, where, SMOKE_DAPO, sandbox_url=self.sandbox_url)

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from recipe.retool import launch
 from recipe.retool.core.paths import (
     Layout,
     Origin,
@@ -17,6 +16,8 @@ from recipe.retool.core.paths import (
 )
 from recipe.retool.core.request import LaunchRequest, production_sized
 from recipe.retool.core.topology import Topology
+from recipe.retool.launch.commands import override_value, ray_address
+from recipe.retool.launch.cost import estimate_cost
 from recipe.retool.records import tracking
 from recipe.retool.records.tracking import default_experiment
 from recipe.retool.stages.process import TRAINING_ENV, Runner, run_subprocess
@@ -61,20 +62,18 @@ def run_dapo(
     env = dapo_env(sandbox_url) | metrics_env
     job_env: list[str] = []
     if topo.nnodes > 1:  # join the Ray cluster that join_ray_cluster started
-        env |= RAY_CLUSTER_ENV | {"RAY_ADDRESS": launch.ray_address(topo)}
+        env |= RAY_CLUSTER_ENV | {"RAY_ADDRESS": ray_address(topo)}
         # verl logs from a Ray actor, which on a cluster inherits its node's `ray start`
         # environment, not main_ppo's: the metrics path travels in the job's runtime env.
         job_env = [
             f"++ray_kwargs.ray_init.runtime_env.env_vars.{k}={v}" for k, v in metrics_env.items()
         ]
-    from recipe.retool.async_dapo import plan_dapo
+    from recipe.retool.launch.async_plan import plan_dapo
 
     plan = plan_dapo(layout, experiment, start_from, topo, request, job_env)
     for note in plan.notes:
         print(note, flush=True)
-    origin = Origin(
-        str(start_from), launch.override_value(plan.overrides, "data.train_files") or ""
-    )
+    origin = Origin(str(start_from), override_value(plan.overrides, "data.train_files") or "")
     check_origin(layout, "dapo", experiment, origin, allow_other=request.allow_other_base,
                  write=True)  # fmt: skip
     tracking.check_wandb(plan.composed, os.environ)
@@ -84,7 +83,7 @@ def run_dapo(
         and production_sized(request)
         and _from_configured_model(layout, start_from)
     ):
-        print(launch.estimate_cost("dapo", topo), flush=True)
+        print(estimate_cost("dapo", topo), flush=True)
     start = time.time()
     try:
         code = runner(plan.command, env)

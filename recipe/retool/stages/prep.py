@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipe.retool import launch
 from recipe.retool.core.paths import Layout
 from recipe.retool.data.prep import prepare
+from recipe.retool.launch.commands import load_stage_config
 
 
 def prepare_dataset(
@@ -29,7 +29,7 @@ def prepare_dataset(
             "note: no base model yet (run download_model first): no token-length stats, and "
             "SFT traces over data.max_length are kept (the pipeline will prepare again)"
         )
-    max_length = launch.load_stage_config("sft").overrides["data.max_length"]
+    max_length = load_stage_config("sft").overrides["data.max_length"]
     prepare(
         layout.data,
         only=[only] if only else None,

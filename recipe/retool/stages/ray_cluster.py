@@ -10,10 +10,11 @@ import sys
 import time
 from collections.abc import Callable
 
-from recipe.retool import launch
 from recipe.retool.core.constants import RAY_TOKEN_ENV
 from recipe.retool.core.request import LaunchError
 from recipe.retool.core.topology import Topology
+from recipe.retool.launch import commands
+from recipe.retool.launch.commands import ray_address, ray_node_command
 from recipe.retool.stages.process import Runner, run_subprocess
 
 # Ray 2.60 serves Prometheus metrics, without its token, on every interface from three processes,
@@ -55,7 +56,7 @@ def _alive_ray_nodes(env: dict[str, str]) -> int:
 def _head_listens(topo: Topology) -> bool:
     """Whether the Ray head's GCS port accepts connections yet."""
     try:
-        with socket.create_connection((topo.master_addr, launch.RAY_PORT), timeout=2):
+        with socket.create_connection((topo.master_addr, commands.RAY_PORT), timeout=2):
             return True
     except OSError:
         return False
@@ -80,13 +81,13 @@ def join_ray_cluster(
             f"multi-node DAPO needs {RAY_TOKEN_ENV}, the same on every node (the Modal app's "
             "train_dapo_multinode sets it)"
         )
-    command = launch.ray_node_command(topo)
+    command = ray_node_command(topo)
     env = {**env, **RAY_CLUSTER_ENV}
     deadline = time.monotonic() + timeout_s
     if topo.node_rank == 0:
         if runner(command, env) != 0:
             raise RuntimeError("the Ray head did not start")
-        head_env = env | {"RAY_ADDRESS": launch.ray_address(topo)}
+        head_env = env | {"RAY_ADDRESS": ray_address(topo)}
         while (alive := alive_nodes(head_env)) < topo.nnodes:
             if time.monotonic() > deadline:
                 raise RuntimeError(

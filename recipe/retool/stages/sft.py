@@ -6,13 +6,15 @@ import os
 import time
 from pathlib import Path
 
-from recipe.retool import launch
 from recipe.retool.core.paths import (
     Layout,
     Origin,
 )
 from recipe.retool.core.request import LaunchError, LaunchRequest, production_sized
 from recipe.retool.core.topology import Topology
+from recipe.retool.launch.commands import override_value, sft_command, sft_overrides
+from recipe.retool.launch.cost import estimate_cost
+from recipe.retool.launch.validation import validate
 from recipe.retool.records import tracking
 from recipe.retool.records.tracking import default_experiment
 from recipe.retool.stages.process import TRAINING_ENV, Runner, run_subprocess
@@ -51,15 +53,15 @@ def run_sft(
         raise LaunchError("multi-node runs need --experiment-name (shared by all nodes)")
     experiment = request.experiment or default_experiment("sft", launch_id)
     model = model_path or layout.model_dir()
-    overrides = launch.sft_overrides(layout, experiment, model, topo, request.overrides)
-    tracking.check_wandb(launch.validate("sft", overrides, topo), os.environ)
+    overrides = sft_overrides(layout, experiment, model, topo, request.overrides)
+    tracking.check_wandb(validate("sft", overrides, topo), os.environ)
     check_sft_inputs(layout, model, request)
-    origin = Origin(str(model), launch.override_value(overrides, "data.train_files") or "")
+    origin = Origin(str(model), override_value(overrides, "data.train_files") or "")
     check_origin(layout, "sft", experiment, origin, allow_other=request.allow_other_base,
                  write=topo.node_rank == 0)  # fmt: skip
     if topo.device == "cuda" and production_sized(request, model_path):
-        print(launch.estimate_cost("sft", topo), flush=True)
-    command = launch.sft_command(overrides, topo)
+        print(estimate_cost("sft", topo), flush=True)
+    command = sft_command(overrides, topo)
     env = dict(TRAINING_ENV) if topo.device == "cuda" else {}
     if topo.node_rank == 0:  # verl logs on rank 0 only
         env |= metrics_file_env(layout, "sft", experiment) | tracking.run_env(

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipe.retool import launch
 from recipe.retool.core.paths import (
     BASE_MODEL_ID,
     EVAL_SETS,
@@ -25,10 +24,20 @@ from recipe.retool.core.paths import (
     latest_checkpoint,
     read_checkpoint_info,
 )
+from recipe.retool.core.request import LaunchRequest
+from recipe.retool.launch.commands import load_stage_config
 from recipe.retool.stages.checkpoints import COMPLETE_MARKER
 
 PIPELINE_STAGES = ("download", "prep", "sft", "dapo", "eval")
 RL_FILES = ("train", "aime_2024", "aime_2025")
+
+
+def training_requests(experiment: str) -> tuple[LaunchRequest, LaunchRequest]:
+    """The pipeline's SFT and DAPO launches of ``experiment``: DAPO starts from that SFT."""
+    return (
+        LaunchRequest("sft", experiment=experiment),
+        LaunchRequest("dapo", experiment=experiment, sft_checkpoint=experiment),
+    )
 
 
 def comparison_dir(layout: Layout, experiment: str) -> Path:
@@ -42,7 +51,7 @@ def stage_done(layout: Layout, experiment: str, model_id: str = BASE_MODEL_ID) -
     """Which stages of ``experiment`` have finished, from what is on the volumes."""
     from recipe.retool.data.prep import sft_length_checked
 
-    max_length = launch.load_stage_config("sft").overrides["data.max_length"]
+    max_length = load_stage_config("sft").overrides["data.max_length"]
     data_ready = (
         layout.sft_train_file().exists()
         and all(layout.rl_file(name).exists() for name in RL_FILES)

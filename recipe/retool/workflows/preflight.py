@@ -15,12 +15,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from recipe.retool import launch
 from recipe.retool.core.paths import CheckpointNotFound, Layout
 from recipe.retool.core.request import LaunchError, parse
 from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
 from recipe.retool.eval.config import EvalConfig, EvalError
 from recipe.retool.eval.runner import check_sandbox
+from recipe.retool.launch import check
+from recipe.retool.launch.commands import load_stage_config
 from recipe.retool.records.follow import project_override
 from recipe.retool.stages.sft import check_sft_inputs
 from recipe.retool.stages.tool_sandbox import NodeSandboxError, tool_sandbox
@@ -44,7 +45,7 @@ def check_training(
     ``also_refused``: the caller's own one-line errors (the deployed sandbox's lookup)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = launch.main(["check", stage, "--gpus", str(gpus), "--nodes", str(nodes), *args])
+        code = check.main(["check", stage, "--gpus", str(gpus), "--nodes", str(nodes), *args])
     lines = out.getvalue().splitlines() + err.getvalue().splitlines()
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
     command = shlex.quote(sys.executable) + " "  # the trainer's command line: long, not shown
@@ -63,7 +64,7 @@ def check_training(
     except (LaunchError, NodeSandboxError, EvalError, *also_refused) as exc:
         return plan | {"error": str(exc)}
     project = project_override(
-        request.overrides, launch.load_stage_config(stage).overrides["trainer.project_name"]
+        request.overrides, load_stage_config(stage).overrides["trainer.project_name"]
     )
     return plan | {"error": None, "experiment": request.experiment, "project": project}
 

@@ -22,7 +22,7 @@ from recipe.retool.core.constants import (
 )
 from recipe.retool.eval.agent_loop import compose_config, run_tool_agent, score_rollout
 from recipe.retool.eval.backends import HFGenerateServer
-from recipe.retool.launch import TOOL_CONFIG_FILE as TOOL_CONFIG
+from recipe.retool.launch.commands import TOOL_CONFIG_FILE as TOOL_CONFIG
 from recipe.retool.local.scripted_server import ScriptedServer
 
 CODE = "import math\nmath.comb(10, 3)"

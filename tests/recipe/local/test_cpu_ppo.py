@@ -35,12 +35,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recipe.retool import launch, stages
+from recipe.retool import stages
 from recipe.retool.core.constants import RAY_TOKEN_ENV
 from recipe.retool.core.paths import Layout, read_checkpoint_info
 from recipe.retool.core.request import parse
 from recipe.retool.core.topology import Topology
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
+from recipe.retool.launch.commands import ray_address
 from recipe.retool.records import run_metrics
 from recipe.retool.stages.dapo import dapo_env, run_dapo
 from recipe.retool.stages.ray_cluster import RAY_CLUSTER_ENV, join_ray_cluster
@@ -338,7 +339,7 @@ def two_node_run(tmp_path_factory, tool_sft: ToolSft, local_endpoint: str) -> Tw
     def node(rank: int) -> Topology:
         return Topology(gpus_per_node=1, nnodes=2, node_rank=rank, device="cpu")
 
-    address = {"RAY_ADDRESS": launch.ray_address(node(0)), **RAY_CLUSTER_ENV}
+    address = {"RAY_ADDRESS": ray_address(node(0)), **RAY_CLUSTER_ENV}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HOME", str(home))
         patch.setenv("RAY_TMPDIR", str(ray_tmp))

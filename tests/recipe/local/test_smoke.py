@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from recipe.retool.core.paths import Layout, latest_checkpoint, read_checkpoint_info
+from recipe.retool.launch.commands import dapo_overrides
+from recipe.retool.launch.validation import validate
 from recipe.retool.local import smoke
 from recipe.retool.records import run_metrics
 from recipe.retool.stages.record import StageResult
@@ -61,13 +63,12 @@ def test_a_sandbox_that_did_not_start_says_which_and_why(monkeypatch) -> None:
 
 def test_gpu_smoke_dapo_settings_compose_for_one_gpu() -> None:
     """What the smoke runs as real main_ppo steps where a GPU and vLLM exist."""
-    from recipe.retool import launch
     from recipe.retool.core.topology import Topology
 
     topo = Topology(gpus_per_node=1)
     parsed = smoke.SMOKE_DAPO
-    overrides = launch.dapo_overrides(Layout.modal(), "smoke", Path("/m"), topo, parsed.overrides)
-    cfg = launch.validate("dapo", overrides, topo)
+    overrides = dapo_overrides(Layout.modal(), "smoke", Path("/m"), topo, parsed.overrides)
+    cfg = validate("dapo", overrides, topo)
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
     assert cfg.trainer.total_training_steps == 2
     assert cfg.reward.reward_kwargs.max_resp_len == cfg.data.max_response_length
