@@ -388,7 +388,7 @@ def evaluate_gpu(
     try:
         cfg = EvalConfig.from_yaml()
         cfg = replace(cfg, n=n or cfg.n, max_problems=max_problems or cfg.max_problems)
-        with tool_sandbox("node", deployed_url=modal_common.sandbox_url) as sandbox_url:
+        with tool_sandbox(None, deployed_url=modal_common.sandbox_url) as sandbox_url:
             if experiment:
                 files = evaluate_experiment(layout, experiment, sandbox_url, cfg, backend="vllm")
                 result = {"comparison": [str(f) for f in files]}
@@ -488,9 +488,8 @@ def _check_training(stage: str, args: list[str], nodes: int) -> dict:
 
     from recipe.retool import launch, stages
     from recipe.retool.eval.config import EvalError
-    from recipe.retool.eval.runner import check_sandbox
     from recipe.retool.follow import project_override
-    from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
+    from recipe.retool.tool_sandbox import NodeSandboxError
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -507,10 +506,8 @@ def _check_training(stage: str, args: list[str], nodes: int) -> dict:
     try:
         if stage == "sft":
             stages.check_sft_inputs(layout, layout.model_dir(), args)
-        else:  # the tool's sandbox, started (node) or found (deployed) as the run will
-            with tool_sandbox(parsed.sandbox, deployed_url=modal_common.sandbox_url) as url:
-                check_sandbox(url)
-                plan["lines"].append(f"sandbox: {url} ran a test program")
+        else:
+            plan["lines"].append(_check_tool_sandbox(parsed.sandbox))
     except (
         launch.LaunchError,
         NodeSandboxError,
@@ -524,15 +521,34 @@ def _check_training(stage: str, args: list[str], nodes: int) -> dict:
     return plan | {"error": None, "experiment": parsed.experiment, "project": project}
 
 
+def _check_tool_sandbox(choice: str | None) -> str:
+    """The tool's sandbox as the run will get it (``tool_sandbox.py``'s order), checked without
+    making Modal Sandboxes: those cost CPU-hours and a minute to start, so the check names them
+    and the run makes them. This node's sandbox (or the deployed one) runs a test program; a
+    node that fails its self-test under ``auto`` says that the run falls back to the pool."""
+    from recipe.retool.eval.runner import check_sandbox
+    from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
+
+    if choice == "modal":
+        return "sandbox: Modal Sandboxes (--sandbox=modal), made when the run starts"
+    try:
+        with tool_sandbox(choice or "node", deployed_url=modal_common.sandbox_url) as url:
+            check_sandbox(url)
+    except NodeSandboxError as exc:
+        if choice is not None:
+            raise
+        return f"sandbox: not this node's ({exc}); the run falls back to Modal Sandboxes"
+    return f"sandbox: {url} ran a test program"
+
+
 def _check_evaluation(options: dict) -> dict:
     """The evaluation's settings, its checkpoint on the volume, its report directory, and the
-    node sandbox it will start."""
+    tool sandbox it will use (`_check_tool_sandbox`)."""
     from dataclasses import replace
 
     from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
     from recipe.retool.eval.config import EvalConfig, EvalError
-    from recipe.retool.eval.runner import check_sandbox
-    from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
+    from recipe.retool.tool_sandbox import NodeSandboxError
 
     layout = paths.Layout.from_env()
     lines = []
@@ -544,8 +560,7 @@ def _check_evaluation(options: dict) -> dict:
             ref = resolve_checkpoint(options.get("checkpoint", "latest"), layout)
             report_dir(eval_dir(layout, ref.label), force=bool(options.get("force")))
             lines.append(f"evaluates {ref.path}")
-        with tool_sandbox("node", deployed_url=modal_common.sandbox_url) as url:
-            check_sandbox(url)
+        lines.append(_check_tool_sandbox(None))
     except (EvalError, paths.CheckpointNotFound, NodeSandboxError) as exc:
         return {"lines": lines, "error": str(exc)}
     return {"lines": lines, "error": None}
