@@ -48,6 +48,10 @@ def trainer_image() -> modal.Image:
     )
     for package in ("recipe", "sandbox"):
         image = image.add_local_dir(REPO_ROOT / package, str(REMOTE_ROOT / package), ignore=_IGNORE)
+    # What `--sandbox=modal` builds its sandboxes' image from, in the container
+    # (sandbox/modal_backend.py: images/sandbox.Dockerfile, whose context needs pyproject.toml).
+    for build_file in ("images/sandbox.Dockerfile", "pyproject.toml", ".dockerignore"):
+        image = image.add_local_file(REPO_ROOT / build_file, str(REMOTE_ROOT / build_file))
     return image
 
 

@@ -117,6 +117,24 @@ def test_ray_and_torchrun_get_the_clusters_ipv4_head(describe, containers) -> No
     assert "master_addr='10.100.0.1'" in topology and "node_rank=1" in topology, run.stderr
 
 
+def test_the_trainer_image_carries_what_the_pool_builds_its_sandboxes_from(describe) -> None:
+    """`--sandbox=modal` defines its sandboxes' image from inside a trainer container
+    (sandbox/modal_backend.py: images/sandbox.Dockerfile, context = the checkout's root there):
+    every file that Dockerfile's COPY lines take must be in the trainer image at that root."""
+    from recipe.retool.modal_common import REMOTE_ROOT
+    from sandbox import modal_backend
+
+    image = describe("sft")["functions"]["train_dapo_gpu"]["image"]
+    remote = {Path(dest) for _, dest in image["files"]}
+    dockerfile = harness.REPO / modal_backend.DOCKERFILE
+    sources = [line.split()[1] for line in dockerfile.read_text().splitlines()
+               if line.startswith("COPY ") and "--from" not in line]  # fmt: skip
+    assert sources, "the sandbox Dockerfile copies nothing?"
+    wanted = [REMOTE_ROOT / modal_backend.DOCKERFILE, *(REMOTE_ROOT / s for s in sources)]
+    missing = [str(w) for w in wanted if not any(r == w or w in r.parents for r in remote)]
+    assert not missing
+
+
 def test_the_app_files_tops_need_only_modal_in_their_containers(describe, containers) -> None:
     """The trainer image's heavy packages are imported in bodies only: the modules import in a
     container whose Python has modal alone (a subset of every image)."""

@@ -573,6 +573,34 @@ def test_the_check_refuses_dapo_where_its_node_sandbox_has_no_isolation(
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        ([], "sandbox: not this node's (node sandbox: no isolation mode works here (bwrap: "
+             "refused); or run with --sandbox=modal or --sandbox=deployed); the run falls back "
+             "to Modal Sandboxes"),
+        (["--sandbox=modal"], "sandbox: Modal Sandboxes (--sandbox=modal), made when the run "
+                              "starts"),
+    ],
+)  # fmt: skip
+def test_the_check_names_modal_sandboxes_without_making_any(
+    app_module, volumes, monkeypatch, args, line
+) -> None:
+    """The check stays cheap and leaves nothing running: where the run will use (auto's
+    fallback) or is told to use Modal Sandboxes, it says so and creates none."""
+    import modal
+
+    def no_sandbox_here(*args, **kwargs):
+        raise AssertionError("the launch check made a Modal Sandbox")
+
+    make_step(volumes, "sft", "s1", 62)
+    mark_tracked(volumes, "sft", "s1", 62)
+    no_isolation(monkeypatch)
+    monkeypatch.setattr(modal.Sandbox, "create", no_sandbox_here)
+    plan = app_module.check_launch.local("dapo", args)
+    assert plan["error"] is None and line in plan["lines"]
+
+
 def test_the_check_passes_dapo_with_its_start_and_sandbox(
     app_module, volumes, monkeypatch, local_endpoint
 ) -> None:

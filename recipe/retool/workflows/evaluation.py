@@ -1,5 +1,5 @@
 """The Modal app's evaluation on the volumes: one checkpoint, or an experiment's base vs SFT vs
-DAPO side by side, with a node sandbox for the tool calls as DAPO's nodes run one; then its
+DAPO side by side, with the tool sandbox DAPO's nodes get (this node's, else the pool); then its
 numbers and plots to wandb (project ``retool-eval``) where it is configured."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def evaluate_on_volumes(
     ``CheckpointNotFound`` or ``NodeSandboxError`` with one line."""
     cfg = EvalConfig.from_yaml()
     cfg = replace(cfg, n=n or cfg.n, max_problems=max_problems or cfg.max_problems)
-    with tool_sandbox("node", deployed_url=deployed_url) as sandbox_url:
+    with tool_sandbox(None, deployed_url=deployed_url) as sandbox_url:
         if experiment:
             files = evaluate_experiment(layout, experiment, sandbox_url, cfg, backend="vllm")
             return Evaluated({"comparison": [str(f) for f in files]}, experiment, None)

@@ -57,10 +57,8 @@ def check_training(
     try:
         if stage == "sft":
             check_sft_inputs(layout, layout.model_dir(), request)
-        else:  # the tool's sandbox, started (node) or found (deployed) as the run will
-            with tool_sandbox(request.sandbox, deployed_url=deployed_url) as url:
-                check_sandbox(url)
-                plan["lines"].append(f"sandbox: {url} ran a test program")
+        else:
+            plan["lines"].append(check_tool_sandbox(request.sandbox, deployed_url))
     except (LaunchError, NodeSandboxError, EvalError, *also_refused) as exc:
         return plan | {"error": str(exc)}
     project = project_override(
@@ -69,9 +67,27 @@ def check_training(
     return plan | {"error": None, "experiment": request.experiment, "project": project}
 
 
+def check_tool_sandbox(choice: str | None, deployed_url: Callable[[], str]) -> str:
+    """The tool's sandbox as the run will get it (``stages/tool_sandbox.py``'s order), checked
+    without making Modal Sandboxes: those cost CPU-hours and a minute to start, so the check
+    names them and the run makes them. This node's sandbox (or the deployed one) runs a test
+    program; a node that fails its self-test under ``auto`` says that the run falls back to the
+    pool."""
+    if choice == "modal":
+        return "sandbox: Modal Sandboxes (--sandbox=modal), made when the run starts"
+    try:
+        with tool_sandbox(choice or "node", deployed_url=deployed_url) as url:
+            check_sandbox(url)
+    except NodeSandboxError as exc:
+        if choice is not None:
+            raise
+        return f"sandbox: not this node's ({exc}); the run falls back to Modal Sandboxes"
+    return f"sandbox: {url} ran a test program"
+
+
 def check_evaluation(layout: Layout, options: dict, deployed_url: Callable[[], str]) -> Found:
     """The evaluation's settings, its checkpoint on the volume, its report directory, and the
-    node sandbox it will start."""
+    tool sandbox it will use (:func:`check_tool_sandbox`)."""
     lines = []
     try:
         cfg = EvalConfig.from_yaml()
@@ -81,8 +97,7 @@ def check_evaluation(layout: Layout, options: dict, deployed_url: Callable[[], s
             ref = resolve_checkpoint(options.get("checkpoint", "latest"), layout)
             report_dir(eval_dir(layout, ref.label), force=bool(options.get("force")))
             lines.append(f"evaluates {ref.path}")
-        with tool_sandbox("node", deployed_url=deployed_url) as url:
-            check_sandbox(url)
+        lines.append(check_tool_sandbox(None, deployed_url))
     except (EvalError, CheckpointNotFound, NodeSandboxError) as exc:
         return {"lines": lines, "error": str(exc)}
     return {"lines": lines, "error": None}
