@@ -1,10 +1,11 @@
 """DAPO at the production layout scaled to the GPUs at hand, with a model of Qwen2.5-1.5B's shape.
 
 ``run_dapo`` → verl ``main_ppo`` with ``config/dapo.yaml`` as Modal runs it: vLLM rollouts
-with tensor parallelism and the actor's Ulysses SP scaled from ``--gpus`` by ``launch.py`` (2 GPUs:
-TP 2, SP 2), FSDP parameter and optimizer offload as configured, the response length, group size
-and tool settings of the YAML. Only the batch scales with the GPUs (8 prompts a GPU, 64 on 8) and
-three things a random model forces are changed (see :func:`bench_request`). No weights are needed:
+with tensor parallelism and the actor's Ulysses SP scaled from ``--gpus`` by
+``launch/commands.py`` (2 GPUs: TP 2, SP 2), FSDP parameter and optimizer offload as configured,
+the response length, group size and tool settings of the YAML. Only the batch scales with the
+GPUs (8 prompts a GPU, 64 on 8) and three things a random model forces are changed (see
+:func:`bench_request`). No weights are needed:
 the model is random-init from Qwen2.5-1.5B's transformer body (``qwen_shapes.py``), with the
 vocabulary of the offline tokenizer (``data/tiny_model.py``) so every sampled id decodes.
 

@@ -6,7 +6,7 @@
 #
 # This app trains Qwen2.5-7B-Instruct to reason with a Python interpreter, following the ReTool
 # recipe, with verl as the trainer. Every function here is a thin shell: the work is done by
-# plain Python in `recipe/retool/` (`data/prep.py`, `stages.py`, `launch.py`, `paths.py`), which
+# plain Python in `recipe/retool/` (`stages/`, `launch/`, `workflows/`, `core/`), which
 # the test suite and `make local-smoke` run on a CPU without Modal.
 #
 # The stages, in order:
@@ -186,10 +186,10 @@ def download_model(
 # `train_gpu` runs verl's SFT trainer under torchrun on all GPUs of one container;
 # `train_dapo_gpu` runs verl's PPO trainer (GRPO advantages, DAPO settings) with Ray and vLLM,
 # starting from the latest complete SFT checkpoint. Every node runs its own sandbox on loopback
-# for the tool calls (`tool_sandbox.py`; measured against a remote endpoint in docs/benchmarks.md);
-# pass `--sandbox=deployed` to send them to the deployed `modal_fusion_sandbox.py` instead.
-# `modal run ...::train` / `::train_dapo` (below, "Launching") check the launch before they spawn
-# these.
+# for the tool calls (`stages/tool_sandbox.py`; measured against a remote endpoint in
+# docs/benchmarks.md); pass `--sandbox=deployed` to send them to the deployed
+# `modal_fusion_sandbox.py` instead. `modal run ...::train` / `::train_dapo` (below, "Launching")
+# check the launch before they spawn these.
 
 
 def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
@@ -464,7 +464,7 @@ def _launch(stage: str, function: modal.Function, *args: str, nodes: int = 1, wh
             **options) -> None:  # fmt: skip
     """Check (``check_launch``), spawn ``function``, print how to follow it, then wait (the wait
     is what a detach ends). Runs where ``modal run`` runs: the follow lines are plain functions
-    (``follow.py``, ``tracking.py``: the standard library at import)."""
+    (``records/follow.py``, ``records/tracking.py``: the standard library at import)."""
     import sys
 
     from recipe.retool.core.constants import EVAL_PROJECT
