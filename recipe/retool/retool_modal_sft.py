@@ -446,14 +446,21 @@ def check_launch(stage: str, args: list, nodes: int = 1, options: dict | None = 
     any GPU starts, checked where it will run: this image's verl, the volumes, the secrets, the
     sandbox. Returns ``{"error": one line or None, "lines": [what the checks printed], ...}``
     (``experiment`` and ``project`` for training), never raises: the launch prints the line."""
+    from recipe.retool.core.request import LaunchError, parse
+    from recipe.retool.core.topology import Topology
     from recipe.retool.workflows import preflight
 
     _reload(data_volume, models_volume, checkpoints_volume)
     layout, options = paths.Layout.from_env(), options or {}
     if stage in ("sft", "dapo"):
+        try:  # the arguments enter this container here, once
+            request = parse(stage, list(args))
+            topo = Topology(gpus_per_node=N_GPUS, nnodes=nodes)
+        except LaunchError as exc:
+            return {"lines": [], "error": str(exc)}
         return preflight.check_training(
-            layout, stage, list(args), gpus=N_GPUS, nodes=nodes,
-            deployed_url=modal_common.sandbox_url, also_refused=(modal_common.SandboxNotDeployed,),
+            layout, request, topo, deployed_url=modal_common.sandbox_url,
+            also_refused=(modal_common.SandboxNotDeployed,),
         )  # fmt: skip
     if stage == "eval":
         return preflight.check_evaluation(layout, options, modal_common.sandbox_url)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recipe.retool.core.paths import Layout
-from recipe.retool.core.request import LaunchError, parse
+from recipe.retool.core.request import LaunchError, LaunchRequest, parse
 from recipe.retool.core.topology import Topology
 from recipe.retool.launch.commands import (
     render,
@@ -28,9 +28,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     import argparse
 
-    from recipe.retool.core.paths import BASE_MODEL_ID, MODELS_MOUNT
-    from recipe.retool.records.tracking import check_wandb, launch_env
-
     parser = argparse.ArgumentParser(
         prog="python -m recipe.retool.launch", description=main.__doc__
     )
@@ -43,12 +40,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         topo = Topology(gpus_per_node=ns.gpus, nnodes=ns.nodes)
         request = parse(ns.stage, rest)
-        experiment = request.experiment or f"{ns.stage}-<timestamp>"
-        if ns.stage == "sft":
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return check(layout, request, topo)
+
+
+def check(layout: Layout, request: LaunchRequest, topo: Topology) -> int:
+    """Compose and validate ``request`` as its launch will, printing the notes, the command
+    line, the ``ok`` line and the cost line: 0, or 2 after one ``error:`` line (stderr)."""
+    from recipe.retool.core.paths import BASE_MODEL_ID, MODELS_MOUNT
+    from recipe.retool.records.tracking import check_wandb, launch_env
+
+    stage = request.stage
+    try:
+        experiment = request.experiment or f"{stage}-<timestamp>"
+        if stage == "sft":
             model = MODELS_MOUNT / BASE_MODEL_ID
             overrides = sft_overrides(layout, experiment, model, topo, request.overrides)
             command = sft_command(overrides, topo)
-            composed = validate(ns.stage, overrides, topo)
+            composed = validate(stage, overrides, topo)
             notes: list[str] = []
         else:
             from recipe.retool.launch.async_plan import plan_dapo
@@ -61,27 +72,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 plan.composed,
                 plan.notes,
             )
-        start = _dapo_start_note(layout, request.sft_checkpoint) if ns.stage == "dapo" else None
+        start = _dapo_start_note(layout, request.sft_checkpoint) if stage == "dapo" else None
         check_wandb(composed, launch_env())
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"note: {note}")
-    for warning in ineffective_overrides(ns.stage, composed, request.overrides):
+    for warning in ineffective_overrides(stage, composed, request.overrides):
         print(f"warning: {warning}", file=sys.stderr)
     print(render(command))
     print(f"ok: {len(overrides)} overrides compose against verl's config")
     if start:
         print(start)
-    print(estimate_cost(ns.stage, topo))
+    print(estimate_cost(stage, topo))
     return 0
 
 
 def _dapo_start_note(layout: Layout, requested: str | None) -> str:
     """What ``check`` can say of DAPO's start: checked here where the checkpoints volume is
     mounted, else (a laptop) left to the launch, which refuses a missing or broken one in one
-    line (``stages.resolve_sft_checkpoint``)."""
+    line (``core.paths.resolve_sft_checkpoint``)."""
     what = f"--sft-checkpoint={requested}" if requested else "the latest complete SFT checkpoint"
     if not layout.checkpoints.is_dir():
         return (

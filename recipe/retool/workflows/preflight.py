@@ -16,7 +16,8 @@ from dataclasses import replace
 from typing import Any
 
 from recipe.retool.core.paths import CheckpointNotFound, Layout
-from recipe.retool.core.request import LaunchError, parse
+from recipe.retool.core.request import LaunchError, LaunchRequest
+from recipe.retool.core.topology import Topology
 from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
 from recipe.retool.eval.config import EvalConfig, EvalError
 from recipe.retool.eval.runner import check_sandbox
@@ -32,20 +33,19 @@ Found = dict[str, Any]
 
 def check_training(
     layout: Layout,
-    stage: str,
-    args: list[str],
+    request: LaunchRequest,
+    topo: Topology,
     *,
-    gpus: int,
-    nodes: int,
     deployed_url: Callable[[], str],
     also_refused: tuple[type[Exception], ...] = (),
 ) -> Found:
-    """``python -m recipe.retool.launch check`` here, where the volumes are mounted (DAPO's start
-    is checked too), and for SFT its data and base model; DAPO's sandbox runs a test program.
+    """``launch check``'s checks here, where the volumes are mounted (DAPO's start is checked
+    too), and for SFT its data and base model; DAPO's sandbox runs a test program.
     ``also_refused``: the caller's own one-line errors (the deployed sandbox's lookup)."""
+    stage = request.stage
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = check.main(["check", stage, "--gpus", str(gpus), "--nodes", str(nodes), *args])
+        code = check.check(layout, request, topo)
     lines = out.getvalue().splitlines() + err.getvalue().splitlines()
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
     command = shlex.quote(sys.executable) + " "  # the trainer's command line: long, not shown
@@ -53,7 +53,6 @@ def check_training(
     plan: Found = {"lines": shown}
     if code:
         return plan | {"error": errors[-1] if errors else f"launch check exited {code}"}
-    request = parse(stage, args)
     try:
         if stage == "sft":
             check_sft_inputs(layout, layout.model_dir(), request)
