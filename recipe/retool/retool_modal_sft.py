@@ -120,11 +120,7 @@ def _topology():
         ips, rank = list(cluster.container_ipv4_ips), cluster.rank
     except Exception:
         ips, rank = [], 0
-    if len(ips) <= 1:
-        return Topology(gpus_per_node=N_GPUS, gpu_type=GPU_TYPE)
-    return Topology(
-        gpus_per_node=N_GPUS, nnodes=len(ips), node_rank=rank, master_addr=ips[0], gpu_type=GPU_TYPE
-    )
+    return Topology.of_cluster(ips, rank, gpus_per_node=N_GPUS, gpu_type=GPU_TYPE)
 
 
 def _report_credentials() -> None:
@@ -236,11 +232,7 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
         raise SystemExit(1) from None
     finally:
         _commit(checkpoints_volume)  # whatever was saved survives a failure, and the marker
-    where = result.checkpoint.path if result.checkpoint else "no complete checkpoint"
-    print(
-        f"{stage} {result.experiment}: exit {result.returncode}, "
-        f"{result.seconds / 60:.1f} min, {where}"
-    )
+    print(result.summary())
     if result.returncode != 0:
         raise SystemExit(result.returncode)
 
@@ -474,8 +466,7 @@ def _launch(stage: str, function: modal.Function, *args: str, nodes: int = 1, wh
     (``records/follow.py``, ``records/tracking.py``: the standard library at import)."""
     import sys
 
-    from recipe.retool.core.constants import EVAL_PROJECT
-    from recipe.retool.records import follow, tracking
+    from recipe.retool.records import follow
 
     plan = check_launch.remote(stage, list(args), nodes, options)
     for line in plan["lines"]:
@@ -484,21 +475,13 @@ def _launch(stage: str, function: modal.Function, *args: str, nodes: int = 1, wh
         print(f"error: {plan['error']}", file=sys.stderr)
         raise SystemExit(2)
     call = function.spawn(*args, **options)
-    if stage in ("sft", "dapo"):
-        experiment = plan["experiment"] or tracking.default_experiment(stage, call.object_id)
-        url = follow.training_wandb_url(stage, experiment, plan["project"])
-    elif stage == "eval":
-        entity = tracking.launch_env().get("WANDB_ENTITY")
-        url = tracking.run_url(EVAL_PROJECT, "", entity).removesuffix("/runs/")
-    else:
-        url = None
+    url = follow.launch_wandb_url(stage, plan, call.object_id)
     lines = follow.follow_lines(app.app_id, call.object_id, what=what, wandb_url=url)
     print("\n".join(lines), flush=True)
     try:
         call.get()
     except Exception as exc:  # the run failed: its logs (streamed above, and kept) say why
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {what} failed: {first} (modal app logs {app.app_id})", file=sys.stderr)
+        print(follow.failure_line(what, exc, app.app_id), file=sys.stderr)
         raise SystemExit(1) from None
 
 

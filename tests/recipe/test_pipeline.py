@@ -194,3 +194,13 @@ def test_evaluate_experiment_compares_base_sft_and_dapo(tmp_path, tiny_model_dir
     stamp = (out / "sft" / "summary.json").stat().st_mtime_ns
     pipeline.evaluate_experiment(layout, "exp", local_endpoint + "/run_code", cfg)
     assert (out / "sft" / "summary.json").stat().st_mtime_ns == stamp  # not evaluated again
+
+
+def test_the_pipelines_dapo_starts_from_its_own_sft_and_crosses_as_arguments() -> None:
+    from recipe.retool.core.request import parse
+    from recipe.retool.workflows.pipeline import training_requests
+
+    sft, dapo = training_requests("retool-7b")
+    assert sft.to_argv() == ["--experiment-name=retool-7b"]
+    assert dapo.to_argv() == ["--experiment-name=retool-7b", "--sft-checkpoint=retool-7b"]
+    assert parse("dapo", dapo.to_argv()) == dapo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,3 +33,14 @@ class Topology:
     @property
     def world_size(self) -> int:
         return self.gpus_per_node * self.nnodes
+
+    @classmethod
+    def of_cluster(
+        cls, addresses: Sequence[str], rank: int, *, gpus_per_node: int, gpu_type: str
+    ) -> Topology:
+        """One node (``addresses`` of one or none), or node ``rank`` of a cluster whose head is
+        the first address."""
+        if len(addresses) <= 1:
+            return cls(gpus_per_node=gpus_per_node, gpu_type=gpu_type)
+        return cls(gpus_per_node=gpus_per_node, nnodes=len(addresses), node_rank=rank,
+                   master_addr=addresses[0], gpu_type=gpu_type)  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from recipe.retool.core.constants import EVAL_PROJECT
 from recipe.retool.core.paths import INFO_FILE, Layout
 from recipe.retool.records import tracking
 
@@ -36,6 +37,26 @@ def training_wandb_url(stage: str, experiment: str, project: str) -> str:
     environment or ``.env``."""
     entity = tracking.launch_env().get("WANDB_ENTITY")
     return tracking.run_url(project, tracking.run_id(stage, experiment), entity)
+
+
+def launch_wandb_url(stage: str, check: dict, call_id: str) -> str | None:
+    """The wandb page a launch of ``stage`` logs to, from what its check returned (``check_launch``:
+    the experiment, when named, and the project): a training run's own page (named after the call
+    when no ``--experiment-name`` was given, as the container names it), the evaluation's project,
+    or ``None`` (the pipeline: one run a stage)."""
+    if stage in ("sft", "dapo"):
+        experiment = check["experiment"] or tracking.default_experiment(stage, call_id)
+        return training_wandb_url(stage, experiment, check["project"])
+    if stage == "eval":
+        entity = tracking.launch_env().get("WANDB_ENTITY")
+        return tracking.run_url(EVAL_PROJECT, "", entity).removesuffix("/runs/")
+    return None
+
+
+def failure_line(what: str, exc: BaseException, app_id: str) -> str:
+    """One line for a spawned run that failed: its logs (streamed, and kept) say why."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"error: {what} failed: {first} (modal app logs {app_id})"
 
 
 def project_override(overrides: Sequence[str], default: str) -> str:

@@ -32,6 +32,14 @@ class StageResult:
     checkpoint: Checkpoint | None
     seconds: float
 
+    def summary(self) -> str:
+        """One line: the run, its exit status, its time and its newest complete checkpoint."""
+        where = self.checkpoint.path if self.checkpoint else "no complete checkpoint"
+        return (
+            f"{self.stage} {self.experiment}: exit {self.returncode}, "
+            f"{self.seconds / 60:.1f} min, {where}"
+        )
+
 
 def metrics_file_env(layout: Layout, stage: Stage, experiment: str) -> dict[str, str]:
     """``VERL_FILE_LOGGER_PATH`` for verl's ``file`` logger (on in sft.yaml and dapo.yaml): one
