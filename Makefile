@@ -182,7 +182,7 @@ CURVE_GPUS ?= 1
 
 .PHONY: dapo-curve
 dapo-curve: $(PY) ## On a GPU box with vLLM: SFT a tiny model, pick a start by held-out accuracy, DAPO 2 seeds + a shuffled-reward control (runs/curve-*)
-	$(PY) -m recipe.retool.learning_curve --gpus $(CURVE_GPUS)
+	$(PY) -m recipe.retool.workflows.learning_curve --gpus $(CURVE_GPUS)
 
 .PHONY: checkpoints
 checkpoints: $(PY) ## List checkpoints on the Modal volume

@@ -275,7 +275,7 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
     import time
     from dataclasses import replace
 
-    from recipe.retool import learning_curve as curve
+    from recipe.retool.workflows.learning_curve import proof as curve
 
     defaults = curve.CurveSettings()
     settings = replace(

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import learning_curve
 from recipe.retool.core import paths
 from recipe.retool.core.paths import Layout
-from recipe.retool.core.request import parse
 from recipe.retool.core.topology import Topology
-from recipe.retool.curve_stats import Band, NoStartInBand
 from recipe.retool.data.synthetic import SyntheticSizes
 from recipe.retool.launch.commands import dapo_overrides, sft_overrides
 from recipe.retool.launch.validation import validate
+from recipe.retool.workflows.learning_curve import proof as learning_curve
+from recipe.retool.workflows.learning_curve.stats import Band, NoStartInBand
 
 FILES = {name: Path(f"/d/{name}.parquet") for name in ("sft", "rl_train", "rl_val")}
 GPU_RUNS = Path(__file__).resolve().parents[2] / "docs" / "gpu-runs"
@@ -29,8 +28,7 @@ ROW_KEYS |= {"gpus", "gpu", "sft_acc_by_step"}
 def compose_arm(arm: learning_curve.Arm, settings: learning_curve.CurveSettings):
     topo = Topology(gpus_per_node=1)
     start = Path("/c/sft-experiments/curve/global_step_800")
-    args = learning_curve.dapo_args(FILES, settings, start, arm, Path("/v") / arm.name)
-    dapo = parse("dapo", args)
+    dapo = learning_curve.dapo_request(FILES, settings, start, arm, Path("/v") / arm.name)
     assert dapo.sft_checkpoint == str(start) and dapo.experiment == arm.experiment
     return validate(
         "dapo", dapo_overrides(Layout.modal(), "c", Path("/m"), topo, dapo.overrides), topo
@@ -40,7 +38,7 @@ def compose_arm(arm: learning_curve.Arm, settings: learning_curve.CurveSettings)
 def test_settings_compose_on_one_gpu_with_the_production_dapo_config() -> None:
     topo = Topology(gpus_per_node=1)
     settings = learning_curve.CurveSettings()
-    sft = parse("sft", learning_curve.sft_args(FILES["sft"], settings))
+    sft = learning_curve.sft_request(FILES["sft"], settings)
     cfg = validate("sft", sft_overrides(Layout.modal(), "c", Path("/m"), topo, sft.overrides), topo)
     assert cfg.trainer.save_freq == settings.sft_save_every
     cfg = compose_arm(learning_curve.Arm("seed2", 2, control=False), settings)
@@ -250,9 +248,9 @@ def test_an_async_curve_passes_the_mode_to_its_dapo_runs() -> None:
     settings = replace(learning_curve.CurveSettings(), rollout_mode="async", control=False)
     arm = learning_curve.arms(settings)[0]
     assert arm.experiment == "curve-async-seed1"  # apart from the sync arm sharing its root
-    args = learning_curve.dapo_args(FILES, settings, Path("/s"), arm, Path("/v"))
-    assert parse("dapo", args).rollout_mode == "async"
-    sync = learning_curve.dapo_args(
+    args = learning_curve.dapo_request(FILES, settings, Path("/s"), arm, Path("/v"))
+    assert args.rollout_mode == "async"
+    sync = learning_curve.dapo_request(
         FILES, learning_curve.CurveSettings(), Path("/s"), arm, Path("/v")
     )
-    assert parse("dapo", sync).rollout_mode == "sync"
+    assert sync.rollout_mode == "sync"

@@ -444,7 +444,7 @@ def test_sandbox_url_prefers_the_explicit_endpoint(monkeypatch) -> None:
 def test_learning_curve_runs_the_curve_on_one_gpu_against_the_sandbox(
     app_module, tmp_path, monkeypatch
 ) -> None:
-    from recipe.retool import learning_curve
+    from recipe.retool.workflows.learning_curve import proof as learning_curve
 
     info = app_module.learning_curve.info()
     assert info.gpus == [("H100", 1)] and info.timeout == 2 * 60 * 60

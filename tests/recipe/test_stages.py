@@ -325,15 +325,16 @@ def test_one_dapo_step_of_main_ppo_on_a_small_model(
 ) -> None:
     """verl's main_ppo for real (Ray, vLLM rollouts, the tool in the local sandbox, the reward),
     with the learning curve's one-GPU sizes and model, one step."""
-    from recipe.retool import learning_curve
     from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
+    from recipe.retool.workflows.learning_curve import proof as learning_curve
 
     layout = Layout.local(tmp_path)
     files = write_dataset(tmp_path / "synthetic", SyntheticSizes())
     settings = learning_curve.CurveSettings(dapo_steps=1, test_freq=1, val_n=1)
-    args = learning_curve.dapo_args(files, settings, vllm_model_dir)
-    result = run_dapo(layout, Topology(gpus_per_node=1), parse("dapo", args),
-                             sandbox_url=local_endpoint + "/run_code")  # fmt: skip
+    arm = learning_curve.Arm("seed1", 1, control=False)
+    request = learning_curve.dapo_request(files, settings, vllm_model_dir, arm, tmp_path / "val")
+    result = run_dapo(layout, Topology(gpus_per_node=1), request,
+                      sandbox_url=local_endpoint + "/run_code")  # fmt: skip
     assert result.returncode == 0
     assert result.checkpoint is not None and result.checkpoint.step == 1
     info = read_checkpoint_info(layout, "dapo", result.experiment)

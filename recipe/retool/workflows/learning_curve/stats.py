@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -107,3 +108,35 @@ def paired_bootstrap(
     draws = np.random.default_rng(seed).integers(0, len(diffs), size=(resamples, len(diffs)))
     lo, hi = np.percentile(diffs[draws].mean(axis=1), [2.5, 97.5])
     return Rise(rise=float(diffs.mean()), ci95=(float(lo), float(hi)), problems=len(diffs))
+
+
+def rise_of(val_dir: Path) -> dict[str, Any]:
+    """The arm's rise from its first and last validation dumps, with the paired interval."""
+    dumps = validation_dumps(val_dir) if val_dir.is_dir() else {}
+    if len(dumps) < 2:
+        return {"rise": None, "rise_ci95": None}
+    first, last = min(dumps), max(dumps)
+    rise = paired_bootstrap(read_validation_dump(dumps[first]), read_validation_dump(dumps[last]))
+    return {
+        "rise": round(rise.rise, 4),
+        "rise_ci95": [round(rise.ci95[0], 4), round(rise.ci95[1], 4)],
+        "rise_steps": [first, last],
+        "rise_problems": rise.problems,
+    }
+
+
+def verdict(rows: Sequence[dict]) -> dict[str, Any]:
+    """What the arms show together, each line derived from their rows."""
+    seeds = [r for r in rows if not r["control"] and r.get("rise") is not None]
+    control = next((r for r in rows if r["control"] and r.get("rise") is not None), None)
+    out: dict[str, Any] = {
+        "seeds": len(seeds),
+        "mean_rise": round(sum(r["rise"] for r in seeds) / len(seeds), 4) if seeds else None,
+    }
+    if control is not None and seeds:
+        lo, hi = control["rise_ci95"]
+        out["control_rise"] = control["rise"]
+        out["control_below_every_seed"] = all(control["rise"] < r["rise"] for r in seeds)
+        out["control_ci_includes_0"] = lo <= 0.0 <= hi
+        out["holds"] = out["control_below_every_seed"] and out["control_ci_includes_0"]
+    return out

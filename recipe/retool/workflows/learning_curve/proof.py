@@ -1,37 +1,11 @@
-"""Proof that DAPO learns: SFT a small model to use the tool, measure where its held-out accuracy
-leaves room to learn, then DAPO it from there with several seeds and a control whose reward
-carries no information. ``make dapo-curve`` on a GPU box; the Modal ``learning_curve`` function
-runs the same code.
-
-Every piece is the production code path: the SFT stage (``run_sft``), evaluation's
-rollouts and scoring (``eval/sweep.py``: one vLLM engine, each saved SFT step's weights swapped
-in), the DAPO stage (``run_dapo`` → verl ``main_ppo`` with vLLM rollouts, the tool in the
-project's sandbox, the ReTool reward manager, the bounded dynamic sampler) and verl's own metrics
-and validation dumps. Only sizes differ: a random-init Qwen2 of a few million parameters, synthetic
-problems whose answers the code computes, and step counts that fit a short GPU lease.
-
-1. **SFT** saves every ``sft_save_every`` steps, often enough to bracket the abrupt jump in
-   accuracy (where it lands differs from run to run).
-2. **Calibration** scores the saved steps in order on the held-out problems and stops at the
-   first one inside the band (``curve_stats.pick_start``); none: one line, exit 3, no DAPO.
-3. **Arms**, from that step with the same settings and number of updates: one per seed, and the
-   control (rewards shuffled across each batch: ``dapo_sampler.shuffle_rewards``), run side by
-   side on the GPU.
-4. **Rise** of each arm: last validation minus first (at the start), with a paired bootstrap
-   interval over the held-out problems from verl's validation dumps. The proof holds when every
-   seed rises above the control and the control's interval includes 0.
-
-Writes under ``--root``: the volume layout, ``calibration.json``, ``arms/<arm>.json`` (the
-``docs/gpu-runs`` rows), ``curve.json`` (all of it), ``curve.md`` and ``curve.png``. A rerun
-keeps the SFT, the calibration and finished arms.
-"""
+"""The proof end to end: its settings, the SFT and DAPO requests of its arms, the calibration,
+the arms side by side, and ``main`` (``python -m recipe.retool.workflows.learning_curve``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,17 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from recipe.retool.core import paths
-from recipe.retool.core.request import parse
+from recipe.retool.core.request import LaunchRequest
 from recipe.retool.core.topology import Topology
-from recipe.retool.curve_stats import (
-    Band,
-    NoStartInBand,
-    paired_bootstrap,
-    past_band,
-    pick_start,
-    read_validation_dump,
-    validation_dumps,
-)
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
 from recipe.retool.data.tiny_model import TinySpec, build
 from recipe.retool.eval.config import EvalError
@@ -58,6 +23,15 @@ from recipe.retool.records import run_metrics
 from recipe.retool.stages.dapo import run_dapo
 from recipe.retool.stages.process import Runner, run_subprocess
 from recipe.retool.stages.sft import run_sft
+from recipe.retool.workflows.learning_curve.report import log_to_wandb, write_report
+from recipe.retool.workflows.learning_curve.stats import (
+    Band,
+    NoStartInBand,
+    past_band,
+    pick_start,
+    rise_of,
+    verdict,
+)
 from sandbox.local import run_code_url
 
 MODEL_ID = "local/tool-qwen2"
@@ -121,10 +95,9 @@ def arms(settings: CurveSettings) -> list[Arm]:
     return found
 
 
-def sft_args(data: Path, settings: CurveSettings) -> list[str]:
+def sft_request(data: Path, settings: CurveSettings) -> LaunchRequest:
     """The SFT stage's sizes for a small model trained from scratch (hence the high lr)."""
-    return [
-        f"--experiment-name={SFT_EXPERIMENT}",
+    return LaunchRequest("sft", experiment=SFT_EXPERIMENT, overrides=(
         f"data.train_files={data}",
         "data.max_length=640",
         # Many small steps: verl's SFT step costs ~60-80 ms per sample on the host even for a
@@ -144,16 +117,14 @@ def sft_args(data: Path, settings: CurveSettings) -> list[str]:
         f"trainer.save_freq={settings.sft_save_every}",  # the candidates for the DAPO start
         "trainer.max_ckpt_to_keep=null",
         "trainer.logger=[console]",
-    ]
+    ))  # fmt: skip
 
 
-def dapo_args(
+def dapo_request(
     files: dict[str, Path], settings: CurveSettings, sft_start: Path, arm: Arm, val_dir: Path
-) -> list[str]:
+) -> LaunchRequest:
     """The production DAPO config with sizes for a model of a few MB sharing one GPU."""
-    args = [
-        f"--experiment-name={arm.experiment}",
-        f"--sft-checkpoint={sft_start}",
+    overrides = [
         f"data.train_files={files['rl_train']}",
         f"data.val_files=[{files['rl_val']}]",
         f"data.seed={arm.seed}",
@@ -187,10 +158,11 @@ def dapo_args(
         f"trainer.validation_data_dir={val_dir}",  # per-problem scores for the paired interval
     ]
     if arm.control:
-        args.append(f"++trainer.v1.sampler.sampler_kwargs.shuffle_rewards_seed={arm.seed}")
-    if settings.rollout_mode != "sync":
-        args.append(f"--rollout-mode={settings.rollout_mode}")
-    return args
+        overrides.append(f"++trainer.v1.sampler.sampler_kwargs.shuffle_rewards_seed={arm.seed}")
+    return LaunchRequest(
+        "dapo", experiment=arm.experiment, sft_checkpoint=str(sft_start),
+        rollout_mode=settings.rollout_mode, overrides=tuple(overrides),
+    )  # fmt: skip
 
 
 def gpu_name() -> str:
@@ -233,7 +205,7 @@ class Curve:
         result = run_sft(
             self.layout,
             self.topo,
-            parse("sft", sft_args(files["sft"], self.settings)),
+            sft_request(files["sft"], self.settings),
             model_path=model,
         )
         if result.returncode != 0 or result.checkpoint is None:
@@ -297,13 +269,13 @@ class Curve:
         if row_file.is_file():
             return json.loads(row_file.read_text())
         val_dir = out / f"{arm.name}-validation"
-        args = dapo_args(files, self.settings, start, arm, val_dir)
+        request = dapo_request(files, self.settings, start, arm, val_dir)
         log = out / f"{arm.name}.log"
         print(f"arm {arm.name}: DAPO from {start.name} (log: {log})", flush=True)
         result = run_dapo(
             self.layout,
             self.topo,
-            parse("dapo", args),
+            request,
             sandbox_url=sandbox_url,
             runner=self.runner or _logged(log),
         )
@@ -351,41 +323,9 @@ def _logged(log: Path) -> Runner:
     return run
 
 
-def rise_of(val_dir: Path) -> dict[str, Any]:
-    """The arm's rise from its first and last validation dumps, with the paired interval."""
-    dumps = validation_dumps(val_dir) if val_dir.is_dir() else {}
-    if len(dumps) < 2:
-        return {"rise": None, "rise_ci95": None}
-    first, last = min(dumps), max(dumps)
-    rise = paired_bootstrap(read_validation_dump(dumps[first]), read_validation_dump(dumps[last]))
-    return {
-        "rise": round(rise.rise, 4),
-        "rise_ci95": [round(rise.ci95[0], 4), round(rise.ci95[1], 4)],
-        "rise_steps": [first, last],
-        "rise_problems": rise.problems,
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole proof
 # ---------------------------------------------------------------------------------------------
-
-
-def verdict(rows: Sequence[dict]) -> dict[str, Any]:
-    """What the arms show together, each line derived from their rows."""
-    seeds = [r for r in rows if not r["control"] and r.get("rise") is not None]
-    control = next((r for r in rows if r["control"] and r.get("rise") is not None), None)
-    out: dict[str, Any] = {
-        "seeds": len(seeds),
-        "mean_rise": round(sum(r["rise"] for r in seeds) / len(seeds), 4) if seeds else None,
-    }
-    if control is not None and seeds:
-        lo, hi = control["rise_ci95"]
-        out["control_rise"] = control["rise"]
-        out["control_below_every_seed"] = all(control["rise"] < r["rise"] for r in seeds)
-        out["control_ci_includes_0"] = lo <= 0.0 <= hi
-        out["holds"] = out["control_below_every_seed"] and out["control_ci_includes_0"]
-    return out
 
 
 def run(
@@ -438,34 +378,6 @@ def run(
     return result
 
 
-def log_to_wandb(root: Path, result: dict) -> str | None:
-    """The proof's verdict, each arm's rise and the plot as wandb run ``curve-<proof>`` (project
-    ``retool-curve``); the URL, or ``None`` where wandb is not configured."""
-    from recipe.retool.records import tracking
-
-    arms_numbers = {
-        row["arm"]: {"rise": row.get("rise"), "last_val_acc": (row["val_acc"] or [None])[-1]}
-        for row in result["arms"]
-    }
-    numbers = {
-        "start_step": result["start_step"],
-        "start_acc": result["start_acc"],
-        "verdict": {k: v for k, v in result["verdict"].items() if not isinstance(v, bool)},
-        "holds": float(result["verdict"].get("holds", False)),
-        "arms": arms_numbers,
-    }
-    return tracking.log_results(
-        paths.Layout.local(root),
-        project=WANDB_PROJECT,
-        run=f"curve-{result['proof']}",
-        metrics=tracking.flat_numbers(numbers),
-        images={"curve": root / "curve.png"},
-    )
-
-
-WANDB_PROJECT = "retool-curve"
-
-
 def _settings_json(settings: CurveSettings) -> dict[str, Any]:
     out = asdict(settings)
     out["band"] = [settings.band.lo, settings.band.hi]
@@ -476,76 +388,6 @@ def _param_count(model_dir: Path) -> int:
     from safetensors.torch import load_file
 
     return sum(t.numel() for f in model_dir.glob("*.safetensors") for t in load_file(f).values())
-
-
-def write_report(root: Path, result: dict) -> None:
-    """``curve.md`` always; ``curve.png`` where matplotlib is installed."""
-    rows = result["arms"]
-    lines = [
-        f"# Does DAPO learn? (proof {result['proof']}, {rows[0]['gpus']}× {rows[0]['gpu']})",
-        "",
-        "SFT held-out accuracy by step: "
-        + ", ".join(f"{s}: {a:.2f}" for s, a in result["sft_acc_by_step"].items())
-        + f". DAPO starts from step {result['start_step']} ({result['start_acc']:.3f}, the first "
-        f"inside the band [{result['band'][0]:.0%}, {result['band'][1]:.0%}]).",
-        "",
-        "| arm | seed | reward | validation accuracy (first → last) | rise | 95 % CI | exit |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        curve_text = " → ".join(f"{a:.3f}" for a in row["val_acc"]) or "none"
-        ci = row.get("rise_ci95")
-        lines.append(
-            f"| {row['arm']} | {row['seed']} | {'shuffled' if row['control'] else 'ReTool'} | "
-            f"{curve_text} | {_signed(row.get('rise'))} | "
-            f"{f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else 'n/a'} | {row['dapo_exit']} |"
-        )
-    v = result["verdict"]
-    lines.append("")
-    lines.append(f"- mean rise over {v['seeds']} seeds: {_signed(v['mean_rise'])}")
-    if "holds" in v:
-        lines.append(
-            f"- control rise {_signed(v['control_rise'])}: below every seed's: "
-            f"{_yes(v['control_below_every_seed'])}; its interval includes 0: "
-            f"{_yes(v['control_ci_includes_0'])}. The proof "
-            + ("holds." if v["holds"] else "does NOT hold.")
-        )
-    lines.append(f"- time (s): {result['timing_s']}")
-    (root / "curve.md").write_text("\n".join(lines) + "\n")
-    _plot(root, result)
-
-
-def _signed(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.3f}"
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
-def _plot(root: Path, result: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [int(s) for s in result["sft_acc_by_step"]]
-    left.plot(steps, list(result["sft_acc_by_step"].values()), marker="o")
-    left.axhspan(*result["band"], alpha=0.15, label="band")
-    left.axvline(result["start_step"], linestyle="--", color="gray", label="DAPO start")
-    left.set(xlabel="SFT step", ylabel="held-out accuracy", title="calibration")
-    left.legend()
-    for row in result["arms"]:
-        style = "--" if row["control"] else "-"
-        right.plot(row["val_steps"], row["val_acc"], style, marker="o", label=row["arm"])
-    right.set(xlabel="DAPO step", ylabel="validation accuracy", title="arms")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(root / "curve.png", dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -630,7 +472,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"learning curve: arms {failed} failed (logs in {root / 'arms'})")
         return 1
     return 0 if result["verdict"].get("holds", True) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
