@@ -40,7 +40,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import modal
 
@@ -123,6 +125,12 @@ def _topology():
     return Topology.of_cluster(ips, rank, gpus_per_node=N_GPUS, gpu_type=GPU_TYPE)
 
 
+def _fail(problem: object, code: int = 2) -> NoReturn:
+    """A problem the user can act on: one line on stderr, never a traceback."""
+    print(f"error: {problem}", file=sys.stderr)
+    raise SystemExit(code) from None
+
+
 def _report_credentials() -> None:
     from recipe.retool.records.tracking import check_credentials
 
@@ -137,15 +145,9 @@ def _report_credentials() -> None:
 def prep_dataset(
     max_rows: int = 0, on_error: str = "fail", only: str = "", source_dir: str = ""
 ) -> None:
-    """Convert ReTool-SFT, DAPO-Math-17k and AIME 2024/2025 into verl parquet on the data volume.
-
-    With the base model downloaded first (``download_model``), its tokenizer gives token-length
-    percentiles and SFT traces longer than the SFT ``data.max_length`` are dropped (and counted)
-    instead of failing training mid-epoch; ``prep_summary.json`` records whether that filter ran,
-    and the pipeline prepares again when it did not.
-    """
-    import sys
-
+    """Convert ReTool-SFT, DAPO-Math-17k and AIME 2024/2025 into verl parquet on the data volume
+    (``stages/prep.py``: after ``download_model``, SFT traces too long for SFT are dropped and
+    counted; ``prep_summary.json`` says whether, and the pipeline prepares again when not)."""
     from recipe.retool.data.convert import MalformedRow
     from recipe.retool.data.prep import PrepError
     from recipe.retool.stages.prep import prepare_dataset
@@ -156,8 +158,7 @@ def prep_dataset(
         prepare_dataset(paths.Layout.from_env(), only=only, source_dir=source_dir,
                         max_rows=max_rows, on_error=on_error)  # fmt: skip
     except (PrepError, MalformedRow) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(exc)
     _commit(data_volume, models_volume)  # the parquet, and the hub cache (HF_HOME) on /models
 
 
@@ -179,13 +180,10 @@ def download_model(
 
 # ## Training
 #
-# `train_gpu` runs verl's SFT trainer under torchrun on all GPUs of one container;
-# `train_dapo_gpu` runs verl's PPO trainer (GRPO advantages, DAPO settings) with Ray and vLLM,
-# starting from the latest complete SFT checkpoint. Every node runs its own sandbox on loopback
-# for the tool calls (`stages/tool_sandbox.py`; measured against a remote endpoint in
-# docs/benchmarks.md); pass `--sandbox=deployed` to send them to the deployed
-# `modal_fusion_sandbox.py` instead. `modal run ...::train` / `::train_dapo` (below, "Launching")
-# check the launch before they spawn these.
+# `train_gpu`: verl's SFT trainer under torchrun on all GPUs of one container. `train_dapo_gpu`:
+# verl's PPO trainer (DAPO settings) with Ray and vLLM from the latest complete SFT checkpoint,
+# the tool calls on each node's own sandbox (`stages/tool_sandbox.py`). Each parses its arguments
+# once (`core/request.py`) and hands the request to its stage (`stages/`).
 
 
 def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
@@ -198,8 +196,6 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     (``modal_common.fail_for_good``); anything else (Ray nodes that did not join, the trainer's
     own failure or a cut) exits non-zero, and Modal's retry resumes the run.
     """
-    import sys
-
     from recipe.retool.core.request import LaunchError, parse
     from recipe.retool.stages import dapo, sft
     from recipe.retool.stages.tool_sandbox import NodeSandboxError
@@ -228,8 +224,7 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     ) as exc:
         modal_common.fail_for_good(layout, launch_id, f"error: {exc}")
     except RuntimeError as exc:  # e.g. Ray nodes that did not join: another attempt may work
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _fail(exc, 1)
     finally:
         _commit(checkpoints_volume)  # whatever was saved survives a failure, and the marker
     print(result.summary())
@@ -259,11 +254,9 @@ def train_dapo_gpu(*arglist: str) -> None:
 
 # ## Does DAPO learn?
 #
-# `make dapo-curve` on Modal: a small model SFT'd on synthetic tool-use problems; its saved steps
-# scored on held-out problems to pick a DAPO start with room to learn; then DAPO with the
-# production config from there, two seeds and a control whose rewards are shuffled, side by side
-# on one GPU. Rises with paired bootstrap intervals go to
-# `/checkpoints/learning-curve/<timestamp>/curve.{json,md,png}` (see docs/benchmarks.md).
+# `make dapo-curve` on Modal (`workflows/learning_curve/`): a small model SFT'd on synthetic
+# tool-use problems, DAPO from a start with room to learn, seeds against a shuffled-reward
+# control; `/checkpoints/learning-curve/<timestamp>/curve.{json,md,png}` (docs/benchmarks.md).
 #
 #     modal run recipe/retool/retool_modal_sft.py::learning_curve --dapo-steps 30
 
@@ -273,16 +266,10 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
     """SFT → calibration → DAPO arms → curve on one GPU; the deployed sandbox runs every tool
     call. No SFT step inside the band: the function fails with that one line."""
     import time
-    from dataclasses import replace
 
     from recipe.retool.workflows.learning_curve import proof as curve
 
-    defaults = curve.CurveSettings()
-    settings = replace(
-        defaults,
-        sft_epochs=sft_epochs or defaults.sft_epochs,
-        dapo_steps=dapo_steps or defaults.dapo_steps,
-    )
+    settings = curve.given_settings(dapo_steps=dapo_steps, sft_epochs=sft_epochs)
     root = paths.Layout.from_env().checkpoints / "learning-curve" / time.strftime("%Y%m%d-%H%M%S")
     try:
         result = curve.run(root, settings, gpus=1, sandbox_url=modal_common.sandbox_url())
@@ -297,11 +284,9 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
 
 # ## Multi-node
 #
-# The same stages on a Modal cluster of `RETOOL_NODES` containers with `RETOOL_GPUS` GPUs each,
-# linked by RDMA: SFT uses torchrun's static rendezvous on node 0's IPv4 address; DAPO starts a
-# Ray head on node 0 and Ray workers on the others, then runs `main_ppo` on node 0 over the whole
-# cluster. The Ray nodes authenticate with one token made for each launch and handed to every
-# container as a secret (`modal_common.ray_cluster_secret`).
+# The same stages on a Modal cluster of `RETOOL_NODES` containers (RDMA): SFT by torchrun's static
+# rendezvous on node 0's IPv4 address; DAPO on a Ray cluster headed by node 0, its nodes sharing
+# one token made for each launch (`modal_common.ray_cluster_secret`).
 
 
 @app.function(**GPU_FUNCTION, **modal_common.host_resources("sft", N_GPUS))
@@ -323,11 +308,8 @@ def train_dapo_multinode_gpu(*arglist: str) -> None:
 
 # ## Evaluation
 #
-# AIME 2024 and 2025 with the same multi-turn code-interpreter loop as training (verl's tool agent
-# loop, our tool, a sandbox on this container as DAPO's nodes run one, our reward), vLLM on one
-# GPU, the ReTool paper's settings by default (n = 32, T = 1.0, top-p 0.7, 16k tokens). Reports
-# (JSON, markdown, plots) go to `/checkpoints/eval/<label>/`; the summary table is printed and the
-# results are logged to wandb (project `retool-eval`) where it is configured.
+# AIME 2024 and 2025 through training's tool loop, vLLM on one GPU, the ReTool paper's settings
+# (config/eval.yaml); reports in `/checkpoints/eval/<label>/`, numbers in wandb (`retool-eval`).
 #
 #     modal run recipe/retool/retool_modal_sft.py::evaluate --checkpoint latest  # base, sft, PATH
 
@@ -336,17 +318,10 @@ def train_dapo_multinode_gpu(*arglist: str) -> None:
     **(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 12 * HOURS}),
     **modal_common.host_resources("eval", 1),
 )
-def evaluate_gpu(
-    checkpoint: str = "latest",
-    n: int = 0,
-    max_problems: int = 0,
-    experiment: str = "",
-    force: bool = False,
-) -> dict:
+def evaluate_gpu(checkpoint: str = "latest", n: int = 0, max_problems: int = 0,
+                 experiment: str = "", force: bool = False) -> dict:  # fmt: skip
     """Evaluate one checkpoint, or with --experiment base vs its SFT vs its DAPO side by side
     (``modal run ...::evaluate`` checks, then spawns this)."""
-    import sys
-
     from recipe.retool.core.request import LaunchError
     from recipe.retool.eval.config import EvalError
     from recipe.retool.stages.tool_sandbox import NodeSandboxError
@@ -360,8 +335,7 @@ def evaluate_gpu(
             max_problems=max_problems, experiment=experiment, force=force,
         )  # fmt: skip
     except (EvalError, LaunchError, paths.CheckpointNotFound, NodeSandboxError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(exc)
     finally:
         _commit(checkpoints_volume)
     evaluation.report(layout, evaluated)
@@ -371,9 +345,8 @@ def evaluate_gpu(
 
 # ## The whole pipeline
 #
-# download → prep → SFT → DAPO → evaluation of base, SFT and DAPO, skipping every stage that is
-# already done (see `recipe/retool/workflows/pipeline.py`); an interrupted run resumes where it
-# stopped.
+# download → prep → SFT → DAPO → evaluation, skipping every stage already done
+# (`workflows/pipeline.py`); an interrupted run resumes where it stopped.
 #
 #     modal run recipe/retool/retool_modal_sft.py::pipeline --experiment-name retool-7b
 
@@ -393,8 +366,6 @@ def pipeline_status(experiment: str) -> dict[str, bool]:
 def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
     """Run (or resume) every stage of one experiment, from a container: the chain outlives the
     client that launched it. Each stage is its own call (DAPO with its own retries)."""
-    import sys
-
     from recipe.retool.workflows.pipeline import run_pipeline, training_requests
 
     sft, dapo = training_requests(experiment_name)  # each crosses to its GPU function as argv
@@ -411,8 +382,7 @@ def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
             force=tuple(filter(None, force.split(","))),
         )
     except ValueError as exc:  # an unknown --force stage, found before anything runs
-        print(f"error: --force: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(f"--force: {exc}")
     lines = [f"{outcome.stage:<9} {outcome.action}" for outcome in outcomes]
     print("\n".join(lines))
     if outcomes and outcomes[-1].action.startswith("failed"):
@@ -422,13 +392,9 @@ def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
 
 # ## Launching
 #
-# The seed's commands (`modal run ...::train`, `::train_dapo`), `::evaluate`, `::pipeline` and
-# `make sft|dapo|eval|pipeline` (the same, detached) are local entry points: they run where
-# `modal run` runs, with nothing but modal and the standard library. Each first runs
-# `check_launch` in a small CPU container of the trainer image, with the volumes and secrets the
-# run will have: every mistake it can see there fails in one line, exit 2, before a GPU starts.
-# Then it spawns the GPU function, prints how to follow it (`recipe/retool/records/follow.py`)
-# and waits; Ctrl-C or a closed laptop detaches a `--detach` run, which goes on.
+# The local entry points (top of this file): `check_launch` runs in a small CPU container with the
+# volumes and secrets the run will have, then the GPU function is spawned and followed; Ctrl-C or
+# a closed laptop detaches a `--detach` run, which goes on.
 
 
 @app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, env=ENV, cpu=2.0,
@@ -464,16 +430,13 @@ def _launch(stage: str, function: modal.Function, *args: str, nodes: int = 1, wh
     """Check (``check_launch``), spawn ``function``, print how to follow it, then wait (the wait
     is what a detach ends). Runs where ``modal run`` runs: the follow lines are plain functions
     (``records/follow.py``, ``records/tracking.py``: the standard library at import)."""
-    import sys
-
     from recipe.retool.records import follow
 
     plan = check_launch.remote(stage, list(args), nodes, options)
     for line in plan["lines"]:
         print(line)
     if plan["error"]:
-        print(f"error: {plan['error']}", file=sys.stderr)
-        raise SystemExit(2)
+        _fail(plan["error"])
     call = function.spawn(*args, **options)
     url = follow.launch_wandb_url(stage, plan, call.object_id)
     lines = follow.follow_lines(app.app_id, call.object_id, what=what, wandb_url=url)
@@ -517,13 +480,8 @@ def train_dapo_multinode(*arglist: str) -> None:
 
 
 @app.local_entrypoint()
-def evaluate(
-    checkpoint: str = "latest",
-    n: int = 0,
-    max_problems: int = 0,
-    experiment: str = "",
-    force: bool = False,
-) -> None:
+def evaluate(checkpoint: str = "latest", n: int = 0, max_problems: int = 0, experiment: str = "",
+             force: bool = False) -> None:  # fmt: skip
     """Evaluate one checkpoint (``make eval``), or with --experiment base vs its SFT vs its DAPO.
 
     Settings come from config/eval.yaml; ``--n`` (samples per problem) and ``--max-problems``
@@ -544,8 +502,7 @@ def pipeline(experiment_name: str = "retool", force: str = "") -> None:
 
 # ## Results and offline wandb runs
 #
-# `make results EXPERIMENT=x`: the experiment's reports (run reports, metrics, checkpoint info,
-# evaluation reports; never weights) from the volumes into `runs/<x>/`.
+# `make results EXPERIMENT=x`: the experiment's reports (never weights) into `runs/<x>/`;
 # `make wandb-sync`: upload the offline wandb runs kept on the checkpoints volume.
 
 
@@ -601,21 +558,15 @@ def list_checkpoints() -> str:
 def merge_checkpoint(
     experiment_name: str, step: int, stage: str = "sft", force: bool = False
 ) -> str:
-    """Merge a step's FSDP shards into HF safetensors (``<step>/huggingface``), verl's merger.
-
-    Atomic: the merged weights are renamed into place once they load. A step that already has
-    loadable weights is left alone unless ``--force`` (its weights are kept until the new load).
-    """
-    import sys
-
+    """Merge a step's FSDP shards into HF safetensors (``<step>/huggingface``) with verl's merger,
+    atomically; loadable weights there are replaced only with ``--force``, once the new load."""
     from recipe.retool.stages.checkpoints import merge_checkpoint as merge
 
     _reload(checkpoints_volume)
     try:
         target = merge(paths.Layout.from_env(), stage, experiment_name, step, force=force)
     except (paths.CheckpointNotFound, ValueError) as exc:  # no such step; weights there already
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(exc)
     _commit(checkpoints_volume)
     print(f"merged into {target}")
     return str(target)
@@ -624,16 +575,13 @@ def merge_checkpoint(
 @app.function(image=trainer_image, secrets=secrets, env=ENV, timeout=5 * MINUTES)  # .env: token
 def check_sandbox_connection(url: str = "") -> None:
     """Run `print(2+2)` in the deployed sandbox and report latency (or why it failed)."""
-    import sys
-
     from sandbox.client import SandboxClient, SandboxRequestError, SandboxUnavailable
 
     try:
         endpoint = url or modal_common.sandbox_url()
         result = SandboxClient(endpoint, max_retries=2).run_code_sync("print(2+2)")
     except (modal_common.SandboxNotDeployed, SandboxUnavailable, SandboxRequestError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _fail(exc, 1)
     print(f"{endpoint}: status={result.status} stdout={result.stdout.strip()!r} "
           f"latency={result.latency_s * 1000:.0f} ms")  # fmt: skip
     if result.stdout.strip() != "4":

@@ -71,6 +71,12 @@ class CurveSettings:
 DEFAULTS = CurveSettings()
 
 
+def given_settings(**given: int) -> CurveSettings:
+    """The default settings with those ``given`` a value (the Modal function's arguments, where
+    0 means "the default")."""
+    return replace(CurveSettings(), **{name: value for name, value in given.items() if value})
+
+
 @dataclass(frozen=True)
 class Arm:
     """One DAPO run of the proof. The control shares the first seed: same data order and
