@@ -73,9 +73,10 @@ SFT_EXPERIMENT = "curve"
 MODEL_SPEC = TinySpec(
     hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4
 )
-# 8,000 SFT traces, RL prompts, and 256 held-out problems: x 4 samples, as many rollouts a
-# validation as 128 x 8, with a narrower paired interval (it resamples problems). The start was
-# made with these sizes: its SFT never saw a held-out problem.
+# 8,000 SFT traces, RL prompts, and 256 held-out problems: the paired interval resamples
+# problems, so more problems (x 2 samples) narrow it more than more samples of fewer problems
+# (128 x 8 cost twice as many rollouts). The start was made with these sizes: its SFT never saw
+# a held-out problem.
 CURVE_DATA = SyntheticSizes(sft=8000, rl_train=1024, rl_val=256)
 EXIT_NO_START = 3
 START_DIR = Path(__file__).resolve().parent / "curve_start"
@@ -94,7 +95,7 @@ class CurveSettings:
     sft_epochs: int = 3
     sft_save_every: int = 50
     band: Band = field(default_factory=Band)
-    calibration_n: int = 4  # samples per held-out problem when scoring a checkpoint
+    calibration_n: int = 2  # samples per held-out problem when scoring a checkpoint
     calibrate_every: int = 1  # score every k-th saved step (a CPU, scoring slowly, takes fewer)
     # The pick: the scored step inside the band nearest this accuracy (the start that rose by
     # 0.15 in 24 steps on 2026-12-07 scored 0.31; one at 0.30 taken just after SFT's jump, at
@@ -107,8 +108,8 @@ class CurveSettings:
     dapo_lr: float = 3e-5
     lr_warmup_steps: int = 3
     train_batch: int = 16  # prompts a step, and the mini-batch: one update a step (on-policy)
-    test_freq: int = 10  # validations at 0, 10, 20
-    val_n: int = 4
+    test_freq: int = 0  # 0: validations at the start, half-way and the end
+    val_n: int = 2  # x 256 problems: 512 rollouts a validation
     max_response_tokens: int = 384
     parallel: bool = True  # arms side by side on the GPU (each its own Ray and vLLM)
     rollout_mode: str = "sync"  # "async": verl's fully-async trainer (>= 2 GPUs, no control)
@@ -204,7 +205,7 @@ def dapo_args(
         f"reward.reward_kwargs.max_resp_len={settings.max_response_tokens}",
         "reward.reward_kwargs.overlong_buffer_cfg.len=64",
         f"trainer.total_training_steps={settings.dapo_steps}",
-        f"trainer.test_freq={settings.test_freq}",
+        f"trainer.test_freq={settings.test_freq or max(1, settings.dapo_steps // 2)}",
         f"trainer.save_freq={settings.dapo_steps}",
         "trainer.total_epochs=100",
         "trainer.logger=[console,file]",

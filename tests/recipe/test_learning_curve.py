@@ -47,6 +47,7 @@ def test_settings_compose_on_one_gpu_with_the_production_dapo_config() -> None:
     assert cfg.algorithm.filter_groups.enable is True  # the production dynamic sampling
     assert list(cfg.data.val_files) == [str(FILES["rl_val"])]
     assert cfg.trainer.total_training_steps == settings.dapo_steps
+    assert cfg.trainer.test_freq == settings.dapo_steps // 2  # validations at 0, half-way, end
     actor = cfg.actor_rollout_ref.actor
     # the update measured to work: lr 3e-5, 3 warm-up steps, one on-policy update a step
     assert (actor.optim.lr, actor.optim.lr_warmup_steps) == (3e-5, 3)
