@@ -5,10 +5,11 @@ the record ``docs/gpu-runs/serve_auth_<gpu>.json`` keeps for a lent GPU machine.
 
 It starts what ``serve.py`` starts: vLLM on loopback with its key in its environment
 (``vllm_server.vllm_command``), then, once vLLM serves, the public app in front of it
-(``vllm_server.front_when_serving``: ``chat_api --proxy``, the key in its environment). The routes
-are the ones this vLLM mounts, read from its own ``/openapi.json``, plus its ``/metrics`` mount
-and the app's own routes. Each is asked three times: through the app without the key and with
-it, and straight at vLLM without the key (what the app is there to close). Routes that change
+(``vllm_server.front_when_serving``: ``chat_api --proxy``, the key in its environment). The
+routes are the ones this vLLM mounts, read from its own ``/openapi.json``, plus what is mounted
+outside that document (``/metrics``, ``/docs``, ``/redoc``, ``/openapi.json``) and the app's own
+routes. Each is asked three times: through the app without the key and with it, and straight at
+vLLM without the key (what the app is there to close). Routes that change
 the server's state (sleep, pause, scaling, adapters...) are sent only without the key. Exit 1 when
 any route but ``/health`` answers through the app without the key with anything but 401.
 Default model: the learning curve's small random-init Qwen2, built in a temporary directory.
@@ -40,11 +41,13 @@ from recipe.retool.serving.vllm_server import (  # noqa: E402
     front_when_serving,
     vllm_command,
 )
-from sandbox.local import free_port  # noqa: E402
+from sandbox.local import free_port, stop  # noqa: E402
 
 KEY = "serve-auth-record-key"
 # Routes whose authenticated call would change the server for the routes asked after them.
 STATEFUL = re.compile(r"sleep|wake|pause|resume|scale|lora|collective|reset|shutdown|abort|start_")
+# Mounted outside the OpenAPI document: vLLM's Prometheus app, and FastAPI's docs of either app.
+UNLISTED = [("GET", "/metrics"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")]
 BODY = {"model": SERVED_MODEL_NAME, "prompt": "2+2=", "max_tokens": 4,
         "messages": [{"role": "user", "content": "2+2="}], "input": "2+2="}  # fmt: skip
 
@@ -77,17 +80,17 @@ def record(model: Path) -> dict:
     os.environ[SERVE_API_KEY_ENV] = KEY  # the app reads it from its environment, as on Modal
     with contextlib.ExitStack() as stack:
         vllm = subprocess.Popen(command, env={**os.environ, API_KEY_ENV: KEY})
-        stack.callback(_stop, vllm)
+        stack.callback(stop, vllm)
         app = front_when_serving(upstream, sandbox_url="http://127.0.0.1:9/run_code",
                                  timeout_s=600, alive=lambda: vllm.poll() is None,
                                  port=app_port)  # fmt: skip
-        stack.callback(_stop, app)
+        stack.callback(stop, app)
         public = f"http://127.0.0.1:{app_port}"
         _wait(public)
         vllm_openapi = httpx.get(f"{upstream}/openapi.json", timeout=30)
         app_openapi = httpx.get(f"{public}/openapi.json", headers=_auth(), timeout=30)
         routes = sorted(
-            {*routes_of(vllm_openapi.json()), ("GET", "/metrics"), *routes_of(app_openapi.json())},
+            {*routes_of(vllm_openapi.json()), *UNLISTED, *routes_of(app_openapi.json())},
             key=lambda r: (bool(STATEFUL.search(r[1])), r[1], r[0]),  # stateful ones last
         )
         rows = []
@@ -126,14 +129,6 @@ def _wait(base: str, timeout_s: float = 60.0) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"the public app did not answer {HEALTH_PATH} at {base}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,9 @@ problems whose answers the code computes, and step counts that fit a short GPU l
    afresh by every proof made what the proof showed a lottery. Every proof checks the kept start
    first, and times it: its files are the recorded ones and its held-out accuracy on this
    machine lies inside the band; otherwise one line, exit 3, no DAPO. ``--make-start`` remakes
-   it: SFT saving every ``sft_save_every`` steps, every saved step scored on the held-out
-   problems, the pick (``curve_stats.pick_start``).
+   it: SFT saving every ``sft_save_every`` steps, every (``calibrate_every``-th) saved step
+   scored on the held-out problems until one is past the band, the pick
+   (``curve_stats.pick_start``: the one inside the band nearest ``start_target``).
 2. **Arms**, from that start with the same settings and number of updates: one per seed, and the
    control (rewards shuffled across each batch: ``dapo_sampler.shuffle_rewards``), side by side
    on the GPU.
@@ -96,7 +97,7 @@ class CurveSettings:
     sft_save_every: int = 50
     band: Band = field(default_factory=Band)
     calibration_n: int = 2  # samples per held-out problem when scoring a checkpoint
-    calibrate_every: int = 1  # score every k-th saved step (a CPU, scoring slowly, takes fewer)
+    calibrate_every: int = 1  # score every k-th saved step (the kept start: every 2nd, to fit)
     # The pick: the scored step inside the band nearest this accuracy (the start that rose by
     # 0.15 in 24 steps on 2026-12-07 scored 0.31; one at 0.30 taken just after SFT's jump, at
     # step 250, rose by 0.02-0.04 in 18: later, more settled steps are preferred on ties).
