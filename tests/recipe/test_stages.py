@@ -296,7 +296,8 @@ def test_one_dapo_step_of_main_ppo_on_a_small_model(
     layout = Layout.local(tmp_path)
     files = write_dataset(tmp_path / "synthetic", SyntheticSizes())
     settings = learning_curve.CurveSettings(dapo_steps=1, test_freq=1, val_n=1)
-    args = learning_curve.dapo_args(files, settings, vllm_model_dir)
+    arm = learning_curve.Arm("seed1", 1, control=False)
+    args = learning_curve.dapo_args(files, settings, vllm_model_dir, arm, tmp_path / "val")
     result = stages.run_dapo(layout, Topology(gpus_per_node=1), args,
                              sandbox_url=local_endpoint + "/run_code")  # fmt: skip
     assert result.returncode == 0
