@@ -38,7 +38,7 @@ def vllm_model_dir() -> Path:
     """For ``gpu`` tests: the learning curve's small random-init Qwen2 (head size 64, one that
     vLLM's flash-attention kernels take; the tiny model's is 16), cached like the tiny one."""
     from recipe.retool.data.tiny_model import ensure_tiny_model
-    from recipe.retool.workflows.learning_curve.proof import MODEL_SPEC
+    from recipe.retool.workflows.learning_curve.settings import MODEL_SPEC
 
     return ensure_tiny_model(CACHE_ROOT, MODEL_SPEC)
 

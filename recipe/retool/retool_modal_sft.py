@@ -268,8 +268,9 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
     import time
 
     from recipe.retool.workflows.learning_curve import proof as curve
+    from recipe.retool.workflows.learning_curve.settings import given_settings
 
-    settings = curve.given_settings(dapo_steps=dapo_steps, sft_epochs=sft_epochs)
+    settings = given_settings(dapo_steps=dapo_steps, sft_epochs=sft_epochs)
     root = paths.Layout.from_env().checkpoints / "learning-curve" / time.strftime("%Y%m%d-%H%M%S")
     try:
         result = curve.run(root, settings, gpus=1, sandbox_url=modal_common.sandbox_url())

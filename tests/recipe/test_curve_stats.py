@@ -1,4 +1,5 @@
-"""The learning curve's statistics: the start band and the paired bootstrap interval."""
+"""The learning curve's statistics: the start band, the paired bootstrap interval, and the
+criterion that judges a proof."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 
 from recipe.retool.workflows.learning_curve.stats import (
     Band,
+    Criterion,
     NoStartInBand,
+    judge,
     paired_bootstrap,
     past_band,
     pick_start,
@@ -23,6 +26,8 @@ def test_the_start_is_the_first_step_inside_the_band():
     assert pick_start(acc, Band(0.25, 0.65)) == 800
     assert pick_start(acc, Band(0.5, 0.6)) == 850
     assert pick_start({100: 0.25}, Band(0.25, 0.65)) == 100  # edges belong to the band
+    assert pick_start(acc, Band(0.25, 0.65), target=0.5) == 850
+    assert pick_start({1: 0.3, 2: 0.4, 3: 0.3}, Band(0.25, 0.65), target=0.3) == 3  # the later
 
 
 def test_no_step_in_the_band_names_what_was_measured():
@@ -83,3 +88,50 @@ def test_validation_dumps_are_read_per_problem(tmp_path: Path):
     (tmp_path / "1.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no validation samples"):
         read_validation_dump(tmp_path / "1.jsonl")
+
+
+def arm(name: str, rise: float, lo: float, hi: float, *, control: bool = False, **kw) -> dict:
+    return {"arm": name, "control": control, "rise": rise, "rise_ci95": [lo, hi], **kw}
+
+
+SEEDS = [
+    arm("seed1", 0.15, 0.10, 0.20),
+    arm("seed2", 0.08, 0.03, 0.13),
+    arm("seed3", 0.12, 0.07, 0.17),
+]
+CONTROL = arm("control", -0.16, -0.20, -0.12, control=True)
+
+
+def test_the_proof_holds_when_every_seed_rises_and_beats_the_drifting_control():
+    v = judge([*SEEDS, CONTROL])
+    assert (
+        v["holds"] is True and v["seeds"] == 3 and v["mean_rise"] == pytest.approx(0.1167, abs=1e-4)
+    )
+    assert v["min_gap_to_control"] == pytest.approx(0.24) and v["every_seed_beats_control"]
+    assert v["control_rise"] == -0.16 and v["control_ci95"] == [-0.20, -0.12]  # reported drift
+    assert v["criterion"] == {"min_seeds": 3, "min_gap": 0.10}
+    assert v["line"].startswith("The proof holds: 3 seeds rose +0.150 [+0.100, +0.200], +0.080")
+    assert "the control drifted -0.160 [-0.200, -0.120]" in v["line"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "why"),
+    [
+        # a seed whose interval reaches 0: not shown to rise, however far above the control
+        ([SEEDS[0], SEEDS[1], arm("seed3", 0.05, 0.0, 0.1), CONTROL], "interval reaches 0"),
+        # all seeds rise, but one only 0.05 above a control that rose too
+        ([*SEEDS, arm("control", 0.03, 0.0, 0.06, control=True)], "by only +0.050 (< 0.10)"),
+        ([*SEEDS[:2], CONTROL], "2 seeds finished, 3 needed"),
+        ([*SEEDS[:2], {**SEEDS[2], "failed": True}, CONTROL], "arms seed3 failed"),
+    ],
+)
+def test_the_proof_fails_by_each_part_of_the_criterion(rows, why):
+    v = judge(rows)
+    assert v["holds"] is False and why in v["line"] and v["line"].startswith("The proof does NOT")
+
+
+def test_a_wider_criterion_and_no_control():
+    assert judge([*SEEDS[:2], CONTROL], Criterion(min_seeds=2, min_gap=0.2))["holds"] is True
+    v = judge(SEEDS)
+    assert v["holds"] is None and "no control" in v["line"] and v["every_seed_ci_above_0"]
+    assert judge([arm("control", 0.0, -0.1, 0.1, control=True)])["holds"] is False

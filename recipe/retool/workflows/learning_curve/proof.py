@@ -1,174 +1,94 @@
-"""The proof end to end: its settings, the SFT and DAPO requests of its arms, the calibration,
-the arms side by side, and ``main`` (``python -m recipe.retool.workflows.learning_curve``)."""
+"""Proof that DAPO learns: from a fixed SFT start kept in the repository, DAPO with several seeds
+and a control whose reward carries no information, judged by a stated criterion. ``make
+dapo-curve`` on a GPU box; the Modal ``learning_curve`` function runs the same code.
+
+Every piece is the production code path: the SFT stage (``run_sft``), evaluation's
+rollouts and scoring (``eval/sweep.py``: one vLLM engine, each checkpoint's weights swapped in),
+the DAPO stage (``run_dapo`` → verl ``main_ppo`` with vLLM rollouts, the tool in the
+project's sandbox, the ReTool reward manager, the bounded dynamic sampler) and verl's own metrics
+and validation dumps. Only sizes differ: a random-init Qwen2 of a few million parameters, synthetic
+problems whose answers the code computes, and step counts that fit a short GPU lease.
+
+1. **The start** (``curve_start/``): one SFT checkpoint of the small model, kept with the record
+   of how it was made (:data:`START_RECORD`: its SFT, the held-out accuracy of every saved step,
+   what making it cost, each file's sha256). Where SFT's abrupt jump in accuracy lands varies from
+   run to run (steps 250, 850 and 1400 in three GPU runs of the same code), so a start picked
+   afresh by every proof made what the proof showed a lottery. Every proof checks the kept start
+   first, and times it: its files are the recorded ones and its held-out accuracy on this
+   machine lies inside the band; otherwise one line, exit 3, no DAPO. ``--make-start`` remakes
+   it: SFT saving every ``sft_save_every`` steps, every (``calibrate_every``-th) saved step
+   scored on the held-out problems until one is past the band, the pick
+   (``curve_stats.pick_start``: the one inside the band nearest ``start_target``).
+2. **Arms**, from that start with the same settings and number of updates: one per seed, and the
+   control (rewards shuffled across each batch: ``dapo_sampler.shuffle_rewards``), side by side
+   on the GPU.
+3. **Rise** of each arm at each validation: that validation minus the first (at the start), with
+   a paired bootstrap interval over the held-out problems from verl's validation dumps.
+4. **Verdict** (``curve_stats.judge``): every seed's rise has a 95 % interval above 0 and beats
+   the control's rise by ``Criterion.min_gap``; at least ``Criterion.min_seeds`` seeds; the
+   control's drift is reported.
+
+Writes under ``--root``: the volume layout, ``start/`` (the start, copied) and
+``start_check.json``, ``arms/<arm>.json`` (the ``docs/gpu-runs`` rows; a failed arm's row says
+``"failed": true``), ``curve.json`` (all of it), ``curve.md`` and ``curve.png``. A rerun keeps the
+start's check and finished arms, and redoes failed or unfinished ones (what they left is kept
+under ``arms/attempts/``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from recipe.retool.core import paths
-from recipe.retool.core.request import LaunchRequest
 from recipe.retool.core.topology import Topology
-from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
-from recipe.retool.data.tiny_model import TinySpec, build
+from recipe.retool.data.synthetic import write_dataset
+from recipe.retool.data.tiny_model import build
 from recipe.retool.eval.config import EvalError
 from recipe.retool.records import run_metrics
 from recipe.retool.stages.dapo import run_dapo
 from recipe.retool.stages.process import Runner, run_subprocess
 from recipe.retool.stages.sft import run_sft
 from recipe.retool.workflows.learning_curve.report import log_to_wandb, write_report
+from recipe.retool.workflows.learning_curve.settings import (
+    DEFAULTS,
+    EXIT_NO_START,
+    MODEL_ID,
+    MODEL_SPEC,
+    SFT_EXPERIMENT,
+    Arm,
+    CurveSettings,
+    arms,
+    dapo_request,
+    every_saved,
+    sft_request,
+)
+from recipe.retool.workflows.learning_curve.start import (
+    REMAKE_HINT,
+    START_DIR,
+    START_RECORD,
+    StartRefused,
+    export_start,
+    read_start,
+)
 from recipe.retool.workflows.learning_curve.stats import (
     Band,
     NoStartInBand,
+    judge,
     past_band,
     pick_start,
     rise_of,
-    verdict,
 )
 from sandbox.local import run_code_url
-
-MODEL_ID = "local/tool-qwen2"
-SFT_EXPERIMENT = "curve"
-# Wide enough to learn to copy digits between question, code and answer in a few hundred steps.
-MODEL_SPEC = TinySpec(
-    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4
-)
-# 8,000 SFT traces, RL prompts, and enough held-out problems that x 8 samples a rise of a few
-# points is visible in paired validations.
-CURVE_DATA = SyntheticSizes(sft=8000, rl_train=1024, rl_val=128)
-EXIT_NO_START = 3
-
-
-@dataclass(frozen=True)
-class CurveSettings:
-    """Sizes for one H100/H200. On the H100 run that first set a start, held-out accuracy after
-    SFT steps 250/500/750/1000/1500 was 1/1/5/74/90 %; on an H200 rerun step 1000 already scored
-    99 %: the jump lands between steps 500 and 1000, so the start is measured, not fixed."""
-
-    data: SyntheticSizes = CURVE_DATA
-    sft_epochs: int = 3  # 1,500 steps of 16 traces
-    sft_save_every: int = 50
-    band: Band = field(default_factory=Band)
-    calibration_n: int = 4  # samples per held-out problem for each SFT step
-    seeds: tuple[int, ...] = (1, 2)
-    control: bool = True
-    dapo_steps: int = 15
-    dapo_lr: float = 1e-4
-    test_freq: int = 5
-    val_n: int = 8
-    max_response_tokens: int = 384
-    parallel: bool = True  # arms side by side on the GPU (each its own Ray and vLLM)
-    rollout_mode: str = "sync"  # "async": verl's fully-async trainer (>= 2 GPUs, no control)
-
-
-DEFAULTS = CurveSettings()
-
-
-def given_settings(**given: int) -> CurveSettings:
-    """The default settings with those ``given`` a value (the Modal function's arguments, where
-    0 means "the default")."""
-    return replace(CurveSettings(), **{name: value for name, value in given.items() if value})
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One DAPO run of the proof. The control shares the first seed: same data order and
-    sampling as that seed's arm, the reward's information removed."""
-
-    name: str
-    seed: int
-    control: bool
-
-    @property
-    def experiment(self) -> str:
-        return f"curve-{self.name}"
-
-
-def arms(settings: CurveSettings) -> list[Arm]:
-    """The proof's arms; async ones are named apart, so both modes can share one root's SFT and
-    calibration without resuming each other's runs."""
-    prefix = "" if settings.rollout_mode == "sync" else f"{settings.rollout_mode}-"
-    found = [Arm(f"{prefix}seed{s}", s, control=False) for s in settings.seeds]
-    if settings.control:
-        found.append(Arm("control", settings.seeds[0], control=True))
-    return found
-
-
-def sft_request(data: Path, settings: CurveSettings) -> LaunchRequest:
-    """The SFT stage's sizes for a small model trained from scratch (hence the high lr)."""
-    return LaunchRequest("sft", experiment=SFT_EXPERIMENT, overrides=(
-        f"data.train_files={data}",
-        "data.max_length=640",
-        # Many small steps: verl's SFT step costs ~60-80 ms per sample on the host even for a
-        # model this size (measured on an H200), and copying digits is learned in steps.
-        "data.train_batch_size=16",
-        # Padded micro-batches: with SDPA, remove-padding packs a micro-batch into one sequence
-        # whose attention is quadratic in all its tokens (118 GB reserved here; padded: 1.2 GB).
-        "model.use_remove_padding=false",
-        "data.use_dynamic_bsz=false",
-        "data.micro_batch_size_per_gpu=16",
-        "data.num_workers=8",
-        "optim.lr=1e-3",
-        "optim.lr_warmup_steps_ratio=0.05",
-        "model.enable_gradient_checkpointing=false",
-        "model.use_liger=false",
-        f"trainer.total_epochs={settings.sft_epochs}",
-        f"trainer.save_freq={settings.sft_save_every}",  # the candidates for the DAPO start
-        "trainer.max_ckpt_to_keep=null",
-        "trainer.logger=[console]",
-    ))  # fmt: skip
-
-
-def dapo_request(
-    files: dict[str, Path], settings: CurveSettings, sft_start: Path, arm: Arm, val_dir: Path
-) -> LaunchRequest:
-    """The production DAPO config with sizes for a model of a few MB sharing one GPU."""
-    overrides = [
-        f"data.train_files={files['rl_train']}",
-        f"data.val_files=[{files['rl_val']}]",
-        f"data.seed={arm.seed}",
-        "data.train_batch_size=16",
-        "data.max_prompt_length=512",
-        f"data.max_response_length={settings.max_response_tokens}",
-        f"actor_rollout_ref.rollout.seed={arm.seed}",
-        "actor_rollout_ref.rollout.n=8",
-        f"actor_rollout_ref.rollout.val_kwargs.n={settings.val_n}",
-        # Arms share the GPU: a small fixed KV cache each, and no memory profiling (vLLM would
-        # count the other arms' allocations during its profile as its own).
-        "actor_rollout_ref.rollout.gpu_memory_utilization=0.15",
-        "++actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes=4294967296",
-        "actor_rollout_ref.rollout.enforce_eager=true",  # minutes of CUDA-graph capture saved
-        "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=4",
-        "actor_rollout_ref.rollout.multi_turn.max_user_turns=4",
-        f"actor_rollout_ref.actor.optim.lr={settings.dapo_lr}",
-        "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=16384",
-        "actor_rollout_ref.actor.fsdp_config.param_offload=false",
-        "actor_rollout_ref.actor.fsdp_config.optimizer_offload=false",
-        # From a start inside the band most groups carry signal: 2 batches bound a step's cost.
-        "algorithm.filter_groups.max_num_gen_batches=2",
-        f"reward.reward_kwargs.max_resp_len={settings.max_response_tokens}",
-        "reward.reward_kwargs.overlong_buffer_cfg.len=64",
-        f"trainer.total_training_steps={settings.dapo_steps}",
-        f"trainer.test_freq={settings.test_freq}",
-        f"trainer.save_freq={settings.dapo_steps}",
-        "trainer.total_epochs=100",
-        "trainer.logger=[console,file]",
-        f"trainer.validation_data_dir={val_dir}",  # per-problem scores for the paired interval
-    ]
-    if arm.control:
-        overrides.append(f"++trainer.v1.sampler.sampler_kwargs.shuffle_rewards_seed={arm.seed}")
-    return LaunchRequest(
-        "dapo", experiment=arm.experiment, sft_checkpoint=str(sft_start),
-        rollout_mode=settings.rollout_mode, overrides=tuple(overrides),
-    )  # fmt: skip
 
 
 def gpu_name() -> str:
@@ -178,25 +98,34 @@ def gpu_name() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The start
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
 # Stages of the proof
 # ---------------------------------------------------------------------------------------------
 
 
-ARM_STAGGER_S = 20.0  # between arm starts: each one's Ray and vLLM start while others run
+ARM_STAGGER_S = 10.0  # between arm starts: each one's Ray and vLLM start while others run
+Scorer = Callable[..., dict[int, float]]  # eval.sweep.score_steps's shape
 
 
 @dataclass
 class Curve:
-    """One proof under ``root``: what it was given and where it writes."""
+    """One proof (or the making of a start) under ``root``: what it was given and where it
+    writes."""
 
     root: Path
     settings: CurveSettings
     gpus: int
     runner: Runner | None = None  # None: run_subprocess, output to the arm's log
+    device: str = "cuda"
 
     def __post_init__(self) -> None:
         self.layout = paths.Layout.local(self.root)
-        self.topo = Topology(gpus_per_node=self.gpus)
+        self.topo = Topology(gpus_per_node=self.gpus, device=self.device)  # type: ignore[arg-type]
+        self.start_dir = self.root / "start"
         # One id for every arm of this proof, a rerun that finishes it included.
         id_file = self.root / "proof_id"
         if not id_file.is_file():
@@ -204,47 +133,12 @@ class Curve:
             id_file.write_text(time.strftime("%Y%m%d-%H%M%S") + "\n")
         self.proof = id_file.read_text().strip()
 
-    def sft(self, files: dict[str, Path], model: Path) -> float:
-        """SFT unless a finished one is here; returns its seconds (0 when kept)."""
-        if paths.read_checkpoint_info(self.layout, "sft", SFT_EXPERIMENT) is not None:
-            return 0.0
-        result = run_sft(
-            self.layout,
-            self.topo,
-            sft_request(files["sft"], self.settings),
-            model_path=model,
-        )
-        if result.returncode != 0 or result.checkpoint is None:
-            raise SystemExit(f"SFT failed (exit {result.returncode})")
-        return result.seconds
+    # -- scoring checkpoints on the held-out problems ------------------------------------------
 
-    def saved_sft_steps(self) -> list[tuple[int, Path]]:
-        steps = paths.list_checkpoints(self.layout, "sft", SFT_EXPERIMENT)
-        return sorted((c.step, c.hf_dir) for c in steps if c.complete)
-
-    def calibrate(self, problems_file: Path, sandbox_url: str, backend: str) -> dict[int, float]:
-        """Held-out accuracy of the saved SFT steps in order, until one scores inside or above
-        the band. Kept in ``calibration.json``: a rerun scores only steps saved since (an SFT
-        trained further when no step reached the band)."""
-        cache = self.root / "calibration.json"
-        acc = (
-            {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
-        )
-        band = self.settings.band
-
-        def settled(a: float) -> bool:  # a start is found, or no later step will be one
-            return a in band or past_band(a, band)
-
-        if any(settled(a) for a in acc.values()):
-            return acc
-        todo = [(s, d) for s, d in self.saved_sft_steps() if s > max(acc, default=-1)]
-        if not todo:
-            return acc
+    def _eval_config(self):
         from recipe.retool.eval.config import EvalConfig
-        from recipe.retool.eval.problems import load_problems
-        from recipe.retool.eval.sweep import score_steps
 
-        cfg = EvalConfig(
+        return EvalConfig(
             n=self.settings.calibration_n,
             top_p=0.6,  # as DAPO's validation (config/dapo.yaml val_kwargs)
             max_response_tokens=self.settings.max_response_tokens,
@@ -256,24 +150,106 @@ class Curve:
             gpu_memory_utilization=0.3,
             enforce_eager=True,
         )
-        acc |= score_steps(
-            todo,
-            load_problems(problems_file),
-            cfg,
-            sandbox_url,
-            backend,
-            stop=settled,
+
+    def score(
+        self,
+        steps: Sequence[tuple[int, Path]],
+        problems_file: Path,
+        sandbox_url: str,
+        backend: Any,
+        stop: Callable[[float], bool] = lambda acc: False,
+    ) -> dict[int, float]:
+        from recipe.retool.eval.problems import load_problems
+        from recipe.retool.eval.sweep import score_steps
+
+        problems = load_problems(problems_file)
+        return score_steps(steps, problems, self._eval_config(), sandbox_url, backend, stop=stop)
+
+    # -- making a start -------------------------------------------------------------------------
+
+    def sft(self, files: dict[str, Path], model: Path) -> float:
+        """SFT unless a finished one is here; returns its seconds (0 when kept)."""
+        if paths.read_checkpoint_info(self.layout, "sft", SFT_EXPERIMENT) is not None:
+            return 0.0
+        request = sft_request(files["sft"], self.settings, self.device)
+        result = run_sft(self.layout, self.topo, request, model_path=model)
+        if result.returncode != 0 or result.checkpoint is None:
+            raise SystemExit(f"SFT failed (exit {result.returncode})")
+        return result.seconds
+
+    def saved_sft_steps(self) -> list[tuple[int, Path]]:
+        steps = paths.list_checkpoints(self.layout, "sft", SFT_EXPERIMENT)
+        return sorted((c.step, c.hf_dir) for c in steps if c.complete)
+
+    def calibrate(self, problems_file: Path, sandbox_url: str, backend: Any) -> dict[int, float]:
+        """Held-out accuracy of the saved SFT steps in order, until one scores above the band
+        (later steps will not come back into it). Kept in ``calibration.json``: a rerun scores
+        only steps not yet scored."""
+        cache = self.root / "calibration.json"
+        acc = (
+            {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
         )
-        cache.write_text(json.dumps(acc, indent=1) + "\n")
+        band = self.settings.band
+        if any(past_band(a, band) for a in acc.values()):
+            return acc
+        every = every_saved(self.settings)
+        saved = [(s, d) for s, d in self.saved_sft_steps() if s % every == 0]
+        todo = [(s, d) for s, d in saved if s > max(acc, default=-1)]
+        if todo:
+            stop = lambda a: past_band(a, band)  # noqa: E731
+            acc |= self.score(todo, problems_file, sandbox_url, backend, stop=stop)
+            cache.write_text(json.dumps(acc, indent=1) + "\n")
         return acc
 
+    # -- the proof ------------------------------------------------------------------------------
+
+    def check_start(
+        self, source: Path, problems_file: Path, sandbox_url: str, backend: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The kept start copied into this root, its files checked against its record, and its
+        held-out accuracy measured here (kept in ``start_check.json`` for a rerun in this root);
+        returns ``(record, check)``. Raises :class:`StartRefused` outside the band."""
+        record = read_start(source)
+        if not (self.start_dir / START_RECORD).is_file():
+            shutil.rmtree(self.start_dir, ignore_errors=True)
+            shutil.copytree(source, self.start_dir)
+        record = read_start(self.start_dir)
+        cache = self.root / "start_check.json"
+        if cache.is_file():
+            check = json.loads(cache.read_text())
+        else:
+            mark = time.monotonic()
+            step = record["sft_step"]
+            acc = self.score([(step, self.start_dir)], problems_file, sandbox_url, backend)[step]
+            check = {
+                "acc": round(acc, 4),
+                "samples_per_problem": self.settings.calibration_n,
+                "problems": self.settings.data.rl_val,
+                "scored_s": round(time.monotonic() - mark, 1),
+            }
+            cache.write_text(json.dumps(check, indent=1) + "\n")
+        band = self.settings.band
+        check = {**check, "band": [band.lo, band.hi], "in_band": check["acc"] in band}
+        if not check["in_band"]:
+            raise StartRefused(
+                f"the start (SFT step {record['sft_step']}, {record['acc']:.3f} when made) "
+                f"scored {check['acc']:.3f} held-out here, outside the band {band}: {REMAKE_HINT}"
+                ", or pass --band"
+            )
+        return record, check
+
     def run_arm(self, arm: Arm, files: dict[str, Path], start: Path, sandbox_url: str) -> dict:
-        """One DAPO run (its output in ``arms/<arm>.log``); its row, also in ``arms/<arm>.json``."""
+        """One DAPO run (its output in ``arms/<arm>.log``); its row, also in ``arms/<arm>.json``.
+        A finished row is kept; an arm without one (failed, or cut off) starts over, what its
+        earlier attempt left set aside under ``arms/attempts/``."""
         out = self.root / "arms"
         out.mkdir(parents=True, exist_ok=True)
         row_file = out / f"{arm.name}.json"
         if row_file.is_file():
-            return json.loads(row_file.read_text())
+            row = json.loads(row_file.read_text())
+            if not row.get("failed"):
+                return row
+        self._set_aside(arm)
         val_dir = out / f"{arm.name}-validation"
         request = dapo_request(files, self.settings, start, arm, val_dir)
         log = out / f"{arm.name}.log"
@@ -301,9 +277,33 @@ class Curve:
             **summary.to_json(),
         }
         row.update(rise_of(val_dir))
-        if result.returncode == 0:
-            row_file.write_text(json.dumps(row, indent=1) + "\n")
+        row["failed"] = result.returncode != 0 or row["rise"] is None
+        row_file.write_text(json.dumps(row, indent=1) + "\n")
         return row
+
+    def _set_aside(self, arm: Arm) -> None:
+        """Move what an unfinished attempt of ``arm`` left (row, log, validation dumps, DAPO
+        experiment) to ``arms/attempts/<arm>-<k>/``: the next attempt starts clean, nothing is
+        lost."""
+        out = self.root / "arms"
+        left = [
+            out / f"{arm.name}.json",
+            out / f"{arm.name}.log",
+            out / f"{arm.name}-validation",
+            self.layout.experiment_dir("dapo", arm.experiment),
+        ]
+        left = [p for p in left if p.exists()]
+        if not left:
+            return
+        attempts = out / "attempts"
+        k = 1
+        while (attempts / f"{arm.name}-{k}").exists():
+            k += 1
+        keep = attempts / f"{arm.name}-{k}"
+        keep.mkdir(parents=True)
+        for path in left:
+            path.rename(keep / path.name)
+        print(f"arm {arm.name}: its unfinished attempt is kept in {keep}", flush=True)
 
     def run_arms(self, files: dict[str, Path], start: Path, sandbox_url: str) -> list[dict]:
         todo = arms(self.settings)
@@ -330,8 +330,13 @@ def _logged(log: Path) -> Runner:
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole proof
+# The whole proof, and the making of its start
 # ---------------------------------------------------------------------------------------------
+
+
+def verdict(rows: Sequence[dict], settings: CurveSettings = DEFAULTS) -> dict[str, Any]:
+    """What the arms show together, by the settings' criterion (``curve_stats.judge``)."""
+    return judge(rows, settings.criterion)
 
 
 def run(
@@ -340,48 +345,116 @@ def run(
     gpus: int,
     sandbox_url: str | None,
     *,
-    backend: str = "vllm",
+    backend: Any = "vllm",
     runner: Runner | None = None,
+    start: Path = START_DIR,
 ) -> dict:
-    """Model → data → SFT → calibration → arms → report; returns ``curve.json``'s content.
-    Raises :class:`NoStartInBand` when no saved SFT step scores inside the band."""
-    curve = Curve(root, settings, gpus, runner=runner)
-    model = build(curve.layout.model_dir(MODEL_ID), MODEL_SPEC)
-    files = write_dataset(root / "synthetic", settings.data)
-    timings: dict[str, float] = {}
+    """Data → the start's check → arms → report; returns ``curve.json``'s content. Raises
+    :class:`StartRefused` (a :class:`NoStartInBand`) when the start is missing, altered or
+    outside the band here."""
     started = time.monotonic()
-    timings["sft_s"] = round(curve.sft(files, model), 1)
+    curve = Curve(root, settings, gpus, runner=runner)
+    files = write_dataset(root / "synthetic", settings.data)
+    timings: dict[str, float] = {"setup_s": round(time.monotonic() - started, 1)}
     with run_code_url(sandbox_url) as url:
         mark = time.monotonic()
-        acc_by_step = curve.calibrate(files["rl_val"], url, backend)
-        timings["calibration_s"] = round(time.monotonic() - mark, 1)
-        start_step = pick_start(acc_by_step, settings.band)
-        start = curve.layout.experiment_dir("sft", SFT_EXPERIMENT) / f"global_step_{start_step}"
+        record, check = curve.check_start(start, files["rl_val"], url, backend)
+        timings["start_check_s"] = round(time.monotonic() - mark, 1)
         print(
-            f"DAPO starts from SFT step {start_step} "
-            f"(held-out accuracy {acc_by_step[start_step]:.3f}, band {settings.band})",
+            f"DAPO starts from the kept SFT step {record['sft_step']}: held-out accuracy "
+            f"{check['acc']:.3f} here ({record['acc']:.3f} when made), band {settings.band}",
             flush=True,
         )
         mark = time.monotonic()
-        rows = curve.run_arms(files, start, url)
+        rows = curve.run_arms(files, curve.start_dir, url)
         timings["arms_s"] = round(time.monotonic() - mark, 1)
     timings["total_s"] = round(time.monotonic() - started, 1)
     shared = {
-        "start_step": start_step,
-        "start_acc": round(acc_by_step[start_step], 4),
-        "sft_acc_by_step": {str(k): round(v, 4) for k, v in sorted(acc_by_step.items())},
+        "start_step": record["sft_step"],
+        "start_acc": check["acc"],
+        "start_acc_when_made": record["acc"],
+        "sft_acc_by_step": record["sft_acc_by_step"],
         "band": [settings.band.lo, settings.band.hi],
-        "model_params_m": round(_param_count(model) / 1e6, 2),
+        "model_params_m": record["model_params_m"],
         "settings": _settings_json(settings),
     }
     rows = [{**row, **shared} for row in rows]
     for row in rows:
         (root / "arms" / f"{row['arm']}.json").write_text(json.dumps(row, indent=1) + "\n")
-    result = {"proof": curve.proof, "timing_s": timings, **shared, "arms": rows}
-    result["verdict"] = verdict(rows)
+    result = {
+        "proof": curve.proof,
+        "gpu": rows[0]["gpu"],
+        "gpus": gpus,
+        "timing_s": timings,
+        "start": {"check": check, "made": record["made"]},
+        **shared,
+        "arms": rows,
+        "verdict": verdict(rows, settings),
+    }
     (root / "curve.json").write_text(json.dumps(result, indent=1) + "\n")
     write_report(root, result)
     return result
+
+
+def make_start(
+    root: Path,
+    settings: CurveSettings,
+    gpus: int,
+    sandbox_url: str | None,
+    *,
+    out: Path = START_DIR,
+    backend: Any = "vllm",
+    device: str = "cuda",
+) -> dict:
+    """Model → data → SFT → every saved step scored (until one is past the band) → the pick,
+    exported to ``out`` with its record; returns the record. Raises :class:`NoStartInBand`."""
+    started = time.monotonic()
+    curve = Curve(root, settings, gpus, device=device)
+    model = build(curve.layout.model_dir(MODEL_ID), MODEL_SPEC)
+    files = write_dataset(root / "synthetic", settings.data)
+    sft_s = curve.sft(files, model)
+    with run_code_url(sandbox_url) as url:
+        mark = time.monotonic()
+        acc_by_step = curve.calibrate(files["rl_val"], url, backend)
+        calibration_s = time.monotonic() - mark
+    step = pick_start(acc_by_step, settings.band, settings.start_target)
+    hf_dir = next(d for s, d in curve.saved_sft_steps() if s == step)
+    record = {
+        "sft_step": step,
+        "acc": round(acc_by_step[step], 4),
+        "band": [settings.band.lo, settings.band.hi],
+        "samples_per_problem": settings.calibration_n,
+        "problems": settings.data.rl_val,
+        "sft_acc_by_step": {str(k): round(v, 4) for k, v in sorted(acc_by_step.items())},
+        "pick": {"nearest": settings.start_target, "scored_every": every_saved(settings)},
+        "model_spec": asdict(MODEL_SPEC),
+        "model_params_m": round(_param_count(hf_dir) / 1e6, 2),
+        "data": asdict(settings.data),
+        "sft_args": sft_request(Path("synthetic/sft.parquet"), settings, device).to_argv(),
+        "made": {
+            "date": time.strftime("%Y-%m-%d"),
+            "device": device,
+            "machine": gpu_name() if device == "cuda" else _cpu_name(),
+            "backend": backend if isinstance(backend, str) else type(backend).__name__,
+            "sft_s": round(sft_s, 1),
+            "calibration_s": round(calibration_s, 1),
+            "total_s": round(time.monotonic() - started, 1),
+        },
+    }
+    record = export_start(hf_dir, out, record)
+    print(
+        f"start: SFT step {step} ({record['acc']:.3f} held-out, band {settings.band}) "
+        f"written to {out}",
+        flush=True,
+    )
+    return record
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical CPUs)"
+    return "cpu"
 
 
 def _settings_json(settings: CurveSettings) -> dict[str, Any]:
@@ -403,7 +476,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--dapo-steps", type=int, default=DEFAULTS.dapo_steps)
-    parser.add_argument("--sft-epochs", type=int, default=DEFAULTS.sft_epochs)
     parser.add_argument(
         "--seeds", default=",".join(map(str, DEFAULTS.seeds)), help="comma-separated"
     )
@@ -421,6 +493,22 @@ def main(argv: list[str] | None = None) -> int:
         help="async: verl's fully-async trainer, beside a sync curve from the same start",
     )
     parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
+    parser.add_argument(
+        "--start-dir", type=Path, default=START_DIR, help="the kept start (made by --make-start)"
+    )
+    parser.add_argument(
+        "--make-start",
+        action="store_true",
+        help="SFT, score every saved step held-out, write the pick to --start-dir; no DAPO",
+    )
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="--make-start")
+    parser.add_argument("--sft-epochs", type=int, default=DEFAULTS.sft_epochs, help="--make-start")
+    parser.add_argument(
+        "--calibrate-every",
+        type=int,
+        default=DEFAULTS.calibrate_every,
+        help="--make-start: score every k-th saved SFT step",
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="redo curve.md/png from curve.json"
     )
@@ -444,11 +532,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.rollout_mode == "async" and args.gpus < 2:
         parser.error("--rollout-mode async needs --gpus 2 or more (rollout and training GPUs)")
-    if not seeds or args.dapo_steps < 1 or args.sft_epochs < 1:
-        parser.error("--seeds needs one seed at least; --dapo-steps and --sft-epochs must be >= 1")
+    if not seeds or min(args.dapo_steps, args.sft_epochs, args.calibrate_every) < 1:
+        parser.error(
+            "--seeds needs one seed at least; --dapo-steps, --sft-epochs and --calibrate-every "
+            "must be >= 1"
+        )
     settings = replace(
         DEFAULTS,
         sft_epochs=args.sft_epochs,
+        calibrate_every=args.calibrate_every,
         dapo_steps=args.dapo_steps,
         seeds=seeds,
         band=band,
@@ -456,25 +548,29 @@ def main(argv: list[str] | None = None) -> int:
         parallel=not args.sequential,
         rollout_mode=args.rollout_mode,
     )
+    sandbox = os.environ.get("SANDBOX_FUSION_ENDPOINT")
     try:
-        result = run(
-            root,
-            settings,
-            args.gpus,
-            os.environ.get("SANDBOX_FUSION_ENDPOINT"),
-            backend=args.backend,
-        )
+        if args.make_start:
+            make_start(root, settings, args.gpus, sandbox, out=args.start_dir.resolve(),
+                       backend=args.backend, device=args.device)  # fmt: skip
+            return 0
+        result = run(root, settings, args.gpus, sandbox, backend=args.backend,
+                     start=args.start_dir.resolve())  # fmt: skip
     except NoStartInBand as exc:
-        print(f"learning curve: {exc}; not running DAPO (see {root / 'calibration.json'})")
+        print(f"learning curve: {exc}; not running DAPO")
         return EXIT_NO_START
-    except EvalError as exc:  # the calibration's sandbox did not run the tool
+    except EvalError as exc:  # the sandbox did not run the tool while a checkpoint was scored
         print(f"learning curve: {exc}")
         return 1
-    print(json.dumps(result["verdict"], indent=1))
+    print(result["verdict"]["line"])
     print(f"report: {root / 'curve.md'}")
     log_to_wandb(root, result)
-    failed = [r["arm"] for r in result["arms"] if r["dapo_exit"] != 0]
+    failed = result["verdict"]["failed_arms"]
     if failed:
         print(f"learning curve: arms {failed} failed (logs in {root / 'arms'})")
         return 1
-    return 0 if result["verdict"].get("holds", True) else 1
+    return 0 if result["verdict"]["holds"] in (True, None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
