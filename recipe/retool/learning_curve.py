@@ -64,8 +64,8 @@ from recipe.retool.curve_stats import (
     validation_dumps,
 )
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
-from recipe.retool.eval.config import EvalError
 from recipe.retool.data.tiny_model import TinySpec, build
+from recipe.retool.eval.config import EvalError
 from sandbox.local import run_code_url
 
 MODEL_ID = "local/tool-qwen2"
