@@ -181,7 +181,7 @@ bench-dapo-gpu: $(PY) ## On a GPU box with vLLM: DAPO at the production layout s
 CURVE_GPUS ?= 1
 
 .PHONY: dapo-curve
-dapo-curve: $(PY) ## On a GPU box with vLLM: SFT a tiny model, pick a start by held-out accuracy, DAPO 2 seeds + a shuffled-reward control (runs/curve-*)
+dapo-curve: $(PY) ## On a GPU box with vLLM: check the committed start on its held-out problems, DAPO 3 seeds + a shuffled-reward control, verdict (runs/curve-*)
 	$(PY) -m recipe.retool.workflows.learning_curve --gpus $(CURVE_GPUS)
 
 .PHONY: checkpoints

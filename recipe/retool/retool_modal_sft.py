@@ -263,8 +263,9 @@ def train_dapo_gpu(*arglist: str) -> None:
 
 @app.function(**(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 2 * HOURS}))
 def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
-    """SFT → calibration → DAPO arms → curve on one GPU; the deployed sandbox runs every tool
-    call. No SFT step inside the band: the function fails with that one line."""
+    """The committed start checked on its held-out problems → DAPO arms (seeds and a
+    shuffled-reward control) → curve and verdict, on one GPU; the deployed sandbox runs every
+    tool call. A start that is altered or scores outside the band fails with that one line."""
     import time
 
     from recipe.retool.workflows.learning_curve import proof as curve
