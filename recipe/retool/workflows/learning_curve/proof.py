@@ -9,7 +9,8 @@ project's sandbox, the ReTool reward manager, the bounded dynamic sampler) and v
 and validation dumps. Only sizes differ: a random-init Qwen2 of a few million parameters, synthetic
 problems whose answers the code computes, and step counts that fit a short GPU lease.
 
-1. **The start** (``curve_start/``): one SFT checkpoint of the small model, kept with the record
+1. **The start** (``recipe/retool/curve_start/``, :mod:`.start`): one SFT checkpoint of the small
+   model, kept with the record
    of how it was made (:data:`START_RECORD`: its SFT, the held-out accuracy of every saved step,
    what making it cost, each file's sha256). Where SFT's abrupt jump in accuracy lands varies from
    run to run (steps 250, 850 and 1400 in three GPU runs of the same code), so a start picked
@@ -18,13 +19,13 @@ problems whose answers the code computes, and step counts that fit a short GPU l
    machine lies inside the band; otherwise one line, exit 3, no DAPO. ``--make-start`` remakes
    it: SFT saving every ``sft_save_every`` steps, every (``calibrate_every``-th) saved step
    scored on the held-out problems until one is past the band, the pick
-   (``curve_stats.pick_start``: the one inside the band nearest ``start_target``).
+   (``stats.pick_start``: the one inside the band nearest ``start_target``).
 2. **Arms**, from that start with the same settings and number of updates: one per seed, and the
    control (rewards shuffled across each batch: ``dapo_sampler.shuffle_rewards``), side by side
    on the GPU.
 3. **Rise** of each arm at each validation: that validation minus the first (at the start), with
    a paired bootstrap interval over the held-out problems from verl's validation dumps.
-4. **Verdict** (``curve_stats.judge``): every seed's rise has a 95 % interval above 0 and beats
+4. **Verdict** (``stats.judge``): every seed's rise has a 95 % interval above 0 and beats
    the control's rise by ``Criterion.min_gap``; at least ``Criterion.min_seeds`` seeds; the
    control's drift is reported.
 
