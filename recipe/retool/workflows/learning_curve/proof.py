@@ -15,10 +15,10 @@ problems whose answers the code computes, and step counts that fit a short GPU l
    in accuracy lands varies from run to run (steps 250, 850 and 1400 in three GPU runs of the same
    code), so a start picked afresh by every proof made what the proof showed a lottery. Every proof
    checks the kept start first, and times it: its files are the recorded ones and its held-out
-   accuracy on this machine lies inside the band; otherwise one line, exit 3, no DAPO. ``--make-
-   start`` remakes it: SFT saving every ``sft_save_every`` steps, every (``calibrate_every``-th)
-   saved step scored on the held-out problems until one is past the band, the pick
-   (``stats.pick_start``: the one inside the band nearest ``start_target``).
+   accuracy on this machine lies inside the band; otherwise one line, exit 3, no DAPO.
+   ``--make-start`` remakes it: SFT saving every ``sft_save_every`` steps, every
+   (``calibrate_every``-th) saved step scored on the held-out problems until one is past the band,
+   the pick (``stats.pick_start``: the one inside the band nearest ``start_target``).
 2. **Arms**, from that start with the same settings and number of updates: one per seed, and the
    control (rewards shuffled across each batch: ``dapo_sampler.shuffle_rewards``), side by side
    on the GPU.
