@@ -56,10 +56,6 @@ class LaunchRequest:
         argv += [f"--{flag}" for flag, name in _FLAG_NAMES.items() if getattr(self, name)]
         return [*argv, *self.overrides]
 
-    def has_override(self, key: str) -> bool:
-        """Whether an override sets ``key`` (``key=...``, ``+key=...``, ``++key=...``)."""
-        return any(o.split("=", 1)[0].lstrip("+") == key for o in self.overrides if "=" in o)
-
 
 _OPTION_NAMES = {
     "experiment-name": "experiment",
