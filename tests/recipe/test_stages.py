@@ -649,3 +649,11 @@ def test_two_node_sft_on_one_machine_with_static_rendezvous(layout: Layout, tiny
     shards = sorted(p.name for p in head.checkpoint.path.glob("model_world_size_2_rank_*.pt"))
     assert shards == ["model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]
     assert read_checkpoint_info(layout, "sft", "two-nodes").step == 2
+
+
+def test_a_stage_ends_in_one_line_with_its_exit_time_and_checkpoint(layout: Layout) -> None:
+    from recipe.retool.stages.record import StageResult
+
+    assert StageResult("sft", "e", 0, None, 90.0).summary() == (
+        "sft e: exit 0, 1.5 min, no complete checkpoint"
+    )
