@@ -1,5 +1,5 @@
 """DAPO from an SFT checkpoint on one node or a Ray cluster, with the tool pointed at a sandbox
-(each node's own unless told otherwise: ``tool_sandbox.py``)."""
+(each node's own unless told otherwise: :mod:`.tool_sandbox`)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-# Environment for every training subprocess. expandable_segments breaks CUDA IPC weight sync
-# (pidfd_getfd: Operation not permitted) on Modal; NVLink multicast is unsupported there.
+# What runs a command with extra environment and returns its exit status (tests pass fakes).
 Runner = Callable[[Sequence[str], dict[str, str]], int]
 
 # Environment for every training subprocess. expandable_segments breaks CUDA IPC weight sync
