@@ -40,6 +40,7 @@ lint: $(PY) ## Check formatting, lint and static file checks (what CI runs)
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
+	$(PY) scripts/import_cycles.py
 	$(PY) -m pre_commit run --all-files --show-diff-on-failure
 
 .PHONY: fmt
@@ -181,7 +182,7 @@ CURVE_GPUS ?= 1
 
 .PHONY: dapo-curve
 dapo-curve: $(PY) ## On a GPU box with vLLM: check the committed start on its held-out problems, DAPO 3 seeds + a shuffled-reward control, verdict (runs/curve-*)
-	$(PY) -m recipe.retool.learning_curve --gpus $(CURVE_GPUS)
+	$(PY) -m recipe.retool.workflows.learning_curve --gpus $(CURVE_GPUS)
 
 .PHONY: checkpoints
 checkpoints: $(PY) ## List checkpoints on the Modal volume

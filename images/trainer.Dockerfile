@@ -29,7 +29,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # the sandbox runs user code with the system interpreter, /usr/bin/python3 (readable by its
 # unprivileged uids; the sandbox looks there first), which only `python3` (python3-minimal) puts
 # there: python3.12's packages ship /usr/bin/python3.12 alone. Each DAPO node runs that sandbox
-# (recipe/retool/tool_sandbox.py). `make check-images` checks every interpreter a RUN line calls.
+# (recipe/retool/stages/tool_sandbox.py). `make check-images` checks every interpreter a RUN line
+# calls.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \

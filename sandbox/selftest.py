@@ -54,7 +54,8 @@ REMOTE_CHECKS = ("network", "hidden", "secrets")  # what a caller outside the sa
 # Where a call may write, and which must be its own: per-run tmpfs views in the namespace modes.
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 # What must not be visible inside: Modal's own directory and the volumes' mount paths
-# (recipe/retool/paths.py: DATA_MOUNT, MODELS_MOUNT, CHECKPOINTS_MOUNT; a test keeps them equal).
+# (recipe/retool/core/paths.py: DATA_MOUNT, MODELS_MOUNT, CHECKPOINTS_MOUNT; a test keeps them
+# equal).
 HIDDEN_PATHS = ("/__modal", "/data", "/models", "/checkpoints")
 # Public addresses a call must not reach; unreachable from this host too is fine (it proves less,
 # and the host's own listeners are the check that always bites).

@@ -1,10 +1,11 @@
 """DAPO at the production layout scaled to the GPUs at hand, with a model of Qwen2.5-1.5B's shape.
 
-``stages.run_dapo`` → verl ``main_ppo`` with ``config/dapo.yaml`` as Modal runs it: vLLM rollouts
-with tensor parallelism and the actor's Ulysses SP scaled from ``--gpus`` by ``launch.py`` (2 GPUs:
-TP 2, SP 2), FSDP parameter and optimizer offload as configured, the response length, group size
-and tool settings of the YAML. Only the batch scales with the GPUs (8 prompts a GPU, 64 on 8) and
-three things a random model forces are changed (see :func:`bench_args`). No weights are needed:
+``run_dapo`` → verl ``main_ppo`` with ``config/dapo.yaml`` as Modal runs it: vLLM rollouts
+with tensor parallelism and the actor's Ulysses SP scaled from ``--gpus`` by
+``launch/commands.py`` (2 GPUs: TP 2, SP 2), FSDP parameter and optimizer offload as configured,
+the response length, group size and tool settings of the YAML. Only the batch scales with the
+GPUs (8 prompts a GPU, 64 on 8) and three things a random model forces are changed (see
+:func:`bench_request`). No weights are needed:
 the model is random-init from Qwen2.5-1.5B's transformer body (``qwen_shapes.py``), with the
 vocabulary of the offline tokenizer (``data/tiny_model.py``) so every sampled id decodes.
 
@@ -34,11 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qwen_shapes import QWEN25_1_5B, model_params
 
-from recipe.retool import launch, run_metrics, stages
-from recipe.retool.async_dapo import plan_dapo
+from recipe.retool.core.paths import Layout
+from recipe.retool.core.request import ROLLOUT_MODES, LaunchRequest
+from recipe.retool.core.topology import Topology
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
 from recipe.retool.data.tiny_model import TinySpec, build
-from recipe.retool.paths import Layout
+from recipe.retool.launch.async_plan import plan_dapo
+from recipe.retool.records import run_metrics
+from recipe.retool.stages.dapo import run_dapo
 from sandbox.local import run_code_url
 
 EXPERIMENT = "bench"
@@ -61,15 +65,12 @@ def prepare(root: Path) -> None:
     print(f"prepared {model_params(root / 'model') / 1e9:.2f} B-parameter model under {root}")
 
 
-def bench_args(root: Path, gpus: int, steps: int, mode: str = "sync") -> list[str]:
-    """``run_dapo``'s arguments: dapo.yaml but for the batch and what a random model forces;
-    ``mode`` is ``--rollout-mode`` (async: verl's fully-async trainer, 2 GPUs or more)."""
+def bench_request(root: Path, gpus: int, steps: int, mode: str = "sync") -> LaunchRequest:
+    """``run_dapo``'s request: dapo.yaml but for the batch and what a random model forces;
+    ``mode`` is the rollout mode (async: verl's fully-async trainer, 2 GPUs or more)."""
     batch = PROMPTS_PER_GPU * gpus
     data = root / "synthetic"
-    return [
-        f"--experiment-name={EXPERIMENT}",
-        f"--rollout-mode={mode}",
-        f"--sft-checkpoint={root / 'model'}",
+    overrides = (
         f"data.train_files={data / 'rl_train.parquet'}",
         f"data.val_files=[{data / 'rl_val.parquet'}]",
         f"data.train_batch_size={batch}",
@@ -84,18 +85,19 @@ def bench_args(root: Path, gpus: int, steps: int, mode: str = "sync") -> list[st
         f"trainer.total_training_steps={steps}",
         "trainer.total_epochs=100",
         "trainer.logger=[console,file]",
-    ]
+    )
+    return LaunchRequest("dapo", experiment=EXPERIMENT, rollout_mode=mode,
+                         sft_checkpoint=str(root / "model"), overrides=overrides)  # fmt: skip
 
 
-def layout_settings(root: Path, gpus: int, args: Sequence[str]) -> dict:
+def layout_settings(root: Path, gpus: int, request: LaunchRequest) -> dict:
     """TP, SP, offload and the rollout mode as the composed config ``run_dapo`` launches has
     them (async: also the GPU split and the weight-sync interval)."""
-    topo = launch.Topology(gpus_per_node=gpus)
-    parsed = launch.parse_launch_args(args)
-    composed = plan_dapo(Layout.local(root), EXPERIMENT, root / "model", topo, parsed).composed
+    topo = Topology(gpus_per_node=gpus)
+    composed = plan_dapo(Layout.local(root), EXPERIMENT, root / "model", topo, request).composed
     actor, rollout = composed.actor_rollout_ref.actor, composed.actor_rollout_ref.rollout
-    mode = {"rollout_mode": parsed.rollout_mode}
-    if parsed.rollout_mode == "async":
+    mode = {"rollout_mode": request.rollout_mode}
+    if request.rollout_mode == "async":
         mode |= {
             "rollout_gpus": int(composed.rollout.n_gpus_per_node),
             "trainer_gpus": int(composed.trainer.n_gpus_per_node),
@@ -202,12 +204,12 @@ def run(root: Path, gpus: int, steps: int, out: Path, mode: str = "sync") -> dic
     import torch
 
     layout = Layout.local(root)
-    args = bench_args(root, gpus, steps, mode)
-    settings = layout_settings(root, gpus, args)
-    topo = launch.Topology(gpus_per_node=gpus)
+    request = bench_request(root, gpus, steps, mode)
+    settings = layout_settings(root, gpus, request)
+    topo = Topology(gpus_per_node=gpus)
     start = time.time()
     with GpuMemoryPeak() as memory, run_code_url(None) as url:
-        result = stages.run_dapo(layout, topo, args, sandbox_url=url)
+        result = run_dapo(layout, topo, request, sandbox_url=url)
     rows = run_metrics.read_run(layout.experiment_dir("dapo", EXPERIMENT))
     row = {
         "kind": "dapo",
@@ -238,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--gpus", type=int, required=True)
     r.add_argument("--steps", type=int, default=3)
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--rollout-mode", choices=launch.ROLLOUT_MODES, default="sync")
+    r.add_argument("--rollout-mode", choices=ROLLOUT_MODES, default="sync")
     args = parser.parse_args(argv)
     if args.cmd == "prepare":
         prepare(args.root.resolve())

@@ -3,7 +3,7 @@ Qwen2.5-1.5B's, ``--shape``).
 
 No weights are downloaded: the model is random-init from the architecture (``qwen_shapes.py``;
 speed and memory do not depend on the values), the data is synthetic multi-turn tool-calling
-conversations at the real lengths. Training runs through ``recipe.retool.stages.run_sft`` — the
+conversations at the real lengths. Training runs through ``recipe.retool.stages.sft.run_sft`` — the
 same code path and ``config/sft.yaml`` as ``modal run ...::train`` — with only the GPU count and
 the parallel/batch knobs under test changed. Each run is stopped after ``--steps`` steps (no
 checkpoint is written).
@@ -37,10 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trace_summary
 from qwen_shapes import SHAPES, model_params
 
-from recipe.retool import launch, stages
-from recipe.retool.constants import TOOL_NAME, TOOL_SCHEMA
-from recipe.retool.launch import Topology
-from recipe.retool.paths import Layout
+from recipe.retool.core.constants import TOOL_NAME, TOOL_SCHEMA
+from recipe.retool.core.paths import Layout
+from recipe.retool.core.request import LaunchRequest
+from recipe.retool.core.topology import Topology
+from recipe.retool.launch.commands import sft_overrides
+from recipe.retool.launch.validation import validate
+from recipe.retool.stages.sft import run_sft
 
 H100_BF16_DENSE_FLOPS = 989e12
 H100_MEMORY_GB = 81559 * 2**20 / 1e9  # what nvidia-smi reports for an H100 80GB HBM3
@@ -160,13 +163,12 @@ def parse_metrics(text: str) -> dict[str, float]:
     return metrics
 
 
-def bench_args(args: argparse.Namespace) -> list[str]:
-    """``run_sft``'s arguments: sft.yaml's settings but for the knobs under test. ``liger`` is
+def bench_request(args: argparse.Namespace) -> LaunchRequest:
+    """``run_sft``'s request: sft.yaml's settings but for the knobs under test. ``liger`` is
     passed only when asked for (``--liger`` / ``--no-liger``), else sft.yaml's value holds."""
     step = args.profile_step
     profiled = profile_args(step, args.out.with_suffix(".profile")) if step else []
-    return [
-        "--experiment-name=bench",
+    return LaunchRequest("sft", experiment="bench", overrides=(
         f"engine.ulysses_sequence_parallel_size={args.sp}",
         f"data.max_token_len_per_gpu={args.tokens_per_gpu}",
         f"data.train_batch_size={args.batch}",
@@ -180,7 +182,7 @@ def bench_args(args: argparse.Namespace) -> list[str]:
         *(["engine.use_torch_compile=False"] if args.no_compile else []),
         *profiled,
         *args.override,
-    ]
+    ))  # fmt: skip
 
 
 def profile_args(step: int, save_path: Path) -> list[str]:
@@ -204,12 +206,11 @@ def profile_summary(save_path: Path) -> dict:
     return {"trace": str(newest), **trace_summary.summarize(trace_summary.load_events(newest))}
 
 
-def measured_settings(layout: Layout, topo: Topology, args: Sequence[str], model: Path) -> dict:
+def measured_settings(layout: Layout, topo: Topology, request: LaunchRequest, model: Path) -> dict:
     """liger, torch.compile and gradient checkpointing as the composed config that ``run_sft``
-    launches has them (sft.yaml, then ``args``), not as the flags asked."""
-    parsed = launch.parse_launch_args(args)
-    overrides = launch.sft_overrides(layout, parsed.experiment, model, topo, parsed.overrides)
-    composed = launch.validate("sft", overrides, topo)
+    launches has them (sft.yaml, then the request's overrides), not as the flags asked."""
+    overrides = sft_overrides(layout, request.experiment, model, topo, request.overrides)
+    composed = validate("sft", overrides, topo)
     return {
         "liger": bool(composed.model.use_liger),
         "compile": bool(composed.engine.use_torch_compile),
@@ -235,13 +236,11 @@ def run(args: argparse.Namespace) -> dict:
     layout = Layout.local(args.root)
     world = args.gpus
     topo = Topology(gpus_per_node=world)
-    overrides = bench_args(args)
-    settings = measured_settings(layout, topo, overrides, args.root / "model")
+    request = bench_request(args)
+    settings = measured_settings(layout, topo, request, args.root / "model")
     collector = StepCollector(args.steps, args.out.with_suffix(".log"))
     start = time.time()
-    result = stages.run_sft(
-        layout, topo, overrides, model_path=args.root / "model", runner=collector
-    )
+    result = run_sft(layout, topo, request, model_path=args.root / "model", runner=collector)
     measured = measured_steps(collector.records, args.profile_step)
     if result.returncode != 0 or len(measured) < 1:
         tail = args.out.with_suffix(".log").read_text()[-3000:]

@@ -124,4 +124,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # this checkout's packages, as lint-imports reads them, not a copy installed elsewhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model
         if model is None:
             from recipe.retool.data.tiny_model import build
-            from recipe.retool.learning_curve import MODEL_SPEC
+            from recipe.retool.workflows.learning_curve.settings import MODEL_SPEC
 
             model = build(Path(tmp) / "model", MODEL_SPEC)
         result = record(model)

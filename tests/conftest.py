@@ -18,7 +18,7 @@ def wandb_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests run as a machine without a wandb account should: ``WANDB_MODE=offline``, and no
     ``.env`` read by a launch check (tests/recipe/test_tracking.py takes these away to test the
     check itself)."""
-    from recipe.retool import tracking
+    from recipe.retool.records import tracking
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -38,7 +38,7 @@ def vllm_model_dir() -> Path:
     """For ``gpu`` tests: the learning curve's small random-init Qwen2 (head size 64, one that
     vLLM's flash-attention kernels take; the tiny model's is 16), cached like the tiny one."""
     from recipe.retool.data.tiny_model import ensure_tiny_model
-    from recipe.retool.learning_curve import MODEL_SPEC
+    from recipe.retool.workflows.learning_curve.settings import MODEL_SPEC
 
     return ensure_tiny_model(CACHE_ROOT, MODEL_SPEC)
 

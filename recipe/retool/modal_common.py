@@ -24,9 +24,9 @@ from typing import NoReturn
 
 import modal
 
-from recipe.retool import paths
-from recipe.retool.constants import RAY_TOKEN_ENV
-from recipe.retool.envfile import DOTENV, read_dotenv
+from recipe.retool.core import paths
+from recipe.retool.core.constants import RAY_TOKEN_ENV
+from recipe.retool.core.envfile import DOTENV, read_dotenv
 from sandbox.environ import TOKEN_ENV
 
 # The repository where `modal run` runs (images are built from it). In a container this module

@@ -39,7 +39,7 @@ from __future__ import annotations
 import modal
 
 from recipe.retool import modal_common
-from recipe.retool.paths import SANDBOX_APP_NAME as APP_NAME
+from recipe.retool.core.paths import SANDBOX_APP_NAME as APP_NAME
 from sandbox.environ import TOKEN_ENV
 
 MINUTES = 60

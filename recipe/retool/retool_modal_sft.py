@@ -6,7 +6,7 @@
 #
 # This app trains Qwen2.5-7B-Instruct to reason with a Python interpreter, following the ReTool
 # recipe, with verl as the trainer. Every function here is a thin shell: the work is done by
-# plain Python in `recipe/retool/` (`data/prep.py`, `stages.py`, `launch.py`, `paths.py`), which
+# plain Python in `recipe/retool/` (`stages/`, `launch/`, `workflows/`, `core/`), which
 # the test suite and `make local-smoke` run on a CPU without Modal.
 #
 # The stages, in order:
@@ -40,11 +40,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import modal
 
-from recipe.retool import modal_common, paths
+from recipe.retool import modal_common
+from recipe.retool.core import paths
 
 APP_NAME = "retool-sft"
 # Read when the app is imported, here and again in every container: each function gets them in
@@ -68,9 +71,9 @@ trainer_image = modal_common.trainer_image()
 
 # ## Volumes and secrets
 #
-# Three volumes hold data, base models and checkpoints; `recipe/retool/paths.py` owns their names
-# and layout. Secrets come from `.env` (see `.env.example`), read here without python-dotenv; a
-# missing key is reported by name, never by value.
+# Three volumes hold data, base models and checkpoints; `recipe/retool/core/paths.py` owns their
+# names and layout. Secrets come from `.env` (see `.env.example`), read here without
+# python-dotenv; a missing key is reported by name, never by value.
 
 data_volume = modal.Volume.from_name(paths.DATA_VOLUME, create_if_missing=True)
 models_volume = modal.Volume.from_name(paths.MODELS_VOLUME, create_if_missing=True)
@@ -109,7 +112,7 @@ def _commit(*volumes: modal.Volume) -> None:
 
 def _topology():
     """This container's place in the job: one node, or its rank in a Modal cluster."""
-    from recipe.retool.launch import Topology
+    from recipe.retool.core.topology import Topology
 
     try:
         cluster = modal.experimental.get_cluster_info()
@@ -119,15 +122,17 @@ def _topology():
         ips, rank = list(cluster.container_ipv4_ips), cluster.rank
     except Exception:
         ips, rank = [], 0
-    if len(ips) <= 1:
-        return Topology(gpus_per_node=N_GPUS, gpu_type=GPU_TYPE)
-    return Topology(
-        gpus_per_node=N_GPUS, nnodes=len(ips), node_rank=rank, master_addr=ips[0], gpu_type=GPU_TYPE
-    )
+    return Topology.of_cluster(ips, rank, gpus_per_node=N_GPUS, gpu_type=GPU_TYPE)
+
+
+def _fail(problem: object, code: int = 2) -> NoReturn:
+    """A problem the user can act on: one line on stderr, never a traceback."""
+    print(f"error: {problem}", file=sys.stderr)
+    raise SystemExit(code) from None
 
 
 def _report_credentials() -> None:
-    from recipe.retool.stages import check_credentials
+    from recipe.retool.records.tracking import check_credentials
 
     for note in check_credentials():
         print(f"note: {note}")
@@ -140,44 +145,20 @@ def _report_credentials() -> None:
 def prep_dataset(
     max_rows: int = 0, on_error: str = "fail", only: str = "", source_dir: str = ""
 ) -> None:
-    """Convert ReTool-SFT, DAPO-Math-17k and AIME 2024/2025 into verl parquet on the data volume.
-
-    With the base model downloaded first (``download_model``), its tokenizer gives token-length
-    percentiles and SFT traces longer than the SFT ``data.max_length`` are dropped (and counted)
-    instead of failing training mid-epoch; ``prep_summary.json`` records whether that filter ran,
-    and the pipeline prepares again when it did not.
-    """
-    import sys
-
+    """Convert ReTool-SFT, DAPO-Math-17k and AIME 2024/2025 into verl parquet on the data volume
+    (``stages/prep.py``: after ``download_model``, SFT traces too long for SFT are dropped and
+    counted; ``prep_summary.json`` says whether, and the pipeline prepares again when not)."""
     from recipe.retool.data.convert import MalformedRow
-    from recipe.retool.data.prep import PrepError, prepare
-    from recipe.retool.launch import load_stage_config
+    from recipe.retool.data.prep import PrepError
+    from recipe.retool.stages.prep import prepare_dataset
 
     _report_credentials()
     _reload(models_volume)
-    layout = paths.Layout.from_env()
-    model_dir = layout.model_dir()
-    has_tokenizer = (model_dir / "tokenizer_config.json").exists()
-    if not has_tokenizer:
-        print(
-            "note: no base model yet (run download_model first): no token-length stats, and "
-            "SFT traces over data.max_length are kept (the pipeline will prepare again)"
-        )
     try:
-        prepare(
-            layout.data,
-            only=[only] if only else None,
-            source_dir=Path(source_dir) if source_dir else None,
-            max_rows=max_rows or None,
-            on_error=on_error,
-            tokenizer=model_dir if has_tokenizer else None,
-            sft_max_length=load_stage_config("sft").overrides["data.max_length"]
-            if has_tokenizer
-            else None,
-        )
+        prepare_dataset(paths.Layout.from_env(), only=only, source_dir=source_dir,
+                        max_rows=max_rows, on_error=on_error)  # fmt: skip
     except (PrepError, MalformedRow) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(exc)
     _commit(data_volume, models_volume)  # the parquet, and the hub cache (HF_HOME) on /models
 
 
@@ -188,7 +169,7 @@ def download_model(
     force: bool = False,
 ) -> None:
     """Snapshot the base model into the models volume (resumable; skipped once complete)."""
-    from recipe.retool.stages import download_model as download
+    from recipe.retool.stages.checkpoints import download_model as download
 
     _report_credentials()
     _reload(models_volume)
@@ -199,13 +180,10 @@ def download_model(
 
 # ## Training
 #
-# `train_gpu` runs verl's SFT trainer under torchrun on all GPUs of one container;
-# `train_dapo_gpu` runs verl's PPO trainer (GRPO advantages, DAPO settings) with Ray and vLLM,
-# starting from the latest complete SFT checkpoint. Every node runs its own sandbox on loopback
-# for the tool calls (`tool_sandbox.py`; measured against a remote endpoint in docs/benchmarks.md);
-# pass `--sandbox=deployed` to send them to the deployed `modal_fusion_sandbox.py` instead.
-# `modal run ...::train` / `::train_dapo` (below, "Launching") check the launch before they spawn
-# these.
+# `train_gpu`: verl's SFT trainer under torchrun on all GPUs of one container. `train_dapo_gpu`:
+# verl's PPO trainer (DAPO settings) with Ray and vLLM from the latest complete SFT checkpoint,
+# the tool calls on each node's own sandbox (`stages/tool_sandbox.py`). Each parses its arguments
+# once (`core/request.py`) and hands the request to its stage (`stages/`).
 
 
 def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
@@ -218,10 +196,9 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     (``modal_common.fail_for_good``); anything else (Ray nodes that did not join, the trainer's
     own failure or a cut) exits non-zero, and Modal's retry resumes the run.
     """
-    import sys
-
-    from recipe.retool import launch, stages
-    from recipe.retool.tool_sandbox import NodeSandboxError
+    from recipe.retool.core.request import LaunchError, parse
+    from recipe.retool.stages import dapo, sft
+    from recipe.retool.stages.tool_sandbox import NodeSandboxError
 
     _report_credentials()
     _reload(data_volume, models_volume, checkpoints_volume)
@@ -229,32 +206,28 @@ def _run_stage(stage: str, arglist: tuple[str, ...]) -> None:
     launch_id = modal.current_function_call_id()
     modal_common.refuse_retry(layout, launch_id)
     try:
+        request = parse(stage, arglist)  # the arguments enter this container here, once
         topo = _topology()
         if stage == "sft":
-            result = stages.run_sft(layout, topo, arglist, launch_id=launch_id)
+            result = sft.run_sft(layout, topo, request, launch_id=launch_id)
         else:  # every node starts its own sandbox first (tool_sandbox.py), then Ray
-            result = stages.dapo_on_node(
-                layout, topo, arglist, deployed_url=modal_common.sandbox_url, launch_id=launch_id
+            result = dapo.dapo_on_node(
+                layout, topo, request, deployed_url=modal_common.sandbox_url, launch_id=launch_id
             )
             if result is None:
                 return  # a worker node served the cluster until the job ended
     except (
-        launch.LaunchError,
+        LaunchError,
         paths.CheckpointNotFound,
         modal_common.SandboxNotDeployed,
         NodeSandboxError,
     ) as exc:
         modal_common.fail_for_good(layout, launch_id, f"error: {exc}")
     except RuntimeError as exc:  # e.g. Ray nodes that did not join: another attempt may work
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _fail(exc, 1)
     finally:
         _commit(checkpoints_volume)  # whatever was saved survives a failure, and the marker
-    where = result.checkpoint.path if result.checkpoint else "no complete checkpoint"
-    print(
-        f"{stage} {result.experiment}: exit {result.returncode}, "
-        f"{result.seconds / 60:.1f} min, {where}"
-    )
+    print(result.summary())
     if result.returncode != 0:
         raise SystemExit(result.returncode)
 
@@ -281,11 +254,9 @@ def train_dapo_gpu(*arglist: str) -> None:
 
 # ## Does DAPO learn?
 #
-# `make dapo-curve` on Modal: a small model SFT'd on synthetic tool-use problems; its saved steps
-# scored on held-out problems to pick a DAPO start with room to learn; then DAPO with the
-# production config from there, two seeds and a control whose rewards are shuffled, side by side
-# on one GPU. Rises with paired bootstrap intervals go to
-# `/checkpoints/learning-curve/<timestamp>/curve.{json,md,png}` (see docs/benchmarks.md).
+# `make dapo-curve` on Modal (`workflows/learning_curve/`): a small model SFT'd on synthetic
+# tool-use problems, DAPO from a start with room to learn, seeds against a shuffled-reward
+# control; `/checkpoints/learning-curve/<timestamp>/curve.{json,md,png}` (docs/benchmarks.md).
 #
 #     modal run recipe/retool/retool_modal_sft.py::learning_curve --dapo-steps 30
 
@@ -296,16 +267,11 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
     shuffled-reward control) → curve and verdict, on one GPU; the deployed sandbox runs every
     tool call. A start that is altered or scores outside the band fails with that one line."""
     import time
-    from dataclasses import replace
 
-    from recipe.retool import learning_curve as curve
+    from recipe.retool.workflows.learning_curve import proof as curve
+    from recipe.retool.workflows.learning_curve.settings import given_settings
 
-    defaults = curve.CurveSettings()
-    settings = replace(
-        defaults,
-        sft_epochs=sft_epochs or defaults.sft_epochs,
-        dapo_steps=dapo_steps or defaults.dapo_steps,
-    )
+    settings = given_settings(dapo_steps=dapo_steps, sft_epochs=sft_epochs)
     root = paths.Layout.from_env().checkpoints / "learning-curve" / time.strftime("%Y%m%d-%H%M%S")
     try:
         result = curve.run(root, settings, gpus=1, sandbox_url=modal_common.sandbox_url())
@@ -320,11 +286,9 @@ def learning_curve(dapo_steps: int = 0, sft_epochs: int = 0) -> dict:
 
 # ## Multi-node
 #
-# The same stages on a Modal cluster of `RETOOL_NODES` containers with `RETOOL_GPUS` GPUs each,
-# linked by RDMA: SFT uses torchrun's static rendezvous on node 0's IPv4 address; DAPO starts a
-# Ray head on node 0 and Ray workers on the others, then runs `main_ppo` on node 0 over the whole
-# cluster. The Ray nodes authenticate with one token made for each launch and handed to every
-# container as a secret (`modal_common.ray_cluster_secret`).
+# The same stages on a Modal cluster of `RETOOL_NODES` containers (RDMA): SFT by torchrun's static
+# rendezvous on node 0's IPv4 address; DAPO on a Ray cluster headed by node 0, its nodes sharing
+# one token made for each launch (`modal_common.ray_cluster_secret`).
 
 
 @app.function(**GPU_FUNCTION, **modal_common.host_resources("sft", N_GPUS))
@@ -346,82 +310,45 @@ def train_dapo_multinode_gpu(*arglist: str) -> None:
 
 # ## Evaluation
 #
-# AIME 2024 and 2025 with the same multi-turn code-interpreter loop as training (verl's tool agent
-# loop, our tool, a sandbox on this container as DAPO's nodes run one, our reward), vLLM on one
-# GPU, the ReTool paper's settings by default (n = 32, T = 1.0, top-p 0.7, 16k tokens). Reports
-# (JSON, markdown, plots) go to `/checkpoints/eval/<label>/`; the summary table is printed and the
-# results are logged to wandb (project `retool-eval`) where it is configured.
+# AIME 2024 and 2025 through training's tool loop, vLLM on one GPU, the ReTool paper's settings
+# (config/eval.yaml); reports in `/checkpoints/eval/<label>/`, numbers in wandb (`retool-eval`).
 #
 #     modal run recipe/retool/retool_modal_sft.py::evaluate --checkpoint latest  # base, sft, PATH
-
-
-EVAL_PROJECT = "retool-eval"
 
 
 @app.function(
     **(GPU_FUNCTION | {"gpu": f"{GPU_TYPE}:1", "timeout": 12 * HOURS}),
     **modal_common.host_resources("eval", 1),
 )
-def evaluate_gpu(
-    checkpoint: str = "latest",
-    n: int = 0,
-    max_problems: int = 0,
-    experiment: str = "",
-    force: bool = False,
-) -> dict:
+def evaluate_gpu(checkpoint: str = "latest", n: int = 0, max_problems: int = 0,
+                 experiment: str = "", force: bool = False) -> dict:  # fmt: skip
     """Evaluate one checkpoint, or with --experiment base vs its SFT vs its DAPO side by side
     (``modal run ...::evaluate`` checks, then spawns this)."""
-    import json
-    import sys
-    from dataclasses import replace
-
-    from recipe.retool import tracking
-    from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
-    from recipe.retool.eval.config import EvalConfig, EvalError
-    from recipe.retool.eval.report import show_summary
-    from recipe.retool.eval.runner import evaluate_checkpoint as run_eval
-    from recipe.retool.launch import LaunchError
-    from recipe.retool.pipeline import evaluate_experiment
-    from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
+    from recipe.retool.core.request import LaunchError
+    from recipe.retool.eval.config import EvalError
+    from recipe.retool.stages.tool_sandbox import NodeSandboxError
+    from recipe.retool.workflows import evaluation
 
     _reload(data_volume, models_volume, checkpoints_volume)
     layout = paths.Layout.from_env()
     try:
-        cfg = EvalConfig.from_yaml()
-        cfg = replace(cfg, n=n or cfg.n, max_problems=max_problems or cfg.max_problems)
-        with tool_sandbox(None, deployed_url=modal_common.sandbox_url) as sandbox_url:
-            if experiment:
-                files = evaluate_experiment(layout, experiment, sandbox_url, cfg, backend="vllm")
-                result = {"comparison": [str(f) for f in files]}
-            else:
-                ref = resolve_checkpoint(checkpoint, layout)
-                datasets = {name: layout.rl_file(name) for name in paths.EVAL_SETS}
-                out_dir = report_dir(eval_dir(layout, ref.label), force=force)
-                result = run_eval(ref.path, datasets, out_dir, cfg, sandbox_url, "vllm",
-                                  checkpoint=ref)  # fmt: skip
+        evaluated = evaluation.evaluate_on_volumes(
+            layout, modal_common.sandbox_url, checkpoint=checkpoint, n=n,
+            max_problems=max_problems, experiment=experiment, force=force,
+        )  # fmt: skip
     except (EvalError, LaunchError, paths.CheckpointNotFound, NodeSandboxError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(exc)
     finally:
         _commit(checkpoints_volume)
-    if experiment:
-        compare = Path(result["comparison"][0])
-        print(compare.read_text())
-        plots, run = {"compare": compare.with_suffix(".png")}, experiment
-        numbers = tracking.flat_numbers(json.loads(compare.with_suffix(".json").read_text()))
-    else:
-        plots = {p.stem: p for p in show_summary(result, ref, layout)}
-        run, numbers = ref.label, tracking.flat_numbers(result["datasets"])
-    tracking.log_results(layout, project=EVAL_PROJECT, run=f"eval-{run}", metrics=numbers,
-                         images=plots)  # fmt: skip
+    evaluation.report(layout, evaluated)
     _commit(checkpoints_volume)  # the progress plot and wandb's files
-    return result
+    return evaluated.result
 
 
 # ## The whole pipeline
 #
-# download → prep → SFT → DAPO → evaluation of base, SFT and DAPO, skipping every stage that is
-# already done (see `recipe/retool/pipeline.py`); an interrupted run resumes where it stopped.
+# download → prep → SFT → DAPO → evaluation, skipping every stage already done
+# (`workflows/pipeline.py`); an interrupted run resumes where it stopped.
 #
 #     modal run recipe/retool/retool_modal_sft.py::pipeline --experiment-name retool-7b
 
@@ -429,7 +356,7 @@ def evaluate_gpu(
 @app.function(image=trainer_image, volumes=VOLUMES, env=ENV, timeout=10 * MINUTES)
 def pipeline_status(experiment: str) -> dict[str, bool]:
     """Which stages of ``experiment`` are done, read from the volumes."""
-    from recipe.retool.pipeline import format_status, stage_done
+    from recipe.retool.workflows.pipeline import format_status, stage_done
 
     _reload(data_volume, models_volume, checkpoints_volume)
     done = stage_done(paths.Layout.from_env(), experiment)
@@ -441,26 +368,23 @@ def pipeline_status(experiment: str) -> dict[str, bool]:
 def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
     """Run (or resume) every stage of one experiment, from a container: the chain outlives the
     client that launched it. Each stage is its own call (DAPO with its own retries)."""
-    import sys
+    from recipe.retool.workflows.pipeline import run_pipeline, training_requests
 
-    from recipe.retool.pipeline import run_pipeline
-
-    exp = f"--experiment-name={experiment_name}"
+    sft, dapo = training_requests(experiment_name)  # each crosses to its GPU function as argv
     try:
         outcomes = run_pipeline(
             lambda: pipeline_status.local(experiment_name),
             {
                 "download": lambda: download_model.remote(),
                 "prep": lambda: prep_dataset.remote(),
-                "sft": lambda: train_gpu.remote(exp),
-                "dapo": lambda: train_dapo_gpu.remote(exp, f"--sft-checkpoint={experiment_name}"),
+                "sft": lambda: train_gpu.remote(*sft.to_argv()),
+                "dapo": lambda: train_dapo_gpu.remote(*dapo.to_argv()),
                 "eval": lambda: evaluate_gpu.remote(experiment=experiment_name),
             },
             force=tuple(filter(None, force.split(","))),
         )
     except ValueError as exc:  # an unknown --force stage, found before anything runs
-        print(f"error: --force: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(f"--force: {exc}")
     lines = [f"{outcome.stage:<9} {outcome.action}" for outcome in outcomes]
     print("\n".join(lines))
     if outcomes and outcomes[-1].action.startswith("failed"):
@@ -470,101 +394,9 @@ def pipeline_run(experiment_name: str = "retool", force: str = "") -> list[str]:
 
 # ## Launching
 #
-# The seed's commands (`modal run ...::train`, `::train_dapo`), `::evaluate`, `::pipeline` and
-# `make sft|dapo|eval|pipeline` (the same, detached) are local entry points: they run where
-# `modal run` runs, with nothing but modal and the standard library. Each first runs
-# `check_launch` in a small CPU container of the trainer image, with the volumes and secrets the
-# run will have: every mistake it can see there fails in one line, exit 2, before a GPU starts.
-# Then it spawns the GPU function, prints how to follow it (`recipe/retool/follow.py`) and waits;
-# Ctrl-C or a closed laptop detaches a `--detach` run, which goes on.
-
-
-def _check_training(stage: str, args: list[str], nodes: int) -> dict:
-    """``python -m recipe.retool.launch check`` here, where the volumes are mounted (DAPO's start
-    is checked too), and for SFT its data and base model; DAPO's sandbox runs a test program."""
-    import contextlib
-    import io
-    import shlex
-    import sys
-
-    from recipe.retool import launch, stages
-    from recipe.retool.eval.config import EvalError
-    from recipe.retool.follow import project_override
-    from recipe.retool.tool_sandbox import NodeSandboxError
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = launch.main(["check", stage, "--gpus", str(N_GPUS), "--nodes", str(nodes), *args])
-    lines = out.getvalue().splitlines() + err.getvalue().splitlines()
-    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-    command = shlex.quote(sys.executable) + " "  # the trainer's command line: long, not shown
-    shown = [line for line in lines if not line.startswith(("error: ", command))]
-    plan = {"lines": shown}
-    if code:
-        return plan | {"error": errors[-1] if errors else f"launch check exited {code}"}
-    layout = paths.Layout.from_env()
-    parsed = launch.parse_launch_args(args)
-    try:
-        if stage == "sft":
-            stages.check_sft_inputs(layout, layout.model_dir(), args)
-        else:
-            plan["lines"].append(_check_tool_sandbox(parsed.sandbox))
-    except (
-        launch.LaunchError,
-        NodeSandboxError,
-        modal_common.SandboxNotDeployed,
-        EvalError,
-    ) as exc:
-        return plan | {"error": str(exc)}
-    project = project_override(
-        parsed.overrides, launch.load_stage_config(stage).overrides["trainer.project_name"]
-    )
-    return plan | {"error": None, "experiment": parsed.experiment, "project": project}
-
-
-def _check_tool_sandbox(choice: str | None) -> str:
-    """The tool's sandbox as the run will get it (``tool_sandbox.py``'s order), checked without
-    making Modal Sandboxes: those cost CPU-hours and a minute to start, so the check names them
-    and the run makes them. This node's sandbox (or the deployed one) runs a test program; a
-    node that fails its self-test under ``auto`` says that the run falls back to the pool."""
-    from recipe.retool.eval.runner import check_sandbox
-    from recipe.retool.tool_sandbox import NodeSandboxError, tool_sandbox
-
-    if choice == "modal":
-        return "sandbox: Modal Sandboxes (--sandbox=modal), made when the run starts"
-    try:
-        with tool_sandbox(choice or "node", deployed_url=modal_common.sandbox_url) as url:
-            check_sandbox(url)
-    except NodeSandboxError as exc:
-        if choice is not None:
-            raise
-        return f"sandbox: not this node's ({exc}); the run falls back to Modal Sandboxes"
-    return f"sandbox: {url} ran a test program"
-
-
-def _check_evaluation(options: dict) -> dict:
-    """The evaluation's settings, its checkpoint on the volume, its report directory, and the
-    tool sandbox it will use (`_check_tool_sandbox`)."""
-    from dataclasses import replace
-
-    from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
-    from recipe.retool.eval.config import EvalConfig, EvalError
-    from recipe.retool.tool_sandbox import NodeSandboxError
-
-    layout = paths.Layout.from_env()
-    lines = []
-    try:
-        cfg = EvalConfig.from_yaml()
-        replace(cfg, n=options.get("n") or cfg.n,
-                max_problems=options.get("max_problems") or cfg.max_problems)  # fmt: skip
-        if not options.get("experiment"):
-            ref = resolve_checkpoint(options.get("checkpoint", "latest"), layout)
-            report_dir(eval_dir(layout, ref.label), force=bool(options.get("force")))
-            lines.append(f"evaluates {ref.path}")
-        lines.append(_check_tool_sandbox(None))
-    except (EvalError, paths.CheckpointNotFound, NodeSandboxError) as exc:
-        return {"lines": lines, "error": str(exc)}
-    return {"lines": lines, "error": None}
+# The local entry points (top of this file): `check_launch` runs in a small CPU container with the
+# volumes and secrets the run will have, then the GPU function is spawned and followed; Ctrl-C or
+# a closed laptop detaches a `--detach` run, which goes on.
 
 
 @app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, env=ENV, cpu=2.0,
@@ -574,52 +406,47 @@ def check_launch(stage: str, args: list, nodes: int = 1, options: dict | None = 
     any GPU starts, checked where it will run: this image's verl, the volumes, the secrets, the
     sandbox. Returns ``{"error": one line or None, "lines": [what the checks printed], ...}``
     (``experiment`` and ``project`` for training), never raises: the launch prints the line."""
-    _reload(data_volume, models_volume, checkpoints_volume)
-    options = options or {}
-    if stage in ("sft", "dapo"):
-        return _check_training(stage, list(args), nodes)
-    if stage == "eval":
-        return _check_evaluation(options)
-    from recipe.retool.pipeline import PIPELINE_STAGES
+    from recipe.retool.core.request import LaunchError, parse
+    from recipe.retool.core.topology import Topology
+    from recipe.retool.workflows import preflight
 
-    unknown = set(filter(None, options.get("force", "").split(","))) - set(PIPELINE_STAGES)
-    if unknown:
-        return {"lines": [], "error": f"--force: unknown stage(s) {sorted(unknown)}; stages are "
-                                      f"{PIPELINE_STAGES}"}  # fmt: skip
-    return {"lines": [], "error": None}
+    _reload(data_volume, models_volume, checkpoints_volume)
+    layout, options = paths.Layout.from_env(), options or {}
+    if stage in ("sft", "dapo"):
+        try:  # the arguments enter this container here, once
+            request = parse(stage, list(args))
+            topo = Topology(gpus_per_node=N_GPUS, nnodes=nodes)
+        except LaunchError as exc:
+            return {"lines": [], "error": str(exc)}
+        return preflight.check_training(
+            layout, request, topo, deployed_url=modal_common.sandbox_url,
+            also_refused=(modal_common.SandboxNotDeployed,),
+        )  # fmt: skip
+    if stage == "eval":
+        return preflight.check_evaluation(layout, options, modal_common.sandbox_url)
+    return preflight.check_pipeline(options)
 
 
 def _launch(stage: str, function: modal.Function, *args: str, nodes: int = 1, what: str,
             **options) -> None:  # fmt: skip
     """Check (``check_launch``), spawn ``function``, print how to follow it, then wait (the wait
     is what a detach ends). Runs where ``modal run`` runs: the follow lines are plain functions
-    (``follow.py``, ``tracking.py``: the standard library at import)."""
-    import sys
-
-    from recipe.retool import follow, tracking
+    (``records/follow.py``, ``records/tracking.py``: the standard library at import)."""
+    from recipe.retool.records import follow
 
     plan = check_launch.remote(stage, list(args), nodes, options)
     for line in plan["lines"]:
         print(line)
     if plan["error"]:
-        print(f"error: {plan['error']}", file=sys.stderr)
-        raise SystemExit(2)
+        _fail(plan["error"])
     call = function.spawn(*args, **options)
-    if stage in ("sft", "dapo"):
-        experiment = plan["experiment"] or tracking.default_experiment(stage, call.object_id)
-        url = follow.training_wandb_url(stage, experiment, plan["project"])
-    elif stage == "eval":
-        entity = tracking.launch_env().get("WANDB_ENTITY")
-        url = tracking.run_url(EVAL_PROJECT, "", entity).removesuffix("/runs/")
-    else:
-        url = None
+    url = follow.launch_wandb_url(stage, plan, call.object_id)
     lines = follow.follow_lines(app.app_id, call.object_id, what=what, wandb_url=url)
     print("\n".join(lines), flush=True)
     try:
         call.get()
     except Exception as exc:  # the run failed: its logs (streamed above, and kept) say why
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {what} failed: {first} (modal app logs {app.app_id})", file=sys.stderr)
+        print(follow.failure_line(what, exc, app.app_id), file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -655,13 +482,8 @@ def train_dapo_multinode(*arglist: str) -> None:
 
 
 @app.local_entrypoint()
-def evaluate(
-    checkpoint: str = "latest",
-    n: int = 0,
-    max_problems: int = 0,
-    experiment: str = "",
-    force: bool = False,
-) -> None:
+def evaluate(checkpoint: str = "latest", n: int = 0, max_problems: int = 0, experiment: str = "",
+             force: bool = False) -> None:  # fmt: skip
     """Evaluate one checkpoint (``make eval``), or with --experiment base vs its SFT vs its DAPO.
 
     Settings come from config/eval.yaml; ``--n`` (samples per problem) and ``--max-problems``
@@ -682,54 +504,38 @@ def pipeline(experiment_name: str = "retool", force: str = "") -> None:
 
 # ## Results and offline wandb runs
 #
-# `make results EXPERIMENT=x`: the experiment's reports (run reports, metrics, checkpoint info,
-# evaluation reports; never weights) from the volumes into `runs/<x>/`.
+# `make results EXPERIMENT=x`: the experiment's reports (never weights) into `runs/<x>/`;
 # `make wandb-sync`: upload the offline wandb runs kept on the checkpoints volume.
 
 
 @app.function(image=trainer_image, volumes=VOLUMES, env=ENV, timeout=10 * MINUTES)
 def result_files(experiment: str) -> dict[str, bytes]:
     """``{path relative to the checkpoints volume: bytes}`` of ``follow.result_files``."""
-    from recipe.retool.follow import result_files as wanted
+    from recipe.retool.records.follow import read_result_files
 
     _reload(checkpoints_volume)
-    layout = paths.Layout.from_env()
-    return {
-        str(p.relative_to(layout.checkpoints)): p.read_bytes() for p in wanted(layout, experiment)
-    }
+    return read_result_files(paths.Layout.from_env(), experiment)
 
 
 @app.local_entrypoint()
 def results(experiment: str = "retool", out: str = "runs") -> None:
     """Write ``result_files(experiment)`` under ``<out>/<experiment>/``, the volume's layout."""
-    target = Path(out) / experiment
-    files = result_files.remote(experiment)
-    for relative, body in sorted(files.items()):
-        path = target / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(body)
+    from recipe.retool.records.follow import write_result_files
+
+    written = write_result_files(result_files.remote(experiment), Path(out) / experiment)
+    for path in written:
         print(path)
-    if not files:
+    if not written:
         print(f"no reports for {experiment!r} yet (make status EXPERIMENT={experiment})")
 
 
 @app.function(image=trainer_image, volumes=VOLUMES, secrets=secrets, env=ENV, timeout=2 * HOURS)
 def wandb_sync() -> None:
     """``wandb sync`` every offline run under the volume's WANDB_DIR (needs WANDB_API_KEY)."""
-    import subprocess
-    import sys
-
-    from recipe.retool import tracking
+    from recipe.retool.records import tracking
 
     _reload(checkpoints_volume)
-    runs = sorted((tracking.wandb_dir(paths.Layout.from_env()) / "wandb").glob("offline-run-*"))
-    if not runs:
-        print("no offline wandb runs on the checkpoints volume")
-        return
-    if not os.environ.get("WANDB_API_KEY"):
-        print("error: wandb sync needs WANDB_API_KEY in .env", file=sys.stderr)
-        raise SystemExit(2)
-    code = subprocess.run(["wandb", "sync", *map(str, runs)], check=False).returncode
+    code = tracking.sync_offline_runs(paths.Layout.from_env())
     _commit(checkpoints_volume)  # wandb marks what it synced
     if code:
         raise SystemExit(code)
@@ -741,7 +547,7 @@ def wandb_sync() -> None:
 @app.function(image=trainer_image, volumes=VOLUMES, env=ENV, timeout=10 * MINUTES)
 def list_checkpoints() -> str:
     """Print every checkpoint of every experiment, marking partial (interrupted) saves."""
-    from recipe.retool.stages import describe_checkpoints
+    from recipe.retool.stages.checkpoints import describe_checkpoints
 
     _reload(checkpoints_volume)
     table = describe_checkpoints(paths.Layout.from_env())
@@ -754,21 +560,15 @@ def list_checkpoints() -> str:
 def merge_checkpoint(
     experiment_name: str, step: int, stage: str = "sft", force: bool = False
 ) -> str:
-    """Merge a step's FSDP shards into HF safetensors (``<step>/huggingface``), verl's merger.
-
-    Atomic: the merged weights are renamed into place once they load. A step that already has
-    loadable weights is left alone unless ``--force`` (its weights are kept until the new load).
-    """
-    import sys
-
-    from recipe.retool.stages import merge_checkpoint as merge
+    """Merge a step's FSDP shards into HF safetensors (``<step>/huggingface``) with verl's merger,
+    atomically; loadable weights there are replaced only with ``--force``, once the new load."""
+    from recipe.retool.stages.checkpoints import merge_checkpoint as merge
 
     _reload(checkpoints_volume)
     try:
         target = merge(paths.Layout.from_env(), stage, experiment_name, step, force=force)
     except (paths.CheckpointNotFound, ValueError) as exc:  # no such step; weights there already
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(exc)
     _commit(checkpoints_volume)
     print(f"merged into {target}")
     return str(target)
@@ -777,16 +577,13 @@ def merge_checkpoint(
 @app.function(image=trainer_image, secrets=secrets, env=ENV, timeout=5 * MINUTES)  # .env: token
 def check_sandbox_connection(url: str = "") -> None:
     """Run `print(2+2)` in the deployed sandbox and report latency (or why it failed)."""
-    import sys
-
     from sandbox.client import SandboxClient, SandboxRequestError, SandboxUnavailable
 
     try:
         endpoint = url or modal_common.sandbox_url()
         result = SandboxClient(endpoint, max_retries=2).run_code_sync("print(2+2)")
     except (modal_common.SandboxNotDeployed, SandboxUnavailable, SandboxRequestError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _fail(exc, 1)
     print(f"{endpoint}: status={result.status} stdout={result.stdout.strip()!r} "
           f"latency={result.latency_s * 1000:.0f} ms")  # fmt: skip
     if result.stdout.strip() != "4":

@@ -36,7 +36,8 @@ import threading
 
 import modal
 
-from recipe.retool import modal_common, paths
+from recipe.retool import modal_common
+from recipe.retool.core import paths
 from recipe.retool.serving import vllm_server
 from recipe.retool.serving.vllm_server import (
     LOOPBACK,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import modal
 
 from recipe.retool import modal_common
-from recipe.retool.paths import SANDBOX_APP_NAME
+from recipe.retool.core.paths import SANDBOX_APP_NAME
 
 app = modal.App(f"{SANDBOX_APP_NAME}-check")
 

@@ -15,7 +15,7 @@ pytest.importorskip("modal")  # dev-only: absent on a GPU box with the trainer i
 import modal
 import yaml
 
-from recipe.retool import paths
+from recipe.retool.core import paths
 from tests.images import dockerfiles as d
 
 REPO = Path(__file__).resolve().parents[2]

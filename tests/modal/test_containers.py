@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from recipe.retool import paths
+from recipe.retool.core import paths
 from tests.modal import harness
 from tests.modal.conftest import deployed
 from tests.recipe.test_paths import make_step, mark_tracked
@@ -227,7 +227,7 @@ def test_the_pipelines_status_results_and_wandb_sync_run_in_their_containers(
 ) -> None:
     run = in_container(describe, containers, fixture_volumes, "pipeline_status",
                        {"call": "pipeline_status", "args": ["exp"]})  # fmt: skip
-    from recipe.retool.pipeline import stage_done
+    from recipe.retool.workflows.pipeline import stage_done
 
     assert run.step(0)["returned"] == stage_done(host_layout(fixture_volumes), "exp")
     assert "sft       pending" in run.stdout  # a step, but no checkpoint_info.json: not done

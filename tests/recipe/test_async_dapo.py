@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from recipe.retool import async_dapo, launch, stages
-from recipe.retool.launch import LaunchError, Topology, parse_launch_args
+from recipe.retool.core.paths import Layout
+from recipe.retool.core.request import LaunchError, parse
+from recipe.retool.core.topology import Topology
+from recipe.retool.launch import async_plan as async_dapo
+from recipe.retool.launch.check import main
 from recipe.retool.local import checkpoint_engine_cpu
-from recipe.retool.paths import Layout
+from recipe.retool.stages.dapo import run_dapo
 from tests.cli import assert_one_line_error, run_module
 
 LAYOUT = Layout.modal()
@@ -21,7 +24,7 @@ ASYNC = "--rollout-mode=async"
 
 def plan(gpus: int, *args: str, nnodes: int = 1, device: str = "cuda") -> async_dapo.DapoPlan:
     topo = Topology(gpus_per_node=gpus, nnodes=nnodes, device=device)
-    return async_dapo.plan_dapo(LAYOUT, "rl", MODEL, topo, parse_launch_args(args))
+    return async_dapo.plan_dapo(LAYOUT, "rl", MODEL, topo, parse("dapo", args))
 
 
 def test_async_runs_verls_fully_async_entry_with_the_sync_plugins() -> None:
@@ -94,7 +97,7 @@ def test_staleness_partial_rollouts_and_is_correction_by_verls_names() -> None:
 
 
 def test_launch_output_says_what_async_changes(capsys) -> None:
-    assert launch.main(["check", "dapo", "--gpus", "8", ASYNC]) == 0
+    assert main(["check", "dapo", "--gpus", "8", ASYNC]) == 0
     out = capsys.readouterr().out
     notes = [line for line in out.splitlines() if line.startswith("note: ")]
     assert "4 rollout + 4 trainer GPUs per node" in notes[0]
@@ -156,7 +159,7 @@ def test_train_dapo_launches_the_async_trainer_with_the_sandbox(tmp_path: Path, 
     mark_tracked(layout, "sft", "s1", 62)
     runner = FakeRunner(layout, "dapo")
     args = ["--experiment-name=d", ASYNC, "--rollout-gpus=2"]
-    result = stages.run_dapo(layout, Topology(gpus_per_node=4), args, sandbox_url="http://sb",
+    result = run_dapo(layout, Topology(gpus_per_node=4), parse("dapo", args), sandbox_url="http://sb",
                              runner=runner)  # fmt: skip
     command = runner.commands[0]
     assert command[command.index("-m") + 1].endswith("fully_async_policy.fully_async_main")

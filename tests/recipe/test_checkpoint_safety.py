@@ -14,9 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import stages
-from recipe.retool.launch import LaunchError
-from recipe.retool.paths import Layout, latest_checkpoint, list_checkpoints, read_checkpoint_info
+from recipe.retool.core.paths import (
+    Layout,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint_info,
+    resolve_sft_checkpoint,
+)
+from recipe.retool.core.request import LaunchError, parse
+from recipe.retool.stages.checkpoints import WeightsExist, describe_checkpoints, merge_checkpoint
+from recipe.retool.stages.dapo import run_dapo
+from recipe.retool.stages.sft import run_sft
 from tests.recipe.test_paths import make_step, mark_tracked, write_weights
 from tests.recipe.test_stages import CPU, FakeRunner
 from tests.recipe.test_stages import layout as layout  # the fixture, re-exported
@@ -53,7 +61,7 @@ class Merger:
 def test_merge_writes_beside_and_renames_into_place(layout: Layout) -> None:
     step_dir = fsdp_step(layout, 2, weights=False)  # verl's default: config only
     merger = Merger()
-    target = stages.merge_checkpoint(layout, "sft", "run", 2, runner=merger)
+    target = merge_checkpoint(layout, "sft", "run", 2, runner=merger)
     assert target == step_dir / "huggingface" and merger.targets[0] != target
     assert merger.targets[0].parent == step_dir  # same volume: the rename is atomic
     assert json.loads((target / "config.json").read_text()) == {"merged": True}
@@ -66,16 +74,16 @@ def test_merge_refuses_to_replace_weights_that_load_and_keeps_them_when_forced(
     step_dir = fsdp_step(layout, 2, weights=True)
     weights = step_dir / "huggingface" / "model.safetensors"
     before = weights.read_bytes()
-    with pytest.raises(stages.WeightsExist, match="pass --force"):
-        stages.merge_checkpoint(layout, "sft", "run", 2, runner=Merger())
+    with pytest.raises(WeightsExist, match="pass --force"):
+        merge_checkpoint(layout, "sft", "run", 2, runner=Merger())
     with pytest.raises(RuntimeError, match="model merger failed"):
-        stages.merge_checkpoint(layout, "sft", "run", 2, force=True, runner=Merger(returncode=1))
+        merge_checkpoint(layout, "sft", "run", 2, force=True, runner=Merger(returncode=1))
     with pytest.raises(RuntimeError, match=r"merged weights do not load: .*truncated"):
-        stages.merge_checkpoint(layout, "sft", "run", 2, force=True, runner=Merger(cut=4))
+        merge_checkpoint(layout, "sft", "run", 2, force=True, runner=Merger(cut=4))
     assert weights.read_bytes() == before
     assert (step_dir / "huggingface" / "config.json").read_text() == "{}"
     assert sorted(p.name for p in step_dir.iterdir()) == ["fsdp_config.json", "huggingface"]
-    stages.merge_checkpoint(layout, "sft", "run", 2, force=True, runner=Merger())
+    merge_checkpoint(layout, "sft", "run", 2, force=True, runner=Merger())
     assert json.loads((step_dir / "huggingface" / "config.json").read_text()) == {"merged": True}
     assert sorted(p.name for p in step_dir.iterdir()) == ["fsdp_config.json", "huggingface"]
 
@@ -84,7 +92,9 @@ def test_relaunch_with_another_base_or_data_is_refused_unless_asked(
     layout: Layout, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     args = ["--experiment-name=exp"]
-    stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=FakeRunner(layout, "sft"))
+    run_sft(
+        layout, CPU, parse("sft", args), model_path=tiny_model_dir, runner=FakeRunner(layout, "sft")
+    )
     info = read_checkpoint_info(layout, "sft", "exp")
     assert (info.base_model, info.data) == (str(tiny_model_dir), str(layout.sft_train_file()))
 
@@ -98,7 +108,7 @@ def test_relaunch_with_another_base_or_data_is_refused_unless_asked(
         return 0
 
     with pytest.raises(LaunchError) as refused:
-        stages.run_sft(layout, CPU, args, model_path=other, runner=runner)
+        run_sft(layout, CPU, parse("sft", args), model_path=other, runner=runner)
     message = str(refused.value)
     assert "\n" not in message and str(tiny_model_dir) in message and str(other) in message
     assert "--allow-other-base" in message and ran == []
@@ -106,13 +116,15 @@ def test_relaunch_with_another_base_or_data_is_refused_unless_asked(
     data = tmp_path / "other.parquet"
     data.write_bytes(layout.sft_train_file().read_bytes())
     with pytest.raises(LaunchError, match=f"data {layout.sft_train_file()} \\(now {data}\\)"):
-        stages.run_sft(layout, CPU, [*args, f"data.train_files={data}"],
+        run_sft(layout, CPU, parse("sft", [*args, f"data.train_files={data}"]),
                        model_path=tiny_model_dir, runner=runner)  # fmt: skip
     assert ran == []
 
-    stages.run_sft(layout, CPU, [*args, "--allow-other-base"], model_path=other, runner=runner)
+    run_sft(
+        layout, CPU, parse("sft", [*args, "--allow-other-base"]), model_path=other, runner=runner
+    )
     assert len(ran) == 1 and read_checkpoint_info(layout, "sft", "exp").base_model == str(other)
-    stages.run_sft(layout, CPU, args, model_path=other, runner=runner)  # the new base sticks
+    run_sft(layout, CPU, parse("sft", args), model_path=other, runner=runner)  # the new base sticks
     assert len(ran) == 2
 
 
@@ -121,10 +133,10 @@ def test_dapo_relaunch_from_another_sft_step_is_refused(layout: Layout) -> None:
         make_step(layout, "sft", "s", step)
     mark_tracked(layout, "sft", "s", 1)
     run = ["--experiment-name=d"]
-    stages.run_dapo(layout, CPU, run, sandbox_url="x", runner=FakeRunner(layout, "dapo"))
+    run_dapo(layout, CPU, parse("dapo", run), sandbox_url="x", runner=FakeRunner(layout, "dapo"))
     mark_tracked(layout, "sft", "s", 2)  # a newer SFT step is now the latest
     with pytest.raises(LaunchError, match=r"global_step_1/huggingface \(now .*global_step_2"):
-        stages.run_dapo(layout, CPU, run, sandbox_url="x", runner=lambda c, e: 0)
+        run_dapo(layout, CPU, parse("dapo", run), sandbox_url="x", runner=lambda c, e: 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +163,8 @@ def write_slowly(target: Path, whole: bytes, started: Path) -> None:
 MERGE_SCRIPT = (
     SLOW_WRITER
     + """
-from recipe.retool import paths, stages
+from recipe.retool.stages.checkpoints import merge_checkpoint
+from recipe.retool.core import paths
 root, started, whole, force = sys.argv[1:]
 
 def merger(command, env):
@@ -159,7 +172,7 @@ def merger(command, env):
     write_slowly(target, Path(whole).read_bytes(), Path(started))
     return 0
 
-stages.merge_checkpoint(paths.Layout.local(Path(root)), "sft", "run", 2, force=force == "1",
+merge_checkpoint(paths.Layout.local(Path(root)), "sft", "run", 2, force=force == "1",
                         runner=merger)
 """
 )
@@ -211,7 +224,7 @@ def test_kill_9_during_a_merge_leaves_the_complete_steps_as_they_were(
     assert latest_checkpoint(layout, "sft").step == expected
     assert [c.complete for c in list_checkpoints(layout, "sft")] == [True, force]
     # the next merge clears what the killed one left and completes
-    target = stages.merge_checkpoint(layout, "sft", "run", 2, force=force, runner=Merger())
+    target = merge_checkpoint(layout, "sft", "run", 2, force=force, runner=Merger())
     assert latest_checkpoint(layout, "sft").hf_dir == target
     assert sorted(p.name for p in target.parent.iterdir()) == ["fsdp_config.json", "huggingface"]
 
@@ -229,9 +242,9 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_previous_step_chosen(
     step3 = layout.experiment_dir("sft", "run") / "global_step_3" / "huggingface"
     assert (step3 / "model.safetensors").is_file()  # half written
     assert latest_checkpoint(layout, "sft").step == 2
-    assert stages.resolve_sft_checkpoint(layout, None) == latest_checkpoint(layout, "sft").hf_dir
+    assert resolve_sft_checkpoint(layout, None) == latest_checkpoint(layout, "sft").hf_dir
     (partial,) = [c for c in list_checkpoints(layout, "sft") if c.step == 3]
     why = "truncated" if tracker_first else "not saved to the end (verl's tracker is at step 2)"
     assert why in partial.problem
-    (row,) = [line for line in stages.describe_checkpoints(layout).splitlines() if " 3  " in line]
+    (row,) = [line for line in describe_checkpoints(layout).splitlines() if " 3  " in line]
     assert "partial" in row and why in row  # what list_checkpoints prints

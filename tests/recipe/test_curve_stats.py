@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool.curve_stats import (
+from recipe.retool.workflows.learning_curve.stats import (
     Band,
     Criterion,
     NoStartInBand,

@@ -13,10 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import launch, learning_curve, paths
-from recipe.retool.curve_stats import Band, NoStartInBand
+from recipe.retool.core import paths
+from recipe.retool.core.paths import Layout
+from recipe.retool.core.topology import Topology
 from recipe.retool.data.synthetic import SyntheticSizes
-from recipe.retool.paths import Layout
+from recipe.retool.data.tiny_model import TinySpec
+from recipe.retool.launch.commands import dapo_overrides, sft_overrides
+from recipe.retool.launch.validation import validate
+from recipe.retool.workflows.learning_curve import proof as learning_curve
+from recipe.retool.workflows.learning_curve.settings import CURVE_DATA
+from recipe.retool.workflows.learning_curve.stats import Band, NoStartInBand
 
 FILES = {name: Path(f"/d/{name}.parquet") for name in ("sft", "rl_train", "rl_val")}
 GPU_RUNS = Path(__file__).resolve().parents[2] / "docs" / "gpu-runs"
@@ -25,23 +31,20 @@ ROW_KEYS |= {"rise_ci95", "start_acc", "gpus", "sft_acc_by_step", "failed", "ris
 
 
 def compose_arm(arm: learning_curve.Arm, settings: learning_curve.CurveSettings):
-    topo = launch.Topology(gpus_per_node=1)
+    topo = Topology(gpus_per_node=1)
     start = Path("/c/start")
-    args = learning_curve.dapo_args(FILES, settings, start, arm, Path("/v") / arm.name)
-    dapo = launch.parse_launch_args(args)
+    dapo = learning_curve.dapo_request(FILES, settings, start, arm, Path("/v") / arm.name)
     assert dapo.sft_checkpoint == str(start) and dapo.experiment == arm.experiment
-    return launch.validate(
-        "dapo", launch.dapo_overrides(Layout.modal(), "c", Path("/m"), topo, dapo.overrides), topo
+    return validate(
+        "dapo", dapo_overrides(Layout.modal(), "c", Path("/m"), topo, dapo.overrides), topo
     )
 
 
 def test_settings_compose_on_one_gpu_with_the_production_dapo_config() -> None:
-    topo = launch.Topology(gpus_per_node=1)
+    topo = Topology(gpus_per_node=1)
     settings = learning_curve.CurveSettings()
-    sft = launch.parse_launch_args(learning_curve.sft_args(FILES["sft"], settings))
-    cfg = launch.validate(
-        "sft", launch.sft_overrides(Layout.modal(), "c", Path("/m"), topo, sft.overrides), topo
-    )
+    sft = learning_curve.sft_request(FILES["sft"], settings)
+    cfg = validate("sft", sft_overrides(Layout.modal(), "c", Path("/m"), topo, sft.overrides), topo)
     assert cfg.trainer.save_freq == settings.sft_save_every
     cfg = compose_arm(learning_curve.Arm("seed2", 2, control=False), settings)
     assert cfg.algorithm.filter_groups.enable is True  # the production dynamic sampling
@@ -334,7 +337,7 @@ def fake_sft(root: Path, model: Path, steps: tuple[int, ...]) -> None:
 def test_making_a_start_scores_the_saved_steps_and_keeps_the_pick_with_its_record(
     tmp_path: Path, tiny_model_dir: Path, tiny_tokenizer, local_endpoint: str, monkeypatch
 ):
-    monkeypatch.setattr(learning_curve, "MODEL_SPEC", learning_curve.TinySpec())  # CPU-sized
+    monkeypatch.setattr(learning_curve, "MODEL_SPEC", TinySpec())  # CPU-sized
     root = tmp_path / "make"
     fake_sft(root, tiny_model_dir, (50, 100, 150, 200))
     exp = Layout.local(root).experiment_dir("sft", learning_curve.SFT_EXPERIMENT)
@@ -378,14 +381,14 @@ def test_band_default_is_where_grpo_has_signal() -> None:
 def test_the_kept_start_matches_its_record_and_was_inside_the_band_when_made() -> None:
     record = learning_curve.read_start(learning_curve.START_DIR)  # every file's sha256
     assert record["acc"] in Band(*record["band"])
-    assert record["problems"] == learning_curve.CURVE_DATA.rl_val
+    assert record["problems"] == CURVE_DATA.rl_val
     assert record["data"] == {"sft": 8000, "rl_train": 1024, "rl_val": 256}  # SFT saw no held-out
     size = sum(p.stat().st_size for p in learning_curve.START_DIR.iterdir())
     assert size < 20e6
 
 
 def test_the_proof_is_logged_to_wandb_from_its_result(tmp_path: Path, monkeypatch) -> None:
-    from recipe.retool import tracking
+    from recipe.retool.records import tracking
 
     result = json.loads((GPU_RUNS / "curve_20261204_h200.json").read_text())
     calls = []
@@ -404,9 +407,9 @@ def test_an_async_curve_passes_the_mode_to_its_dapo_runs() -> None:
     settings = replace(learning_curve.CurveSettings(), rollout_mode="async", control=False)
     arm = learning_curve.arms(settings)[0]
     assert arm.experiment == "curve-async-seed1"  # apart from the sync arm sharing its root
-    args = learning_curve.dapo_args(FILES, settings, Path("/s"), arm, Path("/v"))
-    assert launch.parse_launch_args(args).rollout_mode == "async"
-    sync = learning_curve.dapo_args(
+    args = learning_curve.dapo_request(FILES, settings, Path("/s"), arm, Path("/v"))
+    assert args.rollout_mode == "async"
+    sync = learning_curve.dapo_request(
         FILES, learning_curve.CurveSettings(), Path("/s"), arm, Path("/v")
     )
-    assert launch.parse_launch_args(sync).rollout_mode == "sync"
+    assert sync.rollout_mode == "sync"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool.paths import (
+from recipe.retool.core.paths import (
     SAFETENSORS_INDEX,
     CheckpointInfo,
     CheckpointNotFound,

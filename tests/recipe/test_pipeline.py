@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import pipeline, stages
+from recipe.retool.core.paths import CheckpointInfo, Layout, write_checkpoint_info
 from recipe.retool.data.prep import SUMMARY_FILE
-from recipe.retool.launch import load_stage_config
-from recipe.retool.paths import CheckpointInfo, Layout, write_checkpoint_info
+from recipe.retool.launch.commands import load_stage_config
+from recipe.retool.stages.checkpoints import COMPLETE_MARKER
+from recipe.retool.workflows import pipeline
 
 SFT_MAX_LENGTH = load_stage_config("sft").overrides["data.max_length"]
 
@@ -44,7 +45,7 @@ class World:
         self._maybe_fail("download")
         target = self.layout.model_dir()
         target.mkdir(parents=True)
-        (target / stages.COMPLETE_MARKER).write_text("rev\n")
+        (target / COMPLETE_MARKER).write_text("rev\n")
 
     def train(self, stage: str) -> None:
         self._maybe_fail(stage)
@@ -193,3 +194,13 @@ def test_evaluate_experiment_compares_base_sft_and_dapo(tmp_path, tiny_model_dir
     stamp = (out / "sft" / "summary.json").stat().st_mtime_ns
     pipeline.evaluate_experiment(layout, "exp", local_endpoint + "/run_code", cfg)
     assert (out / "sft" / "summary.json").stat().st_mtime_ns == stamp  # not evaluated again
+
+
+def test_the_pipelines_dapo_starts_from_its_own_sft_and_crosses_as_arguments() -> None:
+    from recipe.retool.core.request import parse
+    from recipe.retool.workflows.pipeline import training_requests
+
+    sft, dapo = training_requests("retool-7b")
+    assert sft.to_argv() == ["--experiment-name=retool-7b"]
+    assert dapo.to_argv() == ["--experiment-name=retool-7b", "--sft-checkpoint=retool-7b"]
+    assert parse("dapo", dapo.to_argv()) == dapo

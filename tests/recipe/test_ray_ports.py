@@ -1,5 +1,5 @@
-"""A Ray head started as a multi-node DAPO node starts it (``launch.ray_node_command`` with
-``stages.dapo_env`` and the cluster's token mode) serves nothing without the token on a port open
+"""A Ray head started as a multi-node DAPO node starts it (``ray_node_command`` with
+``dapo_env`` and the cluster's token mode) serves nothing without the token on a port open
 to every interface: Ray 2.60's three Prometheus exporters there stay off."""
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ import httpx
 import psutil
 import pytest
 
-from recipe.retool import launch, stages
+from recipe.retool.core.constants import RAY_TOKEN_ENV
+from recipe.retool.core.topology import Topology
+from recipe.retool.launch import commands
+from recipe.retool.launch.commands import ray_node_command
+from recipe.retool.stages.dapo import dapo_env
+from recipe.retool.stages.ray_cluster import RAY_CLUSTER_ENV
 from sandbox.local import free_port
 
 WILDCARDS = {"0.0.0.0", "::", "::ffff:0.0.0.0"}
@@ -46,14 +51,14 @@ def test_a_ray_head_opens_no_port_that_answers_without_the_token(tmp_path, monke
     node_ip = routable_address()
     if node_ip.startswith("127."):
         pytest.skip("no routable address here: Ray would bind everything to loopback")
-    monkeypatch.setattr(launch, "RAY_PORT", free_port())
-    topo = launch.Topology(gpus_per_node=1, nnodes=2, master_addr=node_ip, device="cpu")
+    monkeypatch.setattr(commands, "RAY_PORT", free_port())
+    topo = Topology(gpus_per_node=1, nnodes=2, master_addr=node_ip, device="cpu")
     marker = f"/tmp/ray-ports-{uuid.uuid4().hex[:8]}"
     env = {
-        **os.environ, **stages.dapo_env("http://127.0.0.1:9/run_code"), **stages.RAY_CLUSTER_ENV,
-        stages.RAY_TOKEN_ENV: uuid.uuid4().hex, "RAY_TMPDIR": marker,
+        **os.environ, **dapo_env("http://127.0.0.1:9/run_code"), **RAY_CLUSTER_ENV,
+        RAY_TOKEN_ENV: uuid.uuid4().hex, "RAY_TMPDIR": marker,
     }  # fmt: skip
-    started = subprocess.run(launch.ray_node_command(topo), env=env, capture_output=True,
+    started = subprocess.run(ray_node_command(topo), env=env, capture_output=True,
                              text=True, timeout=180, check=False)  # fmt: skip
     procs = processes_with(f"RAY_TMPDIR={marker}")
     try:
@@ -65,7 +70,7 @@ def test_a_ray_head_opens_no_port_that_answers_without_the_token(tmp_path, monke
             for c in proc.net_connections(kind="tcp")
             if c.status == psutil.CONN_LISTEN
         }
-        assert launch.RAY_PORT in {port for _, port in listening}  # found this head's sockets
+        assert commands.RAY_PORT in {port for _, port in listening}  # found this head's sockets
         assert all(ip in WILDCARDS | {node_ip, "127.0.0.1", f"::ffff:{node_ip}", "::ffff:127.0.0.1"}
                    for ip, _ in listening), listening  # fmt: skip
         answered = {}

@@ -14,7 +14,9 @@ pytest.importorskip("modal")  # dev-only: absent on a GPU box with the trainer i
 
 import modal
 
-from recipe.retool import modal_common, paths
+from recipe.retool import modal_common
+from recipe.retool.core import paths
+from recipe.retool.launch.commands import ray_address
 from tests.recipe.test_paths import make_step, mark_tracked
 
 REPO = Path(__file__).resolve().parents[2]
@@ -222,7 +224,7 @@ class ScriptedDapoRunner:
 def dapo_attempts(app_module, tmp_path, monkeypatch, attempt_clock):
     """A launch of ``train_dapo_gpu`` as Modal runs it: every attempt with the same function call
     id; an SFT checkpoint to start from; main_ppo scripted (``.codes``, 137 by default)."""
-    from recipe.retool import stages
+    from recipe.retool.stages import dapo as stages
 
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
     monkeypatch.setenv("SANDBOX_FUSION_ENDPOINT", "http://127.0.0.1:9/run_code")
@@ -259,7 +261,7 @@ def test_a_cut_dapo_attempt_is_retried_and_resumes_the_same_experiment(
 def test_ray_nodes_that_did_not_join_are_retried(app_module, dapo_attempts, monkeypatch, capsys):
     """Transient: a RuntimeError on the node (Ray's workers never joined) fails that attempt
     with exit 1; the next one runs the stage again."""
-    from recipe.retool import stages
+    from recipe.retool.stages import dapo as stages
 
     dapo_on_node = stages.dapo_on_node
     failures = iter([RuntimeError("1 of 2 Ray nodes joined in 600 s")])
@@ -313,7 +315,7 @@ def test_a_mistake_no_retry_can_fix_fails_every_attempt_at_once(
     once, without running the stage again (each retry is a GPU start); the call ends failed.
     Before, `train_dapo` returned None here, so Modal counted its first attempt a success
     (issue 32, defect 5)."""
-    from recipe.retool import stages
+    from recipe.retool.stages import dapo as stages
 
     if setup:
         setup(monkeypatch)
@@ -344,11 +346,11 @@ def test_the_failure_line_is_kept_per_function_call(app_module, dapo_attempts, c
 
 
 def test_prep_dataset_runs_locally_on_sample_sources(app_module, tmp_path, monkeypatch) -> None:
-    from recipe.retool import pipeline
     from recipe.retool.data import prep
     from recipe.retool.data.tiny_model import build_tokenizer
-    from recipe.retool.launch import load_stage_config
+    from recipe.retool.launch.commands import load_stage_config
     from recipe.retool.local import samples
+    from recipe.retool.workflows import pipeline
 
     sft_max_length = load_stage_config("sft").overrides["data.max_length"]
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
@@ -388,8 +390,6 @@ def test_topology_gives_torchrun_and_ray_the_ipv4_head(app_module, monkeypatch) 
     `container_ipv4_ips[0]`, as in Modal's own multi-node verl, Ray and slime examples."""
     from modal._cluster import ClusterContext
 
-    from recipe.retool import launch
-
     cluster = ClusterContext(rank=1, cluster_id="cu-1", fabric_ids=[],
                              container_ips=["fdaa:0:1::5", "fdaa:0:1::6"],
                              container_ipv4_ips=["10.0.0.5", "10.0.0.6"])  # fmt: skip
@@ -401,7 +401,7 @@ def test_topology_gives_torchrun_and_ray_the_ipv4_head(app_module, monkeypatch) 
         "10.0.0.5",
         16,
     )
-    assert launch.ray_address(topo) == "10.0.0.5:6379"
+    assert ray_address(topo) == "10.0.0.5:6379"
 
 
 def test_evaluate_takes_one_gpu_and_reports_a_missing_checkpoint(app_module, tmp_path, monkeypatch,
@@ -444,7 +444,7 @@ def test_sandbox_url_prefers_the_explicit_endpoint(monkeypatch) -> None:
 def test_learning_curve_runs_the_curve_on_one_gpu_against_the_sandbox(
     app_module, tmp_path, monkeypatch
 ) -> None:
-    from recipe.retool import learning_curve
+    from recipe.retool.workflows.learning_curve import proof as learning_curve
 
     info = app_module.learning_curve.info()
     assert info.gpus == [("H100", 1)] and info.timeout == 2 * 60 * 60
@@ -498,7 +498,9 @@ def test_train_dapo_starts_a_sandbox_on_its_node_and_hands_its_url_to_the_run(
 ) -> None:
     """The Modal function body as a plain function: no endpoint configured, so the node's own
     sandbox serves the run (the deployed one is never looked up)."""
-    from recipe.retool import stages, tool_sandbox
+    from recipe.retool.stages import dapo as stages
+    from recipe.retool.stages import tool_sandbox
+    from recipe.retool.stages.record import StageResult
     from sandbox.client import SandboxClient
 
     monkeypatch.setenv("RETOOL_ROOT", str(tmp_path))
@@ -509,7 +511,7 @@ def test_train_dapo_starts_a_sandbox_on_its_node_and_hands_its_url_to_the_run(
     def run_dapo(layout, topo, args, *, sandbox_url, runner, launch_id):
         seen["url"] = sandbox_url
         seen["out"] = SandboxClient(sandbox_url, max_retries=1).run_code_sync("print(6*7)").stdout
-        return stages.StageResult("dapo", "d", 0, None, 1.0)
+        return StageResult("dapo", "d", 0, None, 1.0)
 
     monkeypatch.setattr(stages, "run_dapo", run_dapo)
     app_module.train_dapo_gpu.local("--experiment-name=d")

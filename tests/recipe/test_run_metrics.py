@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from recipe.retool import run_metrics
+from recipe.retool.records import run_metrics
 
 GPU_RUNS = Path(__file__).resolve().parents[2] / "docs" / "gpu-runs"
 

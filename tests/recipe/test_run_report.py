@@ -5,9 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from recipe.retool import run_metrics, run_report, stages
-from recipe.retool.launch import Topology
-from recipe.retool.paths import Layout
+from recipe.retool.core.paths import Layout
+from recipe.retool.core.request import LaunchRequest
+from recipe.retool.core.topology import Topology
+from recipe.retool.records import run_metrics, run_report
+from recipe.retool.stages.sft import run_sft
 from tests.recipe.test_stages import LoggingRunner, layout, sft_step  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +44,7 @@ def test_a_dapo_report_from_a_committed_gpu_run(tmp_path: Path) -> None:
 def test_every_run_keeps_a_report_even_when_it_fails(layout: Layout, tiny_model_dir) -> None:  # noqa: F811
     runner = LoggingRunner(layout, "sft", [[(1, sft_step(2.0)), (2, sft_step(1.5))]],
                            returncodes=[1])  # fmt: skip
-    stages.run_sft(layout, Topology(gpus_per_node=2), ["--experiment-name=s"],
+    run_sft(layout, Topology(gpus_per_node=2), LaunchRequest("sft", experiment="s"),
                    model_path=tiny_model_dir, runner=runner)  # fmt: skip
     exp = layout.experiment_dir("sft", "s")
     assert (exp / "report.png").exists()

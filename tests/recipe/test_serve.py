@@ -17,8 +17,8 @@ pytest.importorskip("modal")  # dev-only: absent on a GPU box with the trainer i
 import modal
 from modal_proto import api_pb2
 
-from recipe.retool import paths
-from recipe.retool.paths import CheckpointNotFound, Layout, resolve_model_dir
+from recipe.retool.core import paths
+from recipe.retool.core.paths import CheckpointNotFound, Layout, resolve_model_dir
 from tests.recipe.test_paths import make_step, mark_tracked, write_weights
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,10 +11,30 @@ import pandas as pd
 import pytest
 from transformers import AutoModelForCausalLM
 
-from recipe.retool import run_metrics, stages
-from recipe.retool.constants import TOOL_SCHEMA
-from recipe.retool.launch import LaunchError, Topology
-from recipe.retool.paths import CheckpointNotFound, Layout, Origin, read_checkpoint_info
+from recipe.retool import stages
+from recipe.retool.core.constants import RAY_TOKEN_ENV, TOOL_SCHEMA
+from recipe.retool.core.paths import (
+    CheckpointNotFound,
+    Layout,
+    Origin,
+    read_checkpoint_info,
+    resolve_sft_checkpoint,
+)
+from recipe.retool.core.request import LaunchError, LaunchRequest, parse
+from recipe.retool.core.topology import Topology
+from recipe.retool.records import run_metrics
+from recipe.retool.records.tracking import check_credentials, default_experiment
+from recipe.retool.stages import record
+from recipe.retool.stages.checkpoints import (
+    WeightsExist,
+    describe_checkpoints,
+    download_model,
+    merge_checkpoint,
+)
+from recipe.retool.stages.dapo import dapo_env, run_dapo
+from recipe.retool.stages.ray_cluster import join_ray_cluster
+from recipe.retool.stages.record import record_run
+from recipe.retool.stages.sft import run_sft
 from recipe.retool.verl_plugins.varlen_attention import NAME
 from tests.recipe.test_paths import make_step, mark_tracked
 
@@ -66,7 +86,7 @@ class FakeRunner:
 
 def test_run_sft_validates_runs_and_records_checkpoint_info(layout: Layout, tiny_model_dir) -> None:
     runner = FakeRunner(layout, "sft")
-    result = stages.run_sft(layout, Topology(gpus_per_node=2), ["--experiment-name=a"],
+    result = run_sft(layout, Topology(gpus_per_node=2), LaunchRequest("sft", experiment="a"),
                             model_path=tiny_model_dir, runner=runner)  # fmt: skip
     assert result.returncode == 0 and result.checkpoint.step == 7
     assert runner.envs[0]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False"
@@ -80,16 +100,23 @@ def test_cost_line_only_for_the_configured_model_and_data(
 ) -> None:
     """The estimate is for Qwen2.5-7B on ReTool-SFT; a small model's run must not print "$47"."""
     two_gpus = Topology(gpus_per_node=2)
-    stages.run_sft(layout, two_gpus, ["--experiment-name=small"], model_path=tiny_model_dir,
-                   runner=FakeRunner(layout, "sft"))  # fmt: skip
+    run_sft(
+        layout,
+        two_gpus,
+        LaunchRequest("sft", experiment="small"),
+        model_path=tiny_model_dir,
+        runner=FakeRunner(layout, "sft"),
+    )
     assert "GPU-h" not in capsys.readouterr().out
     shutil.copytree(tiny_model_dir, layout.model_dir())
-    stages.run_sft(layout, two_gpus, ["--experiment-name=big"], runner=FakeRunner(layout, "sft"))
+    run_sft(
+        layout, two_gpus, LaunchRequest("sft", experiment="big"), runner=FakeRunner(layout, "sft")
+    )
     assert "sft: ~" in capsys.readouterr().out
     dapo = FakeRunner(layout, "dapo")
     for start, line in (("small", False), ("big", True)):
         args = [f"--sft-checkpoint={start}", f"--experiment-name=rl-{start}"]
-        stages.run_dapo(layout, two_gpus, args, sandbox_url="http://sb", runner=dapo)
+        run_dapo(layout, two_gpus, parse("dapo", args), sandbox_url="http://sb", runner=dapo)
         assert ("dapo: ~" in capsys.readouterr().out) is line, start
 
 
@@ -129,7 +156,7 @@ def test_checkpoint_info_records_the_sft_runs_logged_metrics_over_attempts(
     runner = LoggingRunner(layout, "sft", attempts, returncodes=[137, 0])
     args = ["--experiment-name=m", "data.max_length=512", "trainer.logger=[console,file]"]
     for _ in range(2):
-        stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=runner)
+        run_sft(layout, CPU, parse("sft", args), model_path=tiny_model_dir, runner=runner)
     log_dir = layout.experiment_dir("sft", "m") / "metrics"
     assert [Path(env["VERL_FILE_LOGGER_PATH"]).parent for env in runner.envs] == [log_dir] * 2
     assert len(set(env["VERL_FILE_LOGGER_PATH"] for env in runner.envs)) == 2  # one per attempt
@@ -146,7 +173,7 @@ def test_checkpoint_info_records_the_dapo_runs_reward_and_validation(
     rows = [(0, {val: 0.1}), (1, {"critic/score/mean": -0.5}),
             (2, {"critic/score/mean": 0.25, val: 0.3})]  # fmt: skip
     runner = LoggingRunner(layout, "dapo", [rows], returncodes=[0])
-    stages.run_dapo(layout, Topology(gpus_per_node=4), ["--experiment-name=d"],
+    run_dapo(layout, Topology(gpus_per_node=4), LaunchRequest("dapo", experiment="d"),
                     sandbox_url="http://sb/run_code", runner=runner)  # fmt: skip
     assert read_checkpoint_info(layout, "dapo", "d").metrics == {
         "steps": 2, "reward_mean": 0.25, "val_steps": [0, 2], "val_acc": [0.1, 0.3],
@@ -155,31 +182,39 @@ def test_checkpoint_info_records_the_dapo_runs_reward_and_validation(
 
 def test_checkpoint_info_says_when_no_metrics_were_logged_or_readable(layout, tiny_model_dir):
     args = ["--experiment-name=quiet", "trainer.logger=[console]"]
-    stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=FakeRunner(layout, "sft"))
+    run_sft(
+        layout, CPU, parse("sft", args), model_path=tiny_model_dir, runner=FakeRunner(layout, "sft")
+    )
     assert read_checkpoint_info(layout, "sft", "quiet").metrics == {}
     runner = LoggingRunner(layout, "sft", [[(1, sft_step(1.0))]], returncodes=[0])
-    stages.run_sft(layout, CPU, ["--experiment-name=torn"], model_path=tiny_model_dir,
+    run_sft(layout, CPU, LaunchRequest("sft", experiment="torn"), model_path=tiny_model_dir,
                    runner=runner)  # fmt: skip
     (layout.experiment_dir("sft", "torn") / "metrics" / "torn.jsonl").write_text('{"step": 2, "da')
-    stages._record(layout, "sft", "torn", Origin("base", "data"), 0)
+    record_run(layout, "sft", "torn", Origin("base", "data"), 0)
     assert "unreadable" in read_checkpoint_info(layout, "sft", "torn").metrics
 
 
 def test_run_sft_bad_override_fails_before_running(layout: Layout, tiny_model_dir) -> None:
     runner = FakeRunner(layout, "sft")
     with pytest.raises(LaunchError, match="unknown key"):
-        stages.run_sft(layout, CPU, ["trainer.epochs=1"], model_path=tiny_model_dir, runner=runner)
+        run_sft(
+            layout,
+            CPU,
+            parse("sft", ["trainer.epochs=1"]),
+            model_path=tiny_model_dir,
+            runner=runner,
+        )
     assert runner.commands == []
 
 
 def test_run_sft_without_data_or_model_says_which_stage_to_run(tmp_path: Path) -> None:
     layout = Layout.local(tmp_path)
     with pytest.raises(LaunchError, match="run prep_dataset first"):
-        stages.run_sft(layout, CPU, runner=FakeRunner(layout, "sft"))
+        run_sft(layout, CPU, LaunchRequest("sft"), runner=FakeRunner(layout, "sft"))
     layout.sft_train_file().parent.mkdir(parents=True)
     layout.sft_train_file().write_bytes(b"")
     with pytest.raises(LaunchError, match="run download_model first"):
-        stages.run_sft(layout, CPU, runner=FakeRunner(layout, "sft"))
+        run_sft(layout, CPU, LaunchRequest("sft"), runner=FakeRunner(layout, "sft"))
 
 
 def test_run_dapo_starts_from_latest_sft_and_passes_the_sandbox(layout: Layout) -> None:
@@ -187,7 +222,7 @@ def test_run_dapo_starts_from_latest_sft_and_passes_the_sandbox(layout: Layout) 
     mark_tracked(layout, "sft", "s1", 62)
     runner = FakeRunner(layout, "dapo")
     topo = Topology(gpus_per_node=4)
-    result = stages.run_dapo(layout, topo, ["--experiment-name=d"], sandbox_url="http://sb/run_code",
+    result = run_dapo(layout, topo, LaunchRequest("dapo", experiment="d"), sandbox_url="http://sb/run_code",
                              runner=runner)  # fmt: skip
     command = runner.commands[0]
     expected = layout.experiment_dir("sft", "s1") / "global_step_62" / "huggingface"
@@ -199,7 +234,7 @@ def test_run_dapo_starts_from_latest_sft_and_passes_the_sandbox(layout: Layout) 
 
 def test_run_dapo_without_sft_checkpoint_is_a_clear_error(layout: Layout) -> None:
     with pytest.raises(CheckpointNotFound, match="no complete sft checkpoint"):
-        stages.run_dapo(layout, Topology(gpus_per_node=4), sandbox_url="x",
+        run_dapo(layout, Topology(gpus_per_node=4), LaunchRequest("dapo"), sandbox_url="x",
                         runner=FakeRunner(layout, "dapo"))  # fmt: skip
 
 
@@ -212,28 +247,28 @@ def test_download_model_is_skipped_once_complete(tmp_path: Path) -> None:
         (Path(kwargs["local_dir"]) / "config.json").write_text("{}")
         return kwargs["local_dir"]
 
-    path = stages.download_model(layout, "org/m", "rev1", downloader=fake_download)
+    path = download_model(layout, "org/m", "rev1", downloader=fake_download)
     assert path == layout.model_dir("org/m") and len(calls) == 1
     assert calls[0]["revision"] == "rev1" and calls[0]["repo_id"] == "org/m"
-    stages.download_model(layout, "org/m", "rev1", downloader=fake_download)
+    download_model(layout, "org/m", "rev1", downloader=fake_download)
     assert len(calls) == 1
-    stages.download_model(layout, "org/m", "rev2", downloader=fake_download)
+    download_model(layout, "org/m", "rev2", downloader=fake_download)
     assert len(calls) == 2
 
 
 def test_check_credentials_names_missing_keys_without_values() -> None:
-    notes = stages.check_credentials({"WANDB_API_KEY": "secret-value"})
+    notes = check_credentials({"WANDB_API_KEY": "secret-value"})
     assert any("HF_TOKEN" in n for n in notes)
     assert not any("secret-value" in n for n in notes)
-    assert stages.check_credentials({"HF_TOKEN": "x"}) == []  # wandb's key: tracking.check_wandb
+    assert check_credentials({"HF_TOKEN": "x"}) == []  # wandb's key: tracking.check_wandb
 
 
 def test_describe_checkpoints_marks_partial_and_missing_info(layout: Layout) -> None:
-    assert "no checkpoints yet" in stages.describe_checkpoints(layout)
+    assert "no checkpoints yet" in describe_checkpoints(layout)
     make_step(layout, "sft", "run", 1)
     mark_tracked(layout, "sft", "run", 1)
     make_step(layout, "sft", "run", 2)
-    table = stages.describe_checkpoints(layout)
+    table = describe_checkpoints(layout)
     assert "complete" in table and "partial" in table
     assert "checkpoint_info.json missing" in table
 
@@ -251,7 +286,7 @@ def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
         "trainer.total_epochs=1",
         "trainer.logger=[console,file]",
     ]
-    result = stages.run_sft(layout, CPU, args, model_path=tiny_model_dir)
+    result = run_sft(layout, CPU, parse("sft", args), model_path=tiny_model_dir)
     assert result.returncode == 0
     assert result.checkpoint is not None and result.checkpoint.step == 2  # 8 rows / batch 4
     model = AutoModelForCausalLM.from_pretrained(result.checkpoint.hf_dir)
@@ -271,16 +306,16 @@ def test_cpu_sft_runs_verl_and_final_checkpoint_loads_with_from_pretrained(
     # merge_checkpoint rebuilds the same weights from the FSDP shards with verl's model merger
     # (what users run for steps saved without hf_model, e.g. by an older config).
     (result.checkpoint.hf_dir / "model.safetensors").unlink()
-    merged = stages.merge_checkpoint(layout, "sft", "cpu", 2)
+    merged = merge_checkpoint(layout, "sft", "cpu", 2)
     remerged = AutoModelForCausalLM.from_pretrained(merged)
     for (name, p), (_, q) in zip(
         model.named_parameters(), remerged.named_parameters(), strict=True
     ):
         assert (p == q).all(), name
-    with pytest.raises(stages.WeightsExist, match="pass --force"):  # the real merger's too
-        stages.merge_checkpoint(layout, "sft", "cpu", 2)
+    with pytest.raises(WeightsExist, match="pass --force"):  # the real merger's too
+        merge_checkpoint(layout, "sft", "cpu", 2)
     with pytest.raises(CheckpointNotFound, match=r"fsdp_config\.json"):
-        stages.merge_checkpoint(layout, "sft", "cpu", 99)
+        merge_checkpoint(layout, "sft", "cpu", 99)
 
 
 @pytest.mark.gpu
@@ -290,16 +325,16 @@ def test_one_dapo_step_of_main_ppo_on_a_small_model(
 ) -> None:
     """verl's main_ppo for real (Ray, vLLM rollouts, the tool in the local sandbox, the reward),
     with the learning curve's one-GPU sizes and model, one step."""
-    from recipe.retool import learning_curve
     from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
+    from recipe.retool.workflows.learning_curve import proof as learning_curve
 
     layout = Layout.local(tmp_path)
     files = write_dataset(tmp_path / "synthetic", SyntheticSizes())
     settings = learning_curve.CurveSettings(dapo_steps=1, test_freq=1, val_n=1)
     arm = learning_curve.Arm("seed1", 1, control=False)
-    args = learning_curve.dapo_args(files, settings, vllm_model_dir, arm, tmp_path / "val")
-    result = stages.run_dapo(layout, Topology(gpus_per_node=1), args,
-                             sandbox_url=local_endpoint + "/run_code")  # fmt: skip
+    request = learning_curve.dapo_request(files, settings, vllm_model_dir, arm, tmp_path / "val")
+    result = run_dapo(layout, Topology(gpus_per_node=1), request,
+                      sandbox_url=local_endpoint + "/run_code")  # fmt: skip
     assert result.returncode == 0
     assert result.checkpoint is not None and result.checkpoint.step == 1
     info = read_checkpoint_info(layout, "dapo", result.experiment)
@@ -312,12 +347,21 @@ def test_multinode_needs_a_shared_experiment_name_and_only_rank0_records(
 ) -> None:
     two_nodes = Topology(gpus_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5")
     with pytest.raises(LaunchError, match="--experiment-name"):
-        stages.run_sft(
-            layout, two_nodes, model_path=tiny_model_dir, runner=FakeRunner(layout, "sft")
+        run_sft(
+            layout,
+            two_nodes,
+            LaunchRequest("sft"),
+            model_path=tiny_model_dir,
+            runner=FakeRunner(layout, "sft"),
         )
     runner = FakeRunner(layout, "sft")
-    result = stages.run_sft(layout, two_nodes, ["--experiment-name=big"], model_path=tiny_model_dir,
-                            runner=runner)  # fmt: skip
+    result = run_sft(
+        layout,
+        two_nodes,
+        LaunchRequest("sft", experiment="big"),
+        model_path=tiny_model_dir,
+        runner=runner,
+    )
     assert "--node_rank=1" in runner.commands[0] and "--master_addr=10.0.0.5" in runner.commands[0]
     assert result.checkpoint is None and read_checkpoint_info(layout, "sft", "big") is None
 
@@ -327,7 +371,7 @@ def test_multinode_dapo_joins_the_ray_cluster(layout: Layout) -> None:
     mark_tracked(layout, "sft", "s1", 1)
     runner = FakeRunner(layout, "dapo")
     head = Topology(gpus_per_node=8, nnodes=2, node_rank=0, master_addr="10.0.0.5")
-    stages.run_dapo(layout, head, ["--experiment-name=d"], sandbox_url="u", runner=runner)
+    run_dapo(layout, head, LaunchRequest("dapo", experiment="d"), sandbox_url="u", runner=runner)
     assert runner.envs[0]["RAY_ADDRESS"] == "10.0.0.5:6379"
     assert runner.envs[0]["RAY_AUTH_MODE"] == "token"
     assert "trainer.nnodes=2" in runner.commands[0]
@@ -339,8 +383,13 @@ def test_multinode_dapo_joins_the_ray_cluster(layout: Layout) -> None:
 
 def test_failed_run_keeps_its_checkpoint_but_writes_no_done_marker(layout, tiny_model_dir) -> None:
     runner = FakeRunner(layout, "sft", returncode=1)
-    result = stages.run_sft(layout, CPU, ["--experiment-name=crash"], model_path=tiny_model_dir,
-                            runner=runner)  # fmt: skip
+    result = run_sft(
+        layout,
+        CPU,
+        LaunchRequest("sft", experiment="crash"),
+        model_path=tiny_model_dir,
+        runner=runner,
+    )
     assert result.returncode == 1 and result.checkpoint.step == 7
     assert read_checkpoint_info(layout, "sft", "crash") is None
 
@@ -362,12 +411,12 @@ def test_checkpoints_load_without_the_attention_plugin(layout, tiny_model_dir, s
     finished or not, leaves its checkpoints' configs without it."""
     runner = VarlenConfigRunner(layout, stage, returncode)
     if stage == "sft":
-        stages.run_sft(layout, CPU, ["--experiment-name=v"], model_path=tiny_model_dir,
+        run_sft(layout, CPU, LaunchRequest("sft", experiment="v"), model_path=tiny_model_dir,
                        runner=runner)  # fmt: skip
     else:
-        stages.run_sft(layout, CPU, ["--experiment-name=s"], model_path=tiny_model_dir,
+        run_sft(layout, CPU, LaunchRequest("sft", experiment="s"), model_path=tiny_model_dir,
                        runner=FakeRunner(layout, "sft"))  # fmt: skip
-        stages.run_dapo(layout, CPU, ["--experiment-name=v"], sandbox_url="http://sb/run_code",
+        run_dapo(layout, CPU, LaunchRequest("dapo", experiment="v"), sandbox_url="http://sb/run_code",
                         runner=runner)  # fmt: skip
     (config,) = layout.experiment_dir(stage, "v").glob("global_step_7/**/config.json")
     assert json.loads(config.read_text()) == {"hidden_size": 8}
@@ -377,13 +426,13 @@ def test_sft_checkpoint_option_takes_experiments_and_paths_but_not_weightless_st
     make_step(layout, "sft", "s1", 62)
     mark_tracked(layout, "sft", "s1", 62)
     step = layout.experiment_dir("sft", "s1") / "global_step_62"
-    assert stages.resolve_sft_checkpoint(layout, "s1") == step / "huggingface"
-    assert stages.resolve_sft_checkpoint(layout, str(step)) == step / "huggingface"
+    assert resolve_sft_checkpoint(layout, "s1") == step / "huggingface"
+    assert resolve_sft_checkpoint(layout, str(step)) == step / "huggingface"
     bare = make_step(layout, "sft", "s1", 70, weights=False)  # verl's default: config only
     with pytest.raises(CheckpointNotFound, match="merge the checkpoint first"):
-        stages.resolve_sft_checkpoint(layout, str(bare))
+        resolve_sft_checkpoint(layout, str(bare))
     with pytest.raises(CheckpointNotFound):
-        stages.resolve_sft_checkpoint(layout, "nope")
+        resolve_sft_checkpoint(layout, "nope")
 
 
 class RayRunner:
@@ -401,18 +450,18 @@ class RayRunner:
 @pytest.fixture
 def ray_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """The token every node of a multi-node run holds (the Modal app's per-launch secret)."""
-    monkeypatch.setenv(stages.RAY_TOKEN_ENV, "t" * 64)
+    monkeypatch.setenv(RAY_TOKEN_ENV, "t" * 64)
 
 
 def test_joining_a_ray_cluster_needs_the_shared_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without RAY_AUTH_TOKEN the nodes could not authenticate to each other (Modal containers
     share no ~/.ray): one line, before any `ray start`."""
-    monkeypatch.delenv(stages.RAY_TOKEN_ENV, raising=False)
+    monkeypatch.delenv(RAY_TOKEN_ENV, raising=False)
     runner = RayRunner()
     for rank in (0, 1):
         node = Topology(gpus_per_node=8, nnodes=2, node_rank=rank, master_addr="10.0.0.5")
         with pytest.raises(LaunchError, match="needs RAY_AUTH_TOKEN, the same on every node"):
-            stages.join_ray_cluster(node, {}, runner=runner)
+            join_ray_cluster(node, {}, runner=runner)
     assert runner.calls == []
 
 
@@ -421,7 +470,7 @@ def test_ray_head_waits_for_every_node_and_passes_the_sandbox_to_workers() -> No
     head = Topology(gpus_per_node=8, nnodes=3, node_rank=0, master_addr="10.0.0.5")
     counts = iter([1, 2, 3])
     runner = RayRunner()
-    stages.join_ray_cluster(head, stages.dapo_env("http://sb/run_code"), runner=runner,
+    join_ray_cluster(head, dapo_env("http://sb/run_code"), runner=runner,
                             alive_nodes=lambda env: next(counts), poll_s=0)  # fmt: skip
     ((command, env),) = runner.calls
     assert "--head" in command
@@ -434,7 +483,7 @@ def test_ray_head_waits_for_every_node_and_passes_the_sandbox_to_workers() -> No
 def test_ray_head_gives_up_when_nodes_never_join() -> None:
     head = Topology(gpus_per_node=8, nnodes=2, node_rank=0, master_addr="10.0.0.5")
     with pytest.raises(RuntimeError, match="1 of 2 nodes joined"):
-        stages.join_ray_cluster(head, {}, runner=RayRunner(), alive_nodes=lambda env: 1,
+        join_ray_cluster(head, {}, runner=RayRunner(), alive_nodes=lambda env: 1,
                                 timeout_s=0, poll_s=0)  # fmt: skip
 
 
@@ -443,22 +492,22 @@ def test_ray_worker_retries_until_the_head_is_up() -> None:
     worker = Topology(gpus_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5")
     listens = iter([False, False, True, True, True])  # no `ray start` before the head listens
     runner = RayRunner(fail_first=2)
-    stages.join_ray_cluster(worker, {"X": "1"}, runner=runner, poll_s=0,
+    join_ray_cluster(worker, {"X": "1"}, runner=runner, poll_s=0,
                             head_listens=lambda topo: next(listens))  # fmt: skip
     assert len(runner.calls) == 3
     assert all("--address=10.0.0.5:6379" in c for c, _ in runner.calls)
     assert all(e["RAY_AUTH_MODE"] == "token" and e["X"] == "1" for _, e in runner.calls)
     with pytest.raises(RuntimeError, match="could not join"):
-        stages.join_ray_cluster(worker, {}, runner=RayRunner(fail_first=99), timeout_s=0,
+        join_ray_cluster(worker, {}, runner=RayRunner(fail_first=99), timeout_s=0,
                                 poll_s=0, head_listens=lambda topo: True)  # fmt: skip
 
 
 def test_the_default_name_follows_the_launch_not_the_clock(monkeypatch) -> None:
     clock = iter(range(1_000))
-    monkeypatch.setattr(stages.time, "strftime", lambda fmt: f"t{next(clock)}")
-    assert stages.default_experiment("dapo", "fc-1") == stages.default_experiment("dapo", "fc-1")
-    assert stages.default_experiment("dapo", "fc-1") == "dapo-fc-1"
-    assert stages.default_experiment("sft") != stages.default_experiment("sft")
+    monkeypatch.setattr(record.time, "strftime", lambda fmt: f"t{next(clock)}")
+    assert default_experiment("dapo", "fc-1") == default_experiment("dapo", "fc-1")
+    assert default_experiment("dapo", "fc-1") == "dapo-fc-1"
+    assert default_experiment("sft") != default_experiment("sft")
 
 
 class KillAfterCheckpoint:
@@ -493,7 +542,7 @@ class KillAfterCheckpoint:
 
         import psutil
 
-        merged = {**os.environ, **env, "PYTHONPATH": str(Path(stages.__file__).parents[2])}
+        merged = {**os.environ, **env, "PYTHONPATH": str(Path(stages.__file__).parents[3])}
         log = self.tracker.parent.parent / f"run{len(self.outputs)}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:
@@ -534,11 +583,11 @@ def test_sft_killed_after_a_checkpoint_resumes_from_it(layout: Layout, tiny_mode
     ]
     exp_dir = layout.experiment_dir("sft", "preempted")
     killer = KillAfterCheckpoint(exp_dir / "latest_checkpointed_iteration.txt", step=2)
-    first = stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=killer)
+    first = run_sft(layout, CPU, parse("sft", args), model_path=tiny_model_dir, runner=killer)
     assert first.returncode == -9 and first.checkpoint is not None and first.checkpoint.step == 2
     assert read_checkpoint_info(layout, "sft", "preempted") is None  # not done: no marker
 
-    second = stages.run_sft(layout, CPU, args, model_path=tiny_model_dir, runner=killer)
+    second = run_sft(layout, CPU, parse("sft", args), model_path=tiny_model_dir, runner=killer)
     assert second.returncode == 0 and second.checkpoint.step == 8  # 8 rows / batch 1
     resumed = killer.outputs[1]
     assert "step:3 " in resumed and "step:8 " in resumed
@@ -550,11 +599,14 @@ def test_sft_killed_after_a_checkpoint_resumes_from_it(layout: Layout, tiny_mode
 NODE_SCRIPT = """
 import sys
 from pathlib import Path
-from recipe.retool import launch, paths, stages
+from recipe.retool.core import paths
+from recipe.retool.core.request import parse
+from recipe.retool.core.topology import Topology
+from recipe.retool.stages.sft import run_sft
 root, rank, port, model, *args = sys.argv[1:]
-topo = launch.Topology(gpus_per_node=1, nnodes=2, node_rank=int(rank), master_addr="127.0.0.1",
+topo = Topology(gpus_per_node=1, nnodes=2, node_rank=int(rank), master_addr="127.0.0.1",
                        master_port=int(port), device="cpu")
-raise SystemExit(stages.run_sft(paths.Layout.local(Path(root)), topo, args,
+raise SystemExit(run_sft(paths.Layout.local(Path(root)), topo, parse("sft", args),
                                 model_path=Path(model)).returncode)
 """
 
@@ -580,7 +632,7 @@ def test_two_node_sft_on_one_machine_with_static_rendezvous(layout: Layout, tiny
         "trainer.logger=[console]",
     ]
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(stages.__file__).parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(stages.__file__).parents[3])}
     worker = subprocess.Popen(
         [sys.executable, "-c", NODE_SCRIPT, str(layout.data.parent), "1", str(port),
          str(tiny_model_dir), *args],
@@ -589,7 +641,7 @@ def test_two_node_sft_on_one_machine_with_static_rendezvous(layout: Layout, tiny
     try:
         topo = Topology(gpus_per_node=1, nnodes=2, node_rank=0, master_addr="127.0.0.1",
                         master_port=port, device="cpu")  # fmt: skip
-        head = stages.run_sft(layout, topo, args, model_path=tiny_model_dir)
+        head = run_sft(layout, topo, parse("sft", args), model_path=tiny_model_dir)
         assert worker.wait(timeout=300) == 0
     finally:
         worker.kill()
@@ -597,3 +649,11 @@ def test_two_node_sft_on_one_machine_with_static_rendezvous(layout: Layout, tiny
     shards = sorted(p.name for p in head.checkpoint.path.glob("model_world_size_2_rank_*.pt"))
     assert shards == ["model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]
     assert read_checkpoint_info(layout, "sft", "two-nodes").step == 2
+
+
+def test_a_stage_ends_in_one_line_with_its_exit_time_and_checkpoint(layout: Layout) -> None:
+    from recipe.retool.stages.record import StageResult
+
+    assert StageResult("sft", "e", 0, None, 90.0).summary() == (
+        "sft e: exit 0, 1.5 min, no complete checkpoint"
+    )

@@ -17,9 +17,14 @@ import httpx
 import pytest
 from verl.tools.tool_registry import initialize_tools_from_config
 
-from recipe.retool import launch, stages, tool_sandbox
-from recipe.retool.launch import TOOL_CONFIG_FILE, LaunchError, Topology
-from recipe.retool.paths import Layout
+from recipe.retool.core.constants import RAY_TOKEN_ENV
+from recipe.retool.core.paths import Layout
+from recipe.retool.core.request import LaunchError, LaunchRequest, parse
+from recipe.retool.core.topology import Topology
+from recipe.retool.launch.check import main
+from recipe.retool.launch.commands import TOOL_CONFIG_FILE
+from recipe.retool.stages import ray_cluster, tool_sandbox
+from recipe.retool.stages.dapo import dapo_on_node
 from sandbox.backends import TAG_KEY
 from sandbox.fleet import REPORT_JSON
 from sandbox.local_backend import LocalBackend
@@ -76,12 +81,16 @@ def test_a_ray_worker_node_starts_its_sandbox_first_and_its_tools_use_it(
 ) -> None:
     """Node 1 of 2: by the time ``ray start`` runs, the node's sandbox answers at the loopback
     URL that the node's Ray workers inherit; it stops when the node's part of the job ends."""
-    monkeypatch.setenv(stages.RAY_TOKEN_ENV, "t" * 64)
-    monkeypatch.setattr(stages, "_head_listens", lambda topo: True)  # the head at 10.0.0.5
+    monkeypatch.setenv(RAY_TOKEN_ENV, "t" * 64)
+    monkeypatch.setattr(ray_cluster, "_head_listens", lambda topo: True)  # the head at 10.0.0.5
     worker = Topology(gpus_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5")
     node = NodeProcesses(layout)
-    result = stages.dapo_on_node(
-        layout, worker, ["--experiment-name=d"], deployed_url=never_deployed, runner=node
+    result = dapo_on_node(
+        layout,
+        worker,
+        LaunchRequest("dapo", experiment="d"),
+        deployed_url=never_deployed,
+        runner=node,
     )
     assert result is None  # a worker node runs no main_ppo
     assert node.tool_urls == [tool_sandbox.NODE_SANDBOX_URL]
@@ -91,10 +100,13 @@ def test_a_ray_worker_node_starts_its_sandbox_first_and_its_tools_use_it(
 
 def test_a_single_node_run_sends_its_tool_calls_to_its_own_sandbox(layout) -> None:
     node = NodeProcesses(layout)
-    result = stages.dapo_on_node(
-        layout, Topology(gpus_per_node=8), ["--experiment-name=d"], deployed_url=never_deployed,
+    result = dapo_on_node(
+        layout,
+        Topology(gpus_per_node=8),
+        LaunchRequest("dapo", experiment="d"),
+        deployed_url=never_deployed,
         runner=node,
-    )  # fmt: skip
+    )
     assert result.returncode == 0 and result.checkpoint.step == 1
     assert node.tool_urls == [tool_sandbox.NODE_SANDBOX_URL] and node.outputs == ["42"]
 
@@ -116,7 +128,7 @@ def test_an_explicit_endpoint_or_deployed_option_starts_no_node_sandbox(monkeypa
 
 def test_a_wrong_sandbox_option_is_one_line_before_anything_starts(layout) -> None:
     with pytest.raises(LaunchError, match="--sandbox=local: choose node or deployed or modal"):
-        stages.dapo_on_node(layout, Topology(gpus_per_node=8), ["--sandbox=local"],
+        dapo_on_node(layout, Topology(gpus_per_node=8), parse("dapo", ["--sandbox=local"]),
                             deployed_url=never_deployed, runner=NodeProcesses(layout))  # fmt: skip
 
 
@@ -228,8 +240,10 @@ def test_dapo_with_sandbox_modal_sends_its_tool_calls_to_the_pool(
     )
     monkeypatch.setattr(tool_sandbox, "modal_sandbox", pool)
     node = NodeProcesses(layout)
-    result = stages.dapo_on_node(
-        layout, Topology(gpus_per_node=8), ["--experiment-name=d", "--sandbox=modal"],
+    result = dapo_on_node(
+        layout,
+        Topology(gpus_per_node=8),
+        parse("dapo", ["--experiment-name=d", "--sandbox=modal"]),
         deployed_url=never_deployed, runner=node,
     )  # fmt: skip
     assert result.returncode == 0
@@ -249,7 +263,7 @@ def test_launch_check_with_sandbox_modal_stays_offline(monkeypatch, capsys) -> N
 
     monkeypatch.setattr(modal.Sandbox, "create", no)
     monkeypatch.setattr(tool_sandbox, "modal_sandbox", no)
-    assert launch.main(["check", "dapo", "--sandbox=modal"]) == 0
+    assert main(["check", "dapo", "--sandbox=modal"]) == 0
     assert "ok:" in capsys.readouterr().out
 
 

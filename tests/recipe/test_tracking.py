@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import launch, stages, tracking
-from recipe.retool.launch import LaunchError, Topology
-from recipe.retool.paths import Layout
+from recipe.retool.core.paths import Layout
+from recipe.retool.core.request import LaunchError, LaunchRequest
+from recipe.retool.core.topology import Topology
+from recipe.retool.launch.check import main
+from recipe.retool.records import tracking
+from recipe.retool.stages.dapo import run_dapo
 from tests.recipe.test_paths import make_step, mark_tracked
 from tests.recipe.test_stages import LoggingRunner, layout  # noqa: F401  (a fixture)
 
@@ -29,7 +32,7 @@ def no_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def test_launch_check_without_a_key_is_one_line_and_exit_2(no_wandb, capsys) -> None:
-    assert launch.main(["check", "dapo", "--gpus", "8"]) == 2
+    assert main(["check", "dapo", "--gpus", "8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "WANDB_API_KEY" in err and "WANDB_MODE=offline" in err
@@ -40,16 +43,16 @@ def test_offline_mode_or_a_key_in_dotenv_passes_and_the_key_is_never_printed(
     no_wandb, monkeypatch, capsys, stage
 ) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert launch.main(["check", stage]) == 0
+    assert main(["check", stage]) == 0
     monkeypatch.delenv("WANDB_MODE")
     no_wandb.write_text(f"WANDB_API_KEY='{SECRET}'\n")
-    assert launch.main(["check", stage]) == 0
+    assert main(["check", stage]) == 0
     out = capsys.readouterr()
     assert SECRET not in out.out + out.err
 
 
 def test_a_run_that_does_not_log_to_wandb_needs_no_key(no_wandb) -> None:
-    assert launch.main(["check", "dapo", "trainer.logger=[console,file]"]) == 0
+    assert main(["check", "dapo", "trainer.logger=[console,file]"]) == 0
 
 
 def test_train_dapo_fails_before_the_trainer_starts(no_wandb, layout: Layout) -> None:  # noqa: F811
@@ -57,7 +60,7 @@ def test_train_dapo_fails_before_the_trainer_starts(no_wandb, layout: Layout) ->
     mark_tracked(layout, "sft", "s1", 4)
     runner = LoggingRunner(layout, "dapo", [[(1, {})]], returncodes=[0])
     with pytest.raises(LaunchError, match="WANDB_API_KEY"):
-        stages.run_dapo(layout, Topology(gpus_per_node=4), ["--experiment-name=d"],
+        run_dapo(layout, Topology(gpus_per_node=4), LaunchRequest("dapo", experiment="d"),
                         sandbox_url="http://sb/run_code", runner=runner)  # fmt: skip
     assert runner.envs == []  # nothing ran
 
@@ -116,7 +119,7 @@ def test_every_attempt_of_an_experiment_continues_one_wandb_run(
     attempts = [[(1, {"critic/score/mean": 0.1})], [(2, {"critic/score/mean": 0.2})]]
     runner = VerlTrackingRunner(layout, "dapo", attempts, returncodes=[1, 0])
     for _ in attempts:  # a failed attempt, then its retry
-        stages.run_dapo(layout, Topology(gpus_per_node=4), ["--experiment-name=d"],
+        run_dapo(layout, Topology(gpus_per_node=4), LaunchRequest("dapo", experiment="d"),
                         sandbox_url="http://sb/run_code", runner=runner)  # fmt: skip
     first, retry = fake.inits
     assert first["WANDB_RUN_ID"] == retry["WANDB_RUN_ID"] == tracking.run_id("dapo", "d")

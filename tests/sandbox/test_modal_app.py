@@ -149,7 +149,7 @@ def test_entrypoint_importable() -> None:
 def test_trainer_finds_the_sandbox_by_the_names_it_is_deployed_under() -> None:
     import modal
 
-    from recipe.retool import paths
+    from recipe.retool.core import paths
 
     assert m.app.name == paths.SANDBOX_APP_NAME
     assert isinstance(getattr(m, paths.SANDBOX_FUNCTION_NAME), modal.Function)

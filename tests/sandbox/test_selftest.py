@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import paths
+from recipe.retool.core import paths
 from sandbox import selftest
 from sandbox.isolation import Isolation, detect
 from sandbox.pool import ZygotePool

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import launch
 from recipe.retool.data.tiny_model import TinySpec
+from recipe.retool.launch.commands import attention_implementation, load_stage_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "bench_dapo_gpu.py"
@@ -22,32 +22,32 @@ CURVE_METRICS = REPO / "docs" / "gpu-runs" / "dapo_curve_h100.metrics.jsonl"
 
 @pytest.mark.parametrize(("gpus", "tp", "sp"), [(1, 1, 1), (2, 2, 2), (4, 4, 4)])
 def test_the_layout_follows_the_gpu_count_and_keeps_the_yaml(tmp_path: Path, gpus, tp, sp):
-    yaml = launch.load_stage_config("dapo").overrides
-    settings = bench.layout_settings(tmp_path, gpus, bench.bench_args(tmp_path, gpus, 3))
+    yaml = load_stage_config("dapo").overrides
+    settings = bench.layout_settings(tmp_path, gpus, bench.bench_request(tmp_path, gpus, 3))
     assert (settings["tp"], settings["sp"]) == (tp, sp)
     assert settings["param_offload"] is yaml["actor_rollout_ref.actor.fsdp_config.param_offload"]
     assert settings["max_response_length"] == yaml["data.max_response_length"]
     assert settings["rollout_n"] == yaml["actor_rollout_ref.rollout.n"]
-    assert settings["attention"] == launch.attention_implementation()
+    assert settings["attention"] == attention_implementation()
 
 
 def test_the_batch_scales_with_the_gpus_in_four_mini_batches(tmp_path: Path) -> None:
-    args = bench.bench_args(tmp_path, 2, 3)
+    args = bench.bench_request(tmp_path, 2, 3).overrides
     assert "data.train_batch_size=16" in args
     assert "actor_rollout_ref.actor.ppo_mini_batch_size=4" in args
     assert {"trainer.save_freq=-1", "trainer.resume_mode=disable"} <= set(args)
 
 
 def test_async_mode_reaches_the_run_and_the_row_names_the_split(tmp_path: Path) -> None:
-    args = bench.bench_args(tmp_path, 4, 3, "async")
-    assert "--rollout-mode=async" in args
+    args = bench.bench_request(tmp_path, 4, 3, "async")
+    assert "--rollout-mode=async" in args.to_argv()
     settings = bench.layout_settings(tmp_path, 4, args)
     assert settings["rollout_mode"] == "async"
     assert (settings["rollout_gpus"], settings["trainer_gpus"]) == (2, 2)
     assert settings["sync_every_steps"] == 4  # the batch's four mini-batches, then a sync
-    assert bench.layout_settings(tmp_path, 4, bench.bench_args(tmp_path, 4, 3))["rollout_mode"] == (
-        "sync"
-    )
+    assert bench.layout_settings(tmp_path, 4, bench.bench_request(tmp_path, 4, 3))[
+        "rollout_mode"
+    ] == ("sync")
 
 
 def fake_smi(tmp_path: Path, outputs: list[str]) -> list[str]:

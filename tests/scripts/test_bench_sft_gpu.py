@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from recipe.retool.core.request import parse
 from recipe.retool.data.tiny_model import build_tokenizer
+from recipe.retool.stages.sft import run_sft
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_sft_gpu.py"
 spec = importlib.util.spec_from_file_location("bench_sft_gpu", SCRIPT)
@@ -87,14 +89,15 @@ def bench_namespace(**kw) -> argparse.Namespace:
     ],
 )  # fmt: skip
 def test_rows_record_what_the_composed_config_runs(tmp_path: Path, flags, liger_arg, recorded):
-    from recipe.retool.launch import Topology
-    from recipe.retool.paths import Layout
+    from recipe.retool.core.paths import Layout
+    from recipe.retool.core.topology import Topology
 
-    args = bench.bench_args(bench_namespace(**flags))
+    request = bench.bench_request(bench_namespace(**flags))
+    args = request.overrides
     assert {"trainer.resume_mode=disable", "trainer.save_freq=-1"} <= set(args)
     liger_args = [a for a in args if a.startswith("model.use_liger=")]
     assert liger_args == ([liger_arg] if liger_arg else [])
-    settings = bench.measured_settings(Layout.local(tmp_path), Topology(gpus_per_node=4), args,
+    settings = bench.measured_settings(Layout.local(tmp_path), Topology(gpus_per_node=4), request,
                                        tmp_path / "model")  # fmt: skip
     assert settings == recorded
 
@@ -115,9 +118,8 @@ def test_liger_off_is_a_flag_and_the_matrix_passes_it(monkeypatch, tmp_path: Pat
 def test_profile_step_makes_verl_write_a_trace_of_that_step(tmp_path: Path, tiny_model_dir) -> None:
     """The overrides of ``--profile-step`` compose against verl's SFT config and, run (here on
     CPU, so the trace holds host ops only), make verl write the chrome trace the row reads."""
-    from recipe.retool import stages
-    from recipe.retool.launch import Topology
-    from recipe.retool.paths import Layout
+    from recipe.retool.core.paths import Layout
+    from recipe.retool.core.topology import Topology
     from tests.recipe.test_stages import sft_rows
 
     layout = Layout.local(tmp_path)
@@ -135,7 +137,7 @@ def test_profile_step_makes_verl_write_a_trace_of_that_step(tmp_path: Path, tiny
         *bench.profile_args(2, save),
     ]
     cpu = Topology(gpus_per_node=1, device="cpu")
-    result = stages.run_sft(layout, cpu, args, model_path=tiny_model_dir)
+    result = run_sft(layout, cpu, parse("sft", args), model_path=tiny_model_dir)
     assert result.returncode == 0
     (trace,) = save.glob("*.json*")
     events = bench.trace_summary.load_events(trace)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from recipe.retool.constants import (
+from recipe.retool.core.constants import (
     ABILITY,
     AGENT_NAME,
     ANSWER_FORMAT,

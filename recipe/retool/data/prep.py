@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from recipe.retool.constants import (
+from recipe.retool.core.constants import (
     AIME_2024_DATASET,
     AIME_2025_DATASET,
     RL_DATASET,

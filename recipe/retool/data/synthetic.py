@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipe.retool.constants import ANSWER_FORMAT, TOOL_SCHEMA
+from recipe.retool.core.constants import ANSWER_FORMAT, TOOL_SCHEMA
 from recipe.retool.data.convert import code_call, rl_row
 
 DATA_SOURCE = "synthetic_tool_math"

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from recipe.retool.core.paths import BASE_MODEL_ID, Layout
 from recipe.retool.eval import report
 from recipe.retool.eval.backends import BACKENDS
 from recipe.retool.eval.checkpoints import eval_dir, report_dir, resolve_checkpoint
@@ -35,7 +36,6 @@ from recipe.retool.eval.config import (
 )
 from recipe.retool.eval.problems import dataset_paths
 from recipe.retool.eval.runner import evaluate_checkpoint
-from recipe.retool.paths import BASE_MODEL_ID, Layout
 
 PROG = "python -m recipe.retool.eval"
 

@@ -23,12 +23,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from recipe.retool.constants import TOOL_CALLS_KEY
+from recipe.retool.core.constants import TOOL_CALLS_KEY
 from recipe.retool.eval.backends import TurnBudget, make_backend
 from recipe.retool.eval.config import EvalConfig
 from recipe.retool.eval.metrics import SampleResult, is_tool_error, mask_turns
 from recipe.retool.eval.problems import Problem
-from recipe.retool.launch import TOOL_CONFIG_FILE, compose, load_stage_config
+from recipe.retool.launch.commands import TOOL_CONFIG_FILE, load_stage_config
+from recipe.retool.launch.validation import compose
 from recipe.retool.verl_plugins.reward import compute_score
 
 

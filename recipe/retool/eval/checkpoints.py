@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from recipe.retool.eval.config import EvalError
-from recipe.retool.paths import (
+from recipe.retool.core.paths import (
     BASE_MODEL_ID,
     CheckpointNotFound,
     Layout,
     resolve_model_dir,
     weights_problem,
 )
+from recipe.retool.eval.config import EvalError
 
 SUMMARY_FILE = "summary.json"  # written last, only by a successful run: "this eval is done"
 INDEX_FILE = "index.jsonl"  # next to the report directories: one line per finished evaluation
@@ -88,7 +88,7 @@ def check_model_dir(path: Path) -> None:
 def resolve_checkpoint(spec: str, layout: Layout, base_model: str = BASE_MODEL_ID) -> CheckpointRef:
     """``base`` | ``latest`` (DAPO if any, else SFT) | ``sft`` | ``dapo`` | an experiment | a path.
 
-    The same resolution serving uses (:func:`recipe.retool.paths.resolve_model_dir`), plus the
+    The same resolution serving uses (:func:`recipe.retool.core.paths.resolve_model_dir`), plus the
     label the reports are filed under.
     """
     if spec == "base":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from recipe.retool.paths import EVAL_SETS
+from recipe.retool.core.paths import EVAL_SETS
 
 CONFIG_FILE = Path(__file__).parents[1] / "config" / "eval.yaml"
 DEFAULT_DATASETS = EVAL_SETS

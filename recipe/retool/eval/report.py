@@ -15,14 +15,14 @@ one) never sees half a file.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from recipe.retool.core.paths import Layout
 from recipe.retool.eval.checkpoints import CheckpointRef
-from recipe.retool.paths import Layout
+from recipe.retool.records.plotting import markdown_table, pyplot, save_figure, write_atomic
 
 ACCURACY_KEYS = ("mean@k", "pass@1", "pass@n", "maj@k")
 
@@ -36,19 +36,8 @@ class ReportError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(text, bytes):
-        tmp.write_bytes(text)
-    else:
-        tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
 def write_json(path: Path, data: Any) -> Path:
-    return _write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def load_results(directory: Path) -> dict[str, dict[str, Any]]:
@@ -89,12 +78,6 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 _OVERALL_HEADER = (
     "mean@k",
     "pass@1",
@@ -133,10 +116,10 @@ def _overall_cells(o: dict[str, Any]) -> list[str]:
     ]
 
 
-def summary_table(datasets: dict[str, dict[str, Any]]) -> str:
+def summarymarkdown_table(datasets: dict[str, dict[str, Any]]) -> str:
     """Markdown table of the overall metrics, one row per dataset (k = samples per problem)."""
     rows = [[name, str(o.get("k")), *_overall_cells(o)] for name, o in datasets.items()]
-    return _table(["dataset", "k", *_OVERALL_HEADER], rows)
+    return markdown_table(["dataset", "k", *_OVERALL_HEADER], rows)
 
 
 def render_checkpoint_markdown(results: dict[str, dict[str, Any]]) -> str:
@@ -164,7 +147,7 @@ def render_checkpoint_markdown(results: dict[str, dict[str, Any]]) -> str:
         "",
         "## Overall",
         "",
-        summary_table({name: r["overall"] for name, r in results.items()}),
+        summarymarkdown_table({name: r["overall"] for name, r in results.items()}),
     ]
     for name, result in results.items():
         rows = [
@@ -194,7 +177,7 @@ def render_checkpoint_markdown(results: dict[str, dict[str, Any]]) -> str:
             "resp. tokens",
             "rollout errors",
         ]
-        lines += ["", f"## {name}: per problem", "", _table(header, rows)]
+        lines += ["", f"## {name}: per problem", "", markdown_table(header, rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -211,8 +194,8 @@ def write_checkpoint_report(
         files.append(write_json(out_dir / f"eval_{name}.json", result))
         if save_samples:
             body = "".join(json.dumps(asdict(s)) + "\n" for s in samples.get(name, ()))
-            files.append(_write_atomic(out_dir / f"samples_{name}.jsonl", body))
-    files.append(_write_atomic(out_dir / "report.md", render_checkpoint_markdown(results)))
+            files.append(write_atomic(out_dir / f"samples_{name}.jsonl", body))
+    files.append(write_atomic(out_dir / "report.md", render_checkpoint_markdown(results)))
     return files
 
 
@@ -221,27 +204,9 @@ def write_checkpoint_report(
 # ---------------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig: Any, path: Path) -> Path:
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    return _write_atomic(path, buffer.getvalue())
-
-
 def plot_progress(series: dict[str, dict[str, list[tuple[int, dict[str, Any]]]]], path: Path):
     """``series[dataset][run] = [(step, overall), ...]`` → one panel per dataset."""
-    plt = _pyplot()
+    plt = pyplot()
     datasets = sorted(series)
     fig, axes = plt.subplots(
         1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False, layout="constrained"
@@ -265,12 +230,12 @@ def plot_progress(series: dict[str, dict[str, list[tuple[int, dict[str, Any]]]]]
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Accuracy against training step")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_comparison(table: dict[str, dict[str, dict[str, Any]]], path: Path) -> Path:
     """``table[label][dataset] = overall`` → grouped bars: mean@k, maj@k, pass@n per dataset."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = list(table)
     datasets = sorted({d for per in table.values() for d in per})
     ks = sorted({o.get("k") for per in table.values() for o in per.values()} - {None})
@@ -296,7 +261,7 @@ def plot_comparison(table: dict[str, dict[str, dict[str, Any]]], path: Path) -> 
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(" vs ".join(labels))
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +314,7 @@ def write_progress_report(
             "",
             "![progress](progress.png)",
             "",
-            _table(["dataset", "run", "step", *_OVERALL_HEADER], rows),
+            markdown_table(["dataset", "run", "step", *_OVERALL_HEADER], rows),
             "",
         ]
     )
@@ -361,7 +326,7 @@ def write_progress_report(
         for dataset, runs in series.items()
     }
     return [
-        _write_atomic(out_dir / "progress.md", md),
+        write_atomic(out_dir / "progress.md", md),
         write_json(out_dir / "progress.json", data),
         plot_progress(series, out_dir / "progress.png"),
     ]
@@ -393,7 +358,7 @@ def write_comparison_report(labelled_dirs: dict[str, Path], out_dir: Path) -> li
             "",
             f"## {dataset}",
             "",
-            _table(["", "checkpoint", "k", *_OVERALL_HEADER], rows),
+            markdown_table(["", "checkpoint", "k", *_OVERALL_HEADER], rows),
         ]
     out_dir = Path(out_dir)
     data = {
@@ -404,7 +369,7 @@ def write_comparison_report(labelled_dirs: dict[str, Path], out_dir: Path) -> li
         for label, per in table.items()
     }
     return [
-        _write_atomic(out_dir / "compare.md", "\n".join(sections) + "\n"),
+        write_atomic(out_dir / "compare.md", "\n".join(sections) + "\n"),
         write_json(out_dir / "compare.json", data),
         plot_comparison(table, out_dir / "compare.png"),
     ]
@@ -416,7 +381,7 @@ def show_summary(
     """What the CLI and the Modal function print after an evaluation: the summary table, where
     the reports are, and, for a training checkpoint, the experiment's accuracy-against-step
     report (``progress.png``), brought up to date. Returns the plots written."""
-    print(summary_table(summary["datasets"]))
+    print(summarymarkdown_table(summary["datasets"]))
     print(f"reports: {summary['out_dir']}")
     if not (progress and ref.stage in ("sft", "dapo")):
         return []

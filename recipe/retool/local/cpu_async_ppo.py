@@ -25,7 +25,7 @@ from recipe.retool.local.cpu_ppo import install_worker
 
 def main() -> None:
     """``python -m recipe.retool.local.cpu_async_ppo <overrides>``: fully-async DAPO on CPU."""
-    from recipe.retool.async_dapo import load_async_config
+    from recipe.retool.launch.async_plan import load_async_config
 
     install_worker()
     # As `python -m`: Hydra finds this entry's config/ (a folder, not a package) next to the file

@@ -7,7 +7,7 @@ CPU-only). Output lands in ``./runs/<timestamp>/`` laid out exactly like the Mod
 2. prep     - the real prep code on shipped samples in the hub datasets' exact schemas
 3. sandbox  - the local sandbox service (or the one at SANDBOX_FUSION_ENDPOINT), checked
               with ``print(2+2)``
-4. sft      - verl's SFT trainer through ``stages.run_sft`` (the code Modal's ``train`` runs)
+4. sft      - verl's SFT trainer through ``run_sft`` (the code Modal's ``train`` runs)
 5. dapo     - the latest SFT checkpoint found by the code ``train_dapo`` uses; the full DAPO
               config composed against verl; two real main_ppo steps (vLLM rollouts on a GPU,
               the hf_cpu rollout of rollout_replica_cpu.py on a CPU), reported from verl's
@@ -31,16 +31,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipe.retool import launch, paths, run_metrics, stages
-from recipe.retool.constants import TOOL_NAME
+from recipe.retool.core import paths
+from recipe.retool.core.constants import TOOL_NAME
+from recipe.retool.core.paths import resolve_sft_checkpoint
+from recipe.retool.core.request import LaunchRequest
+from recipe.retool.core.topology import Topology
+from recipe.retool.launch.commands import dapo_overrides
+from recipe.retool.launch.validation import validate
+from recipe.retool.records import run_metrics
+from recipe.retool.stages.dapo import run_dapo
+from recipe.retool.stages.sft import run_sft
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TINY_MODEL_ID = "local/tiny-qwen2"
 # Small SFT settings for a 2-core laptop; everything else comes from config/sft.yaml.
 # Real main_ppo steps with the tiny model on one GPU or the CPU: the production DAPO config with
 # only sizes scaled down.
-SMOKE_DAPO_ARGS = (
-    "--experiment-name=smoke",
+SMOKE_DAPO = LaunchRequest("dapo", experiment="smoke", overrides=(
     "actor_rollout_ref.rollout.n=2",
     "actor_rollout_ref.rollout.enforce_eager=true",
     "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
@@ -57,16 +64,15 @@ SMOKE_DAPO_ARGS = (
     "trainer.val_before_train=False",
     "actor_rollout_ref.rollout.val_kwargs.n=1",  # the last step validates: one answer a problem
     "trainer.logger=[console,file]",
-)
-SMOKE_SFT_ARGS = (
-    "--experiment-name=smoke",
+))  # fmt: skip
+SMOKE_SFT = LaunchRequest("sft", experiment="smoke", overrides=(
     "data.max_length=1024",
     "data.train_batch_size=4",
     "data.micro_batch_size_per_gpu=2",
     "data.max_token_len_per_gpu=2048",
     "trainer.total_epochs=1",
     "trainer.logger=[console]",
-)
+))  # fmt: skip
 
 
 @dataclass
@@ -147,25 +153,26 @@ class Smoke:
             report.notes.append(f"{name}: {summary.rows_in}→{summary.rows_out}")
 
     def sft(self, report: StageReport) -> None:
-        topo = launch.Topology(gpus_per_node=1, device="cpu")
-        result = stages.run_sft(
-            self.layout, topo, SMOKE_SFT_ARGS, model_path=self.layout.model_dir(TINY_MODEL_ID)
+        topo = Topology(gpus_per_node=1, device="cpu")
+        result = run_sft(
+            self.layout,
+            topo,
+            SMOKE_SFT,
+            model_path=self.layout.model_dir(TINY_MODEL_ID),
         )
         if result.returncode != 0 or result.checkpoint is None:
             raise RuntimeError(f"SFT exited with {result.returncode}; see the log above")
         report.notes.append(f"global_step_{result.checkpoint.step} saved with HF weights")
 
     def dapo(self, report: StageReport) -> None:
-        start_from = stages.resolve_sft_checkpoint(self.layout, None)  # what train_dapo uses
+        start_from = resolve_sft_checkpoint(self.layout, None)  # what train_dapo uses
         report.notes.append(f"from {start_from.relative_to(self.root)}")
-        topo = launch.Topology(gpus_per_node=8)
-        overrides = launch.dapo_overrides(self.layout, "smoke", start_from, topo)
-        launch.validate("dapo", overrides, topo)
+        topo = Topology(gpus_per_node=8)
+        overrides = dapo_overrides(self.layout, "smoke", start_from, topo)
+        validate("dapo", overrides, topo)
         report.notes.append(f"DAPO config composed ({len(overrides)} overrides, 8-GPU layout)")
-        where = launch.Topology(
-            gpus_per_node=1, device="cuda" if _gpu_rollout_available() else "cpu"
-        )
-        result = stages.run_dapo(self.layout, where, SMOKE_DAPO_ARGS, sandbox_url=self.sandbox_url)
+        where = Topology(gpus_per_node=1, device="cuda" if _gpu_rollout_available() else "cpu")
+        result = run_dapo(self.layout, where, SMOKE_DAPO, sandbox_url=self.sandbox_url)
         logged = run_metrics.read_run(self.layout.experiment_dir("dapo", "smoke"))
         report.notes.append(run_metrics.describe(run_metrics.summarize(logged)))
         if result.returncode != 0:

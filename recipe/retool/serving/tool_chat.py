@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from recipe.retool.constants import TOOL_NAME, TOOL_SCHEMA
+from recipe.retool.core.constants import TOOL_NAME, TOOL_SCHEMA
 from recipe.retool.verl_plugins.interpreter import run_code_call
 from recipe.retool.verl_plugins.reward import extract_answer
 from sandbox.client import SandboxClient

@@ -31,7 +31,7 @@ import threading
 from fractions import Fraction
 from typing import Any
 
-from recipe.retool.constants import TOOL_CALLS_KEY
+from recipe.retool.core.constants import TOOL_CALLS_KEY
 
 DEFAULT_TAIL_CHARS = 4000
 MAX_ANSWER_CHARS = 300

@@ -27,7 +27,7 @@ from uuid import uuid4
 from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
-from recipe.retool.constants import TOOL_CALLS_KEY, TOOL_SCHEMA
+from recipe.retool.core.constants import TOOL_CALLS_KEY, TOOL_SCHEMA
 from recipe.retool.verl_plugins.interpreter import run_code_call
 from sandbox.client import SandboxClient
 

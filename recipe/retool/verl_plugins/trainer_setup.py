@@ -3,7 +3,7 @@
 - :mod:`fast_logprobs`: token log-probs in fused chunks instead of verl's per-token loop;
 - :mod:`varlen_attention`: torch's varlen flash attention for packed (remove-padding) micro-batches
   and Ulysses sequence parallelism, registered with transformers under
-  ``varlen_attention.NAME``, the implementation ``launch.py`` asks verl to load.
+  ``varlen_attention.NAME``, the implementation ``launch/commands.py`` asks verl to load.
 
 Both only replace verl/transformers functions in the running process, so they are installed where
 the models are built:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recipe.retool.constants import AGENT_NAME, ANSWER_FORMAT, TOOL_NAME, TOOL_SCHEMA
+from recipe.retool.core.constants import AGENT_NAME, ANSWER_FORMAT, TOOL_NAME, TOOL_SCHEMA
 from recipe.retool.data.convert import (
     MalformedRow,
     extract_code,

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recipe.retool.constants import ANSWER_FORMAT, TOOL_SCHEMA
+from recipe.retool.core.constants import ANSWER_FORMAT, TOOL_SCHEMA
 from recipe.retool.data import prep
 from recipe.retool.data.convert import MalformedRow
 from recipe.retool.local.samples import (

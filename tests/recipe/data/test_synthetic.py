@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from recipe.retool.constants import ANSWER_FORMAT, TOOL_NAME
+from recipe.retool.core.constants import ANSWER_FORMAT, TOOL_NAME
 from recipe.retool.data import synthetic
 from recipe.retool.data.prep import RL_SCHEMA, SFT_SCHEMA
 

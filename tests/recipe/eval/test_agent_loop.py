@@ -13,7 +13,7 @@ import pytest
 from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 from verl.tools.tool_registry import initialize_tools_from_config
 
-from recipe.retool.constants import (
+from recipe.retool.core.constants import (
     AGENT_NAME,
     ANSWER_FORMAT,
     TOOL_CALLS_KEY,
@@ -22,7 +22,7 @@ from recipe.retool.constants import (
 )
 from recipe.retool.eval.agent_loop import compose_config, run_tool_agent, score_rollout
 from recipe.retool.eval.backends import HFGenerateServer
-from recipe.retool.launch import TOOL_CONFIG_FILE as TOOL_CONFIG
+from recipe.retool.launch.commands import TOOL_CONFIG_FILE as TOOL_CONFIG
 from recipe.retool.local.scripted_server import ScriptedServer
 
 CODE = "import math\nmath.comb(10, 3)"

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipe.retool.constants import TOOL_NAME
+from recipe.retool.core.constants import TOOL_NAME
+from recipe.retool.core.paths import Layout
 from recipe.retool.data import prep
 from recipe.retool.eval.__main__ import main
 from recipe.retool.eval.agent_loop import build_tools
@@ -26,7 +27,6 @@ from recipe.retool.eval.problems import load_problems
 from recipe.retool.eval.runner import evaluate_checkpoint
 from recipe.retool.local.samples import write_sources
 from recipe.retool.local.scripted_server import ScriptedServer
-from recipe.retool.paths import Layout
 from sandbox.client import TOKEN_ENV
 from sandbox.local import sandbox_service
 from tests.recipe.test_paths import write_weights

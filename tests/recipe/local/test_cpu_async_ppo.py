@@ -23,9 +23,12 @@ import pandas as pd
 import pytest
 import torch
 
-from recipe.retool import run_metrics, stages
-from recipe.retool.launch import Topology
-from recipe.retool.paths import Layout, read_checkpoint_info
+from recipe.retool.core.paths import Layout, read_checkpoint_info
+from recipe.retool.core.request import parse
+from recipe.retool.core.topology import Topology
+from recipe.retool.records import run_metrics
+from recipe.retool.stages.dapo import run_dapo
+from recipe.retool.stages.record import StageResult
 from tests.recipe.local import test_cpu_ppo as sync_ppo
 from tests.recipe.test_stages import KillAfterCheckpoint
 
@@ -43,8 +46,8 @@ IS_THRESHOLD = 2.0
 class PreemptedAsyncRun:
     layout: Layout
     rows: pd.DataFrame  # the RL training rows, in dataloader order (no shuffle)
-    first: stages.StageResult
-    second: stages.StageResult
+    first: StageResult
+    second: StageResult
     logs: list[str]
     relaunched_at: float  # wall clock between the killed attempt and the relaunch
 
@@ -88,9 +91,9 @@ def async_run(
     killer = KillAfterCheckpoint(exp_dir / "latest_checkpointed_iteration.txt", 1, timeout_s=1200,
                                  metrics_dir=run_metrics.metrics_dir(exp_dir))  # fmt: skip
     url = local_endpoint + "/run_code"
-    first = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
+    first = run_dapo(layout, CPU, parse("dapo", args), sandbox_url=url, runner=killer)
     relaunched_at = time.time()
-    second = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
+    second = run_dapo(layout, CPU, parse("dapo", args), sandbox_url=url, runner=killer)
     rows = pd.read_parquet(tool_sft.files["rl_train"])
     return PreemptedAsyncRun(layout, rows, first, second, killer.outputs, relaunched_at)
 

@@ -35,10 +35,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recipe.retool import launch, run_metrics, stages
+from recipe.retool import stages
+from recipe.retool.core.constants import RAY_TOKEN_ENV
+from recipe.retool.core.paths import Layout, read_checkpoint_info
+from recipe.retool.core.request import parse
+from recipe.retool.core.topology import Topology
 from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
-from recipe.retool.launch import Topology
-from recipe.retool.paths import Layout, read_checkpoint_info
+from recipe.retool.launch.commands import ray_address
+from recipe.retool.records import run_metrics
+from recipe.retool.stages.dapo import dapo_env, run_dapo
+from recipe.retool.stages.ray_cluster import RAY_CLUSTER_ENV, join_ray_cluster
+from recipe.retool.stages.record import StageResult
+from recipe.retool.stages.sft import run_sft
 from tests.recipe.test_stages import KillAfterCheckpoint
 
 # The first test's setup is an SFT and two main_ppo launches (~2.5 min on 2 idle cores; more
@@ -52,9 +60,9 @@ EXPERIMENT = "cpu-dapo"
 class PreemptedRun:
     layout: Layout
     rows: pd.DataFrame  # the RL training rows, in dataloader order (no shuffle)
-    first: stages.StageResult
+    first: StageResult
     info_after_kill: object
-    second: stages.StageResult
+    second: StageResult
     logs: list[str]
     sft_weights: Path
 
@@ -86,11 +94,11 @@ def tool_sft(tmp_path_factory, tiny_model_dir: Path) -> ToolSft:
     files = write_dataset(
         root / "synthetic", SyntheticSizes(sft=512, rl_train=8, rl_val=2), families=("product",)
     )
-    sft = stages.run_sft(Layout.local(root), CPU, [
+    sft = run_sft(Layout.local(root), CPU, parse("sft", [
         "--experiment-name=warm", f"data.train_files={files['sft']}", "data.max_length=512",
         "data.train_batch_size=16", "data.micro_batch_size_per_gpu=16", "trainer.total_epochs=4",
         "optim.lr=1e-2", "trainer.save_freq=-1", "trainer.logger=[console]",
-    ], model_path=tiny_model_dir)  # fmt: skip
+    ]), model_path=tiny_model_dir)  # fmt: skip
     assert sft.returncode == 0
     return ToolSft(files, sft.checkpoint.hf_dir)
 
@@ -145,9 +153,9 @@ def preempted_run(tmp_path_factory, tool_sft: ToolSft, local_endpoint: str) -> P
     killer = KillAfterCheckpoint(exp_dir / "latest_checkpointed_iteration.txt", 1, timeout_s=900,
                                  metrics_dir=run_metrics.metrics_dir(exp_dir))  # fmt: skip
     url = local_endpoint + "/run_code"
-    first = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
+    first = run_dapo(layout, CPU, parse("dapo", args), sandbox_url=url, runner=killer)
     info_after_kill = read_checkpoint_info(layout, "dapo", EXPERIMENT)
-    second = stages.run_dapo(layout, CPU, args, sandbox_url=url, runner=killer)
+    second = run_dapo(layout, CPU, parse("dapo", args), sandbox_url=url, runner=killer)
     return PreemptedRun(
         layout, pd.read_parquet(tool_sft.files["rl_train"]), first, info_after_kill, second,
         killer.outputs, tool_sft.weights,
@@ -268,13 +276,13 @@ def test_killed_run_resumes_from_its_checkpoint(preempted_run: PreemptedRun) -> 
 
 
 class CapturingRunner:
-    """``stages.run_subprocess`` that keeps what every command printed, in one log."""
+    """``run_subprocess`` that keeps what every command printed, in one log."""
 
     def __init__(self, log: Path) -> None:
         self.log = log
 
     def __call__(self, command: Sequence[str], env: dict[str, str]) -> int:
-        merged = {**os.environ, **env, "PYTHONPATH": str(Path(stages.__file__).parents[2])}
+        merged = {**os.environ, **env, "PYTHONPATH": str(Path(stages.__file__).parents[3])}
         with self.log.open("a") as out:
             return subprocess.run(
                 list(command), env=merged, stdout=out, stderr=subprocess.STDOUT, check=False
@@ -296,7 +304,7 @@ def _driver(probe: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 @dataclass(frozen=True)
 class TwoNodeRun:
     layout: Layout
-    result: stages.StageResult
+    result: StageResult
     nodes: list[list]  # [alive, logical GPUs] of each Ray node, from the head
     wrong_token: subprocess.CompletedProcess  # a driver that sent another token
     printed: str  # everything `ray start` and main_ppo printed
@@ -325,29 +333,33 @@ def two_node_run(tmp_path_factory, tool_sft: ToolSft, local_endpoint: str) -> Tw
     home.mkdir()
     ray_tmp = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # Ray's socket paths must be short
     token = secrets.token_hex(32)
-    env = stages.dapo_env(local_endpoint + "/run_code")
+    env = dapo_env(local_endpoint + "/run_code")
     runner = CapturingRunner(root / "printed.log")
 
     def node(rank: int) -> Topology:
         return Topology(gpus_per_node=1, nnodes=2, node_rank=rank, device="cpu")
 
-    address = {"RAY_ADDRESS": launch.ray_address(node(0)), **stages.RAY_CLUSTER_ENV}
+    address = {"RAY_ADDRESS": ray_address(node(0)), **RAY_CLUSTER_ENV}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HOME", str(home))
         patch.setenv("RAY_TMPDIR", str(ray_tmp))
-        patch.setenv(stages.RAY_TOKEN_ENV, token)
+        patch.setenv(RAY_TOKEN_ENV, token)
         worker = threading.Thread(
-            target=stages.join_ray_cluster, args=(node(1), env),
+            target=join_ray_cluster, args=(node(1), env),
             kwargs={"runner": runner, "poll_s": 1, "timeout_s": 300}, daemon=True,
         )  # fmt: skip
         try:
             worker.start()  # retries until the head is up, then serves until the cluster ends
-            stages.join_ray_cluster(node(0), env, runner=runner, poll_s=1, timeout_s=300)
+            join_ray_cluster(node(0), env, runner=runner, poll_s=1, timeout_s=300)
             nodes = json.loads(_driver(_NODES_PROBE, address).stdout.splitlines()[-1])
             wrong = _driver("import ray; ray.init()", {**address, "RAY_AUTH_TOKEN": "0" * 64})
             args = dapo_args(tool_sft, "two-nodes", 1, root / "rollouts")
-            result = stages.run_dapo(
-                layout, node(0), args, sandbox_url=env["SANDBOX_FUSION_ENDPOINT"], runner=runner
+            result = run_dapo(
+                layout,
+                node(0),
+                parse("dapo", args),
+                sandbox_url=env["SANDBOX_FUSION_ENDPOINT"],
+                runner=runner,
             )
             leaked = [
                 p for p in ray_tmp.rglob("*")

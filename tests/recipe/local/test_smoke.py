@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool import run_metrics
+from recipe.retool.core.paths import Layout, latest_checkpoint, read_checkpoint_info
+from recipe.retool.launch.commands import dapo_overrides
+from recipe.retool.launch.validation import validate
 from recipe.retool.local import smoke
-from recipe.retool.paths import Layout, latest_checkpoint, read_checkpoint_info
+from recipe.retool.records import run_metrics
+from recipe.retool.stages.record import StageResult
 
 
 @pytest.mark.slow
@@ -60,13 +63,12 @@ def test_a_sandbox_that_did_not_start_says_which_and_why(monkeypatch) -> None:
 
 def test_gpu_smoke_dapo_settings_compose_for_one_gpu() -> None:
     """What the smoke runs as real main_ppo steps where a GPU and vLLM exist."""
-    from recipe.retool import launch
-    from recipe.retool.launch import Topology
+    from recipe.retool.core.topology import Topology
 
     topo = Topology(gpus_per_node=1)
-    parsed = launch.parse_launch_args(smoke.SMOKE_DAPO_ARGS)
-    overrides = launch.dapo_overrides(Layout.modal(), "smoke", Path("/m"), topo, parsed.overrides)
-    cfg = launch.validate("dapo", overrides, topo)
+    parsed = smoke.SMOKE_DAPO
+    overrides = dapo_overrides(Layout.modal(), "smoke", Path("/m"), topo, parsed.overrides)
+    cfg = validate("dapo", overrides, topo)
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
     assert cfg.trainer.total_training_steps == 2
     assert cfg.reward.reward_kwargs.max_resp_len == cfg.data.max_response_length
@@ -76,7 +78,7 @@ def test_gpu_smoke_dapo_settings_compose_for_one_gpu() -> None:
 def test_dapo_row_reports_what_main_ppo_logged(tmp_path: Path, monkeypatch, gpu: bool) -> None:
     """The dapo row is read from verl's metrics file, not written by hand; main_ppo runs on
     the GPU where vLLM can, else on the CPU."""
-    from recipe.retool import paths, stages
+    from recipe.retool.core import paths
 
     runs = []
 
@@ -86,14 +88,14 @@ def test_dapo_row_reports_what_main_ppo_logged(tmp_path: Path, monkeypatch, gpu:
         log.mkdir(parents=True)
         rows = [{"step": s, "data": {"critic/score/mean": r}} for s, r in ((1, -1.0), (2, 0.0))]
         (log / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return stages.StageResult("dapo", "smoke", 0, None, 1.0)
+        return StageResult("dapo", "smoke", 0, None, 1.0)
 
     async def scripted(self, model_dir):
         return 1.0
 
     monkeypatch.setattr(smoke, "_gpu_rollout_available", lambda: gpu)
-    monkeypatch.setattr(smoke.stages, "run_dapo", fake_run_dapo)
-    monkeypatch.setattr(smoke.stages, "resolve_sft_checkpoint", lambda layout, req: tmp_path)
+    monkeypatch.setattr(smoke, "run_dapo", fake_run_dapo)
+    monkeypatch.setattr(smoke, "resolve_sft_checkpoint", lambda layout, req: tmp_path)
     monkeypatch.setattr(smoke.Smoke, "_scripted_tool_rollout", scripted)
     run = smoke.Smoke(tmp_path, allow_insecure=True)
     report = smoke.StageReport("dapo")

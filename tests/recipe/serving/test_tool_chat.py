@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from recipe.retool.constants import TOOL_NAME, TOOL_SCHEMA
+from recipe.retool.core.constants import TOOL_NAME, TOOL_SCHEMA
 from recipe.retool.serving.tool_chat import (
     BackendError,
     HFChatBackend,

@@ -10,10 +10,11 @@ import pytest
 import torch
 from verl import DataProto
 
-from recipe.retool import launch
-from recipe.retool.constants import TOOL_CALLS_KEY
-from recipe.retool.launch import Topology
-from recipe.retool.paths import Layout
+from recipe.retool.core.constants import TOOL_CALLS_KEY
+from recipe.retool.core.paths import Layout
+from recipe.retool.core.topology import Topology
+from recipe.retool.launch.commands import dapo_overrides
+from recipe.retool.launch.validation import validate
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +22,11 @@ def manager(tiny_tokenizer):
     from verl.trainer.ppo.reward import load_reward_manager
 
     topo = Topology(gpus_per_node=8)
-    overrides = launch.dapo_overrides(
+    overrides = dapo_overrides(
         Layout.modal(), "rl", Path("/m"), topo,
         ["reward.reward_kwargs.max_resp_len=64", "reward.reward_kwargs.overlong_buffer_cfg.len=16"],
     )  # fmt: skip
-    cfg = launch.validate("dapo", overrides, topo)
+    cfg = validate("dapo", overrides, topo)
 
     async def build():  # verl managers cache the running event loop
         return load_reward_manager(cfg, tiny_tokenizer)

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from verl.tools.tool_registry import initialize_tools_from_config
 
-from recipe.retool.constants import TOOL_CALLS_KEY, TOOL_SCHEMA
-from recipe.retool.launch import TOOL_CONFIG_FILE as TOOL_CONFIG
+from recipe.retool.core.constants import TOOL_CALLS_KEY, TOOL_SCHEMA
+from recipe.retool.launch.commands import TOOL_CONFIG_FILE as TOOL_CONFIG
 from recipe.retool.verl_plugins.interpreter import (
     extract_code,
     print_last_expression,

@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from recipe.retool import launch
-from recipe.retool.paths import Layout
+from recipe.retool.core.paths import Layout
+from recipe.retool.core.topology import Topology
+from recipe.retool.launch.commands import dapo_overrides, sft_command, sft_overrides
+from recipe.retool.launch.validation import validate
 
 MODULE = "recipe.retool.verl_plugins.install_on_import"
 REPO = Path(__file__).resolve().parents[3]
@@ -18,10 +20,10 @@ def test_sft_launches_through_it_and_dapo_workers_import_its_installer() -> None
     """On a GPU, DAPO installs the plugins through verl's model ``external_lib``, never through a
     Ray worker_process_setup_hook: that runs before Ray sets the actor's CUDA_VISIBLE_DEVICES and
     its imports initialise CUDA, so every actor trained on GPU 0 (seen on 2 H200s)."""
-    gpu = launch.Topology(gpus_per_node=2)
-    sft = launch.sft_command(launch.sft_overrides(Layout.modal(), "e", Path("/m"), gpu), gpu)
+    gpu = Topology(gpus_per_node=2)
+    sft = sft_command(sft_overrides(Layout.modal(), "e", Path("/m"), gpu), gpu)
     assert sft[sft.index("-m", 3) + 1] == "recipe.retool.verl_plugins.trainer_setup"
-    cfg = launch.validate("dapo", launch.dapo_overrides(Layout.modal(), "e", Path("/m"), gpu), gpu)
+    cfg = validate("dapo", dapo_overrides(Layout.modal(), "e", Path("/m"), gpu), gpu)
     assert cfg.actor_rollout_ref.model.external_lib == MODULE
     assert "worker_process_setup_hook" not in cfg.ray_kwargs.ray_init.get("runtime_env", {})
 

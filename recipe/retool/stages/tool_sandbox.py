@@ -43,7 +43,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-from recipe.retool.launch import SANDBOX_CHOICES, TOOL_CONFIG_FILE, load_stage_config
+from recipe.retool.core.request import SANDBOX_CHOICES
+from recipe.retool.launch.commands import TOOL_CONFIG_FILE, load_stage_config
 from sandbox.client import ENDPOINT_ENV, TOKEN_ENV
 from sandbox.fleet import size_for
 from sandbox.local import ServerDidNotStart, claim_port, start_server, stop

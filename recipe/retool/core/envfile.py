@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DOTENV = Path(__file__).resolve().parents[2] / ".env"  # at the repository root
+DOTENV = Path(__file__).resolve().parents[3] / ".env"  # at the repository root
 
 
 def read_dotenv(path: Path) -> dict[str, str]:

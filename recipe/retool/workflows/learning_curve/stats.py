@@ -204,3 +204,28 @@ def _verdict_line(
         f"The proof does NOT hold ({'; '.join(why)}): seeds {lows or 'none'}; {drift} "
         f"(criterion: {criterion.describe()})."
     )
+
+
+def rise_of(val_dir: Path) -> dict[str, Any]:
+    """The arm's rise from its first to its last validation dump, with the paired interval, and
+    the same at every validation in between (how the rise grows with steps)."""
+    dumps = validation_dumps(val_dir) if val_dir.is_dir() else {}
+    if len(dumps) < 2:
+        return {"rise": None, "rise_ci95": None}
+    first = min(dumps)
+    start = read_validation_dump(dumps[first])
+    by_step = {}
+    for step in sorted(dumps)[1:]:
+        rise = paired_bootstrap(start, read_validation_dump(dumps[step]))
+        by_step[str(step)] = {
+            "rise": round(rise.rise, 4),
+            "ci95": [round(rise.ci95[0], 4), round(rise.ci95[1], 4)],
+        }
+    last = by_step[str(max(dumps))]
+    return {
+        "rise": last["rise"],
+        "rise_ci95": last["ci95"],
+        "rise_steps": [first, max(dumps)],
+        "rise_problems": len(start),
+        "rise_by_step": by_step,
+    }

@@ -2,29 +2,29 @@
 and a control whose reward carries no information, judged by a stated criterion. ``make
 dapo-curve`` on a GPU box; the Modal ``learning_curve`` function runs the same code.
 
-Every piece is the production code path: the SFT stage (``stages.run_sft``), evaluation's
+Every piece is the production code path: the SFT stage (``run_sft``), evaluation's
 rollouts and scoring (``eval/sweep.py``: one vLLM engine, each checkpoint's weights swapped in),
-the DAPO stage (``stages.run_dapo`` → verl ``main_ppo`` with vLLM rollouts, the tool in the
+the DAPO stage (``run_dapo`` → verl ``main_ppo`` with vLLM rollouts, the tool in the
 project's sandbox, the ReTool reward manager, the bounded dynamic sampler) and verl's own metrics
 and validation dumps. Only sizes differ: a random-init Qwen2 of a few million parameters, synthetic
 problems whose answers the code computes, and step counts that fit a short GPU lease.
 
-1. **The start** (``curve_start/``): one SFT checkpoint of the small model, kept with the record
-   of how it was made (:data:`START_RECORD`: its SFT, the held-out accuracy of every saved step,
-   what making it cost, each file's sha256). Where SFT's abrupt jump in accuracy lands varies from
-   run to run (steps 250, 850 and 1400 in three GPU runs of the same code), so a start picked
-   afresh by every proof made what the proof showed a lottery. Every proof checks the kept start
-   first, and times it: its files are the recorded ones and its held-out accuracy on this
-   machine lies inside the band; otherwise one line, exit 3, no DAPO. ``--make-start`` remakes
-   it: SFT saving every ``sft_save_every`` steps, every (``calibrate_every``-th) saved step
-   scored on the held-out problems until one is past the band, the pick
-   (``curve_stats.pick_start``: the one inside the band nearest ``start_target``).
+1. **The start** (``recipe/retool/curve_start/``, :mod:`.start`): one SFT checkpoint of the small
+   model, kept with the record of how it was made (:data:`START_RECORD`: its SFT, the held-out
+   accuracy of every saved step, what making it cost, each file's sha256). Where SFT's abrupt jump
+   in accuracy lands varies from run to run (steps 250, 850 and 1400 in three GPU runs of the same
+   code), so a start picked afresh by every proof made what the proof showed a lottery. Every proof
+   checks the kept start first, and times it: its files are the recorded ones and its held-out
+   accuracy on this machine lies inside the band; otherwise one line, exit 3, no DAPO.
+   ``--make-start`` remakes it: SFT saving every ``sft_save_every`` steps, every
+   (``calibrate_every``-th) saved step scored on the held-out problems until one is past the band,
+   the pick (``stats.pick_start``: the one inside the band nearest ``start_target``).
 2. **Arms**, from that start with the same settings and number of updates: one per seed, and the
    control (rewards shuffled across each batch: ``dapo_sampler.shuffle_rewards``), side by side
    on the GPU.
 3. **Rise** of each arm at each validation: that validation minus the first (at the start), with
    a paired bootstrap interval over the held-out problems from verl's validation dumps.
-4. **Verdict** (``curve_stats.judge``): every seed's rise has a 95 % interval above 0 and beats
+4. **Verdict** (``stats.judge``): every seed's rise has a 95 % interval above 0 and beats
    the control's rise by ``Criterion.min_gap``; at least ``Criterion.min_seeds`` seeds; the
    control's drift is reported.
 
@@ -38,7 +38,6 @@ under ``arms/attempts/``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -46,177 +45,50 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from recipe.retool import launch, paths, run_metrics, stages
-from recipe.retool.curve_report import write_report
-from recipe.retool.curve_stats import (
+from recipe.retool.core import paths
+from recipe.retool.core.topology import Topology
+from recipe.retool.data.synthetic import write_dataset
+from recipe.retool.data.tiny_model import build
+from recipe.retool.eval.config import EvalError
+from recipe.retool.records import run_metrics
+from recipe.retool.stages.dapo import run_dapo
+from recipe.retool.stages.process import Runner, run_subprocess
+from recipe.retool.stages.sft import run_sft
+from recipe.retool.workflows.learning_curve.report import log_to_wandb, write_report
+from recipe.retool.workflows.learning_curve.settings import (
+    DEFAULTS,
+    EXIT_NO_START,
+    MODEL_ID,
+    MODEL_SPEC,
+    SFT_EXPERIMENT,
+    Arm,
+    CurveSettings,
+    arms,
+    dapo_request,
+    every_saved,
+    sft_request,
+)
+from recipe.retool.workflows.learning_curve.start import (
+    REMAKE_HINT,
+    START_DIR,
+    START_RECORD,
+    StartRefused,
+    export_start,
+    read_start,
+)
+from recipe.retool.workflows.learning_curve.stats import (
     Band,
-    Criterion,
     NoStartInBand,
     judge,
-    paired_bootstrap,
     past_band,
     pick_start,
-    read_validation_dump,
-    validation_dumps,
+    rise_of,
 )
-from recipe.retool.data.synthetic import SyntheticSizes, write_dataset
-from recipe.retool.data.tiny_model import TinySpec, build
-from recipe.retool.eval.config import EvalError
 from sandbox.local import run_code_url
-
-MODEL_ID = "local/tool-qwen2"
-SFT_EXPERIMENT = "curve"
-# Wide enough to learn to copy digits between question, code and answer in a few hundred steps.
-MODEL_SPEC = TinySpec(
-    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4
-)
-# 8,000 SFT traces, RL prompts, and 256 held-out problems: the paired interval resamples
-# problems, so more problems (x 2 samples) narrow it more than more samples of fewer problems
-# (128 x 8 cost twice as many rollouts). The start was made with these sizes: its SFT never saw
-# a held-out problem.
-CURVE_DATA = SyntheticSizes(sft=8000, rl_train=1024, rl_val=256)
-EXIT_NO_START = 3
-START_DIR = Path(__file__).resolve().parent / "curve_start"
-START_RECORD = "start.json"
-
-
-@dataclass(frozen=True)
-class CurveSettings:
-    """Sizes for one H100/H200. The DAPO update is the one measured to raise held-out accuracy
-    on this model (one H100, 2026-12-07: lr 3e-5, one on-policy update a step, 3 warm-up steps:
-    0.317 → 0.466 in 24 steps, the control 0.298 → 0.137); lr 1e-5 was too slow for 24 steps,
-    and lr 1e-4 with two updates a step lowered accuracy in every arm (2026-12-04)."""
-
-    data: SyntheticSizes = CURVE_DATA
-    # Making the start (--make-start): 1,500 SFT steps of 16 traces, saved every 50.
-    sft_epochs: int = 3
-    sft_save_every: int = 50
-    band: Band = field(default_factory=Band)
-    calibration_n: int = 2  # samples per held-out problem when scoring a checkpoint
-    calibrate_every: int = 1  # score every k-th saved step (the kept start: every 2nd, to fit)
-    # The pick: the scored step inside the band nearest this accuracy (the start that rose by
-    # 0.15 in 24 steps on 2026-12-07 scored 0.31; one at 0.30 taken just after SFT's jump, at
-    # step 250, rose by 0.02-0.04 in 18: later, more settled steps are preferred on ties).
-    start_target: float = 0.35
-    # The arms.
-    seeds: tuple[int, ...] = (1, 2, 3)
-    control: bool = True
-    dapo_steps: int = 20  # the measured rise: +0.09 / +0.12 / +0.15 at steps 8 / 16 / 24
-    dapo_lr: float = 3e-5
-    lr_warmup_steps: int = 3
-    train_batch: int = 16  # prompts a step, and the mini-batch: one update a step (on-policy)
-    test_freq: int = 0  # 0: validations at the start, half-way and the end
-    val_n: int = 2  # x 256 problems: 512 rollouts a validation
-    max_response_tokens: int = 384
-    parallel: bool = True  # arms side by side on the GPU (each its own Ray and vLLM)
-    rollout_mode: str = "sync"  # "async": verl's fully-async trainer (>= 2 GPUs, no control)
-    criterion: Criterion = field(default_factory=Criterion)
-
-
-DEFAULTS = CurveSettings()
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One DAPO run of the proof. The control shares the first seed: same data order and
-    sampling as that seed's arm, the reward's information removed."""
-
-    name: str
-    seed: int
-    control: bool
-
-    @property
-    def experiment(self) -> str:
-        return f"curve-{self.name}"
-
-
-def arms(settings: CurveSettings) -> list[Arm]:
-    """The proof's arms; async ones are named apart, so both modes can share one root's start
-    without resuming each other's runs."""
-    prefix = "" if settings.rollout_mode == "sync" else f"{settings.rollout_mode}-"
-    found = [Arm(f"{prefix}seed{s}", s, control=False) for s in settings.seeds]
-    if settings.control:
-        found.append(Arm("control", settings.seeds[0], control=True))
-    return found
-
-
-def sft_args(data: Path, settings: CurveSettings, device: str = "cuda") -> list[str]:
-    """The SFT stage's sizes for a small model trained from scratch (hence the high lr)."""
-    args = [
-        f"--experiment-name={SFT_EXPERIMENT}",
-        f"data.train_files={data}",
-        "data.max_length=640",
-        # Many small steps: verl's SFT step costs ~60-80 ms per sample on the host even for a
-        # model this size (measured on an H200), and copying digits is learned in steps.
-        "data.train_batch_size=16",
-        # Padded micro-batches: with SDPA, remove-padding packs a micro-batch into one sequence
-        # whose attention is quadratic in all its tokens (118 GB reserved here; padded: 1.2 GB).
-        "model.use_remove_padding=false",
-        "data.use_dynamic_bsz=false",
-        "data.micro_batch_size_per_gpu=16",
-        "optim.lr=1e-3",
-        "optim.lr_warmup_steps_ratio=0.05",
-        "model.enable_gradient_checkpointing=false",
-        "model.use_liger=false",
-        f"trainer.total_epochs={settings.sft_epochs}",
-        f"trainer.save_freq={settings.sft_save_every}",  # the candidates for the DAPO start
-        "trainer.max_ckpt_to_keep=null",
-        "trainer.logger=[console,file]",
-    ]
-    if device == "cuda":  # CPU runs keep cpu_compat's in-process loader
-        args.append("data.num_workers=8")
-    return args
-
-
-def dapo_args(
-    files: dict[str, Path], settings: CurveSettings, sft_start: Path, arm: Arm, val_dir: Path
-) -> list[str]:
-    """The production DAPO config with sizes for a model of a few MB sharing one GPU."""
-    args = [
-        f"--experiment-name={arm.experiment}",
-        f"--sft-checkpoint={sft_start}",
-        f"data.train_files={files['rl_train']}",
-        f"data.val_files=[{files['rl_val']}]",
-        f"data.seed={arm.seed}",
-        f"data.train_batch_size={settings.train_batch}",
-        "data.max_prompt_length=512",
-        f"data.max_response_length={settings.max_response_tokens}",
-        f"actor_rollout_ref.rollout.seed={arm.seed}",
-        "actor_rollout_ref.rollout.n=8",
-        f"actor_rollout_ref.rollout.val_kwargs.n={settings.val_n}",
-        # Arms share the GPU: a small fixed KV cache each, and no memory profiling (vLLM would
-        # count the other arms' allocations during its profile as its own).
-        "actor_rollout_ref.rollout.gpu_memory_utilization=0.15",
-        "++actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes=4294967296",
-        "actor_rollout_ref.rollout.enforce_eager=true",  # minutes of CUDA-graph capture saved
-        "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=4",
-        "actor_rollout_ref.rollout.multi_turn.max_user_turns=4",
-        f"actor_rollout_ref.actor.optim.lr={settings.dapo_lr}",
-        f"actor_rollout_ref.actor.optim.lr_warmup_steps={settings.lr_warmup_steps}",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={settings.train_batch}",
-        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=16384",
-        "actor_rollout_ref.actor.fsdp_config.param_offload=false",
-        "actor_rollout_ref.actor.fsdp_config.optimizer_offload=false",
-        # From a start inside the band most groups carry signal: 2 batches bound a step's cost.
-        "algorithm.filter_groups.max_num_gen_batches=2",
-        f"reward.reward_kwargs.max_resp_len={settings.max_response_tokens}",
-        "reward.reward_kwargs.overlong_buffer_cfg.len=64",
-        f"trainer.total_training_steps={settings.dapo_steps}",
-        f"trainer.test_freq={settings.test_freq or max(1, settings.dapo_steps // 2)}",
-        f"trainer.save_freq={settings.dapo_steps}",
-        "trainer.total_epochs=100",
-        "trainer.logger=[console,file]",
-        f"trainer.validation_data_dir={val_dir}",  # per-problem scores for the paired interval
-    ]
-    if arm.control:
-        args.append(f"++trainer.v1.sampler.sampler_kwargs.shuffle_rewards_seed={arm.seed}")
-    if settings.rollout_mode != "sync":
-        args.append(f"--rollout-mode={settings.rollout_mode}")
-    return args
 
 
 def gpu_name() -> str:
@@ -228,55 +100,6 @@ def gpu_name() -> str:
 # ---------------------------------------------------------------------------------------------
 # The start
 # ---------------------------------------------------------------------------------------------
-
-
-class StartRefused(NoStartInBand):
-    """The kept start is missing, differs from its record, or scores outside the band here."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-REMAKE_HINT = "remake it with `python -m recipe.retool.learning_curve --make-start`"
-
-
-def read_start(directory: Path) -> dict[str, Any]:
-    """The start's record, once every file it lists has been found with its recorded sha256."""
-    record_file = directory / START_RECORD
-    if not record_file.is_file():
-        raise StartRefused(f"no start checkpoint at {directory} (no {START_RECORD}): {REMAKE_HINT}")
-    record = json.loads(record_file.read_text())
-    for name, digest in record["files"].items():
-        path = directory / name
-        if not path.is_file() or _sha256(path) != digest:
-            raise StartRefused(
-                f"the start checkpoint's {name} is missing or differs from {record_file}: "
-                f"{REMAKE_HINT}"
-            )
-    return record
-
-
-def export_start(hf_dir: Path, out: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """Copy an SFT step's Hugging Face files to ``out`` with its record (hashes added); the
-    directory is replaced as a whole, so a reader never sees half of two starts."""
-    staging = out.with_name(out.name + ".making")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    files = {}
-    for src in sorted(p for p in hf_dir.iterdir() if p.is_file()):
-        shutil.copy2(src, staging / src.name)
-        files[src.name] = _sha256(staging / src.name)
-    record = {**record, "files": files}
-    (staging / START_RECORD).write_text(json.dumps(record, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,12 +119,12 @@ class Curve:
     root: Path
     settings: CurveSettings
     gpus: int
-    runner: stages.Runner | None = None  # None: stages.run_subprocess, output to the arm's log
+    runner: Runner | None = None  # None: run_subprocess, output to the arm's log
     device: str = "cuda"
 
     def __post_init__(self) -> None:
         self.layout = paths.Layout.local(self.root)
-        self.topo = launch.Topology(gpus_per_node=self.gpus, device=self.device)  # type: ignore[arg-type]
+        self.topo = Topology(gpus_per_node=self.gpus, device=self.device)  # type: ignore[arg-type]
         self.start_dir = self.root / "start"
         # One id for every arm of this proof, a rerun that finishes it included.
         id_file = self.root / "proof_id"
@@ -348,8 +171,8 @@ class Curve:
         """SFT unless a finished one is here; returns its seconds (0 when kept)."""
         if paths.read_checkpoint_info(self.layout, "sft", SFT_EXPERIMENT) is not None:
             return 0.0
-        args = sft_args(files["sft"], self.settings, self.device)
-        result = stages.run_sft(self.layout, self.topo, args, model_path=model)
+        request = sft_request(files["sft"], self.settings, self.device)
+        result = run_sft(self.layout, self.topo, request, model_path=model)
         if result.returncode != 0 or result.checkpoint is None:
             raise SystemExit(f"SFT failed (exit {result.returncode})")
         return result.seconds
@@ -428,13 +251,13 @@ class Curve:
                 return row
         self._set_aside(arm)
         val_dir = out / f"{arm.name}-validation"
-        args = dapo_args(files, self.settings, start, arm, val_dir)
+        request = dapo_request(files, self.settings, start, arm, val_dir)
         log = out / f"{arm.name}.log"
         print(f"arm {arm.name}: DAPO from {start.name} (log: {log})", flush=True)
-        result = stages.run_dapo(
+        result = run_dapo(
             self.layout,
             self.topo,
-            args,
+            request,
             sandbox_url=sandbox_url,
             runner=self.runner or _logged(log),
         )
@@ -496,39 +319,14 @@ class Curve:
             return [f.result() for f in futures]
 
 
-def _logged(log: Path) -> stages.Runner:
+def _logged(log: Path) -> Runner:
     """The stage runner with the child's output in ``log``: arms run side by side."""
 
     def run(command: Sequence[str], env: dict[str, str]) -> int:
         with log.open("ab") as sink:
-            return stages.run_subprocess(command, env, stdout=sink)
+            return run_subprocess(command, env, stdout=sink)
 
     return run
-
-
-def rise_of(val_dir: Path) -> dict[str, Any]:
-    """The arm's rise from its first to its last validation dump, with the paired interval, and
-    the same at every validation in between (how the rise grows with steps)."""
-    dumps = validation_dumps(val_dir) if val_dir.is_dir() else {}
-    if len(dumps) < 2:
-        return {"rise": None, "rise_ci95": None}
-    first = min(dumps)
-    start = read_validation_dump(dumps[first])
-    by_step = {}
-    for step in sorted(dumps)[1:]:
-        rise = paired_bootstrap(start, read_validation_dump(dumps[step]))
-        by_step[str(step)] = {
-            "rise": round(rise.rise, 4),
-            "ci95": [round(rise.ci95[0], 4), round(rise.ci95[1], 4)],
-        }
-    last = by_step[str(max(dumps))]
-    return {
-        "rise": last["rise"],
-        "rise_ci95": last["ci95"],
-        "rise_steps": [first, max(dumps)],
-        "rise_problems": len(start),
-        "rise_by_step": by_step,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,7 +346,7 @@ def run(
     sandbox_url: str | None,
     *,
     backend: Any = "vllm",
-    runner: stages.Runner | None = None,
+    runner: Runner | None = None,
     start: Path = START_DIR,
 ) -> dict:
     """Data → the start's check → arms → report; returns ``curve.json``'s content. Raises
@@ -632,7 +430,7 @@ def make_start(
         "model_spec": asdict(MODEL_SPEC),
         "model_params_m": round(_param_count(hf_dir) / 1e6, 2),
         "data": asdict(settings.data),
-        "sft_args": sft_args(Path("synthetic/sft.parquet"), settings, device),
+        "sft_args": sft_request(Path("synthetic/sft.parquet"), settings, device).to_argv(),
         "made": {
             "date": time.strftime("%Y-%m-%d"),
             "device": device,
@@ -652,47 +450,11 @@ def make_start(
     return record
 
 
-def every_saved(settings: CurveSettings) -> int:
-    """SFT steps between two scored checkpoints when a start is made."""
-    return settings.sft_save_every * settings.calibrate_every
-
-
 def _cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical CPUs)"
     return "cpu"
-
-
-def log_to_wandb(root: Path, result: dict) -> str | None:
-    """The proof's verdict, each arm's rise and the plot as wandb run ``curve-<proof>`` (project
-    ``retool-curve``); the URL, or ``None`` where wandb is not configured."""
-    from recipe.retool import tracking
-
-    arms_numbers = {
-        row["arm"]: {"rise": row.get("rise"), "last_val_acc": (row["val_acc"] or [None])[-1]}
-        for row in result["arms"]
-    }
-    numbers = {
-        "start_step": result["start_step"],
-        "start_acc": result["start_acc"],
-        "verdict": {
-            k: v for k, v in result["verdict"].items() if isinstance(v, int | float | dict)
-        },
-        "holds": float(bool(result["verdict"].get("holds"))),
-        "arms": arms_numbers,
-        "timing_s": result.get("timing_s", {}),
-    }
-    return tracking.log_results(
-        paths.Layout.local(root),
-        project=WANDB_PROJECT,
-        run=f"curve-{result['proof']}",
-        metrics=tracking.flat_numbers(numbers),
-        images={"curve": root / "curve.png"},
-    )
-
-
-WANDB_PROJECT = "retool-curve"
 
 
 def _settings_json(settings: CurveSettings) -> dict[str, Any]:

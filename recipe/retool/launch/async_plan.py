@@ -7,7 +7,7 @@ after every ``trigger_parameter_sync_step`` optimizer steps. A step stops waitin
 trajectory; the price is that samples are up to the staleness bound behind the policy, which the
 truncated importance weights of ``algorithm.rollout_correction`` correct (docs/async-dapo.md).
 
-The async override list is the sync one (``launch.dapo_overrides``: the same tool, reward, reward
+The async override list is the sync one (``dapo_overrides``: the same tool, reward, reward
 manager, fused log-probs and varlen attention) with ``config/dapo_async.yaml`` on top, then what
 follows from the user's sync-style settings, so one argument list serves both modes:
 
@@ -34,11 +34,23 @@ from typing import Any
 
 import yaml
 
-from recipe.retool import launch
-from recipe.retool.launch import LaunchArgs, LaunchError, Topology
-from recipe.retool.paths import Layout
+from recipe.retool.core.paths import Layout
+from recipe.retool.core.request import LaunchError, LaunchRequest
+from recipe.retool.core.topology import Topology
+from recipe.retool.launch.commands import (
+    CONFIG_DIR,
+    dapo_command,
+    dapo_overrides,
+    format_value,
+    load_cpu_overlay,
+    load_stage_config,
+    override_key,
+    scaled_parallelism,
+    to_overrides,
+)
+from recipe.retool.launch.validation import compose, validate
 
-ASYNC_CONFIG_FILE = launch.CONFIG_DIR / "dapo_async.yaml"
+ASYNC_CONFIG_FILE = CONFIG_DIR / "dapo_async.yaml"
 # The fully-async trainer needs rollout and training on separate GPUs.
 MIN_ASYNC_GPUS = 2
 # Keys of the sync-only custom sampler (config/dapo.yaml), dropped from the async list: verl's
@@ -101,7 +113,7 @@ def split_gpus(topo: Topology, rollout_gpus: int | None = None) -> GpuSplit:
 
 
 def _given(overrides: Sequence[str]) -> set[str]:
-    return {launch.override_key(o) for o in overrides}
+    return {override_key(o) for o in overrides}
 
 
 def async_overrides(
@@ -118,17 +130,17 @@ def async_overrides(
     config = load_async_config()
     base = [
         o
-        for o in launch.dapo_overrides(layout, experiment, model_path, topo, ())
-        if not launch.override_key(o).startswith(SYNC_ONLY_PREFIX)
+        for o in dapo_overrides(layout, experiment, model_path, topo, ())
+        if not override_key(o).startswith(SYNC_ONLY_PREFIX)
     ]
     user = list(user_overrides)
     derived = _derived(base, user, split, topo)
     given = _given(user)
     return [
         *base,
-        *launch.to_overrides(config.overrides),
-        *[o for o in user if launch.override_key(o) not in TRANSLATED_KEYS],
-        *launch.to_overrides({k: v for k, v in derived.items() if k not in given}),
+        *to_overrides(config.overrides),
+        *[o for o in user if override_key(o) not in TRANSLATED_KEYS],
+        *to_overrides({k: v for k, v in derived.items() if k not in given}),
     ]
 
 
@@ -138,7 +150,7 @@ def _derived(
     """What the async keys follow from: the sync-style batch, step count and GPU split."""
     config = load_async_config()
     try:
-        sync_view = launch.compose(config.verl_config, [*base, *user], config.verl_config_package)
+        sync_view = compose(config.verl_config, [*base, *user], config.verl_config_package)
     except LaunchError as exc:
         raise LaunchError(f"invalid dapo configuration: {exc}") from None
     batch = int(sync_view.data.train_batch_size)
@@ -149,7 +161,7 @@ def _derived(
             f"ppo_mini_batch_size={mini} (async mode syncs weights every batch/mini steps)"
         )
     steps = sync_view.trainer.total_training_steps
-    stage = launch.load_stage_config("dapo").overrides
+    stage = load_stage_config("dapo").overrides
     tp_key = "actor_rollout_ref.rollout.tensor_model_parallel_size"
     sp_key = "actor_rollout_ref.actor.ulysses_sequence_parallel_size"
     derived: dict[str, Any] = {
@@ -157,13 +169,13 @@ def _derived(
         "trainer.nnodes": topo.nnodes,
         "rollout.n_gpus_per_node": split.rollout,
         "rollout.nnodes": topo.nnodes,
-        tp_key: launch.scaled_parallelism(stage[tp_key], split.rollout),
-        sp_key: launch.scaled_parallelism(stage[sp_key], split.trainer * topo.nnodes),
+        tp_key: scaled_parallelism(stage[tp_key], split.rollout),
+        sp_key: scaled_parallelism(stage[sp_key], split.trainer * topo.nnodes),
         "async_training.trigger_parameter_sync_step": batch // mini,
         "rollout.total_rollout_steps": None if steps is None else int(steps) * batch,
     }
     if topo.device == "cpu":
-        derived |= launch.load_cpu_overlay("dapo_async").overrides
+        derived |= load_cpu_overlay("dapo_async").overrides
     if topo.nnodes == 1:  # a multi-node run joins a cluster whose nodes declared theirs
         derived["ray_kwargs.ray_init.num_cpus"] = ASYNC_RAY_CPUS
     return derived
@@ -206,10 +218,10 @@ def check_async_parallelism(cfg: Any, topo: Topology) -> list[str]:
 
 
 def validate_async(overrides: Sequence[str], topo: Topology) -> Any:
-    """Compose against verl's ``fully_async_ppo_trainer`` config, as ``launch.validate`` does
+    """Compose against verl's ``fully_async_ppo_trainer`` config, as ``validate`` does
     the sync path; raise :class:`LaunchError` on any mistake."""
     config = load_async_config()
-    return launch.validate(
+    return validate(
         "dapo",
         overrides,
         topo,
@@ -231,7 +243,7 @@ def describe(composed: Any) -> list[str]:
         f"({composed.actor_rollout_ref.rollout.checkpoint_engine.backend})",
         f"staleness bound async_training.staleness_threshold={training.staleness_threshold}, "
         f"partial rollouts async_training.partial_rollout="
-        f"{launch.format_value(bool(training.partial_rollout))}",
+        f"{format_value(bool(training.partial_rollout))}",
     ]
     if correction.rollout_is:
         lines.append(
@@ -262,17 +274,16 @@ def plan_dapo(
     experiment: str,
     model_path: Path,
     topo: Topology,
-    parsed: LaunchArgs,
+    request: LaunchRequest,
     extra_overrides: Sequence[str] = (),
 ) -> DapoPlan:
-    """Compose and validate DAPO in the mode ``parsed.rollout_mode`` names (sync: main_ppo as
+    """Compose and validate DAPO in the mode ``request.rollout_mode`` names (sync: main_ppo as
     before; async: the fully-async trainer). ``extra_overrides`` follow the user's."""
-    user = [*parsed.overrides, *extra_overrides]
-    if parsed.rollout_mode == "sync":
-        overrides = launch.dapo_overrides(layout, experiment, model_path, topo, user)
-        composed = launch.validate("dapo", overrides, topo)
-        return DapoPlan(overrides, launch.dapo_command(overrides, topo), composed, [])
-    rollout_gpus = None if parsed.rollout_gpus is None else int(parsed.rollout_gpus)
-    overrides = async_overrides(layout, experiment, model_path, topo, user, rollout_gpus)
+    user = [*request.overrides, *extra_overrides]
+    if request.rollout_mode == "sync":
+        overrides = dapo_overrides(layout, experiment, model_path, topo, user)
+        composed = validate("dapo", overrides, topo)
+        return DapoPlan(overrides, dapo_command(overrides, topo), composed, [])
+    overrides = async_overrides(layout, experiment, model_path, topo, user, request.rollout_gpus)
     composed = validate_async(overrides, topo)
     return DapoPlan(overrides, async_command(overrides, topo), composed, describe(composed))

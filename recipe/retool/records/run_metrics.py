@@ -1,6 +1,6 @@
 """What a DAPO run did, read from the metrics verl logged, never assumed.
 
-``config/dapo.yaml`` turns on verl's ``file`` logger and :func:`recipe.retool.stages.run_dapo`
+``config/dapo.yaml`` turns on verl's ``file`` logger and :func:`recipe.retool.stages.dapo.run_dapo`
 points it (``VERL_FILE_LOGGER_PATH``) at ``<experiment>/metrics/<attempt>.jsonl`` on the
 checkpoints volume, one file per attempt because verl's logger truncates its file on open. Each
 line is ``{"step": N, "data": {metric: value}}``. This module turns those lines into the numbers

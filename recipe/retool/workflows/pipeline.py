@@ -17,17 +17,27 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipe.retool import launch, stages
-from recipe.retool.paths import (
+from recipe.retool.core.paths import (
     BASE_MODEL_ID,
     EVAL_SETS,
     Layout,
     latest_checkpoint,
     read_checkpoint_info,
 )
+from recipe.retool.core.request import LaunchRequest
+from recipe.retool.launch.commands import load_stage_config
+from recipe.retool.stages.checkpoints import COMPLETE_MARKER
 
 PIPELINE_STAGES = ("download", "prep", "sft", "dapo", "eval")
 RL_FILES = ("train", "aime_2024", "aime_2025")
+
+
+def training_requests(experiment: str) -> tuple[LaunchRequest, LaunchRequest]:
+    """The pipeline's SFT and DAPO launches of ``experiment``: DAPO starts from that SFT."""
+    return (
+        LaunchRequest("sft", experiment=experiment),
+        LaunchRequest("dapo", experiment=experiment, sft_checkpoint=experiment),
+    )
 
 
 def comparison_dir(layout: Layout, experiment: str) -> Path:
@@ -41,13 +51,13 @@ def stage_done(layout: Layout, experiment: str, model_id: str = BASE_MODEL_ID) -
     """Which stages of ``experiment`` have finished, from what is on the volumes."""
     from recipe.retool.data.prep import sft_length_checked
 
-    max_length = launch.load_stage_config("sft").overrides["data.max_length"]
+    max_length = load_stage_config("sft").overrides["data.max_length"]
     data_ready = (
         layout.sft_train_file().exists()
         and all(layout.rl_file(name).exists() for name in RL_FILES)
         and sft_length_checked(layout.data) == max_length
     )
-    model_ready = (layout.model_dir(model_id) / stages.COMPLETE_MARKER).exists()
+    model_ready = (layout.model_dir(model_id) / COMPLETE_MARKER).exists()
     return {
         "download": model_ready,
         "prep": data_ready,

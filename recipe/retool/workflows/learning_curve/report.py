@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from recipe.retool.core import paths
+
 
 def write_report(root: Path, result: dict[str, Any]) -> None:
     """``curve.md`` always; ``curve.png`` where matplotlib is installed."""
@@ -152,3 +154,34 @@ def plot(path: Path, result: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def log_to_wandb(root: Path, result: dict) -> str | None:
+    """The proof's verdict, each arm's rise and the plot as wandb run ``curve-<proof>`` (project
+    ``retool-curve``); the URL, or ``None`` where wandb is not configured."""
+    from recipe.retool.records import tracking
+
+    arms_numbers = {
+        row["arm"]: {"rise": row.get("rise"), "last_val_acc": (row["val_acc"] or [None])[-1]}
+        for row in result["arms"]
+    }
+    numbers = {
+        "start_step": result["start_step"],
+        "start_acc": result["start_acc"],
+        "verdict": {
+            k: v for k, v in result["verdict"].items() if isinstance(v, int | float | dict)
+        },
+        "holds": float(bool(result["verdict"].get("holds"))),
+        "arms": arms_numbers,
+        "timing_s": result.get("timing_s", {}),
+    }
+    return tracking.log_results(
+        paths.Layout.local(root),
+        project=WANDB_PROJECT,
+        run=f"curve-{result['proof']}",
+        metrics=tracking.flat_numbers(numbers),
+        images={"curve": root / "curve.png"},
+    )
+
+
+WANDB_PROJECT = "retool-curve"

@@ -44,6 +44,11 @@ RL_DATASET: Final = "BytedTsinghua-SIA/DAPO-Math-17k"
 AIME_2024_DATASET: Final = "Maxwell-Jia/AIME_2024"
 AIME_2025_DATASET: Final = "yentinglin/aime_2025"
 
-# The Ray token of a multi-node DAPO launch: every node must hold the same one (stages.py's
-# join_ray_cluster); the Modal app makes it where `modal run` runs (modal_common.py).
+# The Ray token of a multi-node DAPO launch: every node must hold the same one
+# (stages/ray_cluster.py's join_ray_cluster); the Modal app makes it where `modal run` runs
+# (modal_common.py).
 RAY_TOKEN_ENV: Final = "RAY_AUTH_TOKEN"
+
+# The wandb project of every evaluation: the Modal app links it, workflows/evaluation.py logs
+# to it.
+EVAL_PROJECT: Final = "retool-eval"

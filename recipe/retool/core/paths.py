@@ -391,3 +391,15 @@ def resolve_model_dir(layout: Layout, spec: str | None = "latest") -> Path:
         raise CheckpointNotFound(f"experiment {spec!r} exists for both stages: say sft/{spec} or "
                                  f"dapo/{spec}")  # fmt: skip
     return latest_checkpoint(layout, stages[0], spec).hf_dir
+
+
+def resolve_sft_checkpoint(layout: Layout, requested: str | None) -> Path:
+    """``--sft-checkpoint`` (a path or an SFT experiment name), else the latest complete SFT step.
+
+    Always a directory with Hugging Face weights: verl writes ``huggingface/`` with config only
+    unless ``hf_model`` is saved, and such a step is refused here, not after the GPUs start.
+    """
+    if not requested:
+        return latest_checkpoint(layout, "sft").hf_dir
+    is_path = "/" in requested or Path(requested).exists()
+    return resolve_model_dir(layout, requested if is_path else f"sft/{requested}")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipe.retool import run_metrics
-from recipe.retool.eval.report import _pyplot, _save_figure, _table, _write_atomic
+from recipe.retool.records import run_metrics
+from recipe.retool.records.plotting import markdown_table, pyplot, save_figure, write_atomic
 
 REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
@@ -95,7 +95,7 @@ def _drawn(panels: list[Panel]) -> list[Panel]:
 
 
 def plot(panels: list[Panel], title: str, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(3, len(panels))
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(
@@ -113,7 +113,7 @@ def plot(panels: list[Panel], title: str, path: Path) -> Path:
     for ax in flat[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(title)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def render_markdown(stage: str, experiment: str, rows: Rows, panels: list[Panel]) -> str:
@@ -131,7 +131,7 @@ def render_markdown(stage: str, experiment: str, rows: Rows, panels: list[Panel]
         for panel in panels
         for label, (_, values) in panel.series.items()
     ]  # fmt: skip
-    lines += [_table(["panel", "series", "points", "first", "last", "mean"], table), ""]
+    lines += [markdown_table(["panel", "series", "points", "first", "last", "mean"], table), ""]
     return "\n".join(lines)
 
 
@@ -142,7 +142,7 @@ def write_run_report(experiment_dir: Path, stage: str) -> list[Path]:
     panels = _drawn(PANELS[stage](rows))
     experiment = experiment_dir.name
     files = [
-        _write_atomic(experiment_dir / REPORT_MD, render_markdown(stage, experiment, rows, panels))
+        write_atomic(experiment_dir / REPORT_MD, render_markdown(stage, experiment, rows, panels))
     ]
     if panels:
         files.append(plot(panels, f"{stage} {experiment}", experiment_dir / REPORT_PNG))

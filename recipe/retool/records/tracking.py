@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from recipe.retool.envfile import DOTENV, read_dotenv
-from recipe.retool.paths import Layout
+from recipe.retool.core.envfile import DOTENV, read_dotenv
+from recipe.retool.core.paths import Layout
 
 WANDB = "wandb"
 WANDB_DIRNAME = "wandb"  # under the checkpoints root
@@ -54,7 +54,7 @@ def wandb_ready(env: Mapping[str, str]) -> bool:
 def check_wandb(composed: Any, env: Mapping[str, str]) -> None:
     """Raise :class:`LaunchError` when the run logs to wandb and wandb could not start: verl would
     raise only once the GPUs are up, and with no terminal to ask for a key."""
-    from recipe.retool.launch import LaunchError  # here: a launch client imports this module
+    from recipe.retool.core.request import LaunchError  # here: a launch client imports this module
 
     if WANDB in loggers(composed) and not wandb_ready(env):
         raise LaunchError(
@@ -148,3 +148,28 @@ def log_results(
         print(f"note: wandb logging failed ({type(exc).__name__}: {exc}); results are on disk")
         return None
     return run_url(project, run, env.get("WANDB_ENTITY"))
+
+
+def check_credentials(env: dict[str, str] | os._Environ = os.environ) -> list[str]:
+    """Warnings about missing secrets, by name only (values are never printed). wandb's key is
+    not a warning but a launch error where the run logs to wandb (``tracking.check_wandb``)."""
+    notes = []
+    if not env.get("HF_TOKEN"):
+        notes.append("HF_TOKEN is not set: public models and datasets still download, rate-limited")
+    return notes
+
+
+def sync_offline_runs(layout: Layout) -> int:
+    """``wandb sync`` every offline run under the volume's WANDB_DIR: its exit status, 0 when
+    there is none, 2 (said in one line) without ``WANDB_API_KEY``."""
+    import subprocess
+    import sys
+
+    runs = sorted((wandb_dir(layout) / "wandb").glob("offline-run-*"))
+    if not runs:
+        print("no offline wandb runs on the checkpoints volume")
+        return 0
+    if not os.environ.get("WANDB_API_KEY"):
+        print("error: wandb sync needs WANDB_API_KEY in .env", file=sys.stderr)
+        return 2
+    return subprocess.run(["wandb", "sync", *map(str, runs)], check=False).returncode

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from recipe.retool import tracking
-from recipe.retool.paths import INFO_FILE, Layout
+from recipe.retool.core.constants import EVAL_PROJECT
+from recipe.retool.core.paths import INFO_FILE, Layout
+from recipe.retool.records import tracking
 
 
 def follow_lines(
@@ -38,6 +39,26 @@ def training_wandb_url(stage: str, experiment: str, project: str) -> str:
     return tracking.run_url(project, tracking.run_id(stage, experiment), entity)
 
 
+def launch_wandb_url(stage: str, check: dict, call_id: str) -> str | None:
+    """The wandb page a launch of ``stage`` logs to, from what its check returned (``check_launch``:
+    the experiment, when named, and the project): a training run's own page (named after the call
+    when no ``--experiment-name`` was given, as the container names it), the evaluation's project,
+    or ``None`` (the pipeline: one run a stage)."""
+    if stage in ("sft", "dapo"):
+        experiment = check["experiment"] or tracking.default_experiment(stage, call_id)
+        return training_wandb_url(stage, experiment, check["project"])
+    if stage == "eval":
+        entity = tracking.launch_env().get("WANDB_ENTITY")
+        return tracking.run_url(EVAL_PROJECT, "", entity).removesuffix("/runs/")
+    return None
+
+
+def failure_line(what: str, exc: BaseException, app_id: str) -> str:
+    """One line for a spawned run that failed: its logs (streamed, and kept) say why."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"error: {what} failed: {first} (modal app logs {app_id})"
+
+
 def project_override(overrides: Sequence[str], default: str) -> str:
     """``trainer.project_name`` as the user's overrides leave it."""
     for item in reversed(overrides):
@@ -51,7 +72,8 @@ def result_files(layout: Layout, experiment: str) -> list[Path]:
     """What ``make results EXPERIMENT=x`` fetches: reports, never weights. Each stage's
     ``checkpoint_info.json``, ``report.md``/``report.png`` and metrics, and the experiment's
     evaluation reports (markdown, JSON, plots; per-sample files stay on the volume)."""
-    from recipe.retool.run_report import REPORT_MD, REPORT_PNG  # plotting: never on the client
+    # imported here: run_report plots, which the launch client never does
+    from recipe.retool.records.run_report import REPORT_MD, REPORT_PNG
 
     found: list[Path] = []
     for stage in ("sft", "dapo"):
@@ -67,3 +89,22 @@ def result_files(layout: Layout, experiment: str) -> list[Path]:
         for pattern in ("*.md", "*.json", "*.png"):
             found += sorted(directory.rglob(pattern))
     return [path for path in found if path.is_file()]
+
+
+def read_result_files(layout: Layout, experiment: str) -> dict[str, bytes]:
+    """``{path relative to the checkpoints volume: bytes}`` of :func:`result_files`."""
+    return {
+        str(p.relative_to(layout.checkpoints)): p.read_bytes()
+        for p in result_files(layout, experiment)
+    }
+
+
+def write_result_files(files: dict[str, bytes], target: Path) -> list[Path]:
+    """:func:`read_result_files`'s answer under ``target``, in the volume's layout."""
+    written = []
+    for relative, body in sorted(files.items()):
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+        written.append(path)
+    return written
