@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -232,25 +231,32 @@ def test_dapo_with_sandbox_modal_sends_its_tool_calls_to_the_pool(
 ) -> None:
     """--sandbox=modal, on this machine's own sandboxes (no Modal account here): the tool, built
     from its yaml as verl builds it, runs code in the pool through the node's loopback URL; at
-    the end no sandbox of the pool is left and its report is written."""
-    name = f"test-{uuid.uuid4().hex[:8]}"
+    the end no sandbox of the pool is left and its report is written beside the run's. The
+    pool is named after the experiment and node (what a retried attempt's start reaps by)."""
+    experiment = f"d-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv(tool_sandbox.POOL_SIZE_ENV, "1")
-    pool = functools.partial(
-        tool_sandbox.modal_sandbox, backend="local", name=name, report_dir=tmp_path
-    )
+    started, modal_sandbox = [], tool_sandbox.modal_sandbox
+
+    def pool(**kwargs):
+        started.append(kwargs)
+        return modal_sandbox(backend="local", **kwargs)
+
     monkeypatch.setattr(tool_sandbox, "modal_sandbox", pool)
     node = NodeProcesses(layout)
     result = dapo_on_node(
         layout,
         Topology(gpus_per_node=8),
-        parse("dapo", ["--experiment-name=d", "--sandbox=modal"]),
+        parse("dapo", [f"--experiment-name={experiment}", "--sandbox=modal"]),
         deployed_url=never_deployed, runner=node,
     )  # fmt: skip
     assert result.returncode == 0
     assert node.tool_urls == [tool_sandbox.NODE_SANDBOX_URL] and node.outputs == ["42"]
     assert not node_sandbox_answers()
+    name = f"{experiment}-node0"
+    assert [kw["name"] for kw in started] == [name]
     assert asyncio.run(LocalBackend().list({TAG_KEY: name})) == []
-    report = json.loads((tmp_path / REPORT_JSON).read_text())
+    report_dir = layout.experiment_dir("dapo", experiment)
+    report = json.loads((report_dir / REPORT_JSON).read_text())
     assert report["calls"] >= 2 and report["pool"]["backend"] == "local"  # self-test + the tool
 
 

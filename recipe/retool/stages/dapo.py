@@ -105,10 +105,27 @@ def dapo_on_node(
     """What every node of a DAPO job does: start the tool's sandbox (this node's own unless
     ``SANDBOX_FUSION_ENDPOINT`` or ``--sandbox=deployed`` says otherwise; ``tool_sandbox.py``),
     then, on several nodes, join the Ray cluster with the tool pointed at it; node 0 runs
-    ``main_ppo``. A worker node returns ``None`` once the cluster ends; its sandbox stops then."""
-    from recipe.retool.stages.tool_sandbox import tool_sandbox
+    ``main_ppo``. A worker node returns ``None`` once the cluster ends; its sandbox stops then.
 
-    with tool_sandbox(request.sandbox, deployed_url=deployed_url) as sandbox_url:
+    The sandbox's self-test also checks that no call reaches the Ray head. A pool of Modal
+    Sandboxes is tagged with the experiment and node, so a retried attempt's start ends what a
+    killed one left behind, and it writes its report (calls, latency, cost) beside the run's."""
+    from recipe.retool.stages.tool_sandbox import modal_sandbox, node_sandbox, tool_sandbox
+
+    experiment = request.experiment or default_experiment("dapo", launch_id)
+    head = ray_address(topo) if topo.nnodes > 1 else ""
+
+    def start_pool():
+        return modal_sandbox(overrides=request.overrides, nodes=topo.nnodes,
+                             name=f"{experiment}-node{topo.node_rank}", targets=head,
+                             report_dir=layout.experiment_dir("dapo", experiment))  # fmt: skip
+
+    with tool_sandbox(
+        request.sandbox,
+        deployed_url=deployed_url,
+        start_node=lambda: node_sandbox(head),
+        start_pool=start_pool,
+    ) as sandbox_url:
         if topo.nnodes > 1:
             join_ray_cluster(topo, dapo_env(sandbox_url), runner=runner)
             if topo.node_rank > 0:
