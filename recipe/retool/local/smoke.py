@@ -89,10 +89,16 @@ def _banner(text: str) -> None:
 
 @contextlib.contextmanager
 def sandbox_server(allow_insecure: bool) -> Iterator[str]:
-    """Start ``python -m sandbox serve`` on a free port; yield its /run_code URL."""
+    """Start ``python -m sandbox serve`` on a free port; yield its /run_code URL.
+
+    ``allow_insecure`` (the default for a non-root user): as root that allows a mode weaker than
+    bwrap; as any other user the one mode left is ``bwrap-userns``, which ``auto`` never takes
+    (it shares one /tmp between calls: development only), so it is named."""
     from sandbox.local import ServerDidNotStart, sandbox_service
 
-    extra = ["--log-level", "warning"] + (["--allow-insecure"] if allow_insecure else [])
+    extra = ["--log-level", "warning"]
+    if allow_insecure:
+        extra += ["--allow-insecure"] + (["--isolation", "bwrap-userns"] if os.geteuid() else [])
     try:
         with sandbox_service(*extra) as base:
             yield f"{base}/run_code"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from recipe.retool.core.paths import Layout, latest_checkpoint, read_checkpoint_info
@@ -59,6 +61,30 @@ def test_a_sandbox_that_did_not_start_says_which_and_why(monkeypatch) -> None:
     message = str(caught.value)
     assert message.startswith("the sandbox did not start: python"), message
     assert "-m sandbox serve exited with code 2; stderr: error: python='/nonexistent'" in message
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
+def test_a_non_root_smoke_names_the_development_mode_and_its_sandbox_serves(monkeypatch) -> None:
+    """`auto` never takes bwrap-userns (one /tmp shared between calls), the only mode a non-root
+    user has: the smoke's --allow-insecure default names it. The server started with those
+    arguments runs code (here as root: this machine's interpreter is unreadable to other uids)."""
+    from sandbox import local
+
+    started = []
+    real = local.sandbox_service
+
+    def record(*args, **kwargs):
+        started.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local, "sandbox_service", record)
+    monkeypatch.setattr(smoke.os, "geteuid", lambda: 1000)
+    with smoke.sandbox_server(allow_insecure=True) as url:
+        answer = httpx.post(url, json={"code": "print(2+2)", "language": "python"}, timeout=60)
+    assert started == [
+        ("--log-level", "warning", "--allow-insecure", "--isolation", "bwrap-userns")
+    ]
+    assert answer.json()["run_result"]["stdout"] == "4\n"
 
 
 def test_gpu_smoke_dapo_settings_compose_for_one_gpu() -> None:
