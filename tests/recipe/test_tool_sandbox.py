@@ -256,6 +256,7 @@ def test_dapo_with_sandbox_modal_sends_its_tool_calls_to_the_pool(
     assert [kw["name"] for kw in started] == [name]
     assert asyncio.run(LocalBackend().list({TAG_KEY: name})) == []
     report_dir = layout.experiment_dir("dapo", experiment)
+    assert "## Tool calls (sandbox-pool.md)" in (report_dir / "report.md").read_text()
     report = json.loads((report_dir / REPORT_JSON).read_text())
     assert report["calls"] >= 2 and report["pool"]["backend"] == "local"  # self-test + the tool
 

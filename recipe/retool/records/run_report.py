@@ -17,6 +17,7 @@ from typing import Any
 
 from recipe.retool.records import run_metrics
 from recipe.retool.records.plotting import markdown_table, pyplot, save_figure, write_atomic
+from sandbox.fleet import REPORT_MD as POOL_REPORT_MD
 
 REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
@@ -141,9 +142,11 @@ def write_run_report(experiment_dir: Path, stage: str) -> list[Path]:
     rows = run_metrics.read_run(experiment_dir)
     panels = _drawn(PANELS[stage](rows))
     experiment = experiment_dir.name
-    files = [
-        write_atomic(experiment_dir / REPORT_MD, render_markdown(stage, experiment, rows, panels))
-    ]
+    text = render_markdown(stage, experiment, rows, panels)
+    pool = experiment_dir / POOL_REPORT_MD  # what a pool of Modal Sandboxes wrote at its close
+    if pool.is_file():
+        text += "\n## Tool calls (" + POOL_REPORT_MD + ")\n\n" + pool.read_text()
+    files = [write_atomic(experiment_dir / REPORT_MD, text)]
     if panels:
         files.append(plot(panels, f"{stage} {experiment}", experiment_dir / REPORT_PNG))
     return files

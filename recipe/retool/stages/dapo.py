@@ -114,8 +114,10 @@ def dapo_on_node(
 
     experiment = request.experiment or default_experiment("dapo", launch_id)
     head = ray_address(topo) if topo.nnodes > 1 else ""
+    pooled = []
 
     def start_pool():
+        pooled.append(True)
         return modal_sandbox(overrides=request.overrides, nodes=topo.nnodes,
                              name=f"{experiment}-node{topo.node_rank}", targets=head,
                              report_dir=layout.experiment_dir("dapo", experiment))  # fmt: skip
@@ -130,9 +132,12 @@ def dapo_on_node(
             join_ray_cluster(topo, dapo_env(sandbox_url), runner=runner)
             if topo.node_rank > 0:
                 return None  # served the cluster until the job ended
-        return run_dapo(
+        result = run_dapo(
             layout, topo, request, sandbox_url=sandbox_url, runner=runner, launch_id=launch_id
         )
+    if pooled:  # the pool wrote its report (calls, latency, cost) at its close: into the run's
+        write_report(layout, "dapo", experiment)
+    return result
 
 
 def dapo_env(sandbox_url: str) -> dict[str, str]:
